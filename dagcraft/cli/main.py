@@ -1,0 +1,48 @@
+"""The ``dagcraft`` binary. Errors map to exit codes here and only here."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from dagcraft.errors import DagcraftError, exit_code_for
+
+
+class DagcraftGroup(click.Group):
+    """A group that turns typed errors into a one-line message and the mapped exit code."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except DagcraftError as exc:
+            click.echo(f"dagcraft: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("dagcraft: interrupted", err=True)
+            sys.exit(exit_code_for(KeyboardInterrupt()))
+
+
+@click.group(cls=DagcraftGroup)
+@click.version_option(package_name="dagcraft")
+def cli() -> None:
+    """dagcraft: run multi-agent pipelines as DAGs on a shared store."""
+
+
+def _register() -> None:
+    # Each area registers its own commands; a missing area must not break the others.
+    from dagcraft.cli import agent_cmds, run_cmds, spec_cmds, store_cmds, trace_cmds
+
+    for mod in (store_cmds, agent_cmds, spec_cmds, trace_cmds, run_cmds):
+        mod.register(cli)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="dagcraft")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Typed errors, and the one place they map to exit codes.
+
+Every error a user can cause is a subclass of :class:`DagcraftError` carrying a one-line
+message; the CLI prints that line and exits with :attr:`exit_code` — never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class DagcraftError(Exception):
+    """Base class. ``exit_code`` is what the CLI exits with."""
+
+    exit_code: int = 1
+
+
+class Failed(DagcraftError):
+    """A run or step failed (exit 1)."""
+
+    exit_code = 1
+
+
+class InvalidInput(DagcraftError):
+    """Invalid usage or input: bad key, id, flag value (exit 2). Nothing was written."""
+
+    exit_code = 2
+
+
+class SpecError(InvalidInput):
+    """A workflow spec is invalid. The message names file:line:col and the field path."""
+
+    exit_code = 2
+
+
+class Conflict(DagcraftError):
+    """A conditional write lost: claimed by another, version mismatch, fenced (exit 3)."""
+
+    exit_code = 3
+
+
+class Fenced(Conflict):
+    """A holder whose lease was taken over tried to commit (exit 3)."""
+
+
+class NotFound(DagcraftError):
+    """A key, run, step, artifact or message does not exist (exit 4)."""
+
+    exit_code = 4
+
+
+class StoreUnavailable(DagcraftError):
+    """The store is unreachable or misconfigured (exit 5). Never includes a secret."""
+
+    exit_code = 5
+
+
+class IntegrityError(DagcraftError):
+    """Stored content does not match its digest (exit 1)."""
+
+    exit_code = 1
+
+
+class TimedOut(DagcraftError):
+    """A wait or a step timed out (exit 124)."""
+
+    exit_code = 124
+
+
+class Interrupted(DagcraftError):
+    """Interrupted by the user; the run is left resumable (exit 130)."""
+
+    exit_code = 130
+
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CONFLICT = 3
+EXIT_NOT_FOUND = 4
+EXIT_STORE = 5
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code for any exception: typed errors map by class, Ctrl-C to 130, else 1."""
+    if isinstance(exc, DagcraftError):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED

@@ -1,0 +1,1 @@
+"""dagcraft.tracing"""
