@@ -1,7 +1,281 @@
+"""Run commands: run, submit, worker, status, runs, logs, resume, retry, cancel, rollback."""
+
 from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
 import click
 
+from dagcraft.errors import Failed
+
+STORE_HELP = "store URL: a directory or s3://bucket/prefix[?endpoint=URL] (default $DAGCRAFT_STORE, else .dagcraft)"
+
+
+def _store(url: str | None) -> tuple[Any, str]:
+    from dagcraft.primitives import open_store
+    from dagcraft.primitives.url import resolve_store_url
+
+    resolved = resolve_store_url(url)
+    store = open_store(resolved)
+    # children (workers, steps) must reach the same store whatever their cwd
+    root = getattr(store, "root", None)
+    return store, (str(root) if root is not None else resolved)
+
+
+def _compile(spec: str, params: tuple[str, ...]) -> Any:
+    from dagcraft.workflows import compile_file, parse_params
+
+    return compile_file(Path(spec), parse_params(list(params)))
+
+
+def _secret_env(wf: Any) -> dict[str, str]:
+    from dagcraft.orchestrator.run_view import secret_env_name
+
+    return {secret_env_name(n): str(wf.params[n]) for n in wf.secret_params if n in wf.params}
+
+
+def _pool_opts(workers: int | None, lease_ttl: float, env: dict[str, str] | None = None) -> Any:
+    from dagcraft.orchestrator import PoolOptions
+
+    opts = PoolOptions(lease_ttl=lease_ttl, env=env or {})
+    if workers:
+        opts.workers = workers
+    return opts
+
+
+def _drive_and_report(store: Any, url: str, run_id: str, opts: Any, report: str | None, no_report: bool) -> None:
+    from dagcraft.cli.progress import Progress
+    from dagcraft.orchestrator import drive, run_status, write_report
+
+    t0 = time.time()
+    with Progress() as progress:
+        status = drive(store, url, run_id, opts, on_update=progress.update)
+    st = run_status(store, run_id)
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(st["counts"].items()))
+    click.echo(f"run {run_id}: {status} in {time.time() - t0:.1f}s ({counts})")
+    for s in st["steps"]:
+        if s["status"] == "failed":
+            click.echo(f"  failed: {s['step']} (attempt {s['attempt']}): {s['reason']}")
+    if not no_report:
+        path = write_report(store, run_id, Path(report) if report else None)
+        click.echo(f"report: {path}")
+    click.echo(f"traces: dagcraft trace summary {run_id} --store {url}")
+    if status != "succeeded":
+        sys.exit(1)
+
 
 def register(cli: click.Group) -> None:
-    """Add this module's commands to the root group."""
+    @cli.command()
+    @click.argument("spec", type=click.Path(dir_okay=False))
+    @click.option("-p", "--param", "params", multiple=True, metavar="K=V", help="set a parameter")
+    @click.option("--store", "store_url", help=STORE_HELP)
+    @click.option("--workers", type=click.IntRange(1, 256), help="local worker processes (default: CPU count)")
+    @click.option("--run-id", help="run id (default: <name>-<utc time>-<random>)")
+    @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
+                  help="step lease TTL in seconds; heartbeat every third of it")
+    @click.option("--report", type=click.Path(dir_okay=False), help="where to write the HTML report")
+    @click.option("--no-report", is_flag=True, help="do not render the HTML report")
+    def run(spec: str, params: tuple[str, ...], store_url: str | None, workers: int | None, run_id: str | None,
+            lease_ttl: float, report: str | None, no_report: bool) -> None:
+        """Submit SPEC and run it with a local worker pool, showing live progress."""
+        from dagcraft.orchestrator import submit
+
+        wf = _compile(spec, params)  # a bad spec stops here: exit 2, nothing written
+        store, url = _store(store_url)
+        rid = submit(store, wf, run_id=run_id, spec_dir=str(Path(spec).resolve().parent))
+        click.echo(f"run {rid} submitted ({len(wf.steps)} steps) to {url}")
+        _drive_and_report(store, url, rid, _pool_opts(workers, lease_ttl, _secret_env(wf)), report, no_report)
+
+    @cli.command("submit")
+    @click.argument("spec", type=click.Path(dir_okay=False))
+    @click.option("-p", "--param", "params", multiple=True, metavar="K=V")
+    @click.option("--store", "store_url", help=STORE_HELP)
+    @click.option("--run-id", help="run id")
+    def submit_cmd(spec: str, params: tuple[str, ...], store_url: str | None, run_id: str | None) -> None:
+        """Submit SPEC without running it; prints the run id. Workers pick it up."""
+        from dagcraft.orchestrator import submit
+
+        wf = _compile(spec, params)
+        store, _ = _store(store_url)
+        click.echo(submit(store, wf, run_id=run_id, spec_dir=str(Path(spec).resolve().parent)))
+
+    @cli.command()
+    @click.option("--store", "store_url", help=STORE_HELP)
+    @click.option("--run", "run_id", help="serve only this run (default: every run in the store)")
+    @click.option("--concurrency", type=click.IntRange(1, 256), default=1, show_default=True)
+    @click.option("--exit-when-idle", is_flag=True, help="exit when the served runs have finished")
+    @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
+    @click.option("--poll-max", type=click.FloatRange(0.01, 60), default=1.0, show_default=True,
+                  help="longest wait between journal polls when idle")
+    @click.option("--echo", is_flag=True, help="stream step output to this terminal")
+    @click.option("--quiet", is_flag=True)
+    def worker(store_url: str | None, run_id: str | None, concurrency: int, exit_when_idle: bool,
+               lease_ttl: float, poll_max: float, echo: bool, quiet: bool) -> None:
+        """Claim and run ready steps. SIGTERM drains; SIGINT hands running steps back."""
+        from dagcraft.orchestrator import Worker, WorkerConfig, identity
+
+        store, url = _store(store_url)
+        cfg = WorkerConfig(store=store, store_url=url, worker_id=identity(), lease_ttl=lease_ttl, echo=echo)
+        w = Worker(cfg, run_id=run_id, concurrency=concurrency, exit_when_idle=exit_when_idle,
+                   poll_max=poll_max)
+        w.install_signal_handlers()
+        if not quiet:
+            click.echo(f"worker {cfg.worker_id} on {url}" + (f" (run {run_id})" if run_id else ""), err=True)
+        sys.exit(w.run())
+
+    @cli.command()
+    @click.argument("run_id")
+    @click.option("--store", "store_url", help=STORE_HELP)
+    @click.option("--json", "as_json", is_flag=True)
+    @click.option("--watch", is_flag=True, help="refresh until the run finishes")
+    def status(run_id: str, store_url: str | None, as_json: bool, watch: bool) -> None:
+        """Show a run's status and its steps. Exit 1 if the run failed."""
+        from dagcraft.orchestrator import run_status
+
+        store, _ = _store(store_url)
+        while True:
+            st = run_status(store, run_id)
+            if as_json:
+                click.echo(json.dumps(st, indent=2, sort_keys=True, default=str))
+            else:
+                _print_status(st)
+            if not watch or st["status"] in ("succeeded", "failed", "cancelled", "rolled_back"):
+                break
+            time.sleep(1.0)
+            click.echo("")
+        if st["status"] in ("failed", "cancelled", "rolled_back"):
+            sys.exit(1)
+
+    @cli.command()
+    @click.option("--store", "store_url", help=STORE_HELP)
+    @click.option("--status", "status_filter", help="only runs with this status")
+    @click.option("--json", "as_json", is_flag=True)
+    def runs(store_url: str | None, status_filter: str | None, as_json: bool) -> None:
+        """List runs, newest first."""
+        from dagcraft.orchestrator import list_runs
+
+        store, _ = _store(store_url)
+        items = list_runs(store, status_filter)
+        if as_json:
+            click.echo(json.dumps(items, indent=2, default=str))
+            return
+        for r in items:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["submitted_at"]))
+            click.echo(f"{r['run_id']:<48} {r['status']:<12} {when}  {r['name']}")
+
+    @cli.command()
+    @click.argument("run_id")
+    @click.argument("step")
+    @click.option("--store", "store_url", help=STORE_HELP)
+    @click.option("--attempt", type=click.IntRange(1), help="attempt number (default: latest)")
+    @click.option("--stderr", "stream", flag_value="stderr", default=False, help="show stderr instead")
+    @click.option("--follow", "-f", is_flag=True, help="keep printing while the attempt runs")
+    def logs(run_id: str, step: str, store_url: str | None, attempt: int | None, stream: Any, follow: bool) -> None:
+        """Print a step attempt's output log."""
+        from dagcraft.orchestrator.ops import follow_log, read_log
+
+        store, _ = _store(store_url)
+        out = sys.stdout.buffer
+        if follow:
+            for chunk in follow_log(store, run_id, step, attempt):
+                out.write(chunk)
+                out.flush()
+            return
+        out.write(read_log(store, run_id, step, attempt, stream or "stdout"))
+        out.flush()
+
+    @cli.command()
+    @click.argument("run_id")
+    @click.option("--store", "store_url", help=STORE_HELP)
+    @click.option("--workers", type=click.IntRange(1, 256))
+    @click.option("--retry-failed", is_flag=True, help="also re-run failed steps (and those skipped because of them)")
+    @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
+    @click.option("--report", type=click.Path(dir_okay=False))
+    @click.option("--no-report", is_flag=True)
+    def resume(run_id: str, store_url: str | None, workers: int | None, retry_failed: bool, lease_ttl: float,
+               report: str | None, no_report: bool) -> None:
+        """Continue an interrupted run; succeeded steps never run again."""
+        from dagcraft.orchestrator import prepare_resume
+
+        store, url = _store(store_url)
+        status = prepare_resume(store, run_id, retry_failed=retry_failed)
+        if status in ("succeeded",) or (status in ("failed", "rolled_back") and not retry_failed):
+            click.echo(f"run {run_id} already {status}" + ("" if status == "succeeded" else
+                                                           "; use --retry-failed to re-run failed steps"))
+            if status != "succeeded":
+                sys.exit(1)
+            return
+        click.echo(f"resuming run {run_id}")
+        _drive_and_report(store, url, run_id, _pool_opts(workers, lease_ttl, _resume_env()), report, no_report)
+
+    @cli.command()
+    @click.argument("run_id")
+    @click.option("--from", "from_step", required=True, help="step to re-run, with everything downstream")
+    @click.option("--store", "store_url", help=STORE_HELP)
+    @click.option("--workers", type=click.IntRange(1, 256))
+    @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
+    @click.option("--detach", is_flag=True, help="only reset; let running workers pick it up")
+    @click.option("--no-report", is_flag=True)
+    def retry(run_id: str, from_step: str, store_url: str | None, workers: int | None, lease_ttl: float,
+              detach: bool, no_report: bool) -> None:
+        """Reset STEP and everything downstream, keeping earlier attempts, and run them."""
+        from dagcraft.orchestrator import retry_from
+
+        store, url = _store(store_url)
+        reset = retry_from(store, run_id, from_step)
+        click.echo(f"reset {len(reset)} step(s): {', '.join(reset)}")
+        if not detach:
+            _drive_and_report(store, url, run_id, _pool_opts(workers, lease_ttl, _resume_env()), None, no_report)
+
+    @cli.command()
+    @click.argument("run_id")
+    @click.option("--store", "store_url", help=STORE_HELP)
+    def cancel(run_id: str, store_url: str | None) -> None:
+        """Cancel a run: running steps are signalled, nothing new starts."""
+        from dagcraft.orchestrator import cancel as cancel_run
+
+        store, _ = _store(store_url)
+        click.echo(f"run {run_id}: {cancel_run(store, run_id)}")
+
+    @cli.command()
+    @click.argument("run_id")
+    @click.option("--store", "store_url", help=STORE_HELP)
+    @click.option("--workers", type=click.IntRange(1, 256))
+    @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
+    @click.option("--detach", is_flag=True, help="only request it; let running workers do it")
+    def rollback(run_id: str, store_url: str | None, workers: int | None, lease_ttl: float, detach: bool) -> None:
+        """Run the compensations of a finished run's succeeded steps, in reverse order."""
+        from dagcraft.orchestrator import request_rollback
+
+        store, url = _store(store_url)
+        status = request_rollback(store, run_id)
+        click.echo(f"run {run_id}: {status}")
+        if not detach and status == "rolling_back":
+            _drive_and_report(store, url, run_id, _pool_opts(workers, lease_ttl, _resume_env()), None, True)
+
+
+def _resume_env() -> dict[str, str]:
+    # secret params are not in the store: a resume passes on whatever this shell provides
+    return {k: v for k, v in os.environ.items() if k.startswith("DAGCRAFT_PARAM_")}
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    click.echo(f"run {st['run_id']} ({st['name']}): {st['status']}" + (f" — {st['reason']}" if st["reason"] else ""))
+    for s in st["steps"]:
+        indent = "    " if s.get("parent") else "  "
+        extra = []
+        if s["attempt"]:
+            extra.append(f"attempt {s['attempt']}")
+        if s["cached_from"]:
+            extra.append(f"cached from {s['cached_from']}")
+        if s["reason"] and s["status"] not in ("succeeded",):
+            extra.append(s["reason"])
+        click.echo(f"{indent}{s['step']:<40} {s['status']:<12} {'; '.join(extra)}")
+
+
+__all__ = ["Failed", "register"]

@@ -1,1 +1,73 @@
-"""dagcraft.workflows"""
+"""dagcraft.workflows: YAML spec → validated pydantic models → compiled step DAG; templating.
+
+Public API (see CONTRACTS.md "workflows" and docs/spec.md). This package imports nothing from
+primitives, tracing or orchestrator.
+"""
+
+from __future__ import annotations
+
+from dagcraft.workflows.compile import (
+    MAX_STEPS,
+    compile_file,
+    compile_workflow,
+    concrete_id,
+    matrix_id_value,
+    spec_hash_of,
+)
+from dagcraft.workflows.loader import format_path, load_spec, parse_spec
+from dagcraft.workflows.params import coerce, parse_params, resolve_params
+from dagcraft.workflows.spec import (
+    AgentDef,
+    CompiledWorkflow,
+    ConcreteStep,
+    InputDecl,
+    RenderContext,
+    RenderedCommand,
+    RetryPolicy,
+    Spec,
+    StepSpec,
+    parse_duration,
+)
+from dagcraft.workflows.template import (
+    MAX_FANOUT,
+    evaluate_expression,
+    evaluate_foreach,
+    evaluate_when,
+    expand_foreach,
+    render_command,
+    render_rollback,
+    render_text,
+)
+
+__all__ = [
+    "MAX_FANOUT",
+    "MAX_STEPS",
+    "AgentDef",
+    "CompiledWorkflow",
+    "ConcreteStep",
+    "InputDecl",
+    "RenderContext",
+    "RenderedCommand",
+    "RetryPolicy",
+    "Spec",
+    "StepSpec",
+    "coerce",
+    "compile_file",
+    "compile_workflow",
+    "concrete_id",
+    "evaluate_expression",
+    "evaluate_foreach",
+    "evaluate_when",
+    "expand_foreach",
+    "format_path",
+    "load_spec",
+    "matrix_id_value",
+    "parse_duration",
+    "parse_params",
+    "parse_spec",
+    "render_command",
+    "render_rollback",
+    "render_text",
+    "resolve_params",
+    "spec_hash_of",
+]

@@ -1,0 +1,67 @@
+"""The run journal: append-only change notifications that workers read incrementally.
+
+Every step-state or control change is followed by one journal entry whose key alone says what
+changed (``<ulid>~<step>``), so a reader needs one LIST per poll plus one GET per changed
+record: the cost of finding ready work follows what changed, never the size of the DAG.
+
+Guarantees: entries are immutable and never deleted while the run lives. Entry ids are ULIDs
+from the writer's clock, so a slow writer can land an entry that sorts before one a reader
+already passed; the reader therefore re-lists a look-back window (default 30 s of ULID time)
+and de-duplicates. A writer that crashes between its state CAS and its journal PUT leaves a
+change without notification; readers catch it with the periodic full resync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from dagcraft.orchestrator import layout
+from dagcraft.primitives.store import Store
+from dagcraft.primitives.ulid import new_ulid, ulid_floor, ulid_time_ms
+
+
+def append(store: Store, run_id: str, subject: str) -> str:
+    """Append a notification that ``subject`` (a step id or ``@control``) changed."""
+    key = layout.journal_entry(run_id, new_ulid(), subject)
+    store.put(key, b"", if_none_match=True)
+    return key
+
+
+class JournalReader:
+    """Reads a run's journal incrementally: each ``poll`` returns the subjects that changed
+    since the previous poll (at least once; possibly again, never missed within the window)."""
+
+    def __init__(self, store: Store, run_id: str, lookback_s: float = 30.0) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.prefix = layout.journal_prefix(run_id)
+        self.lookback_ms = int(lookback_s * 1000)
+        self._seen: dict[str, int] = {}  # key -> ulid ms, pruned beyond the window
+        self._high_ms: int | None = None
+
+    def poll(self) -> list[str]:
+        start_after = None
+        if self._high_ms is not None:
+            start_after = self.prefix + ulid_floor(self._high_ms - self.lookback_ms)
+        keys = self.store.list(self.prefix, start_after=start_after)
+        return self._take(keys)
+
+    def _take(self, keys: Iterable[str]) -> list[str]:
+        changed: list[str] = []
+        for key in keys:
+            if key in self._seen:
+                continue
+            ulid, subject = layout.parse_journal_key(key)
+            try:
+                ms = ulid_time_ms(ulid)
+            except ValueError:
+                continue  # not a journal entry we wrote
+            self._seen[key] = ms
+            if self._high_ms is None or ms > self._high_ms:
+                self._high_ms = ms
+            if subject not in changed:
+                changed.append(subject)
+        if self._high_ms is not None and len(self._seen) > 256:
+            floor = self._high_ms - self.lookback_ms - 1000
+            self._seen = {k: v for k, v in self._seen.items() if v >= floor}
+        return changed

@@ -1,0 +1,99 @@
+"""Where run state lives in the store. Every key is built here, from validated segments only.
+
+```
+runs-index/<ulid>~<run_id>                        one entry per submitted run (never rewritten)
+runs/<run>/run.json                               immutable submitted run (RunRecord)
+runs/<run>/control.json                           run-level status, changed only by CAS (Control)
+runs/<run>/journal/<ulid>~<step|@control>         append-only change notifications
+runs/<run>/steps/<step>/state.json                step state, changed only by CAS (StepState)
+runs/<run>/steps/<step>/attempts/<n>/trace.jsonl  per-attempt trace (+ stdout.log, stderr.log)
+runs/<run>/steps/<step>/artifacts/<name>          artifact pointers (blobs in blobs/sha256/)
+runs/<run>/supervisor                             supervisor lease
+runs/<run>/semaphores/parallel/<i>                max_parallel slots
+shared/semaphores/agent-<name>/<i>                per-agent concurrency caps, across runs and hosts
+cache/<sha256>                                    step cache entries
+```
+"""
+
+from __future__ import annotations
+
+from dagcraft.primitives.keys import validate_segment
+
+CONTROL_MARK = "@control"
+
+
+def run_prefix(run_id: str) -> str:
+    return f"runs/{validate_segment(run_id, 'run id')}"
+
+
+def run_record(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/run.json"
+
+
+def control(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/control.json"
+
+
+def journal_prefix(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/journal/"
+
+
+def journal_entry(run_id: str, ulid: str, subject: str) -> str:
+    if subject != CONTROL_MARK:
+        validate_segment(subject, "step id")
+    return f"{journal_prefix(run_id)}{ulid}~{subject}"
+
+
+def parse_journal_key(key: str) -> tuple[str, str]:
+    """(ulid, subject) of a journal key."""
+    name = key.rsplit("/", 1)[-1]
+    ulid, _, subject = name.partition("~")
+    return ulid, subject
+
+
+def step_prefix(run_id: str, step_id: str) -> str:
+    return f"{run_prefix(run_id)}/steps/{validate_segment(step_id, 'step id')}"
+
+
+def step_state(run_id: str, step_id: str) -> str:
+    return f"{step_prefix(run_id, step_id)}/state.json"
+
+
+def steps_prefix(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/steps/"
+
+
+def attempt_prefix(run_id: str, step_id: str, attempt: int | str) -> str:
+    return f"{step_prefix(run_id, step_id)}/attempts/{validate_segment(str(attempt), 'attempt')}"
+
+
+def step_scope(run_id: str, step_id: str) -> str:
+    """Artifact scope of a step: pointers live at ``<scope>/artifacts/<name>``."""
+    return step_prefix(run_id, step_id)
+
+
+def supervisor(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/supervisor"
+
+
+def parallel_semaphore(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/semaphores/parallel"
+
+
+def agent_semaphore(agent: str) -> str:
+    return f"shared/semaphores/agent-{validate_segment(agent, 'agent name')}"
+
+
+RUNS_INDEX = "runs-index/"
+
+
+def runs_index_entry(ulid: str, run_id: str) -> str:
+    return f"{RUNS_INDEX}{ulid}~{validate_segment(run_id, 'run id')}"
+
+
+def cache_entry(digest: str) -> str:
+    return f"cache/{validate_segment(digest, 'cache key')}"
+
+
+def report(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/report.html"

@@ -1,0 +1,116 @@
+"""Run reports and trace lookup in a store: the bridge between run state and ``tracing``."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dagcraft.errors import DagcraftError, NotFound
+from dagcraft.orchestrator import layout
+from dagcraft.orchestrator.model import load_state
+from dagcraft.orchestrator.ops import run_status
+from dagcraft.primitives.store import Store
+from dagcraft.tracing import read_trace
+
+
+def _attempt_dirs(store: Store, run_id: str, step: str) -> list[str]:
+    prefix = f"{layout.step_prefix(run_id, step)}/attempts/"
+    names = sorted({k[len(prefix):].split("/", 1)[0] for k in store.list(prefix) if k.endswith("/trace.jsonl")},
+                   key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+    return names
+
+
+def _download(store: Store, key: str, dest: Path) -> Path:
+    got = store.get(key)
+    if got is None:
+        raise NotFound(f"{key} not found in {store.url}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(got[0])
+    return dest
+
+
+def resolve_traces(store: Store, target: str, dest: Path | None = None) -> list[Path]:
+    """Trace files for ``RUN``, ``RUN/STEP`` or ``RUN/STEP/ATTEMPT``, downloaded to ``dest``."""
+    parts = target.split("/")
+    if not 1 <= len(parts) <= 3 or not all(parts):
+        raise NotFound(f"{target!r} is neither a trace file nor RUN[/STEP[/ATTEMPT]]")
+    run_id = parts[0]
+    status = run_status(store, run_id)
+    dest = dest or Path(tempfile.mkdtemp(prefix="dagcraft-traces-"))
+    steps = [parts[1]] if len(parts) > 1 else [s["step"] for s in status["steps"]]
+    out = []
+    for step in steps:
+        attempts = [parts[2]] if len(parts) == 3 else _attempt_dirs(store, run_id, step)
+        for a in attempts:
+            key = f"{layout.attempt_prefix(run_id, step, a)}/trace.jsonl"
+            out.append(_download(store, key, dest / step / str(a) / "trace.jsonl"))
+    if not out:
+        raise NotFound(f"no traces for {target!r} yet")
+    return out
+
+
+def run_view(store: Store, run_id: str) -> Any:
+    """The run as ``tracing.RunView``: steps, attempts (with their trace events), status."""
+    from dagcraft.tracing.render import AttemptView, RunView, StepView
+
+    status = run_status(store, run_id)
+    steps = []
+    for s in status["steps"]:
+        got = store.get(layout.step_state(run_id, s["step"]))
+        st = load_state(got[0]) if got else None
+        attempts = []
+        history = st.history if st else []
+        for h in history:
+            name = str(h.attempt) if h.kind == "run" else f"rollback-{h.attempt}"
+            events = []
+            key = f"{layout.attempt_prefix(run_id, s['step'], name)}/trace.jsonl"
+            raw = store.get(key)
+            if raw is not None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    p = Path(tmp) / "t.jsonl"
+                    p.write_bytes(raw[0])
+                    try:
+                        events = read_trace(p)
+                    except DagcraftError:
+                        events = []
+            attempts.append(AttemptView(attempt=h.attempt, status=h.status if h.kind == "run" else f"rollback {h.status}",
+                                        worker=h.worker,
+                                        started_ms=int(h.started_at * 1000) if h.started_at else None,
+                                        finished_ms=int(h.finished_at * 1000) if h.finished_at else None,
+                                        exit_code=h.exit_code, reason=h.reason, events=events))
+        if st and st.status == "running":
+            attempts.append(AttemptView(attempt=st.attempt, status="running", worker=st.worker,
+                                        started_ms=int(st.started_at * 1000) if st.started_at else None,
+                                        finished_ms=None, exit_code=None, reason=None, events=[]))
+        needs = []
+        if st and st.definition:
+            needs = list(st.definition.get("needs", []))
+        else:
+            rec_steps = store.get(layout.run_record(run_id))
+            if rec_steps:
+                import json
+
+                wf = json.loads(rec_steps[0])["workflow"]
+                needs = list(wf.get("steps", {}).get(s["step"], {}).get("needs", []))
+        steps.append(StepView(step_id=s["step"], status=s["status"], attempts=attempts, needs=needs))
+    return RunView(run_id=run_id, name=status["name"], status=status["status"],
+                   created_ms=int(status["submitted_at"] * 1000),
+                   finished_ms=int(status["finished_at"] * 1000) if status["finished_at"] else None,
+                   params=status["params"], steps=steps)
+
+
+def write_report(store: Store, run_id: str, out: Path | None = None) -> Path:
+    """Render the run report, store it at ``runs/<run>/report.html`` and write a local copy
+    (``out``; else ``<local store>/reports/<run>.html``; else ``./<run>.html``)."""
+    from dagcraft.tracing.render import render_run_html
+
+    html = render_run_html(run_view(store, run_id))
+    data = html.encode()
+    store.put(layout.report(run_id), data)
+    if out is None:
+        root = getattr(store, "root", None)
+        out = Path(root) / "reports" / f"{run_id}.html" if root else Path(f"{run_id}.html")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    return out

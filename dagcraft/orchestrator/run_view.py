@@ -1,0 +1,225 @@
+"""A worker's local view of one run, kept current from the journal.
+
+The view is a cache: every decision taken from it is confirmed by a compare-and-swap on the
+record it changes, so a stale view costs at most a failed CAS, never a wrong transition.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from dagcraft.errors import NotFound
+from dagcraft.orchestrator import layout
+from dagcraft.orchestrator.journal import JournalReader
+from dagcraft.orchestrator.model import (
+    DONE_OK,
+    TERMINAL,
+    Control,
+    RunRecord,
+    StepState,
+    load_control,
+    load_state,
+)
+from dagcraft.primitives.store import Store
+from dagcraft.workflows import CompiledWorkflow, ConcreteStep
+
+
+def secret_env_name(param: str) -> str:
+    return "DAGCRAFT_PARAM_" + param.upper().replace("-", "_")
+
+
+def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
+    """The run record and its workflow, with secret params taken from this process's
+    environment (``DAGCRAFT_PARAM_<NAME>``); secrets are never read from the store."""
+    got = store.get(layout.run_record(run_id))
+    if got is None:
+        raise NotFound(f"run {run_id!r} not found in {store.url}")
+    record = RunRecord.model_validate_json(got[0])
+    data = dict(record.workflow)
+    params = dict(data.get("params", {}))
+    for name in record.secret_params:
+        if secret_env_name(name) in os.environ:
+            params[name] = os.environ[secret_env_name(name)]
+    data["params"] = params
+    return record, CompiledWorkflow.model_validate(data)
+
+
+class LocalView:
+    """Step states and run control of one run, refreshed incrementally."""
+
+    def __init__(self, store: Store, run_id: str, *, lookback_s: float = 30.0, resync_s: float = 60.0) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.record, self.wf = load_run(store, run_id)
+        self.steps: dict[str, ConcreteStep] = dict(self.wf.steps)
+        self.order: dict[str, int] = {sid: i for i, sid in enumerate(self.steps)}
+        self.states: dict[str, tuple[StepState, str | None]] = {}
+        self.control: Control = Control()
+        self.control_etag: str | None = None
+        self.journal = JournalReader(store, run_id, lookback_s=lookback_s)
+        self.resync_s = resync_s
+        self._last_resync = time.monotonic()
+        self.changes = 0  # bumps on every observed change; lets callers skip needless work
+        self.refresh()
+
+    # -- reading -------------------------------------------------------------------------
+    def refresh(self) -> list[str]:
+        """Apply journal entries since the last call; every ``resync_s`` also re-read every
+        step (the safety net for a writer that died between its CAS and its journal entry)."""
+        if time.monotonic() - self._last_resync > self.resync_s:
+            self._last_resync = time.monotonic()
+            self.full_resync()
+        changed = self.journal.poll()
+        for subject in changed:
+            if subject == layout.CONTROL_MARK:
+                self.refresh_control()
+            else:
+                self.refresh_step(subject)
+        return changed
+
+    def full_resync(self) -> None:
+        self.refresh_control()
+        for key in self.store.list(layout.steps_prefix(self.run_id)):
+            if key.endswith("/state.json"):
+                self.refresh_step(key.split("/")[-2])
+
+    def refresh_control(self) -> None:
+        got = self.store.get(layout.control(self.run_id))
+        if got is not None:
+            self.control, self.control_etag = load_control(got[0]), got[1]
+            self.changes += 1
+
+    def refresh_step(self, step_id: str) -> StepState:
+        got = self.store.get(layout.step_state(self.run_id, step_id))
+        if got is None:
+            state, etag = StepState(step_id=step_id), None
+        else:
+            state, etag = load_state(got[0]), got[1]
+        self.apply(state, etag)
+        return state
+
+    def apply(self, state: StepState, etag: str | None) -> None:
+        old = self.states.get(state.step_id)
+        if old is not None and old[0].rev > state.rev and etag is not None:
+            return  # never go back to an older version than one we already saw
+        self.states[state.step_id] = (state, etag)
+        if state.definition is not None and state.step_id not in self.steps:
+            self.steps[state.step_id] = ConcreteStep.model_validate(state.definition)
+            parent_rank = self.order.get(state.parent or "", len(self.order))
+            self.order[state.step_id] = parent_rank  # children sort with their parent
+        for child in state.children:
+            if child not in self.states:
+                self.refresh_step(child)
+        self.changes += 1
+
+    def state(self, step_id: str) -> StepState:
+        got = self.states.get(step_id)
+        return got[0] if got else StepState(step_id=step_id)
+
+    def etag(self, step_id: str) -> str | None:
+        got = self.states.get(step_id)
+        return got[1] if got else None
+
+    def status(self, step_id: str) -> str:
+        return self.state(step_id).status
+
+    # -- derived -------------------------------------------------------------------------
+    def needs(self, step_id: str) -> list[str]:
+        return list(self.steps[step_id].needs)
+
+    def all_ids(self) -> list[str]:
+        return sorted(self.steps, key=lambda s: (self.order.get(s, 0), s))
+
+    def is_terminal(self, step_id: str) -> bool:
+        return self.status(step_id) in TERMINAL
+
+    def needs_done(self, step_id: str) -> bool:
+        return all(self.is_terminal(n) for n in self.needs(step_id))
+
+    def needs_status(self, step_id: str) -> dict[str, str]:
+        out = {}
+        for n in self.needs(step_id):
+            st = self.status(n)
+            out[n] = "succeeded" if st in DONE_OK else st
+        return out
+
+    def failing(self) -> bool:
+        return any(st.status == "failed" for st, _ in self.states.values())
+
+    def finished(self) -> bool:
+        return all(self.is_terminal(s) for s in self.steps)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for sid in self.steps:
+            st = self.status(sid)
+            out[st] = out.get(st, 0) + 1
+        return out
+
+    def dependents(self) -> dict[str, set[str]]:
+        deps: dict[str, set[str]] = {s: set() for s in self.steps}
+        for sid, step in self.steps.items():
+            for n in step.needs:
+                deps.setdefault(n, set()).add(sid)
+        # a foreach child precedes whatever follows its parent
+        for sid in self.steps:
+            parent = self.state(sid).parent
+            if parent:
+                deps.setdefault(sid, set()).update(deps.get(parent, set()))
+        return deps
+
+    def descendants(self, step_id: str, deps: dict[str, set[str]] | None = None) -> set[str]:
+        deps = deps if deps is not None else self.dependents()
+        seen: set[str] = set()
+        stack = list(deps.get(step_id, ()))
+        while stack:
+            cur = stack.pop()
+            if cur in seen:
+                continue
+            seen.add(cur)
+            stack.extend(deps.get(cur, ()))
+        return seen
+
+    # -- template context ----------------------------------------------------------------
+    def steps_context(self, artifact_paths: dict[str, dict[str, str]] | None = None) -> dict[str, dict[str, Any]]:
+        """``steps.<template_id>`` for templates: outputs/artifacts/status. Fan-out templates
+        (matrix instances or foreach children) give lists of their instances' outputs."""
+        artifact_paths = artifact_paths or {}
+        groups: dict[str, list[str]] = {}
+        for sid, step in self.steps.items():
+            if self.state(sid).parent:
+                continue  # children are reported through their parent
+            groups.setdefault(step.template_id, []).append(sid)
+        out: dict[str, dict[str, Any]] = {}
+        for tid, ids in groups.items():
+            fan_out = len(ids) > 1 or bool(self.steps[ids[0]].matrix) or bool(self.steps[ids[0]].foreach)
+            instances: list[tuple[dict[str, Any], dict[str, str], str]] = []
+            for sid in ids:
+                st = self.state(sid)
+                if st.children:
+                    for child in st.children:
+                        cst = self.state(child)
+                        instances.append((cst.outputs, self._artifact_view(child, artifact_paths), cst.status))
+                    if not fan_out:
+                        fan_out = True
+                else:
+                    instances.append((st.outputs, self._artifact_view(sid, artifact_paths), st.status))
+            statuses = [s for _, _, s in instances] or [self.status(ids[0])]
+            agg = "succeeded" if all(s in DONE_OK or s == "skipped" for s in statuses) else (
+                "failed" if any(s == "failed" for s in statuses) else statuses[0])
+            if fan_out:
+                arts: dict[str, str] = {}
+                for _, a, _ in instances:
+                    arts.update(a)
+                out[tid] = {"outputs": [o for o, _, _ in instances], "artifacts": arts, "status": agg}
+            else:
+                o, a, s = instances[0]
+                out[tid] = {"outputs": o, "artifacts": a, "status": s}
+        return out
+
+    def _artifact_view(self, step_id: str, artifact_paths: dict[str, dict[str, str]]) -> dict[str, str]:
+        st = self.state(step_id)
+        local = artifact_paths.get(step_id, {})
+        return {name: local.get(name, ptr.get("digest", "")) for name, ptr in st.artifacts.items()}

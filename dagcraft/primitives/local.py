@@ -1,0 +1,295 @@
+"""LocalStore: the Store protocol on a local directory (the embedded default, ``.dagcraft/``).
+
+On-disk layout under ``root``::
+
+    objects/<seg>/<seg>/.../<seg>%   one file per object (directories: the key's segments)
+    tmp/                             temp files being written (never listed)
+    locks/<hh>/<sha256(key)>         per-key fcntl lock files for conditional writes
+
+Segments are escaped (``%`` -> ``%25``) and every object file name ends with a single ``%``,
+so the key ``a`` (file ``a%``) and the key ``a/b`` (directory ``a``) never collide, and a
+directory can never be mistaken for an object.
+
+Guarantees (across threads and processes on one machine, on a local POSIX filesystem):
+
+- **Atomic create-if-absent**: ``put(if_none_match=True)`` writes a temp file fully (and fsyncs
+  it), then ``os.link``\\ s it to the target name; ``link`` fails if the name exists, so exactly
+  one of any number of concurrent creators wins, the rest get ``Conflict``.
+- **Atomic compare-and-swap**: ``put(if_match=etag)`` (and unconditional put and delete) run
+  under an exclusive ``flock`` on the key's lock file: compare the current etag, then
+  ``os.replace`` a fully written temp file. ``flock`` locks are per open file description, so
+  they exclude threads of one process as well as other processes.
+- **No torn reads, crash safety**: objects only ever appear by ``link``/``replace`` of a
+  complete, fsynced file, so a reader sees the old or the new object; a crash mid-write leaves
+  the old object and at worst a stray temp file under ``tmp/`` (never listed).
+- **Etag** = the first 32 hex digits of the SHA-256 of the content: two different contents
+  never share an etag; identical content has the same etag (as on S3, where it is the MD5).
+  Records that must change on every write (leases, memory) carry a unique ``write_id``.
+- ``now()`` is this machine's ``time.time()``.
+
+Not guaranteed: correctness on NFS or other network filesystems without working ``flock``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from dagcraft.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
+from dagcraft.primitives.keys import validate_key, validate_prefix
+from dagcraft.primitives.ulid import new_ulid
+
+_SUFFIX = "%"
+_CHUNK = 1 << 20
+
+
+def _esc(seg: str) -> str:
+    return seg.replace("%", "%25")
+
+
+def _unesc(name: str) -> str:
+    return name.replace("%25", "%")
+
+
+def _etag_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+class LocalStore:
+    """Store on a local directory. See the module docstring for guarantees."""
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.root = Path(root).absolute()
+        self.url = str(self.root)
+        self.stats: Counter[str] = Counter()
+        self.fsync = fsync
+        self._clock = clock or time.time
+        self._objects = self.root / "objects"
+        self._tmp = self.root / "tmp"
+        self._locks = self.root / "locks"
+        try:
+            for d in (self._objects, self._tmp, self._locks):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"local store {self.root}: cannot create directory: {exc.strerror}") from None
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    # -- paths -------------------------------------------------------------------------
+    def _path(self, key: str) -> Path:
+        validate_key(key)
+        parts = key.split("/")
+        return self._objects.joinpath(*(_esc(p) for p in parts[:-1]), _esc(parts[-1]) + _SUFFIX)
+
+    def _lock_path(self, key: str) -> Path:
+        h = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        return self._locks / h[:2] / h
+
+    def _write_temp(self, data: bytes | None = None, src: Path | None = None) -> tuple[Path, str]:
+        """Write a complete temp file (fsynced) and return (path, etag)."""
+        tmp = self._tmp / f"{new_ulid()}-{os.getpid()}"
+        h = hashlib.sha256()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            if src is None:
+                assert data is not None
+                h.update(data)
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+            else:
+                with open(src, "rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        h.update(chunk)
+                        view = memoryview(chunk)
+                        while view:
+                            n = os.write(fd, view)
+                            view = view[n:]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp, h.hexdigest()[:32]
+
+    def _lock(self, key: str) -> int:
+        lp = self._lock_path(key)
+        try:
+            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            lp.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    @staticmethod
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def _current_etag(self, path: Path) -> str | None:
+        try:
+            with open(path, "rb") as f:
+                h = hashlib.sha256()
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+            return h.hexdigest()[:32]
+        except FileNotFoundError:
+            return None
+
+    # -- protocol ----------------------------------------------------------------------
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        path = self._path(key)
+        self.stats["get"] += 1
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            return None
+        return data, _etag_of(data)
+
+    def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidInput(f"put {key!r}: data must be bytes")
+        path = self._path(key)
+        self.stats["put"] += 1
+        tmp, etag = self._write_temp(bytes(data))
+        return self._commit(key, path, tmp, etag, if_none_match, if_match)
+
+    def put_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
+        target = self._path(key)
+        self.stats["put"] += 1
+        try:
+            tmp, etag = self._write_temp(src=Path(path))
+        except FileNotFoundError:
+            raise NotFound(f"no such file: {path}") from None
+        return self._commit(key, target, tmp, etag, if_none_match, None)
+
+    def _commit(self, key: str, path: Path, tmp: Path, etag: str, if_none_match: bool,
+                if_match: str | None) -> str:
+        try:
+            if if_none_match and if_match is None:
+                for _ in range(3):
+                    try:
+                        os.link(tmp, path)
+                        return etag
+                    except FileExistsError:
+                        raise Conflict(f"{key}: already exists") from None
+                    except FileNotFoundError:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                    except NotADirectoryError:
+                        raise InvalidInput(f"{key}: a parent is not a directory") from None
+                raise StoreUnavailable(f"local store {self.root}: cannot create {key}")
+            fd = self._lock(key)
+            try:
+                if if_match is not None or if_none_match:
+                    current = self._current_etag(path)
+                    if if_none_match and current is not None:
+                        raise Conflict(f"{key}: already exists")
+                    if if_match is not None and current != if_match:
+                        raise Conflict(f"{key}: version mismatch" if current else f"{key}: does not exist")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, path)
+                return etag
+            finally:
+                self._unlock(fd)
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def list(self, prefix: str, start_after: str | None = None, limit: int | None = None) -> list[str]:
+        validate_prefix(prefix)
+        self.stats["list"] += 1
+        out: list[str] = []
+        if limit is not None and limit <= 0:
+            return out
+        # The deepest directory that contains every key with this prefix.
+        cut = prefix.rfind("/")
+        dir_key = prefix[: cut + 1] if cut >= 0 else ""
+        base = self._objects.joinpath(*(_esc(p) for p in dir_key.split("/") if p))
+        self._walk(base, dir_key, prefix, start_after, limit, out)
+        return out
+
+    def _walk(self, d: Path, dir_key: str, prefix: str, start_after: str | None,
+              limit: int | None, out: list[str]) -> bool:
+        """Append keys under ``d`` (whose keys start with ``dir_key``) in order; True when full."""
+        try:
+            entries = list(os.scandir(d))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        items: list[tuple[str, bool, str]] = []  # (sort key, is_dir, path)
+        for e in entries:
+            name = e.name
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_dir:
+                if name.endswith(_SUFFIX):
+                    continue
+                full = dir_key + _unesc(name) + "/"
+            else:
+                if not name.endswith(_SUFFIX):
+                    continue
+                full = dir_key + _unesc(name[: -len(_SUFFIX)])
+            items.append((full, is_dir, e.path))
+        items.sort()
+        for full, is_dir, path in items:
+            if is_dir:
+                # every key below starts with `full` (which ends with '/')
+                if not (full.startswith(prefix) or prefix.startswith(full)):
+                    continue
+                if start_after is not None and start_after >= full and not start_after.startswith(full):
+                    continue
+                if self._walk(Path(path), full, prefix, start_after, limit, out):
+                    return True
+            else:
+                if not full.startswith(prefix):
+                    continue
+                if start_after is not None and full <= start_after:
+                    continue
+                out.append(full)
+                if limit is not None and len(out) >= limit:
+                    return True
+        return False
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        self.stats["delete"] += 1
+        fd = self._lock(key)
+        try:
+            path.unlink(missing_ok=True)
+        except NotADirectoryError:
+            pass
+        finally:
+            self._unlock(fd)
+
+    def now(self) -> float:
+        return self._clock()
+
+    def open_read(self, key: str) -> BinaryIO:
+        path = self._path(key)
+        self.stats["get"] += 1
+        try:
+            return open(path, "rb")
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"{key}: not found") from None
+        except OSError as exc:
+            if exc.errno == errno.EACCES:
+                raise StoreUnavailable(f"local store {self.root}: permission denied") from None
+            raise

@@ -1,0 +1,378 @@
+"""S3Store: the Store protocol on an S3-compatible bucket (AWS S3, MinIO, Ceph, R2, moto).
+
+Imported lazily (boto3 costs ~150 ms to import): only ``s3://`` stores load this module.
+
+- Credentials: boto3's standard chain (env, profile, instance role). Endpoint: ``endpoint_url``
+  (``?endpoint=`` in the URL), else ``$AWS_ENDPOINT_URL``; with a custom endpoint, path-style
+  addressing is used (MinIO/Ceph need it).
+- Conditional writes: ``put(if_none_match=True)`` sends ``If-None-Match: *``,
+  ``put(if_match=etag)`` sends ``If-Match``; HTTP 412 (PreconditionFailed), 409
+  (ConditionalRequestConflict) and 404 on If-Match raise :class:`Conflict`. Atomicity is the
+  server's: S3 guarantees one winner among concurrent conditional writers (run
+  ``dagcraft store check`` to verify a backend enforces the conditions at all).
+- Transient errors (connection errors/resets, timeouts, 5xx, throttling) are retried with
+  tenacity: exponential backoff with full jitter, at most ``attempts`` tries. botocore's own
+  retries are disabled so every HTTP request is visible and counted in ``stats``.
+- No false Conflict: every put carries a unique ``x-amz-meta-write-id``. If a conditional put
+  is retried and the retry gets Conflict, the store HEADs the object: when it carries our write
+  id, the first try landed (only its response was lost) and the put succeeds.
+- Clock: ``now()`` = local clock + an offset learned from the ``Date`` header of responses
+  (no extra request); clamped to never go backwards within the process.
+- Errors never include secrets: unreachable endpoint, missing credentials, access denied and
+  missing bucket raise :class:`StoreUnavailable` naming the endpoint and bucket only.
+
+Requests per method: get = 1 GET, put = 1 PUT (+1 HEAD only after a retried conditional put
+got Conflict), list = 1 LIST per 1000 keys, delete = 1 DELETE, put_file = 1 PUT for files up
+to ``multipart_threshold`` else 1 create + N parts + 1 complete, open_read = 1 GET (streamed).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.config
+import botocore.exceptions as bex
+import tenacity
+
+from dagcraft.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
+from dagcraft.primitives.keys import validate_key, validate_prefix
+from dagcraft.primitives.ulid import new_ulid
+
+_OPS = {
+    "GetObject": "get", "PutObject": "put", "ListObjectsV2": "list", "DeleteObject": "delete",
+    "HeadObject": "head", "HeadBucket": "head_bucket", "CreateMultipartUpload": "multipart_create",
+    "UploadPart": "multipart_part", "CompleteMultipartUpload": "multipart_complete",
+    "AbortMultipartUpload": "multipart_abort", "CreateBucket": "create_bucket",
+}
+_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
+                    "RequestTimeout", "RequestTimeTooSkewed", "500", "502", "503", "504"}
+_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+_AUTH = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "InvalidToken",
+         "ExpiredToken", "AuthorizationHeaderMalformed"}
+
+
+def _code(exc: bex.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: bex.ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError,
+                        bex.ConnectTimeoutError, bex.ResponseStreamingError)):
+        return True
+    if isinstance(exc, bex.ClientError):
+        return _code(exc) in _TRANSIENT_CODES or _status(exc) >= 500
+    return False
+
+
+def _safe_endpoint(url: str | None) -> str:
+    if not url:
+        return "AWS S3"
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}"
+
+
+def make_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
+    """A boto3 S3 client configured as S3Store uses it: botocore retries off (the store retries
+    and counts every request), path-style addressing when a custom endpoint is given."""
+    cfg = botocore.config.Config(
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=5, read_timeout=30, max_pool_connections=32,
+        s3={"addressing_style": "path"} if endpoint_url else None,
+    )
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint_url,
+                          region_name=region or session.region_name or "us-east-1", config=cfg)
+
+
+class S3Store:
+    """Store on an S3 bucket under ``prefix``. See the module docstring for guarantees."""
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, client: Any = None,
+                 *, region: str | None = None, attempts: int = 5, multipart_threshold: int = 16 << 20,
+                 part_size: int = 8 << 20, max_wait: float = 2.0) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        if self.prefix:
+            validate_key(self.prefix, "store prefix")
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.region = region
+        self.stats: Counter[str] = Counter()
+        self.attempts = attempts
+        self.multipart_threshold = multipart_threshold
+        self.part_size = max(part_size, 5 << 20)
+        self.max_wait = max_wait
+        self.page_size = 1000
+        self._client = client
+        self._client_lock = threading.Lock()
+        self._offset = 0.0
+        self._last_now = 0.0
+        self._now_lock = threading.Lock()
+        if client is not None:
+            self._hook(client)
+        q = f"?endpoint={_safe_endpoint(endpoint_url)}" if endpoint_url else ""
+        self.url = f"s3://{bucket}/{self.prefix}{q}" if self.prefix else f"s3://{bucket}{q}"
+        self.where = f"s3://{bucket}/{self.prefix} at {_safe_endpoint(self.endpoint_url)}"
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.where})"
+
+    # -- client --------------------------------------------------------------------------
+    def _hook(self, client: Any) -> None:
+        client.meta.events.register("before-call.s3.*", self._count)
+        client.meta.events.register("after-call.s3.*", self._learn_clock)
+
+    def _count(self, request: Any = None, event_name: str = "", **_: Any) -> None:
+        op = event_name.rsplit(".", 1)[-1]
+        self.stats[_OPS.get(op, op)] += 1
+
+    def _learn_clock(self, http_response: Any = None, **_: Any) -> None:
+        try:
+            date = http_response.headers.get("Date") if http_response is not None else None
+        except Exception:  # pragma: no cover - defensive
+            date = None
+        if not date:
+            return
+        try:
+            server = email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            return
+        # Date has 1 s resolution: the server clock was in [server, server + 1).
+        self._offset = server + 0.5 - time.time()
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    try:
+                        client = make_client(self.endpoint_url, self.region)
+                    except ValueError as exc:
+                        raise StoreUnavailable(f"{self.where}: invalid endpoint ({exc})") from None
+                    except bex.BotoCoreError as exc:
+                        raise StoreUnavailable(f"{self.where}: {type(exc).__name__}") from None
+                    self._hook(client)
+                    self._client = client
+        return self._client
+
+    def _key(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, op: Any, _counter: list[int] | None = None, **kw: Any) -> Any:
+        """Call a client method with transient-error retries; map errors to typed ones."""
+        client = self.client
+
+        fn = getattr(client, op) if isinstance(op, str) else op
+
+        def once() -> Any:
+            if _counter is not None:
+                _counter[0] += 1
+            return fn(**kw)
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_transient),
+            stop=tenacity.stop_after_attempt(self.attempts),
+            wait=tenacity.wait_random_exponential(multiplier=0.05, max=self.max_wait),
+            reraise=True,
+        )
+        try:
+            return retrying(once)
+        except bex.ClientError as exc:
+            code = _code(exc)
+            if code == "NoSuchBucket":
+                raise StoreUnavailable(f"{self.where}: bucket {self.bucket!r} does not exist") from None
+            if code in _AUTH:
+                raise StoreUnavailable(f"{self.where}: access denied ({code})") from None
+            if _transient(exc):
+                raise StoreUnavailable(f"{self.where}: server error {code or _status(exc)} after "
+                                       f"{self.attempts} attempts") from None
+            raise
+        except bex.NoCredentialsError:
+            raise StoreUnavailable(f"{self.where}: no AWS credentials found") from None
+        except (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ConnectTimeoutError,
+                bex.ReadTimeoutError) as exc:
+            raise StoreUnavailable(f"{self.where}: cannot reach endpoint ({type(exc).__name__})") from None
+        except bex.ParamValidationError as exc:
+            raise InvalidInput(f"{self.where}: invalid request: {exc}") from None
+        except bex.BotoCoreError as exc:
+            raise StoreUnavailable(f"{self.where}: {type(exc).__name__}") from None
+
+    # -- protocol ------------------------------------------------------------------------
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        k = self._key(key)
+        try:
+            resp = self._call("get_object", Bucket=self.bucket, Key=k)
+        except bex.ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+        return resp["Body"].read(), resp["ETag"].strip('"')
+
+    def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidInput(f"put {key!r}: data must be bytes")
+        k = self._key(key)
+        return self._put(k, key, {"Body": bytes(data)}, if_none_match, if_match)
+
+    def _put(self, k: str, key: str, body: dict[str, Any], if_none_match: bool, if_match: str | None,
+             reopen: Any = None) -> str:
+        write_id = new_ulid()
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": k, "Metadata": {"write-id": write_id}, **body}
+        if if_none_match:
+            kw["IfNoneMatch"] = "*"
+        if if_match is not None:
+            kw["IfMatch"] = f'"{if_match}"'
+        tries = [0]
+        try:
+            if reopen is None:
+                resp = self._call("put_object", tries, **kw)
+            else:
+                resp = self._call_reopen(reopen, tries, kw)
+        except bex.ClientError as exc:
+            code = _code(exc)
+            if code in _CONFLICT_CODES or _status(exc) in (409, 412) or (if_match and code in _MISSING):
+                if tries[0] > 1:
+                    landed = self._landed(k, write_id)
+                    if landed is not None:
+                        return landed
+                what = "already exists" if if_none_match else "version mismatch"
+                raise Conflict(f"{key}: {what}") from None
+            raise
+        return resp["ETag"].strip('"')
+
+    def _call_reopen(self, reopen: Any, tries: list[int], kw: dict[str, Any]) -> Any:
+        # A streamed body must be rewound on each try: open the file anew per attempt.
+        def op(**kw2: Any) -> Any:
+            with reopen() as f:
+                return self.client.put_object(Body=f, **kw2)
+
+        return self._call(op, tries, **kw)
+
+    def _landed(self, k: str, write_id: str) -> str | None:
+        """After a retried conditional put got Conflict: did our first try land?"""
+        try:
+            head = self._call("head_object", Bucket=self.bucket, Key=k)
+        except bex.ClientError:
+            return None
+        if head.get("Metadata", {}).get("write-id") == write_id:
+            return head["ETag"].strip('"')
+        return None
+
+    def list(self, prefix: str, start_after: str | None = None, limit: int | None = None) -> list[str]:
+        validate_prefix(prefix)
+        base = f"{self.prefix}/" if self.prefix else ""
+        out: list[str] = []
+        token: str | None = None
+        while limit is None or len(out) < limit:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base + prefix,
+                                  "MaxKeys": self.page_size if limit is None else min(self.page_size, limit - len(out))}
+            if token:
+                kw["ContinuationToken"] = token
+            elif start_after is not None:
+                kw["StartAfter"] = base + start_after
+            resp = self._call("list_objects_v2", **kw)
+            for item in resp.get("Contents", []):
+                out.append(item["Key"][len(base):])
+            if not resp.get("IsTruncated"):
+                break
+            token = resp.get("NextContinuationToken")
+        return out if limit is None else out[:limit]
+
+    def delete(self, key: str) -> None:
+        self._call("delete_object", Bucket=self.bucket, Key=self._key(key))
+
+    def now(self) -> float:
+        with self._now_lock:
+            t = max(time.time() + self._offset, self._last_now)
+            self._last_now = t
+            return t
+
+    def put_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
+        k = self._key(key)
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"no such file: {path}") from None
+        if size <= self.multipart_threshold:
+            return self._put(k, key, {}, if_none_match, None, reopen=lambda: open(path, "rb"))
+        return self._multipart(k, key, path, if_none_match)
+
+    def _multipart(self, k: str, key: str, path: Path, if_none_match: bool) -> str:
+        write_id = new_ulid()
+        up = self._call("create_multipart_upload", Bucket=self.bucket, Key=k, Metadata={"write-id": write_id})
+        upload_id = up["UploadId"]
+        parts = []
+        try:
+            with open(path, "rb") as f:
+                n = 1
+                while chunk := f.read(self.part_size):  # one part in memory at a time
+                    r = self._call("upload_part", Bucket=self.bucket, Key=k, UploadId=upload_id,
+                                   PartNumber=n, Body=chunk)
+                    parts.append({"PartNumber": n, "ETag": r["ETag"]})
+                    n += 1
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Key": k, "UploadId": upload_id,
+                                  "MultipartUpload": {"Parts": parts}}
+            if if_none_match:
+                kw["IfNoneMatch"] = "*"
+            tries = [0]
+            try:
+                resp = self._call("complete_multipart_upload", tries, **kw)
+            except bex.ClientError as exc:
+                if _code(exc) in _CONFLICT_CODES or _status(exc) in (409, 412):
+                    if tries[0] > 1 and (landed := self._landed(k, write_id)):
+                        return landed
+                    raise Conflict(f"{key}: already exists") from None
+                raise
+            return resp["ETag"].strip('"')
+        except BaseException:
+            try:
+                self._call("abort_multipart_upload", Bucket=self.bucket, Key=k, UploadId=upload_id)
+            except Exception:
+                pass
+            raise
+
+    def open_read(self, key: str) -> BinaryIO:
+        k = self._key(key)
+        try:
+            resp = self._call("get_object", Bucket=self.bucket, Key=k)
+        except bex.ClientError as exc:
+            if _code(exc) in _MISSING:
+                raise NotFound(f"{key}: not found") from None
+            raise
+        return resp["Body"]  # botocore StreamingBody: read(n), close(), iter_chunks()
+
+    def head(self, key: str) -> str | None:
+        """Etag of ``key`` or None (1 HEAD): cheap existence check for large blobs."""
+        k = self._key(key)
+        try:
+            return self._call("head_object", Bucket=self.bucket, Key=k)["ETag"].strip('"')
+        except bex.ClientError as exc:
+            if _code(exc) in _MISSING or _status(exc) == 404:
+                return None
+            raise
+
+    def check_bucket(self) -> None:
+        """Raise StoreUnavailable unless the bucket is reachable (1 HEAD bucket)."""
+        try:
+            self._call("head_bucket", Bucket=self.bucket)
+        except bex.ClientError as exc:
+            if _status(exc) == 404 or _code(exc) in ("404", "NoSuchBucket"):
+                raise StoreUnavailable(f"{self.where}: bucket {self.bucket!r} does not exist") from None
+            if _status(exc) == 403:
+                raise StoreUnavailable(f"{self.where}: access denied") from None
+            raise

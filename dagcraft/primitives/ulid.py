@@ -1,0 +1,55 @@
+"""ULIDs: 26-character Crockford base32 ids, sortable by creation time.
+
+Within one process ids are strictly increasing (monotonic: ids generated in the same
+millisecond increment the random part). Across processes they sort by millisecond, with
+80 random bits making collisions practically impossible. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_lock = threading.Lock()
+_last_ms = -1
+_last_rand = 0
+
+
+def _encode(value: int, length: int) -> str:
+    out = []
+    for _ in range(length):
+        out.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+def new_ulid(ts_ms: int | None = None) -> str:
+    """A new ULID; strictly greater than every ULID this process generated before."""
+    global _last_ms, _last_rand
+    with _lock:
+        ms = int(time.time() * 1000) if ts_ms is None else ts_ms
+        if ms <= _last_ms:
+            ms = _last_ms
+            rand = _last_rand + 1
+            if rand >= 1 << 80:  # overflow of the random part: move to the next millisecond
+                ms += 1
+                rand = int.from_bytes(os.urandom(10), "big") >> 1
+        else:
+            rand = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for increments
+        _last_ms, _last_rand = ms, rand
+    return _encode(ms, 10) + _encode(rand, 16)
+
+
+def ulid_time_ms(ulid: str) -> int:
+    """The millisecond timestamp encoded in a ULID."""
+    value = 0
+    for ch in ulid[:10].upper():
+        value = value * 32 + _ALPHABET.index(ch)
+    return value
+
+
+def ulid_floor(ts_ms: int) -> str:
+    """The smallest ULID with timestamp ``ts_ms`` (for ``start_after`` look-back windows)."""
+    return _encode(max(ts_ms, 0), 10) + "0" * 16

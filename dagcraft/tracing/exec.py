@@ -1,0 +1,322 @@
+"""Traced exec: run one command, stream its output to logs, record it in a trace.
+
+Guarantees:
+- The child runs in a **new session / process group** (``start_new_session``); stop requests
+  (timeout, ``cancel.set()``, a forwarded SIGINT/SIGTERM) signal the whole group, then SIGKILL
+  the group after ``grace`` seconds if it has not exited.
+- **Bounded memory** whatever the child prints: one reader thread per pipe copies 64 KiB chunks
+  to the log file and keeps only a ≤4 KiB preview (first 2000 + last 2000 bytes when longer) and
+  a partial-line buffer capped at :data:`LINE_LIMIT` (1 MiB; longer lines are written through in
+  pieces and reported to the adapter as unparsed).
+- **Redaction before writing**: log lines go through the writer's redactor line by line (see
+  :mod:`dagcraft.tracing.redact`); previews are built from redacted bytes; events are redacted by
+  the writer. Logs keep the child's raw bytes otherwise (non-UTF-8 survives); previews decode
+  with ``errors="replace"``. Terminal echo (``echo=True``) shows the raw stream live.
+- Events: ``tool.call`` before the spawn; adapter events (``model.call``, ``tool.*``,
+  ``x.agent.*``) while stdout streams; ``step.timeout`` / ``step.cancelled`` when a stop is
+  requested; ``tool.result`` after the child and its output pipes are done.
+- Signals: SIGINT/SIGTERM received by this process are forwarded to the child's group only when
+  called from the main thread (handlers can only be installed there; previous handlers are
+  restored afterwards). From worker threads use ``cancel``.
+- When the command exits but processes it left in its group still hold its stdout/stderr open,
+  they are SIGKILLed after :data:`STRAGGLER_WAIT` seconds so the step can finish.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal as _signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from dagcraft.errors import InvalidInput
+from dagcraft.tracing.adapters import Adapter, get_adapter
+from dagcraft.tracing.redact import LineRedactor, Redactor
+from dagcraft.tracing.writer import TraceWriter
+
+CHUNK = 64 * 1024
+LINE_LIMIT = 1 << 20
+PREVIEW_HEAD = 2000
+PREVIEW_TAIL = 2000
+STRAGGLER_WAIT = 1.0
+
+
+class ExecResult(BaseModel):
+    exit_code: int | None
+    signal: int | None
+    duration_ms: int
+    timed_out: bool
+    cancelled: bool
+    stdout_bytes: int
+    stderr_bytes: int
+    stdout_preview: str
+    stderr_preview: str
+    session_id: str | None = None
+    result_text: str | None = None
+    # additions beyond CONTRACTS.md
+    redactions: int = 0
+    usage: dict[str, Any] = {}
+    error: str | None = None          # spawn failure (command not found, not executable)
+    forwarded_signal: int | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.exit_code == 0
+
+    @property
+    def shell_exit_code(self) -> int:
+        """Exit code as a shell reports it: 128+signal for a signal death."""
+        if self.exit_code is not None:
+            return self.exit_code
+        return 128 + (self.signal or 0)
+
+
+class _Pump(threading.Thread):
+    """Copies one pipe to a log file (redacted, line by line), keeps a bounded preview."""
+
+    def __init__(self, pipe: Any, log: Path, redactor: Redactor, echo_to: Any | None,
+                 on_line: Callable[[bytes], None] | None, on_overlong: Callable[[int, bytes], None] | None) -> None:
+        super().__init__(daemon=True)
+        self.pipe, self.log, self.echo_to = pipe, log, echo_to
+        self.lr = LineRedactor(redactor)
+        self.on_line, self.on_overlong = on_line, on_overlong
+        self.nbytes = 0
+        self._first = bytearray()
+        self._last = bytearray()
+        self._logged = 0
+        self._overlong: tuple[int, bytes] | None = None   # (bytes so far, head) of a cut line
+        self.error: BaseException | None = None
+
+    def _out(self, data: bytes, f: Any) -> None:
+        if not data:
+            return
+        f.write(data)
+        self._logged += len(data)
+        if len(self._first) < PREVIEW_HEAD + PREVIEW_TAIL:
+            self._first += data[: PREVIEW_HEAD + PREVIEW_TAIL - len(self._first)]
+        self._last += data[-PREVIEW_TAIL:]
+        if len(self._last) > 4 * PREVIEW_TAIL:
+            del self._last[:-PREVIEW_TAIL]
+
+    def _line(self, line: bytes, f: Any) -> None:
+        self._out(self.lr.feed(line), f)
+        if self._overlong is not None:
+            n, head = self._overlong
+            self._overlong = None
+            if self.on_overlong:
+                self.on_overlong(n + len(line), head)
+        elif self.on_line:
+            self.on_line(line.rstrip(b"\n").rstrip(b"\r"))
+
+    def run(self) -> None:
+        try:
+            fd = self.pipe.fileno()
+            with open(self.log, "wb") as f:
+                buf = b""
+                while True:
+                    chunk = os.read(fd, CHUNK)
+                    if not chunk:
+                        break
+                    self.nbytes += len(chunk)
+                    if self.echo_to is not None:
+                        try:
+                            self.echo_to.write(chunk)
+                            self.echo_to.flush()
+                        except (OSError, ValueError):
+                            self.echo_to = None  # terminal went away; keep logging
+                    parts = (buf + chunk).split(b"\n")
+                    buf = parts.pop()
+                    for p in parts:
+                        self._line(p + b"\n", f)
+                    f.flush()  # live: `dagcraft logs --follow` and cancel checks read the file as it grows
+                    if len(buf) > LINE_LIMIT:
+                        # overlong line: write it through (redacted as a piece) and stop buffering
+                        if self._overlong is None:
+                            self._overlong = (0, buf[:1024])
+                        n, head = self._overlong
+                        self._overlong = (n + len(buf), head)
+                        self._out(self.lr.r.redact_bytes(buf), f)
+                        buf = b""
+                if buf:
+                    self._line(buf, f)  # final unterminated line
+                elif self._overlong is not None and self.on_overlong:
+                    self.on_overlong(*self._overlong)
+        except BaseException as exc:  # surfaced by traced_exec; never kill the process
+            self.error = exc
+        finally:
+            try:
+                self.pipe.close()
+            except OSError:
+                pass
+
+    def preview(self) -> str:
+        if self._logged <= PREVIEW_HEAD + PREVIEW_TAIL:
+            data = bytes(self._first)
+        else:
+            omitted = self._logged - PREVIEW_HEAD - PREVIEW_TAIL
+            data = (bytes(self._first[:PREVIEW_HEAD]) + f"\n[… {omitted} bytes omitted …]\n".encode()
+                    + bytes(self._last[-PREVIEW_TAIL:]))
+        return data.decode("utf-8", errors="replace")
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | None = None,
+                cwd: Path | None = None, stdout_log: Path, stderr_log: Path, timeout: float | None = None,
+                adapter: str = "generic", echo: bool = False, cancel: threading.Event | None = None,
+                grace: float = 5.0) -> ExecResult:
+    """Run ``argv`` (exec'd directly; wrap shell strings as ``["sh", "-c", s]``) under the trace.
+
+    ``env`` is the child's complete environment (None inherits ours). Returns when the child has
+    exited and its output is fully logged. Spawn failures return exit code 127 (not found) or
+    126 (not executable) with ``error`` set, mirroring a shell. See the module docstring.
+    """
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise InvalidInput(f"traced_exec needs a non-empty list of strings, got {argv!r}")
+    if timeout is not None and timeout <= 0:
+        raise InvalidInput(f"timeout must be positive, got {timeout!r}")
+    ad: Adapter = get_adapter(adapter)
+    redactor = writer.redactor if writer.redactor is not None else Redactor()
+    before = redactor.count
+    stdout_log, stderr_log = Path(stdout_log), Path(stderr_log)
+    for p in (stdout_log, stderr_log):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(argv)
+    tool = os.path.basename(argv[0])
+    writer.append("tool.call", {"tool": tool, "command": command, "argv": list(argv),
+                                "cwd": str(cwd) if cwd else None, "adapter": adapter, "timeout_s": timeout})
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env, cwd=cwd, start_new_session=True, close_fds=True)
+    except OSError as exc:
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        msg = f"cannot execute {argv[0]!r}: {exc.strerror or exc}"
+        for p in (stdout_log, stderr_log):
+            p.write_bytes(b"")
+        stderr_log.write_bytes(redactor.redact_text(msg).encode() + b"\n")
+        res = ExecResult(exit_code=code, signal=None, duration_ms=int((time.monotonic() - t0) * 1000),
+                         timed_out=False, cancelled=False, stdout_bytes=0, stderr_bytes=0,
+                         stdout_preview="", stderr_preview=redactor.redact_text(msg), error=msg,
+                         redactions=redactor.count - before)
+        writer.append("error", {"tool": tool, "message": msg})
+        writer.append("tool.result", _result_payload(tool, command, argv, res, proc_pid=None))
+        return res
+
+    pgid = proc.pid
+
+    def emit(events: list[tuple[str, dict[str, Any]]]) -> None:
+        for kind, payload in events:
+            try:
+                writer.append(kind, payload)
+            except Exception:  # a trace write problem must not stop the output pump
+                pass
+
+    out_pump = _Pump(proc.stdout, stdout_log, redactor, sys.stdout.buffer if echo else None,
+                     lambda line: emit(ad.feed(line)), lambda n, head: emit(ad.feed_overlong(n, head)))
+    err_pump = _Pump(proc.stderr, stderr_log, redactor, sys.stderr.buffer if echo else None, None, None)
+    out_pump.start()
+    err_pump.start()
+
+    # Forward SIGINT/SIGTERM to the child group (main thread only: handlers live there).
+    forwarded: list[int] = []
+    old_handlers: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        def forward(signum: int, frame: Any) -> None:
+            forwarded.append(signum)
+            _killpg(pgid, signum)
+        for s in (_signal.SIGINT, _signal.SIGTERM):
+            try:
+                old_handlers[s] = _signal.signal(s, forward)
+            except (ValueError, OSError):
+                pass
+
+    timed_out = cancelled = False
+    kill_at: float | None = None
+    deadline = t0 + timeout if timeout is not None else None
+    try:
+        while True:
+            now = time.monotonic()
+            if kill_at is None and not (timed_out or cancelled):
+                if deadline is not None and now >= deadline:
+                    timed_out = True
+                    writer.append("step.timeout", {"timeout_s": timeout, "pid": proc.pid, "grace_s": grace})
+                elif cancel is not None and cancel.is_set():
+                    cancelled = True
+                    writer.append("step.cancelled", {"pid": proc.pid, "grace_s": grace})
+                if timed_out or cancelled:
+                    _killpg(pgid, _signal.SIGTERM)
+                    kill_at = now + grace
+            if forwarded and kill_at is None:
+                kill_at = now + grace
+            if kill_at is not None and now >= kill_at:
+                _killpg(pgid, _signal.SIGKILL)
+                kill_at = float("inf")
+            # wake up for the next thing that can happen; cancel and signals need polling
+            waits = [0.05] if (cancel is not None or old_handlers) else []
+            if deadline is not None and not (timed_out or cancelled):
+                waits.append(max(0.0, deadline - now))
+            if kill_at is not None and kill_at != float("inf"):
+                waits.append(max(0.0, kill_at - now))
+            try:
+                proc.wait(timeout=min(waits) if waits else None)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
+        for s, h in old_handlers.items():
+            _signal.signal(s, h)
+    duration_ms = int((time.monotonic() - t0) * 1000)
+    until = time.monotonic() + STRAGGLER_WAIT
+    for pump in (out_pump, err_pump):
+        pump.join(max(0.0, until - time.monotonic()))
+    if out_pump.is_alive() or err_pump.is_alive():
+        # processes left in the group still hold our pipes: end them so the step can finish
+        _killpg(pgid, _signal.SIGKILL)
+        for pump in (out_pump, err_pump):
+            pump.join(5.0)
+    emit(ad.finish())
+    rc = proc.returncode
+    res = ExecResult(
+        exit_code=rc if rc >= 0 else None, signal=-rc if rc < 0 else None, duration_ms=duration_ms,
+        timed_out=timed_out, cancelled=cancelled, stdout_bytes=out_pump.nbytes, stderr_bytes=err_pump.nbytes,
+        stdout_preview=out_pump.preview(), stderr_preview=err_pump.preview(),
+        session_id=ad.session_id, result_text=redactor.redact_text(ad.result_text) if ad.result_text else None,
+        usage=dict(ad.usage), forwarded_signal=forwarded[0] if forwarded else None,
+    )
+    res.redactions = redactor.count - before
+    writer.append("tool.result", _result_payload(tool, command, argv, res, proc_pid=proc.pid))
+    return res
+
+
+def _result_payload(tool: str, command: str, argv: list[str], res: ExecResult, proc_pid: int | None) -> dict[str, Any]:
+    p: dict[str, Any] = {
+        "tool": tool, "command": command, "argv": list(argv), "success": res.success,
+        "exit_code": res.exit_code, "signal": res.signal,
+        "signal_name": _signal.Signals(res.signal).name if res.signal else None,
+        "duration_ms": res.duration_ms, "stdout_bytes": res.stdout_bytes, "stderr_bytes": res.stderr_bytes,
+        "stdout_preview": res.stdout_preview, "stderr_preview": res.stderr_preview,
+        "timed_out": res.timed_out, "cancelled": res.cancelled, "redactions": res.redactions, "pid": proc_pid,
+    }
+    if res.session_id:
+        p["session_id"] = res.session_id
+    if res.usage.get("model_calls"):
+        p["usage"] = res.usage
+    if res.error:
+        p["error"] = res.error
+    if res.forwarded_signal:
+        p["forwarded_signal"] = res.forwarded_signal
+    return p

@@ -1,0 +1,184 @@
+"""Reading and verifying trace files.
+
+:func:`read_trace` is tolerant: it skips a torn last line (a crash mid-write) and reads
+traceframe files (no ``prev``). A malformed line anywhere else is an InvalidInput naming it.
+
+:func:`verify` checks, and names the first bad line:
+- every line is a JSON event with ``version`` 1 and the required fields;
+- one ``run_id``; unique ``event_id``; strictly increasing ``seq`` (gap-free once chained);
+- ``run.started`` first and ``run.finished`` last (the latter unless ``allow_open``);
+- non-decreasing ``ts_ms``;
+- the hash chain: the first line has ``prev: null`` and each later line's ``prev`` is the
+  SHA-256 of the previous line's exact bytes. An edited line breaks the *next* line's ``prev``,
+  a removed, inserted or reordered line breaks ``prev`` where it happened; the report names the
+  line where the chain first fails. An edit of the very last line cannot be seen by a chain; pin
+  :attr:`VerifyReport.head` (the last line's hash) elsewhere (the orchestrator keeps it in the
+  step state) and pass it as ``expect_head`` to close that gap.
+A torn tail is reported as such (``torn_tail`` = its line number), not as tampering. Files with no
+``prev`` anywhere are "valid (unchained)": consistent, but without tamper evidence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from dagcraft.errors import InvalidInput, NotFound
+from dagcraft.tracing.event import VERSION, TraceEvent, parse_line
+
+
+def _open(path: Path | str):
+    p = Path(path)
+    try:
+        return p.open("rb")
+    except FileNotFoundError:
+        raise NotFound(f"trace file not found: {p}") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"{p} is a directory, not a trace file") from None
+    except OSError as exc:
+        raise InvalidInput(f"cannot read trace file {p}: {exc.strerror}") from None
+
+
+def iter_lines(path: Path | str) -> Iterator[tuple[int, bytes, bool]]:
+    """Yield (line_no, bytes without newline, terminated) for each line, streaming."""
+    with _open(path) as f:
+        for no, raw in enumerate(f, 1):
+            if raw.endswith(b"\n"):
+                yield no, raw[:-1], True
+            else:
+                yield no, raw, False
+
+
+def iter_trace(path: Path | str) -> Iterator[TraceEvent]:
+    """Stream events; see :func:`read_trace` for the tolerance rules."""
+    for no, line, terminated in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            ev, _ = parse_line(line)
+        except ValueError as exc:
+            if not terminated:
+                return  # torn tail of a crashed writer: everything before it is still good
+            raise InvalidInput(f"{path}:{no}: not a valid trace event ({exc})") from None
+        yield ev
+
+
+def read_trace(path: Path | str) -> list[TraceEvent]:
+    """All events of a trace file (tolerant of a torn tail and of traceframe files)."""
+    return list(iter_trace(path))
+
+
+class VerifyReport(BaseModel):
+    path: str
+    ok: bool
+    events: int = 0
+    run_id: str | None = None
+    chained: bool = False
+    #: first line that carries ``prev`` (1 when fully chained; None when unchained)
+    chained_from: int | None = None
+    torn_tail: int | None = None
+    first_bad_line: int | None = None
+    problems: list[str] = []
+    #: SHA-256 of the last complete line (pin it elsewhere to detect an edit of the last line)
+    head: str | None = None
+    finished: bool = False
+
+    @property
+    def status(self) -> str:
+        if self.problems:
+            return "invalid"
+        if self.torn_tail is not None:
+            return "torn tail"
+        if not self.chained:
+            return "valid (unchained)"
+        if self.chained_from and self.chained_from > 1:
+            return f"valid (chained from line {self.chained_from})"
+        return "valid"
+
+    def message(self) -> str:
+        if self.problems:
+            return f"{self.path}: invalid: {self.problems[0]}"
+        if self.torn_tail is not None:
+            return (f"{self.path}: torn tail at line {self.torn_tail} (a writer crashed mid-write; "
+                    f"{self.events} complete events before it verify; repaired on next append)")
+        return f"{self.path}: {self.status} ({self.events} events)"
+
+
+def verify(path: Path | str, allow_open: bool = False, *, expect_head: str | None = None) -> VerifyReport:
+    """Check a trace file; see the module docstring. Never raises for a bad file's content."""
+    rep = VerifyReport(path=str(path), ok=False)
+
+    def bad(no: int, msg: str) -> None:
+        if rep.first_bad_line is None:
+            rep.first_bad_line = no
+        rep.problems.append(f"line {no}: {msg}")
+
+    ids: set[str] = set()
+    prev_line: bytes | None = None
+    prev_seq: int | None = None
+    prev_ts: int | None = None
+    last_kind: str | None = None
+    last_no = 0
+    for no, line, terminated in iter_lines(path):
+        if rep.problems:
+            break  # the first bad line is what matters; later lines are judged relative to it
+        try:
+            ev, has_prev = parse_line(line)
+        except ValueError as exc:
+            if not terminated:
+                rep.torn_tail = no
+                break
+            bad(no, f"not a valid trace event ({exc})")
+            break
+        if not terminated:
+            # complete JSON missing only its newline: keep it (the writer terminates it too)
+            pass
+        rep.events += 1
+        last_no = no
+        if ev.version != VERSION:
+            bad(no, f"unsupported version {ev.version!r}")
+        if rep.run_id is None:
+            rep.run_id = ev.run_id
+        elif ev.run_id != rep.run_id:
+            bad(no, f"run_id {ev.run_id!r} differs from {rep.run_id!r}")
+        if ev.event_id in ids:
+            bad(no, f"duplicate event_id {ev.event_id!r}")
+        ids.add(ev.event_id)
+        if no == 1 and ev.kind != "run.started":
+            bad(no, f"first event is {ev.kind!r}, expected 'run.started'")
+        if prev_seq is not None:
+            if ev.seq <= prev_seq:
+                bad(no, f"seq {ev.seq} not greater than previous {prev_seq} (reordered or inserted line)")
+            elif rep.chained and has_prev and ev.seq != prev_seq + 1:
+                bad(no, f"seq jumps from {prev_seq} to {ev.seq} (line(s) removed)")
+        if prev_ts is not None and ev.ts_ms < prev_ts:
+            bad(no, f"ts_ms {ev.ts_ms} earlier than previous {prev_ts}")
+        if has_prev:
+            if not rep.chained:
+                rep.chained, rep.chained_from = True, no
+            expected = hashlib.sha256(prev_line).hexdigest() if prev_line is not None else None
+            if ev.prev != expected:
+                if expected is None:
+                    bad(no, "first line has a prev hash (lines before it were removed)")
+                else:
+                    bad(no, f"prev hash does not match line {no - 1}: line {no - 1} was edited, or "
+                            f"a line was removed, inserted or reordered here")
+        elif rep.chained:
+            bad(no, "line has no prev hash inside a chained trace (edited or inserted)")
+        prev_line, prev_seq, prev_ts, last_kind = line, ev.seq, ev.ts_ms, ev.kind
+    if prev_line is not None:
+        rep.head = hashlib.sha256(prev_line).hexdigest()
+    rep.finished = last_kind == "run.finished"
+    if not rep.problems:
+        if rep.events == 0 and rep.torn_tail is None:
+            bad(1, "empty trace (no events)")
+        elif expect_head is not None and rep.head != expect_head:
+            bad(last_no or 1, "last line does not match the pinned head hash (edited or truncated)")
+        elif not allow_open and not rep.finished and rep.torn_tail is None and rep.events:
+            bad(last_no, f"last event is {last_kind!r}, expected 'run.finished' (use --allow-open "
+                         f"for a trace still being written)")
+    rep.ok = not rep.problems and rep.torn_tail is None
+    return rep

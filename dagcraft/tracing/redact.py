@@ -1,0 +1,156 @@
+"""Secret redaction applied before anything is written (events, logs, previews).
+
+Two sources of secrets:
+- exact values registered with :meth:`Redactor.add` (params/env marked secret);
+- credential-shaped strings: AWS access key ids (``AKIA…``/``ASIA…``), AWS secret-key
+  assignments (``aws_secret_access_key = …``), ``Bearer …`` tokens, ``sk-…``/``sk-ant-…`` API
+  keys, GitHub tokens (``ghp_…``, ``github_pat_…``), PEM private key blocks.
+
+Every match becomes ``[redacted]`` and increments :attr:`Redactor.count`.
+
+Logs are redacted line by line (see :class:`LineRedactor`): a secret is caught as long as it
+does not span a newline, except PEM private key blocks, which are tracked across lines. Lines
+longer than the stream's line bound are redacted in pieces, so a secret straddling such a cut
+could escape; 1 MiB lines are far beyond what credentials sit in.
+
+Registered values shorter than :data:`MIN_SECRET_LEN` characters are ignored: replacing every
+occurrence of e.g. ``"1"`` would shred every log, and such a value is not secret-strength.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+REDACTED = "[redacted]"
+MIN_SECRET_LEN = 4
+
+# (pattern, group to replace or 0 for the whole match). Order matters: PEM first.
+_PATTERNS: list[tuple[str, int]] = [
+    (r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----", 0),
+    (r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|ABIA|ACCA)[A-Z0-9]{16}\b", 0),
+    (r"(?i)(?:aws_?secret_?(?:access_?)?key|secret_?access_?key)[\"']?\s*[:=]\s*[\"']?([A-Za-z0-9/+=]{30,})", 1),
+    (r"(?i)\bBearer\s+([A-Za-z0-9\-._~+/]{8,}=*)", 1),
+    (r"\bsk-(?:ant-)?[A-Za-z0-9_\-]{16,}", 0),
+    (r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{30,}\b", 0),
+    (r"\bgithub_pat_[A-Za-z0-9_]{22,}", 0),
+]
+_PEM_BEGIN = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
+_PEM_END = re.compile(rb"-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----")
+
+
+class Redactor:
+    """Replaces secrets with ``[redacted]``; thread-safe; :attr:`count` = total replacements."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._lock = threading.Lock()
+        self._secrets: set[str] = set()
+        self.count = 0
+        self._str_pats = [(re.compile(p), g) for p, g in _PATTERNS]
+        self._bytes_pats = [(re.compile(p.encode()), g) for p, g in _PATTERNS]
+        self._exact_str: re.Pattern[str] | None = None
+        self._exact_bytes: re.Pattern[bytes] | None = None
+        for s in secrets:
+            self.add(s)
+
+    def add(self, secret: str) -> None:
+        """Register an exact secret value (ignored if shorter than MIN_SECRET_LEN)."""
+        if not isinstance(secret, str) or len(secret) < MIN_SECRET_LEN:
+            return
+        with self._lock:
+            self._secrets.add(secret)
+            ordered = sorted(self._secrets, key=len, reverse=True)  # longest first: no partial leftovers
+            self._exact_str = re.compile("|".join(re.escape(s) for s in ordered))
+            self._exact_bytes = re.compile(b"|".join(re.escape(s.encode("utf-8", "surrogatepass"))
+                                                     for s in ordered))
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        return frozenset(self._secrets)
+
+    def _bump(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self.count += n
+
+    def redact_text(self, s: str) -> str:
+        """Return ``s`` with every secret replaced."""
+        n = 0
+        if self._exact_str is not None:
+            s, k = self._exact_str.subn(REDACTED, s)
+            n += k
+        for pat, group in self._str_pats:
+            s, k = _sub(pat, group, s, REDACTED)
+            n += k
+        self._bump(n)
+        return s
+
+    def redact_bytes(self, b: bytes) -> bytes:
+        """Byte-level variant for raw log data (no decoding, so non-UTF-8 bytes survive)."""
+        n = 0
+        if self._exact_bytes is not None:
+            b, k = self._exact_bytes.subn(REDACTED.encode(), b)
+            n += k
+        for pat, group in self._bytes_pats:
+            b, k = _sub(pat, group, b, REDACTED.encode())
+            n += k
+        self._bump(n)
+        return b
+
+    def redact(self, obj: Any) -> Any:
+        """Deep copy of ``obj`` with secrets replaced in every string (dict keys included)."""
+        if isinstance(obj, str):
+            return self.redact_text(obj)
+        if isinstance(obj, dict):
+            return {(self.redact_text(k) if isinstance(k, str) else k): self.redact(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self.redact(v) for v in obj]
+        if isinstance(obj, bytes):
+            return self.redact_bytes(obj)
+        return obj
+
+
+def _sub(pat: re.Pattern, group: int, s: Any, repl: Any) -> tuple[Any, int]:
+    if group == 0:
+        return pat.subn(repl, s)
+    count = 0
+
+    def one(m: re.Match) -> Any:
+        nonlocal count
+        count += 1
+        whole = m.group(0)
+        a, b = m.start(group) - m.start(0), m.end(group) - m.start(0)
+        return whole[:a] + repl + whole[b:]
+
+    return pat.sub(one, s), count
+
+
+class LineRedactor:
+    """Stateful per-stream redaction of complete lines (bytes, newline included).
+
+    Single-line shapes are handled by :meth:`Redactor.redact_bytes`; PEM private key blocks span
+    lines, so every line from a ``BEGIN … PRIVATE KEY`` line through its ``END`` line is replaced
+    by one ``[redacted]`` (counted once). Not thread-safe: one instance per stream.
+    """
+
+    def __init__(self, redactor: Redactor) -> None:
+        self.r = redactor
+        self._in_pem = False
+
+    def feed(self, line: bytes) -> bytes:
+        if self._in_pem:
+            if _PEM_END.search(line):
+                self._in_pem = False
+                tail = line[_PEM_END.search(line).end():]  # type: ignore[union-attr]
+                # the BEGIN line already emitted "[redacted]\n"; keep only text after END
+                return self.r.redact_bytes(tail.lstrip()) if tail.strip() else b""
+            return b""
+        m = _PEM_BEGIN.search(line)
+        if m and not _PEM_END.search(line, m.end()):
+            self._in_pem = True
+            self.r._bump(1)
+            head = self.r.redact_bytes(line[: m.start()])
+            return head + REDACTED.encode() + b"\n"
+        return self.r.redact_bytes(line)

@@ -1,0 +1,446 @@
+"""Compile a validated spec + params into a :class:`CompiledWorkflow` (a DAG of concrete steps).
+
+Guarantees:
+- every spec error (unknown/duplicate id, cycle, unknown template reference, reference to a step
+  not upstream, bad input, fan-out over the limit, bad param) raises SpecError *before* anything
+  is written anywhere, naming ``file:line:col: field.path``;
+- the result is deterministic: same spec + params → same steps order, same JSON, same
+  ``spec_hash`` (sha256 of the canonical JSON, secret values replaced by their sha256);
+- ``steps`` is in a topological order (spec order breaks ties), matrix templates are expanded to
+  concrete ids like ``review[reviewer=security]``, a foreach step stays ONE node.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+from jinja2 import TemplateError
+
+from dagcraft.errors import InvalidInput, SpecError
+from dagcraft.workflows.loader import error_at, format_path, load_spec
+from dagcraft.workflows.params import ParamError, resolve_params
+from dagcraft.workflows.spec import (
+    CompiledWorkflow,
+    ConcreteStep,
+    InputDecl,
+    RetryPolicy,
+    RetrySpec,
+    Spec,
+    StepSpec,
+)
+from dagcraft.workflows.template import (
+    MAX_FANOUT,
+    STATUS_FUNCTIONS,
+    check_syntax,
+    evaluate_expression,
+    split_expression,
+    template_refs,
+    to_text,
+)
+
+MAX_STEPS = 10_000  # concrete steps in one compiled workflow
+_JINJA_GLOBALS = {"range", "dict", "lipsum", "cycler", "joiner", "namespace", "true", "false", "none",
+                  "True", "False", "None"}
+_RUN_KEYS = ("id", "name", "spec_dir")
+_SAFE_ID_VALUE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+
+
+def matrix_id_value(value: Any) -> str:
+    """A matrix value as it appears in a concrete id: itself if made of ``[A-Za-z0-9_.-]`` (≤ 40
+    chars, not only dots), else a readable prefix plus an 8-hex digest, so ids stay one valid
+    path segment (no ``/``, NUL, ``..``) and stable across runs."""
+    text = to_text(value)
+    if _SAFE_ID_VALUE.match(text) and text.strip("."):
+        return text
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", text)[:24].strip("_")
+    return f"{safe}-{digest}" if safe else digest
+
+
+def concrete_id(template_id: str, values: dict[str, Any]) -> str:
+    """``t[a=1,b=x]``: keys sorted, values via :func:`matrix_id_value`."""
+    if not values:
+        return template_id
+    inner = ",".join(f"{k}={matrix_id_value(values[k])}" for k in sorted(values))
+    return f"{template_id}[{inner}]"
+
+
+def spec_hash_of(wf: CompiledWorkflow) -> str:
+    """sha256 of the canonical JSON (sorted keys) of ``wf`` without hash/location fields."""
+    data = wf.model_dump(mode="json", exclude={"spec_hash", "spec_dir", "source"})
+    for name in wf.secret_params:
+        v = data["params"].get(name)
+        if v is not None:
+            data["params"][name] = "sha256:" + hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _hint(word: str, candidates: Any) -> str:
+    m = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+class _Compiler:
+    def __init__(self, spec: Spec, params: dict[str, Any], source: str) -> None:
+        self.spec = spec
+        self.given = params
+        self.source = spec._source if source == "<spec>" else source
+        self.pos = spec._positions
+        self.keypos = spec._key_positions
+        # (path, StepSpec, is_finally) in spec order; main steps first.
+        self.templates: list[tuple[tuple, StepSpec, bool]] = [
+            (("steps", i), s, False) for i, s in enumerate(spec.steps)
+        ] + [(("finally", i), s, True) for i, s in enumerate(spec.finally_)]
+        self.by_id: dict[str, tuple[tuple, StepSpec, bool]] = {}
+
+    def err(self, path: tuple, msg: str, *, key: bool = False) -> SpecError:
+        return error_at(self.source, self.pos, path, msg, at=self.keypos.get(path) if key else None)
+
+    # ------------------------------------------------------------------ structure
+    def check_ids_and_needs(self) -> nx.DiGraph:
+        for path, s, fin in self.templates:
+            if s.id in self.by_id:
+                first = format_path(self.by_id[s.id][0])
+                raise self.err(path + ("id",), f"duplicate step id {s.id!r} (first defined at {first})")
+            self.by_id[s.id] = (path, s, fin)
+        g = nx.DiGraph()
+        g.add_nodes_from(self.by_id)
+        for path, s, fin in self.templates:
+            for j, need in enumerate(s.needs):
+                if need == s.id:
+                    raise self.err(path + ("needs", j), f"step {s.id!r} cannot need itself")
+                if need not in self.by_id:
+                    raise self.err(path + ("needs", j), f"unknown step {need!r}{_hint(need, self.by_id)}")
+                if self.by_id[need][2] and not fin:
+                    raise self.err(path + ("needs", j), f"{need!r} is a finally step; only finally steps may need it")
+                g.add_edge(need, s.id)
+        try:
+            cycle = nx.find_cycle(g)
+        except nx.NetworkXNoCycle:
+            cycle = None
+        if cycle:
+            nodes_in = [u for u, _ in cycle]
+            # Report at the spec-earliest step of the cycle, for a stable message.
+            first = min(nodes_in, key=lambda n: self.templates.index(self.by_id[n]))
+            k = nodes_in.index(first)
+            ring = nodes_in[k:] + nodes_in[:k] + [first]
+            path, s, _ = self.by_id[ring[1]]
+            j = s.needs.index(first)
+            raise self.err(path + ("needs", j), "dependency cycle: " + " -> ".join(ring))
+        # finally steps run after every main leaf, whatever happened.
+        main = [t for t, (_, _, fin) in self.by_id.items() if not fin]
+        leaves = [t for t in main if not any(not self.by_id[d][2] for d in g.successors(t))]
+        for _, s, fin in self.templates:
+            if fin:
+                for leaf in leaves:
+                    g.add_edge(leaf, s.id)
+        self.graph = g
+        return g
+
+    def check_agents(self) -> None:
+        for path, s, _ in self.templates:
+            if s.agent is not None and s.agent not in self.spec.agents:
+                known = ", ".join(self.spec.agents) or "none defined"
+                raise self.err(path + ("agent",), f"unknown agent {s.agent!r}{_hint(s.agent, self.spec.agents)}; agents: {known}")
+
+    def resolve_params(self) -> dict[str, Any]:
+        try:
+            return resolve_params(self.spec.params, self.given)
+        except ParamError as exc:
+            raise self.err(("params", exc.param), str(exc), key=True) from None
+        except InvalidInput as exc:
+            raise SpecError(f"{self.source}: {exc}") from None
+
+    # ------------------------------------------------------------------ templates
+    def check_template(
+        self,
+        path: tuple,
+        raw: str,
+        *,
+        step: StepSpec | None = None,
+        allow: set[str],
+        expression: bool = False,
+    ) -> None:
+        expr = split_expression(raw)
+        if expr is None and expression and "${{" not in raw:
+            expr = raw.strip()
+        try:
+            if expr is not None:
+                check_syntax(expr, expression=True)
+                refs = template_refs(expr, expression=True)
+            else:
+                check_syntax(raw)
+                refs = template_refs(raw)
+        except TemplateError as exc:
+            msg = getattr(exc, "message", None) or str(exc)
+            raise self.err(path, f"bad template: {msg}") from None
+        ancestors = nx.ancestors(self.graph, step.id) if step is not None else set()
+        for name, chain in refs:
+            head = chain[0] if chain else None
+            if name not in allow:
+                if name in ("params", "steps", "matrix", "item", "run", "env", "prompt") or name in STATUS_FUNCTIONS:
+                    raise self.err(path, f"{name!r} is not available here{self._why(name, step)}")
+                if name in _JINJA_GLOBALS:
+                    continue
+                raise self.err(path, f"unknown name {name!r}{_hint(name, sorted(allow))}")
+            if name == "params" and isinstance(head, str) and head not in self.spec.params:
+                raise self.err(path, f"unknown param {head!r}{_hint(head, self.spec.params)}")
+            if name == "run" and isinstance(head, str) and head not in _RUN_KEYS:
+                raise self.err(path, f"unknown run field {head!r}; available: {', '.join(_RUN_KEYS)}")
+            if name == "matrix" and isinstance(head, str) and step is not None and head not in (step.matrix or {}):
+                raise self.err(path, f"unknown matrix key {head!r}{_hint(head, step.matrix or {})}")
+            if name == "steps" and isinstance(head, str) and step is not None:
+                self._check_step_ref(path, step, ancestors, chain)
+
+    def _why(self, name: str, step: StepSpec | None) -> str:
+        if name == "matrix":
+            return " (only in a step with 'matrix')"
+        if name == "item":
+            return " (only in a step with 'foreach')"
+        if name in STATUS_FUNCTIONS:
+            return " (status functions are only for 'when')"
+        if name == "prompt":
+            return " (only in an agent's command)"
+        return ""
+
+    def _check_step_ref(self, path: tuple, step: StepSpec, ancestors: set[str], chain: list[Any]) -> None:
+        ref = chain[0]
+        if ref == step.id:
+            raise self.err(path, f"step {ref!r} cannot reference its own outputs")
+        if ref not in self.by_id:
+            raise self.err(path, f"unknown step {ref!r}{_hint(ref, self.by_id)}")
+        if ref not in ancestors:
+            raise self.err(path, f"step {ref!r} is not upstream of {step.id!r} (add it to needs)")
+        if len(chain) < 2 or not isinstance(chain[1], str):
+            return
+        part = chain[1]
+        if part not in ("outputs", "artifacts", "status"):
+            raise self.err(path, f"steps.{ref}.{part}: use steps.{ref}.outputs, .artifacts or .status")
+        src = self.by_id[ref][1]
+        fanout = src.matrix is not None or src.foreach is not None
+        if len(chain) < 3 or not isinstance(chain[2], str):
+            return
+        if part == "outputs":
+            if fanout:
+                raise self.err(
+                    path,
+                    f"steps.{ref}.outputs is a list (one entry per instance of fan-out step {ref!r}); "
+                    f"use e.g. steps.{ref}.outputs | map(attribute='{chain[2]}')",
+                )
+            if src.outputs.values and chain[2] not in src.outputs.values:
+                raise self.err(
+                    path,
+                    f"step {ref!r} declares no output {chain[2]!r}{_hint(chain[2], src.outputs.values)}; "
+                    f"declared: {', '.join(src.outputs.values)}",
+                )
+        if part == "artifacts" and not fanout:
+            if not any(fnmatch.fnmatchcase(chain[2], g) for g in src.outputs.artifacts):
+                declared = ", ".join(src.outputs.artifacts) or "none"
+                raise self.err(path, f"step {ref!r} declares no artifact matching {chain[2]!r}; declared: {declared}")
+
+    def check_templates(self) -> None:
+        base = {"params", "run", "env"}
+        for k, v in self.spec.defaults.env.items():
+            self.check_template(("defaults", "env", k), v, allow=base)
+        if self.spec.defaults.workdir:
+            self.check_template(("defaults", "workdir"), self.spec.defaults.workdir, allow=base)
+        for name, agent in self.spec.agents.items():
+            for i, item in enumerate(agent.command):
+                self.check_template(("agents", name, "command", i), item, allow=base | {"prompt"})
+            for k, v in agent.env.items():
+                self.check_template(("agents", name, "env", k), v, allow=base)
+        for path, s, _ in self.templates:
+            allow = base | {"steps"}
+            if s.matrix is not None:
+                allow.add("matrix")
+                for k, v in s.matrix.items():
+                    if isinstance(v, str):
+                        self.check_template(path + ("matrix", k), v, allow={"params", "run"})
+            if s.foreach is not None:
+                if "${{" not in s.foreach:
+                    raise self.err(path + ("foreach",), "foreach must be a '${{ ... }}' expression giving a list")
+                self.check_template(path + ("foreach",), s.foreach, step=s, allow=allow)
+                allow.add("item")
+            if isinstance(s.run, str):
+                self.check_template(path + ("run",), s.run, step=s, allow=allow)
+            elif isinstance(s.run, list):
+                for i, item in enumerate(s.run):
+                    self.check_template(path + ("run", i), item, step=s, allow=allow)
+            if isinstance(s.rollback, str):
+                self.check_template(path + ("rollback",), s.rollback, step=s, allow=allow)
+            elif isinstance(s.rollback, list):
+                for i, item in enumerate(s.rollback):
+                    self.check_template(path + ("rollback", i), item, step=s, allow=allow)
+            if s.prompt is not None:
+                self.check_template(path + ("prompt",), s.prompt, step=s, allow=allow)
+            for k, v in s.env.items():
+                self.check_template(path + ("env", k), v, step=s, allow=allow)
+            if s.workdir:
+                self.check_template(path + ("workdir",), s.workdir, step=s, allow=allow)
+            if s.when is not None:
+                self.check_template(path + ("when",), s.when, step=s, allow=allow | set(STATUS_FUNCTIONS), expression=True)
+
+    # ------------------------------------------------------------------ expansion
+    def matrix_instances(self, path: tuple, s: StepSpec, params: dict[str, Any]) -> list[dict[str, Any]]:
+        if s.matrix is None:
+            return [{}]
+        axes: list[tuple[str, list[Any]]] = []
+        variables = {"params": params, "run": {"name": self.spec.name, "spec_dir": self.spec._spec_dir}}
+        for key, raw in s.matrix.items():
+            where = path + ("matrix", key)
+            if isinstance(raw, str):
+                try:
+                    values = evaluate_expression(raw, variables)
+                except (TemplateError, TypeError, ValueError) as exc:
+                    raise self.err(where, f"cannot evaluate: {getattr(exc, 'message', None) or exc}") from None
+                if isinstance(values, str):
+                    try:
+                        values = json.loads(values)
+                    except ValueError:
+                        pass
+            else:
+                values = raw
+            if not isinstance(values, list):
+                raise self.err(where, f"must give a list, got {type(values).__name__} {to_text(values)[:40]!r}")
+            if not values:
+                raise self.err(where, "empty list: a matrix axis needs at least one value")
+            axes.append((key, values))
+        total = 1
+        for _, vals in axes:
+            total *= len(vals)
+        if total > MAX_FANOUT:
+            raise self.err(path + ("matrix",), f"{total} instances exceed the fan-out limit of {MAX_FANOUT}")
+        return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
+
+    def inputs_for(self, path: tuple, s: StepSpec, instances: dict[str, list[str]]) -> list[InputDecl]:
+        out: list[InputDecl] = []
+        seen: dict[str, int] = {}
+        ancestors = nx.ancestors(self.graph, s.id)
+        for k, inp in enumerate(s.inputs):
+            where = path + ("inputs", k)
+            src_id = inp.from_
+            if src_id not in self.by_id:
+                raise self.err(where + ("from",), f"unknown step {src_id!r}{_hint(src_id, self.by_id)}")
+            if src_id not in ancestors:
+                raise self.err(where + ("from",), f"step {src_id!r} is not upstream of {s.id!r} (add it to needs)")
+            src = self.by_id[src_id][1]
+            if src.foreach is not None:
+                raise self.err(where + ("from",), f"step {src_id!r} is a foreach step; its artifacts cannot be inputs")
+            if not any(fnmatch.fnmatchcase(inp.artifact, g) for g in src.outputs.artifacts):
+                declared = ", ".join(src.outputs.artifacts) or "none"
+                raise self.err(where + ("artifact",), f"step {src_id!r} declares no artifact matching {inp.artifact!r}; declared: {declared}")
+            dest = inp.as_ or inp.artifact
+            decls: list[InputDecl] = []
+            if src.matrix is not None:
+                # One file per instance: <as>/<instance key>/<artifact>, e.g. notes/topic=x/notes.md
+                for cid in instances[src_id]:
+                    key = cid[len(src_id) + 1 : -1]
+                    decls.append(InputDecl(step=cid, artifact=inp.artifact, dest=f"{dest}/{key}/{inp.artifact}"))
+            else:
+                decls.append(InputDecl(step=src_id, artifact=inp.artifact, dest=dest))
+            for d in decls:
+                if d.dest in seen:
+                    raise self.err(where, f"input destination {d.dest!r} is already used by inputs[{seen[d.dest]}]")
+                seen[d.dest] = k
+                out.append(d)
+        return out
+
+    def compile(self) -> CompiledWorkflow:
+        graph = self.check_ids_and_needs()
+        self.check_agents()
+        params = self.resolve_params()
+        self.check_templates()
+        order_index = {s.id: n for n, (_, s, _) in enumerate(self.templates)}
+        topo = list(nx.lexicographical_topological_sort(graph, key=lambda t: f"{order_index[t]:08d}"))
+        d = self.spec.defaults
+        instances: dict[str, list[str]] = {}
+        steps: dict[str, ConcreteStep] = {}
+        for tid in topo:
+            path, s, fin = self.by_id[tid]
+            needs: list[str] = []
+            for need in list(dict.fromkeys(s.needs)) + sorted(
+                (p for p in graph.predecessors(tid) if p not in s.needs), key=lambda t: order_index[t]
+            ):
+                for cid in instances[need]:
+                    if cid not in needs:
+                        needs.append(cid)
+            timeout = s.timeout if s.timeout is not None else d.timeout
+            if timeout is not None and timeout <= 0:
+                raise self.err(path + ("timeout",) if s.timeout is not None else ("defaults", "timeout"), "timeout must be positive")
+            r = s.retries or d.retries or RetrySpec()
+            policy = RetryPolicy(
+                limit=r.limit,
+                backoff_s=r.backoff,
+                max_backoff_s=max(r.max_backoff, r.backoff),
+                retry_on_exit_codes=list(r.retry_on.exit_codes),
+                retry_on_patterns=list(r.retry_on.patterns),
+            )
+            ids: list[str] = []
+            combos = self.matrix_instances(path, s, params)
+            inputs = self.inputs_for(path, s, instances)
+            for values in combos:
+                cid = concrete_id(tid, values)
+                if cid in steps:
+                    raise self.err(path + ("matrix",), f"two matrix instances get the same id {cid!r}")
+                steps[cid] = ConcreteStep(
+                    id=cid,
+                    template_id=tid,
+                    needs=list(needs),
+                    run=s.run,
+                    agent=s.agent,
+                    prompt=s.prompt,
+                    env={**d.env, **s.env},
+                    workdir=s.workdir if s.workdir is not None else d.workdir,
+                    timeout_s=timeout,
+                    retries=policy,
+                    when=s.when if s.when is not None else ("${{ always() }}" if fin else "${{ success() }}"),
+                    matrix=dict(values),
+                    foreach=s.foreach,
+                    outputs_values=list(s.outputs.values),
+                    outputs_artifacts=list(s.outputs.artifacts),
+                    inputs=inputs,
+                    rollback=s.rollback,
+                    cache=s.cache,
+                    tags=list(s.tags),
+                    is_finally=fin,
+                )
+                ids.append(cid)
+            instances[tid] = ids
+            if len(steps) > MAX_STEPS:
+                raise self.err(path, f"the workflow expands to more than {MAX_STEPS} steps")
+        wf = CompiledWorkflow(
+            name=self.spec.name,
+            description=self.spec.description,
+            params=params,
+            secret_params=[n for n, p in self.spec.params.items() if p.secret],
+            agents=self.spec.agents,
+            on_failure=self.spec.on_failure,
+            max_parallel=self.spec.max_parallel,
+            steps=steps,
+            spec_dir=self.spec._spec_dir,
+            source=self.source,
+        )
+        wf.spec_hash = spec_hash_of(wf)
+        return wf
+
+
+def compile_workflow(spec: Spec, params: dict[str, Any], *, source: str = "<spec>") -> CompiledWorkflow:
+    """Apply ``params`` (``-p`` strings are coerced to the declared types; typed values are
+    checked), expand matrices, check every template statically, and build the DAG.
+    SpecError (exit 2, one line, ``file:line:col: field: message``) on any problem."""
+    return _Compiler(spec, dict(params or {}), source).compile()
+
+
+def compile_file(path: Path, params: dict[str, Any]) -> CompiledWorkflow:
+    """:func:`load_spec` + :func:`compile_workflow`."""
+    spec = load_spec(Path(path))
+    return compile_workflow(spec, params, source=spec._source)

@@ -1,0 +1,233 @@
+"""YAML loading with source positions, and spec errors that name ``file:line:col: field.path``.
+
+Guarantees: duplicate mapping keys are an error (never a silent override); every mapping value
+and sequence item gets a position, so any error ``loc`` maps back to the line and column where
+the offending value (or the nearest enclosing one) was written. Errors are raised as
+:class:`~dagcraft.errors.SpecError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from dagcraft.errors import SpecError
+from dagcraft.workflows.spec import Spec
+
+Pos = tuple[int, int]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader used only to compose nodes; construction is done by :func:`_build`."""
+
+
+def format_path(path: tuple) -> str:
+    """``("steps", 2, "needs", 0)`` → ``steps[2].needs[0]``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+class _Positions:
+    def __init__(self) -> None:
+        self.value: dict[tuple, Pos] = {}
+        self.key: dict[tuple, Pos] = {}
+
+
+def _mark(node: yaml.Node) -> Pos:
+    return (node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _build(loader: _Loader, node: yaml.Node, path: tuple, pos: _Positions, depth: int = 0) -> Any:
+    if depth > 100:
+        raise SpecError(f"{loader.name}:{_mark(node)[0]}:{_mark(node)[1]}: {format_path(path)}: nesting too deep")
+    pos.value.setdefault(path, _mark(node))
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # resolves `<<: *anchor` merge keys
+        out: dict[Any, Any] = {}
+        first: dict[Any, Pos] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if isinstance(key, (list, dict)):
+                line, col = _mark(key_node)
+                raise SpecError(f"{loader.name}:{line}:{col}: {format_path(path) or '<root>'}: mapping keys must be scalars")
+            if not isinstance(key, str):
+                # YAML 1.1 reads `on:`/`yes:` as booleans and `1:` as an int; keys are names here.
+                key = str(key).lower() if isinstance(key, bool) else str(key)
+            if key in first:
+                line, col = _mark(key_node)
+                where = format_path(path + (key,))
+                raise SpecError(
+                    f"{loader.name}:{line}:{col}: {where}: duplicate key {key!r} (first defined at line {first[key][0]})"
+                )
+            first[key] = _mark(key_node)
+            pos.key[path + (key,)] = _mark(key_node)
+            out[key] = _build(loader, value_node, path + (key,), pos, depth + 1)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_build(loader, item, path + (i,), pos, depth + 1) for i, item in enumerate(node.value)]
+    value = loader.construct_object(node, deep=True)
+    if isinstance(value, (_dt.date, _dt.datetime)):
+        return value.isoformat()  # keep the data JSON-able (spec hash); dates are just strings here
+    if isinstance(value, bytes):
+        raise SpecError(f"{loader.name}:{_mark(node)[0]}:{_mark(node)[1]}: {format_path(path)}: binary values are not supported")
+    return value
+
+
+def load_yaml(text: str, source: str) -> tuple[Any, _Positions]:
+    """Parse one YAML document; return plain data and its positions. SpecError on any YAML problem."""
+    pos = _Positions()
+    loader = _Loader(text)
+    loader.name = source
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise SpecError(f"{source}:1:1: the spec is empty")
+        data = _build(loader, node, (), pos)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise SpecError(f"{source}:{line}:{col}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    finally:
+        loader.dispose()
+    return data, pos
+
+
+def locate(pos_value: dict[tuple, Pos], path: tuple) -> Pos | None:
+    """Position of ``path``, or of its nearest enclosing value that has one."""
+    p = tuple(path)
+    while True:
+        if p in pos_value:
+            return pos_value[p]
+        if not p:
+            return None
+        p = p[:-1]
+
+
+def error_at(source: str, pos_value: dict[tuple, Pos], path: tuple, message: str, *, at: Pos | None = None) -> SpecError:
+    """A SpecError ``source:line:col: path: message`` (``source: path: message`` without a position)."""
+    where = at or locate(pos_value, path)
+    prefix = f"{source}:{where[0]}:{where[1]}" if where else source
+    field = format_path(path)
+    return SpecError(f"{prefix}: {field}: {message}" if field else f"{prefix}: {message}")
+
+
+def _all_field_names(model: type[BaseModel], seen: set[type] | None = None) -> set[str]:
+    seen = seen if seen is not None else set()
+    if model in seen:
+        return set()
+    seen.add(model)
+    names: set[str] = set()
+    for name, field in model.model_fields.items():
+        names.add(field.alias or name)
+        ann = field.annotation
+        for cand in _types_in(ann):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                names |= _all_field_names(cand, seen)
+    return names
+
+
+def _types_in(ann: Any) -> list[Any]:
+    args = getattr(ann, "__args__", None)
+    if not args:
+        return [ann]
+    out = []
+    for a in args:
+        out.extend(_types_in(a))
+    return out
+
+
+def _clean_loc(data: Any, loc: tuple) -> tuple:
+    # Pydantic adds union/validator tags ("list[str]", "function-after[...]") to loc; keep only
+    # the parts that really index the data, plus a trailing missing/unknown key.
+    out: list[Any] = []
+    cur = data
+    for i, part in enumerate(loc):
+        if isinstance(cur, dict) and part in cur:
+            out.append(part)
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+            out.append(part)
+            cur = cur[part]
+        elif i == len(loc) - 1 and isinstance(part, str) and isinstance(cur, dict):
+            out.append(part)
+        # else: a tag, skip it
+    return tuple(out)
+
+
+def validation_error(exc: ValidationError, data: Any, source: str, pos: _Positions) -> SpecError:
+    """The first pydantic error as a positioned one-line SpecError (with a count of the others)."""
+    errors = exc.errors(include_url=False)
+    # Prefer the most specific error: pydantic reports errors in field order already.
+    err = errors[0]
+    path = _clean_loc(data, tuple(err["loc"]))
+    kind = err["type"]
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    at = None
+    if kind == "extra_forbidden":
+        key = path[-1] if path else "?"
+        known = sorted(_all_field_names(Spec))
+        hint = difflib.get_close_matches(str(key), known, n=1)
+        msg = f"unknown field {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        at = pos.key.get(path)
+    elif kind == "missing":
+        msg = f"missing required field {path[-1]!r}" if path else "missing required field"
+        path, at = path[:-1], locate(pos.value, path[:-1])
+    else:
+        if "input" in err and (kind.endswith("_type") or kind.endswith("_parsing")):
+            msg = f"{msg}, got {_short(err.get('input'))}"
+    more = len(errors) - 1
+    if more:
+        msg += f" (and {more} more error{'s' if more > 1 else ''})"
+    return error_at(source, pos.value, path, msg, at=at)
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def parse_spec(text: str, source: str = "<spec>", spec_dir: str | None = None) -> Spec:
+    """Parse and validate spec text. SpecError (positioned, one line) on any problem."""
+    data, pos = load_yaml(text, source)
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}:1:1: the spec must be a mapping (name:, steps:, ...), got {type(data).__name__}")
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, data, source, pos) from None
+    spec._positions = pos.value
+    spec._key_positions = pos.key
+    spec._source = source
+    spec._spec_dir = spec_dir
+    return spec
+
+
+def load_spec(path: Path) -> Spec:
+    """Load and validate a spec file. Errors: ``SpecError("file:line:col: field.path: message")``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, not a spec file") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_spec(text, str(path), spec_dir=str(path.resolve().parent))

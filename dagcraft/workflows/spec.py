@@ -1,0 +1,426 @@
+"""Pydantic models: the spec as written (``Spec``) and the compiled workflow (``CompiledWorkflow``).
+
+The spec models mirror the YAML one to one (``extra="forbid"`` everywhere, so a misspelt field
+is an error, never ignored). The compiled models are what the run engine executes; they carry
+no positions and no unexpanded matrix, and serialise to canonical JSON for the spec hash.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import networkx as nx
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
+
+ID_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|h|m|s))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+PARAM_TYPES = ("string", "int", "float", "bool", "list", "object")
+ADAPTERS = ("claude", "codex", "generic")
+
+
+def check_id(value: str, what: str) -> str:
+    """Return ``value`` if it is a valid id (``^[A-Za-z_][A-Za-z0-9_-]*$``), else raise ValueError."""
+    if not isinstance(value, str) or not ID_RE.match(value):
+        raise ValueError(f"invalid {what} {value!r}: use letters, digits, '_' and '-', starting with a letter or '_'")
+    return value
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``2s``, ``15m``, ``1h``, ``1h30m``, ``500ms`` or a non-negative number."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"invalid duration {value!r}: must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        s = value.strip()
+        try:
+            return parse_duration(float(s))
+        except ValueError:
+            pass
+        if _DURATION_RE.match(s):
+            return sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(s))
+    raise ValueError(f"invalid duration {value!r}: use e.g. 30s, 15m, 1h30m or a number of seconds")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _str_map(value: Any) -> Any:
+    # YAML turns `PORT: 8080` into an int; env values are strings, so scalars are accepted and stringified.
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            elif isinstance(v, (int, float)):
+                v = str(v)
+            out[k] = v
+        return out
+    return value
+
+
+EnvMap = Annotated[dict[str, str], BeforeValidator(_str_map)]
+
+
+def _command(value: Any, what: str) -> list[str] | str | None:
+    if value is None or isinstance(value, str):
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"{what} must not be empty")
+        return value
+    if isinstance(value, list):
+        if not value:
+            raise ValueError(f"{what} must not be an empty list")
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                raise ValueError(f"{what}[{i}] must be a string, got {type(item).__name__}")
+            out.append(item if isinstance(item, str) else str(item))
+        return out
+    raise ValueError(f"{what} must be a list of strings (argv, no shell) or a string (run by sh -c)")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# ----------------------------------------------------------------------------- spec as written
+
+
+class ParamSpec(_Model):
+    """A typed workflow parameter. Required when it has no default (unless ``required: false``)."""
+
+    type: Literal["string", "int", "float", "bool", "list", "object"] = "string"
+    default: Any = None
+    required: bool | None = None
+    choices: list[Any] | None = None
+    description: str | None = None
+    secret: bool = False
+
+    @model_validator(mode="after")
+    def _check_default(self) -> ParamSpec:
+        from dagcraft.workflows.params import check_type  # local: params imports this module
+
+        if "default" in self.model_fields_set and self.default is not None:
+            self.default = check_type(self.default, self.type, "default")
+            if self.choices is not None and self.default not in self.choices:
+                raise ValueError(f"default {self.default!r} is not one of the choices {self.choices!r}")
+        if self.choices is not None:
+            if not self.choices:
+                raise ValueError("choices must not be empty")
+            self.choices = [check_type(c, self.type, "choice") for c in self.choices]
+        return self
+
+    @property
+    def has_default(self) -> bool:
+        return "default" in self.model_fields_set and self.default is not None
+
+
+class RetryOnSpec(_Model):
+    exit_codes: list[int] = []
+    patterns: list[str] = []
+
+    @field_validator("patterns")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"invalid pattern {p!r}: {exc}") from None
+        return v
+
+
+class RetrySpec(_Model):
+    """``retries: 2`` is shorthand for ``{limit: 2}``."""
+
+    limit: int = Field(0, ge=0, le=100)
+    backoff: Duration = 1.0
+    max_backoff: Duration = 60.0
+    retry_on: RetryOnSpec = RetryOnSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return {"limit": v}
+        return v
+
+
+class AgentDef(_Model):
+    """A named agent CLI. ``command`` items are templates; ``${{ prompt }}`` is the step's prompt."""
+
+    command: list[str] = Field(min_length=1)
+    adapter: Literal["claude", "codex", "generic"] = "generic"
+    env: EnvMap = {}
+    max_concurrent: int | None = Field(None, ge=1)
+
+
+class OutputsSpec(_Model):
+    values: list[str] = []
+    artifacts: list[str] = []
+
+    @field_validator("values")
+    @classmethod
+    def _ids(cls, v: list[str]) -> list[str]:
+        return [check_id(x, "output name") for x in v]
+
+    @field_validator("artifacts")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        return [check_relpath(x, "artifact glob") for x in v]
+
+
+def check_relpath(value: str, what: str) -> str:
+    """A relative path that stays inside its directory: not absolute, no ``..``, no NUL/``\\``."""
+    if not isinstance(value, str) or not value or value.startswith("/") or "\x00" in value or "\\" in value:
+        raise ValueError(f"invalid {what} {value!r}: must be a relative path")
+    parts = value.split("/")
+    if any(p in ("..",) for p in parts) or any(p == "" for p in parts[:-1]):
+        raise ValueError(f"invalid {what} {value!r}: must be a relative path without '..'")
+    return value
+
+
+class InputSpec(_Model):
+    from_: str = Field(alias="from")
+    artifact: str
+    as_: str | None = Field(None, alias="as")
+
+    @field_validator("artifact")
+    @classmethod
+    def _artifact(cls, v: str) -> str:
+        return check_relpath(v, "artifact name")
+
+    @field_validator("as_")
+    @classmethod
+    def _dest(cls, v: str | None) -> str | None:
+        return None if v is None else check_relpath(v, "input destination ('as')")
+
+
+class DefaultsSpec(_Model):
+    retries: RetrySpec | None = None
+    timeout: Duration | None = None
+    env: EnvMap = {}
+    workdir: str | None = None
+
+
+class StepSpec(_Model):
+    """One step as written. Exactly one of ``run`` or ``agent`` (+ ``prompt``)."""
+
+    id: str
+    needs: list[str] = []
+    run: Any = None
+    agent: str | None = None
+    prompt: str | None = None
+    env: EnvMap = {}
+    workdir: str | None = None
+    timeout: Duration | None = None
+    retries: RetrySpec | None = None
+    when: str | None = None
+    matrix: dict[str, Any] | None = None
+    foreach: str | None = None
+    outputs: OutputsSpec = OutputsSpec()
+    inputs: list[InputSpec] = []
+    rollback: Any = None
+    cache: bool = False
+    tags: list[str] = []
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_id(v, "step id")
+
+    @field_validator("needs", mode="before")
+    @classmethod
+    def _needs(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("run")
+    @classmethod
+    def _run(cls, v: Any) -> Any:
+        return _command(v, "run")
+
+    @field_validator("rollback")
+    @classmethod
+    def _rollback(cls, v: Any) -> Any:
+        return _command(v, "rollback")
+
+    @field_validator("matrix")
+    @classmethod
+    def _matrix(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("matrix must have at least one key")
+        for k, vals in v.items():
+            check_id(k, "matrix key")
+            if not isinstance(vals, (list, str)):
+                raise ValueError(f"matrix.{k} must be a list or a '${{{{ ... }}}}' expression giving a list")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> StepSpec:
+        if self.run is None and self.agent is None:
+            raise ValueError("a step needs either 'run' or 'agent'")
+        if self.run is not None and self.agent is not None:
+            raise ValueError("'run' and 'agent' are mutually exclusive")
+        if self.agent is not None and not self.prompt:
+            raise ValueError("an agent step needs a 'prompt'")
+        if self.prompt is not None and self.agent is None:
+            raise ValueError("'prompt' is only valid with 'agent'")
+        if self.matrix is not None and self.foreach is not None:
+            raise ValueError("'matrix' and 'foreach' cannot be combined on one step")
+        return self
+
+
+class Spec(_Model):
+    """A workflow spec as written. ``load_spec`` attaches source positions for error messages."""
+
+    name: str
+    description: str | None = None
+    params: dict[str, ParamSpec] = {}
+    agents: dict[str, AgentDef] = {}
+    defaults: DefaultsSpec = DefaultsSpec()
+    steps: list[StepSpec] = Field(min_length=1)
+    finally_: list[StepSpec] = Field([], alias="finally")
+    on_failure: Literal["stop", "rollback", "continue"] = "stop"
+    max_parallel: int | None = Field(None, ge=1)
+
+    # Filled by the loader: path tuple -> (line, col) of the value, and of the mapping key.
+    _positions: dict[tuple, tuple[int, int]] = PrivateAttr(default_factory=dict)
+    _key_positions: dict[tuple, tuple[int, int]] = PrivateAttr(default_factory=dict)
+    _source: str = PrivateAttr("<spec>")
+    _spec_dir: str | None = PrivateAttr(None)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_id(v, "workflow name")
+
+    @field_validator("params", "agents")
+    @classmethod
+    def _keys(cls, v: dict[str, Any], info: Any) -> dict[str, Any]:
+        what = "param name" if info.field_name == "params" else "agent name"
+        for k in v:
+            check_id(k, what)
+        return v
+
+
+# ----------------------------------------------------------------------------- compiled
+
+
+class RetryPolicy(_Model):
+    """Retries of a step. Both ``retry_on_*`` empty means any failure is retried."""
+
+    limit: int = 0
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    retry_on_exit_codes: list[int] = []
+    retry_on_patterns: list[str] = []  # Python regexes, searched in the attempt's stderr/stdout
+
+
+class InputDecl(_Model):
+    """Artifact ``artifact`` of concrete step ``step`` is materialised at ``dest`` (workdir-relative)."""
+
+    step: str
+    artifact: str
+    dest: str
+
+
+class ConcreteStep(_Model):
+    """One node of the compiled DAG. Template fields (run, prompt, env, ...) stay raw."""
+
+    id: str
+    template_id: str
+    needs: list[str]
+    run: list[str] | str | None = None
+    agent: str | None = None
+    prompt: str | None = None
+    env: dict[str, str] = {}
+    workdir: str | None = None
+    timeout_s: float | None = None
+    retries: RetryPolicy = RetryPolicy()
+    when: str = "${{ success() }}"
+    matrix: dict[str, Any] = {}
+    foreach: str | None = None
+    item: Any = None
+    outputs_values: list[str] = []
+    outputs_artifacts: list[str] = []
+    inputs: list[InputDecl] = []
+    rollback: list[str] | str | None = None
+    cache: bool = False
+    tags: list[str] = []
+    is_finally: bool = False
+
+
+class CompiledWorkflow(_Model):
+    """A validated, matrix-expanded workflow. ``steps`` is in a deterministic topological order."""
+
+    name: str
+    description: str | None = None
+    spec_hash: str = ""
+    params: dict[str, Any] = {}
+    secret_params: list[str] = []
+    agents: dict[str, AgentDef] = {}
+    on_failure: Literal["stop", "rollback", "continue"] = "stop"
+    max_parallel: int | None = None
+    steps: dict[str, ConcreteStep] = {}
+    # Not part of the hash: where the spec file lives (``run.spec_dir``) and how to name it.
+    spec_dir: str | None = None
+    source: str = "<spec>"
+
+    def graph(self) -> nx.DiGraph:
+        """Nodes are concrete step ids (attribute ``step``); an edge ``a -> b`` means b needs a."""
+        g = nx.DiGraph()
+        for sid, step in self.steps.items():
+            g.add_node(sid, step=step)
+        for sid, step in self.steps.items():
+            for need in step.needs:
+                g.add_edge(need, sid)
+        return g
+
+    def secret_values(self) -> list[str]:
+        """String forms of every non-empty secret param value (for trace redaction)."""
+        import json
+
+        out: list[str] = []
+        for name in self.secret_params:
+            v = self.params.get(name)
+            if v is None or v == "":
+                continue
+            out.append(v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+        return out
+
+
+class RenderContext(BaseModel):
+    """Everything a template may see at run time (see docs/spec.md "Templates")."""
+
+    params: dict[str, Any] = {}
+    run: dict[str, Any] = {}
+    steps: dict[str, dict[str, Any]] = {}
+    matrix: dict[str, Any] = {}
+    item: Any = None
+    env: dict[str, str] = {}
+
+
+class RenderedCommand(BaseModel):
+    """A command ready to exec: ``argv`` is exec'd directly (``shell`` says it is ``sh -c``)."""
+
+    argv: list[str]
+    shell: bool
+    env: dict[str, str] = {}
+    adapter: str = "generic"
+    workdir: str | None = None

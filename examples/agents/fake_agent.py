@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""A fake coding-agent CLI for offline examples and tests (stdlib only).
+
+Usage: fake_agent.py -p PROMPT [--output-format stream-json|text] [--model NAME]
+
+Behaves like ``claude -p``: reads the prompt, "thinks", writes files into the current
+directory, and prints Claude Code-style stream-json lines (``system`` init with session_id and
+model, ``assistant`` messages with ``tool_use``, ``user`` messages with ``tool_result``, a final
+``result`` with usage tokens and ``total_cost_usd``). What it does is driven by the prompt:
+
+- every file name mentioned in a sentence that says write/save/create (``Write the plan to
+  plan.md``) is written, with a short body derived from the prompt;
+- a prompt mentioning "subtask" gets a plan: subtasks are the ``;``-separated parts of the text
+  after ``for:`` (three generic ones if there is only one part), listed in the written files and
+  output as ``subtasks``;
+- a prompt mentioning "review" outputs ``verdict`` (``approve``).
+
+Outputs (``summary``, ``session_id``, plus the above) are written as one JSON object to the
+file named by ``$DAGCRAFT_OUTPUT`` when that is set.
+
+Modes (``$FAKE_AGENT_MODE``): ``ok`` (default); ``fail`` (error result, exit 1); ``hang`` (sleep
+until killed); ``flaky`` (on attempt 1, i.e. ``$DAGCRAFT_ATTEMPT`` unset or ``1``: "rate limit"
+on stderr and exit 75; later attempts succeed); ``ratelimit`` (always exit 75, "rate limit").
+``$FAKE_AGENT_DELAY`` seconds of simulated work (default 0.02).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+import uuid
+
+MODEL = "fake-sonnet-1"
+_FILE_RE = re.compile(r"(?<![\w/.-])([A-Za-z0-9_][A-Za-z0-9_./-]*\.(?:md|txt|py|json|yaml|yml|csv|toml))\b")
+_WRITE_WORDS = re.compile(r"\b(write|save|create|put)\b", re.I)
+
+
+def emit(obj: dict, fmt: str) -> None:
+    if fmt == "stream-json":
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+
+def safe_relpath(name: str) -> bool:
+    return not name.startswith("/") and ".." not in name.split("/")
+
+
+def files_to_write(prompt: str) -> list[str]:
+    out: list[str] = []
+    for sentence in re.split(r"(?<=[.!?])\s+|\n", prompt):
+        if _WRITE_WORDS.search(sentence):
+            for name in _FILE_RE.findall(sentence):
+                if safe_relpath(name) and name not in out:
+                    out.append(name)
+    return out
+
+
+def plan_subtasks(prompt: str) -> list[str]:
+    m = re.search(r"for:\s*(.+?)(?:\.\s|\.$|\n|$)", prompt, re.S)
+    topic = (m.group(1) if m else prompt).strip()
+    parts = [p.strip() for p in topic.split(";") if p.strip()]
+    if len(parts) > 1:
+        return parts
+    return [f"{topic}: core change", f"{topic}: tests", f"{topic}: docs"]
+
+
+def usage(prompt: str, text: str) -> dict:
+    return {
+        "input_tokens": 40 + len(prompt) // 4,
+        "output_tokens": 20 + len(text) // 4,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fake_agent", description="Fake coding agent for dagcraft examples.")
+    ap.add_argument("-p", "--print", dest="prompt", required=True, help="the prompt")
+    ap.add_argument("--output-format", default="text", choices=["text", "json", "stream-json"])
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    fmt, prompt = args.output_format, args.prompt
+    mode = os.environ.get("FAKE_AGENT_MODE", "ok") or "ok"
+    attempt = os.environ.get("DAGCRAFT_ATTEMPT", "1") or "1"
+    session_id = str(uuid.UUID(hashlib.sha256(f"{prompt}|{attempt}|{os.getpid()}".encode()).hexdigest()[:32]))
+    started = time.monotonic()
+    cwd = os.getcwd()
+
+    emit({"type": "system", "subtype": "init", "session_id": session_id, "model": args.model, "cwd": cwd,
+          "tools": ["Read", "Write", "Bash"], "permissionMode": "default"}, fmt)
+
+    if mode == "hang":
+        while True:  # until the orchestrator's timeout or cancel kills our process group
+            time.sleep(3600)
+    if mode == "ratelimit" or (mode == "flaky" and attempt == "1"):
+        sys.stderr.write("API error: rate limit exceeded (429), please retry later\n")
+        return 75
+    if mode == "fail":
+        text = "I could not complete the task: the build is broken."
+        emit({"type": "result", "subtype": "error_during_execution", "is_error": True, "session_id": session_id,
+              "duration_ms": int((time.monotonic() - started) * 1000), "num_turns": 1, "result": text,
+              "total_cost_usd": 0.0004, "usage": usage(prompt, text)}, fmt)
+        sys.stderr.write("fake_agent: task failed (FAKE_AGENT_MODE=fail)\n")
+        return 1
+
+    time.sleep(float(os.environ.get("FAKE_AGENT_DELAY", "0.02")))
+    outputs: dict = {}
+    low = prompt.lower()
+    subtasks = plan_subtasks(prompt) if "subtask" in low else None
+    if subtasks is not None:
+        outputs["subtasks"] = subtasks
+    if "review" in low:
+        outputs["verdict"] = "approve"
+
+    turn = 0
+    for name in files_to_write(prompt):
+        turn += 1
+        body = f"# {name}\n\nWritten by fake_agent ({args.model}) for the task:\n\n> {prompt}\n"
+        if subtasks is not None:
+            body += "\n## Subtasks\n\n" + "".join(f"- {s}\n" for s in subtasks)
+        if "verdict" in outputs:
+            body += f"\nVerdict: {outputs['verdict']}\n"
+        tool_id = f"toolu_{turn:02d}{session_id[:8]}"
+        emit({"type": "assistant", "session_id": session_id, "message": {
+            "id": f"msg_{turn:02d}{session_id[:8]}", "type": "message", "role": "assistant", "model": args.model,
+            "content": [{"type": "text", "text": f"I'll write {name}."},
+                        {"type": "tool_use", "id": tool_id, "name": "Write",
+                         "input": {"file_path": os.path.join(cwd, name), "content": body}}],
+            "stop_reason": "tool_use", "usage": usage(prompt, body)}}, fmt)
+        os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
+        with open(name, "w", encoding="utf-8") as fh:
+            fh.write(body)
+        emit({"type": "user", "session_id": session_id, "message": {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": tool_id, "content": f"File created successfully at: {name}"}]}}, fmt)
+
+    text = f"Done: {prompt[:80]}"
+    if subtasks is not None:
+        text += f" ({len(subtasks)} subtasks)"
+    outputs["summary"] = text
+    outputs["session_id"] = session_id
+    emit({"type": "assistant", "session_id": session_id, "message": {
+        "id": f"msg_final{session_id[:8]}", "type": "message", "role": "assistant", "model": args.model,
+        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "usage": usage(prompt, text)}}, fmt)
+    out_file = os.environ.get("DAGCRAFT_OUTPUT")
+    if out_file:
+        with open(out_file, "w", encoding="utf-8") as fh:
+            json.dump(outputs, fh)
+    u = usage(prompt, text)
+    cost = round((u["input_tokens"] * 3 + u["output_tokens"] * 15) / 1_000_000, 6)
+    result = {"type": "result", "subtype": "success", "is_error": False, "session_id": session_id,
+              "duration_ms": int((time.monotonic() - started) * 1000), "num_turns": turn + 1, "result": text,
+              "total_cost_usd": cost, "usage": u}
+    if fmt == "stream-json":
+        emit(result, fmt)
+    elif fmt == "json":
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
