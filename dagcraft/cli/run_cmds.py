@@ -173,9 +173,9 @@ def register(cli: click.Group) -> None:
     @click.argument("step")
     @click.option("--store", "store_url", help=STORE_HELP)
     @click.option("--attempt", type=click.IntRange(1), help="attempt number (default: latest)")
-    @click.option("--stderr", "stream", flag_value="stderr", default=False, help="show stderr instead")
+    @click.option("--stream", type=click.Choice(["stdout", "stderr"]), default="stdout", show_default=True)
     @click.option("--follow", "-f", is_flag=True, help="keep printing while the attempt runs")
-    def logs(run_id: str, step: str, store_url: str | None, attempt: int | None, stream: Any, follow: bool) -> None:
+    def logs(run_id: str, step: str, store_url: str | None, attempt: int | None, stream: str, follow: bool) -> None:
         """Print a step attempt's output log."""
         from dagcraft.orchestrator.ops import follow_log, read_log
 
@@ -186,7 +186,7 @@ def register(cli: click.Group) -> None:
                 out.write(chunk)
                 out.flush()
             return
-        out.write(read_log(store, run_id, step, attempt, stream or "stdout"))
+        out.write(read_log(store, run_id, step, attempt, stream))
         out.flush()
 
     @cli.command()

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import networkx as nx
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -110,18 +111,32 @@ class ParamSpec(_Model):
     description: str | None = None
     secret: bool = False
 
-    @model_validator(mode="after")
-    def _check_default(self) -> ParamSpec:
+    @field_validator("default")
+    @classmethod
+    def _check_default(cls, v: Any, info: Any) -> Any:
         from dagcraft.workflows.params import check_type  # local: params imports this module
 
-        if "default" in self.model_fields_set and self.default is not None:
-            self.default = check_type(self.default, self.type, "default")
-            if self.choices is not None and self.default not in self.choices:
-                raise ValueError(f"default {self.default!r} is not one of the choices {self.choices!r}")
-        if self.choices is not None:
-            if not self.choices:
-                raise ValueError("choices must not be empty")
-            self.choices = [check_type(c, self.type, "choice") for c in self.choices]
+        typ = info.data.get("type")
+        if v is not None and typ is not None:
+            v = check_type(v, typ, "default")
+        return v
+
+    @field_validator("choices")
+    @classmethod
+    def _check_choices(cls, v: list[Any] | None, info: Any) -> list[Any] | None:
+        from dagcraft.workflows.params import check_type
+
+        typ = info.data.get("type")
+        if v is None or typ is None:
+            return v
+        if not v:
+            raise ValueError("choices must not be empty")
+        return [check_type(c, typ, "choice") for c in v]
+
+    @model_validator(mode="after")
+    def _default_in_choices(self) -> ParamSpec:
+        if self.has_default and self.choices is not None and self.default not in self.choices:
+            raise ValueError(f"default {self.default!r} is not one of the choices {self.choices!r}")
         return self
 
     @property
@@ -129,19 +144,17 @@ class ParamSpec(_Model):
         return "default" in self.model_fields_set and self.default is not None
 
 
+def _regex(p: str) -> str:
+    try:
+        re.compile(p)
+    except re.error as exc:
+        raise ValueError(f"invalid pattern {p!r}: {exc}") from None
+    return p
+
+
 class RetryOnSpec(_Model):
     exit_codes: list[int] = []
-    patterns: list[str] = []
-
-    @field_validator("patterns")
-    @classmethod
-    def _regexes(cls, v: list[str]) -> list[str]:
-        for p in v:
-            try:
-                re.compile(p)
-            except re.error as exc:
-                raise ValueError(f"invalid pattern {p!r}: {exc}") from None
-        return v
+    patterns: list[Annotated[str, AfterValidator(_regex)]] = []
 
 
 class RetrySpec(_Model):
@@ -170,18 +183,8 @@ class AgentDef(_Model):
 
 
 class OutputsSpec(_Model):
-    values: list[str] = []
-    artifacts: list[str] = []
-
-    @field_validator("values")
-    @classmethod
-    def _ids(cls, v: list[str]) -> list[str]:
-        return [check_id(x, "output name") for x in v]
-
-    @field_validator("artifacts")
-    @classmethod
-    def _globs(cls, v: list[str]) -> list[str]:
-        return [check_relpath(x, "artifact glob") for x in v]
+    values: list[Annotated[str, AfterValidator(lambda x: check_id(x, "output name"))]] = []
+    artifacts: list[Annotated[str, AfterValidator(lambda x: check_relpath(x, "artifact glob"))]] = []
 
 
 def check_relpath(value: str, what: str) -> str:
