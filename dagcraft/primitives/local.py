@@ -282,6 +282,15 @@ class LocalStore:
     def now(self) -> float:
         return self._clock()
 
+    def head(self, key: str) -> str | None:
+        """Etag of ``key`` or None (counted as one 'head'); cheap existence check for blobs."""
+        path = self._path(key)
+        self.stats["head"] += 1
+        try:
+            return self._current_etag(path)
+        except NotADirectoryError:
+            return None
+
     def open_read(self, key: str) -> BinaryIO:
         path = self._path(key)
         self.stats["get"] += 1

@@ -20,7 +20,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from pydantic import BaseModel, Field
 
 from dagcraft.tracing.event import TraceEvent
-from dagcraft.tracing.summary import event_status, summarize
+from dagcraft.tracing.summary import describe, event_status, fmt_dur, short, summarize
 
 MAX_EVENTS = 2000
 MAX_PAYLOAD = 20_000
@@ -83,57 +83,6 @@ def fmt_time(ms: int | None) -> str:
     return _dt.datetime.fromtimestamp(ms / 1000, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def fmt_dur(ms: int | float | None) -> str:
-    if ms is None:
-        return "—"
-    ms = int(ms)
-    if ms < 1000:
-        return f"{ms} ms"
-    s = ms / 1000
-    if s < 60:
-        return f"{s:.1f} s"
-    m, s = divmod(int(s), 60)
-    if m < 60:
-        return f"{m}m {s:02d}s"
-    h, m = divmod(m, 60)
-    return f"{h}h {m:02d}m"
-
-
-def _event_summary(ev: TraceEvent) -> str:
-    p = ev.payload
-    k = ev.kind
-    if k == "tool.call":
-        return f"{p.get('tool') or '?'}: {p.get('command') or _short(p.get('input'))}"
-    if k == "tool.result":
-        ok = p.get("success")
-        bits = [str(p.get("tool") or "?"), "ok" if ok else ("failed" if ok is False else "")]
-        if p.get("exit_code") is not None:
-            bits.append(f"exit {p['exit_code']}")
-        if p.get("signal_name") or p.get("signal"):
-            bits.append(str(p.get("signal_name") or f"signal {p['signal']}"))
-        if p.get("duration_ms") is not None:
-            bits.append(fmt_dur(p["duration_ms"]))
-        return " · ".join(b for b in bits if b)
-    if k == "model.call":
-        return (f"{p.get('model') or p.get('agent') or 'model'} · in {p.get('tokens_in', 0)} / "
-                f"out {p.get('tokens_out', 0)} tokens" + (f" · ${p['cost_usd']}" if p.get("cost_usd") else ""))
-    if k == "permission.decision":
-        return f"{p.get('decision', '?')} · {p.get('tool') or ''} {p.get('command') or ''}".strip()
-    if k in ("error", "step.heartbeat_lost"):
-        return str(p.get("message") or p.get("reason") or "")
-    if k == "run.finished":
-        return str(p.get("status") or "")
-    for key in ("name", "reason", "message", "step", "text_preview", "result_preview"):
-        if p.get(key):
-            return str(p[key])
-    return ""
-
-
-def _short(v: Any, n: int = 160) -> str:
-    s = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
-    return s if len(s) <= n else s[: n - 1] + "…"
-
-
 def _event_rows(events: list[TraceEvent], t0: int | None) -> tuple[list[dict[str, Any]], int]:
     rows = []
     shown = events[:MAX_EVENTS]
@@ -150,7 +99,7 @@ def _event_rows(events: list[TraceEvent], t0: int | None) -> tuple[list[dict[str
             or (ev.kind == "permission.decision" and str(p.get("decision", "")).lower() == "deny")) else ""
         rows.append({"seq": ev.seq, "kind": ev.kind, "family": ev.kind.split(".")[0], "cls": cls,
                      "rel": f"+{fmt_dur(ev.ts_ms - t0)}" if t0 is not None else "",
-                     "time": fmt_time(ev.ts_ms), "summary": _short(_event_summary(ev), 200),
+                     "time": fmt_time(ev.ts_ms), "summary": short(describe(ev), 200),
                      "payload": body if p else "", "previews": previews})
     return rows, len(events) - len(shown)
 
@@ -203,7 +152,8 @@ def render_run_html(view: RunView) -> str:
                      "anchor": f"step-{_anchor(s.step_id)}"})
         atts = []
         for a in s.attempts:
-            evrows, omitted = _event_rows(a.events, a.started_ms or (a.events[0].ts_ms if a.events else None))
+            base = [x for x in (a.started_ms, a.events[0].ts_ms if a.events else None) if x is not None]
+            evrows, omitted = _event_rows(a.events, min(base) if base else None)
             a_sum = summarize(a.events) if a.events else None
             meta = [("worker", a.worker or "—"), ("started", fmt_time(a.started_ms)),
                     ("duration", fmt_dur((a.finished_ms - a.started_ms) if a.finished_ms and a.started_ms else None)),
@@ -274,7 +224,7 @@ def render_trace_html(events: Iterable[TraceEvent], title: str = "dagcraft trace
         name = str(call.payload.get("tool") or "?")
         rows.append({"label": name, "status": "", "cls": cls, "anchor": f"timeline-ev{call.seq}",
                      "bars": [{"left": left, "width": width, "cls": cls, "label": "",
-                               "title": _short(_event_summary(call), 120), "anchor": f"timeline-ev{call.seq}"}]})
+                               "title": short(describe(call), 120), "anchor": f"timeline-ev{call.seq}"}]})
     evrows, omitted = _event_rows(evs, t0 if evs else None)
     section = {"title": "Events", "anchor": "events", "status": status, "cls": status_class(status), "needs": [],
                "open": True,

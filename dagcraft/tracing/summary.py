@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -84,3 +85,55 @@ def _int(v: Any) -> int:
         return int(v or 0)
     except (TypeError, ValueError):
         return 0
+
+
+def fmt_dur(ms: int | float | None) -> str:
+    if ms is None:
+        return "—"
+    ms = int(ms)
+    if ms < 1000:
+        return f"{ms} ms"
+    s = ms / 1000
+    if s < 60:
+        return f"{s:.1f} s"
+    m, s = divmod(int(s), 60)
+    if m < 60:
+        return f"{m}m {s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m"
+
+
+def describe(ev: TraceEvent) -> str:
+    """One human line for an event (used by inspect and the HTML timeline)."""
+    p = ev.payload
+    k = ev.kind
+    if k == "tool.call":
+        return f"{p.get('tool') or '?'}: {p.get('command') or short(p.get('input'))}"
+    if k == "tool.result":
+        ok = p.get("success")
+        bits = [str(p.get("tool") or "?"), "ok" if ok else ("failed" if ok is False else "")]
+        if p.get("exit_code") is not None:
+            bits.append(f"exit {p['exit_code']}")
+        if p.get("signal_name") or p.get("signal"):
+            bits.append(str(p.get("signal_name") or f"signal {p['signal']}"))
+        if p.get("duration_ms") is not None:
+            bits.append(fmt_dur(p["duration_ms"]))
+        return " · ".join(b for b in bits if b)
+    if k == "model.call":
+        return (f"{p.get('model') or p.get('agent') or 'model'} · in {p.get('tokens_in', 0)} / "
+                f"out {p.get('tokens_out', 0)} tokens" + (f" · ${p['cost_usd']}" if p.get("cost_usd") else ""))
+    if k == "permission.decision":
+        return f"{p.get('decision', '?')} · {p.get('tool') or ''} {p.get('command') or ''}".strip()
+    if k in ("error", "step.heartbeat_lost"):
+        return str(p.get("message") or p.get("reason") or "")
+    if k == "run.finished":
+        return str(p.get("status") or "")
+    for key in ("name", "reason", "message", "step", "text_preview", "result_preview"):
+        if p.get(key):
+            return str(p[key])
+    return ""
+
+
+def short(v: Any, n: int = 160) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+    return s if len(s) <= n else s[: n - 1] + "…"

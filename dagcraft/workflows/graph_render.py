@@ -18,7 +18,7 @@ def _label(step: ConcreteStep) -> str:
         extra.append(f"foreach {step.foreach}")
     if step.rollback is not None:
         extra.append("rollback")
-    if step.when not in ("${{ success() }}",):
+    if step.when != ("${{ always() }}" if step.is_finally else "${{ success() }}"):
         extra.append(f"when {step.when}")
     return ", ".join(extra)
 

@@ -15,6 +15,7 @@ import functools
 import json
 import re
 import shlex
+from collections.abc import Mapping
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError, Undefined, nodes
@@ -51,8 +52,17 @@ def to_text(value: Any) -> str:
         return str(value)
 
 
+class _Env(SandboxedEnvironment):
+    """Mapping keys win over methods: ``outputs.items`` is the output named ``items``, not dict.items."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, Mapping) and isinstance(attribute, str) and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
+
+
 def _make_env(shell: bool) -> SandboxedEnvironment:
-    return SandboxedEnvironment(
+    return _Env(
         variable_start_string="${{",
         variable_end_string="}}",
         # NUL-delimited, i.e. unreachable: blocks and comments would collide with shell syntax.

@@ -1,0 +1,81 @@
+"""S3 specifics: a retried conditional PUT whose first try landed is not a false Conflict;
+transient errors are retried; the clock comes from the Date header."""
+
+from __future__ import annotations
+
+import botocore.exceptions as bex
+import pytest
+
+from dagcraft.errors import Conflict
+
+
+def _lose_first_response(store, op="PutObject"):
+    """After the first PutObject reaches the server, make the client see a dropped connection."""
+    state = {"n": 0}
+
+    def after_call(**kwargs):
+        state["n"] += 1
+        if state["n"] == 1:
+            raise bex.ConnectionClosedError(endpoint_url="http://lost-response")
+
+    store.client.meta.events.register(f"after-call.s3.{op}", after_call)
+    return state
+
+
+@pytest.mark.parametrize("backend", ["moto_store", "s3_server_store"])
+def test_retried_create_that_landed_is_not_a_conflict(request, backend):
+    s = request.getfixturevalue(backend)
+    _lose_first_response(s)
+    s.stats.clear()
+    etag = s.put("k", b"mine", if_none_match=True)
+    assert s.get("k") == (b"mine", etag)
+    assert s.stats["put"] == 2 and s.stats["head"] == 1  # first try landed, retry got 412, HEAD said ours
+
+
+def test_retried_cas_that_landed_is_not_a_conflict(moto_store):
+    s = moto_store
+    e1 = s.put("k", b"v1")
+    _lose_first_response(s)
+    e2 = s.put("k", b"v2", if_match=e1)
+    assert s.get("k") == (b"v2", e2)
+
+
+def test_real_conflict_after_retry_is_still_a_conflict(moto_store):
+    s = moto_store
+    state = {"n": 0}
+
+    def before_call(**kwargs):  # someone else creates the key, then our first try is lost
+        state["n"] += 1
+        if state["n"] == 1:
+            raise bex.ConnectionClosedError(endpoint_url="http://lost-request")
+
+    s.put("k", b"theirs")
+    s.client.meta.events.register("before-call.s3.PutObject", before_call)
+    with pytest.raises(Conflict):
+        s.put("k", b"mine", if_none_match=True)
+    assert s.get("k")[0] == b"theirs"
+
+
+def test_transient_errors_retried_then_store_unavailable(moto_store):
+    from dagcraft.errors import StoreUnavailable
+
+    s = moto_store
+    s.attempts = 3
+
+    def always_fail(**kwargs):
+        raise bex.ConnectionClosedError(endpoint_url="http://flaky")
+
+    s.client.meta.events.register("after-call.s3.GetObject", always_fail)
+    s.stats.clear()
+    with pytest.raises(StoreUnavailable):
+        s.get("k")
+    assert s.stats["get"] == 3
+
+
+def test_clock_from_date_header(s3_server_store):
+    import time
+
+    s = s3_server_store
+    s.get("x")  # any response teaches the offset
+    assert s._offset != 0.0 and abs(s._offset) < 2
+    assert abs(s.now() - time.time()) < 2
