@@ -92,10 +92,11 @@ def s3_ops(n: int) -> None:
         f.write_bytes(os.urandom(64 << 10))
         box: dict = {}
         cases = [
-            ("lease.acquire (new)", lambda i: box.update(le=lease.acquire(s, f"c/{i}", "b", 60))),
-            ("lease.renew", lambda i: box.update(le=lease.renew(s, box["le"], 60))),
-            ("fenced_put", lambda i: lease.fenced_put(s, box["le"], f"r/{i}", b"{}", if_none_match=True)),
-            ("lease.release", lambda i: lease.release(s, box["le"])),
+            ("lease.acquire (new)", lambda i: box.__setitem__(i, lease.acquire(s, f"c/{i}", "b", 60))),
+            ("lease.renew", lambda i: box.__setitem__(i, lease.renew(s, box[i], 60))),
+            ("fenced_put", lambda i: lease.fenced_put(s, box[i], f"r/{i}", b"{}", if_none_match=True)),
+            ("lease.release", lambda i: lease.release(s, box[i])),
+            ("lease.acquire (takeover)", lambda i: lease.acquire(s, f"c/{i}", "b2", 60)),
             ("memory.set", lambda i: memory.set(s, "shared", f"k{i % 10}", i, writer="b")),
             ("memory.get", lambda i: memory.get(s, "shared", f"k{i % 10}")),
             ("mailbox.send", lambda i: mailbox.send(s, "shared", sender="a", to="bob", body=i)),

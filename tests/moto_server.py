@@ -8,6 +8,7 @@ exits when its stdin is closed (so it never outlives the test session).
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 
@@ -33,6 +34,7 @@ def serialized(app):
 
 
 def main() -> None:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no per-request log lines
     host = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
     app = serialized(DomainDispatcherApplication(create_backend_app))
     server = make_server(host, 0, app, threaded=True, request_handler=MotoRequestHandler)

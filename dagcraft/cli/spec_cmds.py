@@ -40,9 +40,6 @@ def register(cli: click.Group) -> None:
     @cli.command("schema")
     def schema() -> None:
         """Print the JSON Schema of workflow specs (for editors' YAML plugins)."""
-        from dagcraft.workflows.spec import Spec
+        from dagcraft.workflows.spec import spec_json_schema
 
-        data = Spec.model_json_schema(by_alias=True)
-        data["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-        data.setdefault("title", "dagcraft workflow spec")
-        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        click.echo(json.dumps(spec_json_schema(), indent=2, sort_keys=True))

@@ -80,6 +80,7 @@ class StateWriter:
         self.state = state
         self.etag = etag
         self.lock = threading.Lock()
+        self.last_key: str | None = None
 
     def write(self, mutate: Callable[[StepState], None], *, notify: bool = True) -> bool:
         """Apply ``mutate`` to a copy and CAS it in; False when fenced (etag moved on)."""
@@ -93,7 +94,7 @@ class StateWriter:
                 return False
             self.state, self.etag = new, etag
         if notify:
-            journal.append(self.store, self.run_id, new.step_id)
+            self.last_key = journal.append(self.store, self.run_id, new.step_id)
         return True
 
 
@@ -146,7 +147,7 @@ def collect_artifacts(workdir: Path, patterns: list[str]) -> tuple[list[tuple[st
 class Attempt:
     """One attempt of one step, run on a worker thread."""
 
-    def __init__(self, cfg: WorkerConfig, claimed: Claimed, *, on_change: Callable[[StepState, str], None]) -> None:
+    def __init__(self, cfg: WorkerConfig, claimed: Claimed, *, on_change: Callable[[StepState, str, str | None], None]) -> None:
         self.cfg = cfg
         self.c = claimed
         self.store = cfg.store
@@ -401,7 +402,7 @@ class Attempt:
     def _upload_logs(self, *paths: Path) -> None:
         prefix = layout.attempt_prefix(self.c.run_id, self.c.step.id, self.n)
         for p in paths:
-            if p.exists():
+            if p.exists() and p.stat().st_size > 0:  # an empty log costs no request
                 self.store.put_file(f"{prefix}/{p.name}", p)
 
     def _finish(self, outcome: dict[str, Any]) -> StepState:
@@ -456,7 +457,7 @@ class Attempt:
                                                  "delay_s": round(retry_delay, 3), "reason": outcome.get("reason")})
             elif status == "cancelled":
                 self.trace.append("step.cancelled", {"step": step.id, "attempt": self.n})
-            self.on_change(self.writer.state, self.writer.etag)
+            self.on_change(self.writer.state, self.writer.etag, self.writer.last_key)
         else:
             self.trace.append("step.fenced", {"step": step.id, "attempt": self.n, "worker": self.cfg.worker_id,
                                               "reason": "lease lost: a newer attempt or reset owns this step",

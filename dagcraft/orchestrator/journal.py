@@ -13,6 +13,7 @@ change without notification; readers catch it with the periodic full resync.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from dagcraft.orchestrator import layout
@@ -31,20 +32,38 @@ class JournalReader:
     """Reads a run's journal incrementally: each ``poll`` returns the subjects that changed
     since the previous poll (at least once; possibly again, never missed within the window)."""
 
-    def __init__(self, store: Store, run_id: str, lookback_s: float = 30.0) -> None:
+    def __init__(self, store: Store, run_id: str, lookback_s: float = 30.0, sweep_s: float = 2.0) -> None:
         self.store = store
         self.run_id = run_id
         self.prefix = layout.journal_prefix(run_id)
         self.lookback_ms = int(lookback_s * 1000)
+        self.sweep_s = sweep_s
         self._seen: dict[str, int] = {}  # key -> ulid ms, pruned beyond the window
         self._high_ms: int | None = None
+        self._high_key: str | None = None
+        self._last_sweep = 0.0
 
     def poll(self) -> list[str]:
+        """Most polls list only past the newest key seen (cost: what is new); every
+        ``sweep_s`` a poll re-lists the whole look-back window to catch late landers."""
         start_after = None
         if self._high_ms is not None:
-            start_after = self.prefix + ulid_floor(self._high_ms - self.lookback_ms)
+            now = time.monotonic()
+            if now - self._last_sweep >= self.sweep_s:
+                self._last_sweep = now
+                start_after = self.prefix + ulid_floor(self._high_ms - self.lookback_ms)
+            else:
+                start_after = self._high_key
         keys = self.store.list(self.prefix, start_after=start_after)
         return self._take(keys)
+
+    def mark_seen(self, key: str) -> None:
+        """A key this process wrote itself (its change is already applied locally)."""
+        ulid, _ = layout.parse_journal_key(key)
+        try:
+            self._seen[key] = ulid_time_ms(ulid)
+        except ValueError:
+            pass
 
     def _take(self, keys: Iterable[str]) -> list[str]:
         changed: list[str] = []
@@ -59,6 +78,8 @@ class JournalReader:
             self._seen[key] = ms
             if self._high_ms is None or ms > self._high_ms:
                 self._high_ms = ms
+            if self._high_key is None or key > self._high_key:
+                self._high_key = key
             if subject not in changed:
                 changed.append(subject)
         if self._high_ms is not None and len(self._seen) > 256:

@@ -223,6 +223,8 @@ def latest_attempt(store: Store, run_id: str, step: str) -> int:
 def read_log(store: Store, run_id: str, step: str, attempt: int | None = None, stream: str = "stdout") -> bytes:
     n = attempt or latest_attempt(store, run_id, step)
     got = store.get(f"{layout.attempt_prefix(run_id, step, n)}/{stream}.log")
+    if got is None and store.get(f"{layout.attempt_prefix(run_id, step, n)}/trace.jsonl") is not None:
+        return b""  # the attempt finished without writing to this stream
     if got is None:
         raise NotFound(f"no {stream} log for {run_id}/{step} attempt {n} (yet)")
     return got[0]

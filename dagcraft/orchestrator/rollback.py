@@ -102,7 +102,7 @@ class Compensation:
 
         committed = self.writer.write(mutate)
         if committed:
-            self.on_change(self.writer.state, self.writer.etag)
+            self.on_change(self.writer.state, self.writer.etag, self.writer.last_key)
         else:
             trace.append("step.fenced", {"step": self.step.id, "rollback_attempt": self.n})
         trace.append("rollback.finished", {"step": self.step.id, "success": ok, "exit_code": exit_code})

@@ -35,7 +35,7 @@ def cas_state(view: LocalView, state: StepState, etag: str | None) -> bool:
         view.refresh_step(state.step_id)
         return False
     view.apply(state, new_etag)
-    journal.append(view.store, view.run_id, state.step_id)
+    view.journal.mark_seen(journal.append(view.store, view.run_id, state.step_id))
     return True
 
 
@@ -55,7 +55,7 @@ def set_control(view: LocalView, status: str, reason: str | None = None, *, fini
         view.refresh_control()
         return False
     view.control, view.control_etag = ctl, etag
-    journal.append(view.store, view.run_id, layout.CONTROL_MARK)
+    view.journal.mark_seen(journal.append(view.store, view.run_id, layout.CONTROL_MARK))
     return True
 
 

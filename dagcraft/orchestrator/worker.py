@@ -296,7 +296,7 @@ class Worker:
         self.pool = None if inline else ThreadPoolExecutor(max_workers=self.concurrency,
                                                            thread_name_prefix="dagcraft-step")
         self.wake = threading.Event()
-        self.changes: queue.Queue[tuple[str, StepState, str]] = queue.Queue()
+        self.changes: queue.Queue[tuple[str, StepState, str, str | None]] = queue.Queue()
         self.draining = False
         self.handing_back = False
         self._index_after: str | None = None
@@ -349,9 +349,9 @@ class Worker:
             self.drivers[run_id] = driver
 
     # -- execution -----------------------------------------------------------------------
-    def _on_change(self, run_id: str) -> Callable[[StepState, str], None]:
-        def push(state: StepState, etag: str) -> None:
-            self.changes.put((run_id, state, etag))
+    def _on_change(self, run_id: str) -> Callable[[StepState, str, str | None], None]:
+        def push(state: StepState, etag: str, journal_key: str | None) -> None:
+            self.changes.put((run_id, state, etag, journal_key))
             self.wake.set()
         return push
 
@@ -382,11 +382,13 @@ class Worker:
             fut.exception()  # attempts catch their own errors; nothing to raise here
         while True:
             try:
-                run_id, state, etag = self.changes.get_nowait()
+                run_id, state, etag, journal_key = self.changes.get_nowait()
             except queue.Empty:
                 break
             if run_id in self.drivers:
                 self.drivers[run_id].view.apply(state, etag)
+                if journal_key:
+                    self.drivers[run_id].view.journal.mark_seen(journal_key)
 
     def cycle(self) -> bool:
         """One pass over every served run. Returns True when something changed."""

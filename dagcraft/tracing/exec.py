@@ -244,6 +244,13 @@ def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | N
             except (ValueError, OSError):
                 pass
 
+    exited = threading.Event()
+
+    def reap() -> None:
+        proc.wait()
+        exited.set()
+
+    threading.Thread(target=reap, daemon=True).start()
     timed_out = cancelled = False
     kill_at: float | None = None
     deadline = t0 + timeout if timeout is not None else None
@@ -271,11 +278,10 @@ def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | N
                 waits.append(max(0.0, deadline - now))
             if kill_at is not None and kill_at != float("inf"):
                 waits.append(max(0.0, kill_at - now))
-            try:
-                proc.wait(timeout=min(waits) if waits else None)
+            # exited.wait wakes the moment the waiter thread reaps the child (Popen.wait(timeout)
+            # would poll with growing sleeps and add milliseconds to every short step)
+            if exited.wait(min(waits) if waits else None):
                 break
-            except subprocess.TimeoutExpired:
-                continue
     finally:
         for s, h in old_handlers.items():
             _signal.signal(s, h)

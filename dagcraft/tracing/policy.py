@@ -53,7 +53,7 @@ def command_text(p: dict[str, Any]) -> str:
                 parts.append(inp[k])
     if isinstance(p.get("argv"), list):
         parts.append(" ".join(str(a) for a in p["argv"]))
-    return _norm(" \n ".join(parts))
+    return _norm(" \n ".join(dict.fromkeys(parts)))  # dedupe: hooks carry command twice
 
 
 def _subject(p: dict[str, Any]) -> str:

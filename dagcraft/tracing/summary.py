@@ -128,7 +128,7 @@ def describe(ev: TraceEvent) -> str:
         return str(p.get("message") or p.get("reason") or "")
     if k == "run.finished":
         return str(p.get("status") or "")
-    for key in ("name", "reason", "message", "step", "text_preview", "result_preview"):
+    for key in ("name", "reason", "message", "step", "text_preview", "result_preview", "model", "session_id"):
         if p.get(key):
             return str(p[key])
     return ""

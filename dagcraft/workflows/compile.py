@@ -319,7 +319,7 @@ class _Compiler:
             total *= len(vals)
         if total > MAX_FANOUT:
             raise self.err(path + ("matrix",), f"{total} instances exceed the fan-out limit of {MAX_FANOUT}")
-        return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
+        return [dict(zip([k for k, _ in axes], combo, strict=True)) for combo in itertools.product(*[v for _, v in axes])]
 
     def inputs_for(self, path: tuple, s: StepSpec, instances: dict[str, list[str]]) -> list[InputDecl]:
         out: list[InputDecl] = []

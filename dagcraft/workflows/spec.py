@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -57,7 +58,22 @@ def parse_duration(value: Any) -> float:
     raise ValueError(f"invalid duration {value!r}: use e.g. 30s, 15m, 1h30m or a number of seconds")
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+_DURATION_SCHEMA = {
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|h|m|s))+$|^\d+(\.\d+)?$"},
+    ],
+    "description": "seconds, or e.g. 30s, 15m, 1h30m, 500ms",
+}
+_COMMAND_SCHEMA = {
+    "anyOf": [
+        {"type": "array", "items": {"type": "string"}, "minItems": 1, "description": "argv, no shell"},
+        {"type": "string", "description": "shell string, run by sh -c (template values are shell-quoted)"},
+        {"type": "null"},
+    ]
+}
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
+Command = Annotated[Any, WithJsonSchema(_COMMAND_SCHEMA)]
 
 
 def _str_map(value: Any) -> Any:
@@ -160,6 +176,13 @@ class RetryOnSpec(_Model):
 class RetrySpec(_Model):
     """``retries: 2`` is shorthand for ``{limit: 2}``."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=lambda schema: schema.update(
+            {"description": "retries: N is shorthand for {limit: N}"}
+        ),
+    )
+
     limit: int = Field(0, ge=0, le=100)
     backoff: Duration = 1.0
     max_backoff: Duration = 60.0
@@ -224,8 +247,8 @@ class StepSpec(_Model):
     """One step as written. Exactly one of ``run`` or ``agent`` (+ ``prompt``)."""
 
     id: str
-    needs: list[str] = []
-    run: Any = None
+    needs: Annotated[list[str], WithJsonSchema({"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}]})] = []
+    run: Command = None
     agent: str | None = None
     prompt: str | None = None
     env: EnvMap = {}
@@ -237,7 +260,7 @@ class StepSpec(_Model):
     foreach: str | None = None
     outputs: OutputsSpec = OutputsSpec()
     inputs: list[InputSpec] = []
-    rollback: Any = None
+    rollback: Command = None
     cache: bool = False
     tags: list[str] = []
 
@@ -287,6 +310,24 @@ class StepSpec(_Model):
         if self.matrix is not None and self.foreach is not None:
             raise ValueError("'matrix' and 'foreach' cannot be combined on one step")
         return self
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """JSON Schema for spec files (``dagcraft schema``): accepts every shorthand the loader does."""
+    schema = Spec.model_json_schema(by_alias=True)
+    retry_ref = {"$ref": "#/$defs/RetrySpec"}
+    for model in ("StepSpec", "DefaultsSpec"):
+        schema["$defs"][model]["properties"]["retries"] = {
+            "anyOf": [retry_ref, {"type": "integer", "minimum": 0}, {"type": "null"}]
+        }
+    for model in ("StepSpec", "DefaultsSpec", "AgentDef"):
+        schema["$defs"][model]["properties"]["env"] = {
+            "type": "object",
+            "additionalProperties": {"type": ["string", "number", "boolean"]},
+        }
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "dagcraft workflow spec"
+    return schema
 
 
 class Spec(_Model):

@@ -169,3 +169,21 @@ def test_fake_agent_modes(tmp_path):
     with pytest.raises(subprocess.TimeoutExpired):
         env = {**os.environ, "FAKE_AGENT_MODE": "hang"}
         subprocess.run([sys.executable, str(FAKE), "-p", "x"], env=env, capture_output=True, timeout=0.5)
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_examples_match_json_schema(example):
+    jsonschema = pytest.importorskip("jsonschema")
+    import yaml
+
+    from dagcraft.workflows.spec import spec_json_schema
+
+    schema = spec_json_schema()
+    data = yaml.safe_load((ROOT / "examples" / example / "pipeline.yaml").read_text())
+    jsonschema.validate(data, schema)
+    data["steps"][0]["retries"] = 3
+    data["steps"][0]["timeout"] = "1h30m"
+    jsonschema.validate(data, schema)
+    data["steps"][0]["nedds"] = []
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, schema)

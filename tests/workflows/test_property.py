@@ -42,7 +42,7 @@ def test_random_dags_compile_in_topological_order(spec_data):
             assert position[need] < position[sid], (need, sid)
     # every declared need is represented by (all instances of) its template
     templates = {s["id"]: s for s in spec_data["steps"]}
-    for sid, step in wf.steps.items():
+    for step in wf.steps.values():
         if step.is_finally:
             continue
         need_templates = {wf.steps[n].template_id for n in step.needs}
