@@ -62,6 +62,7 @@ class LocalView:
         self.resync_s = resync_s
         self._last_resync = time.monotonic()
         self.changes = 0  # bumps on every observed change; lets callers skip needless work
+        self._ctx_cache: tuple[int, dict[str, dict[str, Any]]] | None = None
         self.refresh()
 
     # -- reading -------------------------------------------------------------------------
@@ -116,7 +117,10 @@ class LocalView:
 
     def state(self, step_id: str) -> StepState:
         got = self.states.get(step_id)
-        return got[0] if got else StepState(step_id=step_id)
+        if got is None:
+            # never changed since submission: pending, etag unknown until read
+            got = self.states[step_id] = (StepState(step_id=step_id), None)
+        return got[0]
 
     def etag(self, step_id: str) -> str | None:
         got = self.states.get(step_id)
@@ -183,12 +187,30 @@ class LocalView:
         return seen
 
     # -- template context ----------------------------------------------------------------
-    def steps_context(self, artifact_paths: dict[str, dict[str, str]] | None = None) -> dict[str, dict[str, Any]]:
+    def ancestors(self, step_id: str) -> set[str]:
+        """Every step upstream of ``step_id`` (templates may reference only these)."""
+        seen: set[str] = set()
+        stack = list(self.needs(step_id))
+        while stack:
+            cur = stack.pop()
+            if cur in seen or cur not in self.steps:
+                continue
+            seen.add(cur)
+            stack.extend(self.steps[cur].needs)
+        return seen
+
+    def steps_context(self, artifact_paths: dict[str, dict[str, str]] | None = None,
+                      only: set[str] | None = None) -> dict[str, dict[str, Any]]:
         """``steps.<template_id>`` for templates: outputs/artifacts/status. Fan-out templates
-        (matrix instances or foreach children) give lists of their instances' outputs."""
+        (matrix instances or foreach children) give lists of their instances' outputs.
+        ``only`` restricts it to those step ids (a step's ancestors: cost follows them)."""
+        cacheable = artifact_paths is None and only is None
+        if cacheable and self._ctx_cache is not None and self._ctx_cache[0] == self.changes:
+            return self._ctx_cache[1]
         artifact_paths = artifact_paths or {}
         groups: dict[str, list[str]] = {}
-        for sid, step in self.steps.items():
+        for sid in (only if only is not None else self.steps):
+            step = self.steps[sid]
             if self.state(sid).parent:
                 continue  # children are reported through their parent
             groups.setdefault(step.template_id, []).append(sid)
@@ -217,6 +239,8 @@ class LocalView:
             else:
                 o, a, s = instances[0]
                 out[tid] = {"outputs": o, "artifacts": a, "status": s}
+        if cacheable:
+            self._ctx_cache = (self.changes, out)
         return out
 
     def _artifact_view(self, step_id: str, artifact_paths: dict[str, dict[str, str]]) -> dict[str, str]:

@@ -44,6 +44,8 @@ class RunDriver:
         self.view = LocalView(cfg.store, run_id)
         self.sup: leases.Lease | None = None
         self._sup_next = 0.0
+        self._ctx: tuple[int, RenderContext] | None = None
+        self._inst: tuple[int, dict[str, list[str]]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -75,11 +77,17 @@ class RunDriver:
 
     # -- scheduling ----------------------------------------------------------------------
     def _context(self, sid: str) -> RenderContext:
-        rec = self.view.record
-        return RenderContext(params=self.view.wf.params,
-                             run={"id": self.run_id, "name": rec.name, "spec_dir": rec.spec_dir or ""},
-                             steps=self.view.steps_context(), matrix=self.view.steps[sid].matrix,
-                             item=getattr(self.view.steps[sid], "item", None), env={})
+        """The template context of one step: only its ancestors can be referenced (the
+        compiler checks that), so only they are built — cost follows the step, not the DAG."""
+        if self._ctx is None:
+            rec = self.view.record
+            self._ctx = (0, RenderContext(params=self.view.wf.params,
+                                          run={"id": self.run_id, "name": rec.name, "spec_dir": rec.spec_dir or ""},
+                                          steps={}, env={}))
+        step = self.view.steps[sid]
+        return self._ctx[1].model_copy(update={
+            "matrix": step.matrix, "item": getattr(step, "item", None),
+            "steps": self.view.steps_context(only=self.view.ancestors(sid))})
 
     def _skip(self, sid: str, reason: str) -> None:
         st = self.view.state(sid).model_copy(deep=True)
@@ -200,6 +208,10 @@ class RunDriver:
     def claim(self, sid: str) -> Claimed | None:
         view = self.view
         step = view.steps[sid]
+        if view.etag(sid) is None:
+            view.refresh_step(sid)  # untouched since submission: read its etag once
+            if view.status(sid) not in ("pending", "retrying"):
+                return None
         sems = self._semaphores(step)
         held = []
         for sem in sems:
@@ -224,10 +236,12 @@ class RunDriver:
             return None
         return Claimed(run_id=self.run_id, run_name=view.record.name, spec_dir=view.record.spec_dir, wf=view.wf,
                        step=step, state=view.state(sid), etag=view.etag(sid) or "",
-                       steps_ctx=view.steps_context(), upstream_artifacts=self._upstream_artifacts(sid),
+                       steps_ctx=view.steps_context(only=view.ancestors(sid)), upstream_artifacts=self._upstream_artifacts(sid),
                        instances=self._instances(), semaphore_leases=held, semaphores=sems)
 
     def _instances(self) -> dict[str, list[str]]:
+        if self._inst is not None and self._inst[0] == self.view.changes:
+            return self._inst[1]
         out: dict[str, list[str]] = {}
         for sid, step in self.view.steps.items():
             st = self.view.state(sid)
@@ -237,6 +251,7 @@ class RunDriver:
                 out.setdefault(step.template_id, []).extend(st.children)
             else:
                 out.setdefault(step.template_id, []).append(sid)
+        self._inst = (self.view.changes, out)
         return out
 
     def _upstream_artifacts(self, sid: str) -> dict[str, dict[str, dict[str, Any]]]:
