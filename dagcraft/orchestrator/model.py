@@ -39,6 +39,8 @@ class RunRecord(BaseModel):
     name: str
     spec_hash: str
     workflow: dict[str, Any]
+    #: step ids in the compiled (topological) order; JSON objects do not keep order
+    order: list[str] = Field(default_factory=list)
     params: dict[str, Any]
     secret_params: list[str] = Field(default_factory=list)
     spec_dir: str | None = None

@@ -37,7 +37,7 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
     rec = _record(store, run_id)
     ctl = _control(store, run_id)
     steps = []
-    order = list(rec.workflow.get("steps", {}))
+    order = rec.order or list(rec.workflow.get("steps", {}))
     seen = set()
     keys = [k for k in store.list(layout.steps_prefix(run_id)) if k.endswith("/state.json")]
     states: dict[str, StepState] = {}

@@ -43,6 +43,9 @@ def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
         if secret_env_name(name) in os.environ:
             params[name] = os.environ[secret_env_name(name)]
     data["params"] = params
+    steps = data.get("steps", {})
+    if record.order and set(record.order) == set(steps):
+        data["steps"] = {sid: steps[sid] for sid in record.order}
     return record, CompiledWorkflow.model_validate(data)
 
 

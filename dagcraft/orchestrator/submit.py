@@ -62,6 +62,7 @@ def submit(
         name=wf.name,
         spec_hash=wf.spec_hash,
         workflow=data,
+        order=list(wf.steps),
         params=data.get("params", {}),
         secret_params=list(wf.secret_params),
         spec_dir=spec_dir,
