@@ -41,8 +41,9 @@ def counting(app):
             return [body]
         method = environ.get("REQUEST_METHOD", "?")
         query = environ.get("QUERY_STRING", "")
-        kind = "LIST" if method == "GET" and ("list-type" in query or environ.get("PATH_INFO", "/").count("/") <= 1
-                                               and "prefix" in query) else method
+        # path-style: GET /bucket?list-type=2... lists; GET /bucket/key reads an object
+        bucket_level = environ.get("PATH_INFO", "/").rstrip("/").count("/") <= 1
+        kind = "LIST" if method == "GET" and (bucket_level or "list-type" in query) else method
         status_box: list[str] = []
 
         def sr(status, headers, exc_info=None):
