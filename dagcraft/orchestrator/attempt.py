@@ -175,17 +175,19 @@ class Attempt:
         while not self._stop_hb.wait(self.cfg.heartbeat_s):
             try:
                 now = self.store.now()
-                ok = self.writer.write(lambda s: setattr(s, "lease_expires_at", now + self.cfg.lease_ttl),
-                                       notify=False)
+                expires = now + self.cfg.lease_ttl
+                def extend(s: StepState, e: float = expires) -> None:
+                    s.lease_expires_at = e
+
+                ok = self.writer.write(extend, notify=False)
                 if ok:
-                    deadline = now + self.cfg.lease_ttl
+                    deadline = expires
                     self._snapshot_logs()
-                    for sem, lease in zip(self.c.semaphores, self.c.semaphore_leases):
+                    for i, sem in enumerate(self.c.semaphores):
                         try:
-                            idx = self.c.semaphore_leases.index(lease)
-                            self.c.semaphore_leases[idx] = sem.renew(lease)
+                            self.c.semaphore_leases[i] = sem.renew(self.c.semaphore_leases[i])
                         except DagcraftError:
-                            pass
+                            pass  # a lost slot only loosens the cap; the step's own lease matters
                     continue
                 self._lose("lease taken over")
                 return
@@ -472,7 +474,7 @@ class Attempt:
             self.store.put_file(f"{prefix}/trace.jsonl", self.dir / "trace.jsonl")
         except DagcraftError:
             pass  # the committed state stands; a missing trace is reported by `trace` commands
-        for sem, lease in zip(self.c.semaphores, self.c.semaphore_leases):
+        for sem, lease in zip(self.c.semaphores, self.c.semaphore_leases, strict=True):
             try:
                 sem.release(lease)
             except DagcraftError:

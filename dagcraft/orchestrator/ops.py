@@ -13,7 +13,15 @@ from typing import Any
 
 from dagcraft.errors import Conflict, InvalidInput, NotFound
 from dagcraft.orchestrator import journal, layout
-from dagcraft.orchestrator.model import RUN_FINISHED, Control, RunRecord, StepState, dump, load_control, load_state
+from dagcraft.orchestrator.model import (
+    RUN_FINISHED,
+    Control,
+    RunRecord,
+    StepState,
+    dump,
+    load_control,
+    load_state,
+)
 from dagcraft.orchestrator.run_view import LocalView
 from dagcraft.orchestrator.supervisor import cas_state, set_control
 from dagcraft.primitives.store import Store
@@ -67,7 +75,7 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
                               "cached_from": cst.cached_from, "parent": sid, "children": []})
     counts: dict[str, int] = {}
     for s in steps:
-        counts[s["status"]] = counts.get(s["status"], 0) + 1
+        counts[str(s["status"])] = counts.get(str(s["status"]), 0) + 1
     return {"run_id": run_id, "name": rec.name, "status": ctl.status, "reason": ctl.reason,
             "submitted_at": rec.submitted_at, "submitted_by": rec.submitted_by, "finished_at": ctl.finished_at,
             "spec_hash": rec.spec_hash, "params": rec.params, "counts": counts, "steps": steps}

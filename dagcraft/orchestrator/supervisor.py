@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dagcraft.errors import Conflict
 from dagcraft.orchestrator import journal, layout
-from dagcraft.orchestrator.model import AttemptInfo, Control, StepState, dump
+from dagcraft.orchestrator.model import AttemptInfo, StepState, dump
 from dagcraft.orchestrator.retry import LOST_WORKER_RETRIES
 from dagcraft.orchestrator.run_view import LocalView
 
@@ -128,7 +128,7 @@ def tick(view: LocalView) -> None:
         return
     if ctl == "rolling_back":
         if not any(view.status(s) == "running" for s in view.steps) and not pending_compensations(view):
-            failed = [s for s in view.steps if view.state(s).rollback and view.state(s).rollback.status == "failed"]
+            failed = [s for s in view.steps if (rb := view.state(s).rollback) is not None and rb.status == "failed"]
             if failed:
                 set_control(view, "failed", f"compensation of {failed[0]!r} failed", finished=True)
             else:

@@ -213,11 +213,11 @@ class RunDriver:
             if view.status(sid) not in ("pending", "retrying"):
                 return None
         sems = self._semaphores(step)
-        held = []
+        held: list[leases.Lease] = []
         for sem in sems:
             got = sem.try_acquire(f"{self.cfg.worker_id}/{self.run_id}/{sid}")
             if got is None:
-                for s, lease in zip(sems, held):
+                for s, lease in zip(sems, held, strict=False):
                     s.release(lease)
                 return None
             held.append(got)
@@ -231,7 +231,7 @@ class RunDriver:
         st.not_before = None
         st.reason = None
         if not supervisor.cas_state(view, st, view.etag(sid)):
-            for s, lease in zip(sems, held):
+            for s, lease in zip(sems, held, strict=False):
                 s.release(lease)
             return None
         return Claimed(run_id=self.run_id, run_name=view.record.name, spec_dir=view.record.spec_dir, wf=view.wf,

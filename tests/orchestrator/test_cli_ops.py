@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-from pathlib import Path
 
 from dagcraft.orchestrator import run_status
 from dagcraft.primitives import open_store

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from dagcraft.orchestrator import cancel, layout, retry_from, run_status
-from tests.orchestrator.helpers import read_trace_events, run_spec, steps, submit_spec, wait_for, write_spec, drive_inline
+from tests.orchestrator.helpers import (
+    drive_inline,
+    read_trace_events,
+    run_spec,
+    steps,
+    submit_spec,
+    wait_for,
+    write_spec,
+)
 
 
 def test_outputs_artifacts_foreach_and_matrix(local_store, tmp_path):

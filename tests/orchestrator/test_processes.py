@@ -3,14 +3,10 @@ resume. Workers are ``dagcraft worker`` / ``dagcraft run`` subprocesses."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import time
 from collections import Counter
 from pathlib import Path
-
-import pytest
 
 from dagcraft.orchestrator import layout, run_status
 from dagcraft.orchestrator.model import load_state

@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 from dagcraft.primitives.local import LocalStore
 from tests.orchestrator.helpers import drive_inline, submit_spec, write_spec
 
