@@ -66,10 +66,11 @@ class Progress:
         ids = view.all_ids()
         for sid in ids[:40]:
             st = view.state(sid)
-            table.add_row(sid, Text(st.status, style=STYLE.get(st.status, "")), str(st.attempt or ""),
-                          (st.worker or "")[-24:], _dur(st, now))
+            # Text, not markup: step ids like review[reviewer=security] look like rich tags
+            table.add_row(Text(sid), Text(st.status, style=STYLE.get(st.status, "")), str(st.attempt or ""),
+                          Text((st.worker or (st.history[-1].worker if st.history else None) or "")[-24:]), _dur(st, now))
         if len(ids) > 40:
-            table.add_row(f"… {len(ids) - 40} more", "", "", "", "")
+            table.add_row(Text(f"… {len(ids) - 40} more"), "", "", "", "")
         counts = view.counts()
         done = sum(v for k, v in counts.items() if k in TERMINAL)
         summary = "  ".join(f"{k}: {v}" for k, v in sorted(counts.items()))

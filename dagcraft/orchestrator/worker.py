@@ -132,7 +132,14 @@ class RunDriver:
                 self.view.apply(cst, etag)
                 journal.append(self.cfg.store, self.run_id, child.id)
             except Conflict:
-                self.view.refresh_step(child.id)  # expanded before by another worker: same children
+                # expanded before: by a racing worker (same children), or in an earlier
+                # generation of a reset run, whose items may differ — then take the new ones
+                existing = self.view.refresh_step(child.id)
+                if existing.definition != cst.definition and existing.status == "pending":
+                    fresh = existing.model_copy(deep=True)
+                    fresh.definition = cst.definition
+                    supervisor.cas_state(self.view, fresh, self.view.etag(child.id))
+                    self.view.steps[child.id] = child
         new = self.view.state(sid).model_copy(deep=True)
         new.children = ids
         new.status = "expanded" if ids else "succeeded"
