@@ -269,3 +269,28 @@ def test_status_of_unknown_run_is_not_found(local_store):
 
     with pytest.raises(NotFound):
         run_status(local_store, "nope")
+
+
+def test_retry_from_reexpands_foreach_with_new_items(local_store, tmp_path):
+    items = tmp_path / "items.json"
+    items.write_text('["a", "b"]')
+    log = tmp_path / "log"
+    rid, st = run_spec(local_store, tmp_path, f"""
+        name: reexpand
+        steps:
+          - id: plan
+            run: "echo list=$(cat {items}) >> $DAGCRAFT_OUTPUT"
+            outputs: {{values: [list]}}
+          - id: each
+            needs: [plan]
+            foreach: "${{{{ steps.plan.outputs.list }}}}"
+            run: ["sh", "-c", "echo $1 >> {log}", "x", "${{{{ item }}}}"]
+    """)
+    assert st["status"] == "succeeded"
+    items.write_text('["c", "d", "e"]')
+    retry_from(local_store, rid, "plan")
+    st = drive_inline(local_store, rid, tmp_path)
+    assert st["status"] == "succeeded"
+    assert steps(st)["each"]["children"] == ["each[0]", "each[1]", "each[2]"]
+    lines = log.read_text().split()
+    assert sorted(lines[:2]) == ["a", "b"] and sorted(lines[2:]) == ["c", "d", "e"]
