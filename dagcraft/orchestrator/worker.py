@@ -89,19 +89,19 @@ class RunDriver:
             "matrix": step.matrix, "item": getattr(step, "item", None),
             "steps": self.view.steps_context(only=self.view.ancestors(sid))})
 
-    def _skip(self, sid: str, reason: str) -> None:
+    def _end(self, sid: str, status: str, reason: str) -> None:
+        """Move a step that never ran to a terminal state (skipped, or failed before running)."""
         st = self.view.state(sid).model_copy(deep=True)
-        st.status = "skipped"
+        st.status = status  # type: ignore[assignment]
         st.reason = reason
         st.finished_at = self.cfg.store.now()
         supervisor.cas_state(self.view, st, self.view.etag(sid))
 
+    def _skip(self, sid: str, reason: str) -> None:
+        self._end(sid, "skipped", reason)
+
     def _fail(self, sid: str, reason: str) -> None:
-        st = self.view.state(sid).model_copy(deep=True)
-        st.status = "failed"
-        st.reason = reason
-        st.finished_at = self.cfg.store.now()
-        supervisor.cas_state(self.view, st, self.view.etag(sid))
+        self._end(sid, "failed", reason)
 
     def resolve_parents(self) -> None:
         """A foreach parent finishes when all its children have."""
