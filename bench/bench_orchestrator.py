@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -145,8 +146,16 @@ def wait_all(procs: list[subprocess.Popen[Any]], deadline: float) -> list[tuple[
     return out
 
 
-def metrics(wall: float, steps: int, workers: int, bare: float) -> dict[str, float]:
+def child_cpu() -> float:
+    """CPU seconds (user + sys) of this process's terminated, waited-for children and their
+    waited-for descendants (the workers and the commands they ran)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def metrics(wall: float, steps: int, workers: int, bare: float, cpu: float) -> dict[str, float]:
     return {
+        "cpu_per_step_ms": round(cpu / steps * 1000, 3),
         "wall_s": round(wall, 3),
         "wall_per_step_ms": round(wall / steps * 1000, 3),
         "overhead_per_step_ms": round((wall * workers - steps * bare) / steps * 1000, 3),
@@ -162,16 +171,18 @@ def step_spans(status: dict[str, Any]) -> dict[str, float]:
     spans.sort()
     return {"claim_to_commit_median_ms": round(statistics.median(spans) * 1000, 2),
             "claim_to_commit_p90_ms": round(spans[int(len(spans) * 0.9)] * 1000, 2),
+            "claim_to_commit_min_ms": round(spans[0] * 1000, 2),
+            "claim_to_commit_max_ms": round(spans[-1] * 1000, 2),
             "claim_to_commit_sum_s": round(sum(spans), 3)}
 
 
 # -- dagcraft --------------------------------------------------------------------------------
-def run_dagcraft(label: str, store_url: str, spec: Path, a: argparse.Namespace, bare: float,
+def run_dagcraft(label: str, store_url: str, spec: Path, steps: int, a: argparse.Namespace, bare: float,
                  server: MotoServer | None) -> dict[str, Any]:
     from dagcraft.orchestrator import run_status
     from dagcraft.primitives import open_store
 
-    print(f"\n[{label}] dagcraft: {a.steps} steps, {a.workers} workers, store {store_url}", flush=True)
+    print(f"\n[{label}] dagcraft: {steps} steps, {a.workers} workers, store {store_url}", flush=True)
     cli = [sys.executable, "-m", "dagcraft.cli.main"]
     t = time.perf_counter()
     p = subprocess.run([*cli, "submit", str(spec), "--store", store_url], capture_output=True, text=True)
@@ -185,11 +196,13 @@ def run_dagcraft(label: str, store_url: str, spec: Path, a: argparse.Namespace, 
     env = {**os.environ, "TMPDIR": str(work)}
     argv = [*cli, "worker", "--store", store_url, "--run", run_id, "--exit-when-idle", "--poll-max",
             str(a.poll_max), "--quiet"]
+    cpu0 = child_cpu()
     t0 = time.perf_counter()
     procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True) for _ in range(a.workers)]
     results = wait_all(procs, time.monotonic() + a.timeout)
     wall = time.perf_counter() - t0
+    cpu = child_cpu() - cpu0
     reqs = server.take_stats() if server is not None else None
     shutil.rmtree(work, ignore_errors=True)
     problems = [f"worker {i}: exit {rc}; stderr: {err.strip()[-2000:]}" for i, (rc, _, err) in enumerate(results)
@@ -200,24 +213,24 @@ def run_dagcraft(label: str, store_url: str, spec: Path, a: argparse.Namespace, 
     counts = st["counts"]
     attempts = [s["attempt"] for s in st["steps"]]
     out: dict[str, Any] = {
-        "label": label, "tool": "dagcraft", "store": store_url, "run_id": run_id, "steps": a.steps,
+        "label": label, "tool": "dagcraft", "store": store_url, "run_id": run_id, "steps": steps,
         "workers": a.workers, "submit_s": round(submit_s, 3), "run_status": st["status"],
         "step_counts": counts, "steps_in_status": len(st["steps"]),
         "max_attempt": max(attempts) if attempts else None,
-        **metrics(wall, a.steps, a.workers, bare), **step_spans(st),
+        **metrics(wall, steps, a.workers, bare, cpu), **step_spans(st),
     }
     if reqs is not None:
         total = reqs.pop("total", 0)
         out["requests"] = reqs
-        out["requests_per_step"] = round(total / a.steps, 2)
-        out["requests_per_step_by_kind"] = {k: round(v / a.steps, 2) for k, v in sorted(reqs.items())}
+        out["requests_per_step"] = round(total / steps, 2)
+        out["requests_per_step_by_kind"] = {k: round(v / steps, 2) for k, v in sorted(reqs.items())}
     if problems:
         out["problems"] = problems
     if noisy:
         out["stderr"] = noisy
-    if st["status"] != "succeeded" or counts.get("succeeded") != a.steps or len(st["steps"]) != a.steps:
+    if st["status"] != "succeeded" or counts.get("succeeded") != steps or len(st["steps"]) != steps:
         out.setdefault("problems", []).append(
-            f"run status {st['status']!r}, counts {counts}, {len(st['steps'])} steps (expected {a.steps} succeeded)")
+            f"run status {st['status']!r}, counts {counts}, {len(st['steps'])} steps (expected {steps} succeeded)")
     return out
 
 
@@ -277,6 +290,7 @@ def run_tracecraft(exe: Path, venv: Path, dag: dict[str, list[str]], a: argparse
         return {"label": label, "skipped": f"`tracecraft init` failed ({p.returncode}): {p.stderr.strip()}"}
     (work / "dag.json").write_text(json.dumps(dag))
     server.take_stats()
+    cpu0 = child_cpu()
     t0 = time.perf_counter()
     procs = [subprocess.Popen([str(venv / "bin" / "python"), str(BENCH / "_tracecraft_worker.py"),
                                str(work / "dag.json"), str(exe), "--poll-max", str(a.poll_max)],
@@ -285,11 +299,12 @@ def run_tracecraft(exe: Path, venv: Path, dag: dict[str, list[str]], a: argparse
              for i in range(a.workers)]
     results = wait_all(procs, time.monotonic() + a.timeout)
     wall = time.perf_counter() - t0
+    cpu = child_cpu() - cpu0
     reqs = server.take_stats()
     problems = [f"worker {i}: exit {rc}; stderr: {err.strip()[-2000:]}" for i, (rc, _, err) in enumerate(results)
                 if rc != 0]
     per_worker = []
-    for rc, o, _ in results:
+    for _rc, o, _ in results:
         try:
             per_worker.append(json.loads(o.strip().splitlines()[-1]))
         except (ValueError, IndexError):
@@ -318,7 +333,7 @@ def run_tracecraft(exe: Path, venv: Path, dag: dict[str, list[str]], a: argparse
     out: dict[str, Any] = {
         "label": label, "tool": f"tracecraft-ai {tracecraft_version(venv)}", "store": f"s3://{bucket}/bench",
         "steps": len(dag), "workers": a.workers, "step_statuses": statuses, "worker_counters": totals,
-        **metrics(wall, len(dag), a.workers, bare),
+        **metrics(wall, len(dag), a.workers, bare, cpu),
         "requests": reqs, "requests_per_step": round(total / len(dag), 2),
         "requests_per_step_by_kind": {k: round(v / len(dag), 2) for k, v in sorted(reqs.items())},
         "cli_calls_per_step": round((totals.get("claim_calls", 0) + totals.get("complete_calls", 0)) / len(dag), 3),
@@ -332,22 +347,26 @@ def run_tracecraft(exe: Path, venv: Path, dag: dict[str, list[str]], a: argparse
 
 # -- report ----------------------------------------------------------------------------------
 def table(rows: list[dict[str, Any]]) -> None:
-    cols = [("configuration", 28), ("wall s", 8), ("wall/step ms", 13), ("overhead/step ms", 17),
-            ("steps/s", 8), ("req/step", 9), ("status", 10)]
+    cols = [("configuration", 30), ("steps", 6), ("wall s", 8), ("wall/step ms", 13), ("overhead/step ms", 17),
+            ("CPU/step ms", 12), ("steps/s", 8), ("req/step", 9), ("status", 12)]
     print("\n" + " ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(cols)))
     print("-" * (sum(w for _, w in cols) + len(cols) - 1))
     for r in rows:
         if "wall_s" not in r:
-            print(f"{r['label']:<28} {'SKIPPED/FAILED: ' + (r.get('skipped') or r.get('error') or '?')}")
+            print(f"{r['label']:<30} {'SKIPPED/FAILED: ' + (r.get('skipped') or r.get('error') or '?')}")
             continue
-        status = r.get("run_status") or ("complete" if r.get("step_statuses", {}).get("complete") == r["steps"]
-                                          else "INCOMPLETE")
+        if "run_status" in r:
+            status = r["run_status"]
+        else:
+            done = r.get("step_statuses", {}).get("complete", 0)
+            status = "complete" if done == r["steps"] else f"{done}/{r['steps']} done"
         if r.get("problems"):
-            status += "!"
+            status += " (!)"
         req = f"{r['requests_per_step']:.2f}" if "requests_per_step" in r else "-"
-        vals = [r["label"], f"{r['wall_s']:.2f}", f"{r['wall_per_step_ms']:.2f}", f"{r['overhead_per_step_ms']:.2f}",
-                f"{r['steps_per_s']:.1f}", req, status]
-        print(" ".join(f"{v:>{w}}" if i else f"{v:<{w}}" for i, (v, (_, w)) in enumerate(zip(vals, cols))))
+        vals = [r["label"], str(r["steps"]), f"{r['wall_s']:.2f}", f"{r['wall_per_step_ms']:.2f}",
+                f"{r['overhead_per_step_ms']:.2f}", f"{r['cpu_per_step_ms']:.2f}", f"{r['steps_per_s']:.1f}", req,
+                status]
+        print(" ".join(f"{v:>{w}}" if i else f"{v:<{w}}" for i, (v, (_, w)) in enumerate(zip(vals, cols, strict=True))))
 
 
 def main() -> None:
@@ -363,6 +382,10 @@ def main() -> None:
     ap.add_argument("--tracecraft", dest="tracecraft", action="store_true", default=True,
                     help="also drive the DAG with tracecraft-ai (default)")
     ap.add_argument("--no-tracecraft", dest="tracecraft", action="store_false")
+    ap.add_argument("--tc-steps", type=int, default=200,
+                    help="steps of the DAG driven by tracecraft-ai (its CLI starts cost ~0.5 s each, so 500 "
+                         "steps take ~7 min on 2 cores); when it differs from --steps, dagcraft also runs that "
+                         "DAG on the moto server so the ratio compares the same DAG")
     ap.add_argument("--tc-venv", type=Path, default=Path("/tmp/tcvenv"))
     ap.add_argument("--no-tracecraft-install", action="store_true")
     ap.add_argument("--json-out", type=Path, default=BENCH / "results" / "orchestrator.json")
@@ -381,7 +404,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     if not a.no_local:
-        rows.append(run_dagcraft("dagcraft / local store", str(tmp / "store"), spec, a, bare, None))
+        rows.append(run_dagcraft("dagcraft / local store", str(tmp / "store"), spec, a.steps, a, bare, None))
     server = None
     tc_skip: str | None = None
     if a.no_s3:
@@ -395,13 +418,23 @@ def main() -> None:
             from dagcraft.primitives.url import s3_url
 
             url = s3_url(server.new_bucket("dc"), "bench", endpoint=server.endpoint)
-            rows.append(run_dagcraft("dagcraft / moto S3", url, spec, a, bare, server))
+            rows.append(run_dagcraft("dagcraft / moto S3", url, spec, a.steps, a, bare, server))
             if a.tracecraft:
+                tc_n = min(a.tc_steps, a.steps)
                 exe, why = ensure_tracecraft(a.tc_venv, not a.no_tracecraft_install)
                 if exe is None:
                     tc_skip = why
                 else:
-                    rows.append(run_tracecraft(exe, a.tc_venv, dag, a, bare, server))
+                    if tc_n != a.steps:
+                        tc_dag = make_dag(tc_n, a.layer)
+                        tc_spec = tmp / "pipeline-tc.yaml"
+                        tc_spec.write_text(dag_spec(tc_dag))
+                        url = s3_url(server.new_bucket("dc"), "bench", endpoint=server.endpoint)
+                        rows.append(run_dagcraft(f"dagcraft / moto S3 ({tc_n})", url, tc_spec, tc_n, a, bare,
+                                                 server))
+                    else:
+                        tc_dag = dag
+                    rows.append(run_tracecraft(exe, a.tc_venv, tc_dag, a, bare, server))
     finally:
         if server is not None:
             server.close()
@@ -411,16 +444,26 @@ def main() -> None:
 
     table(rows)
     by = {r["label"]: r for r in rows}
-    dc, tc = by.get("dagcraft / moto S3", {}), by.get("tracecraft-ai / moto S3", {})
+    tc = by.get("tracecraft-ai / moto S3", {})
+    dc = next((r for r in rows if r.get("tool") == "dagcraft" and r["label"].startswith("dagcraft / moto S3")
+               and r.get("steps") == tc.get("steps")), {})
     ratio = None
-    if "wall_s" in dc and "wall_s" in tc:
-        ratio = {"wall": round(dc["wall_s"] / tc["wall_s"], 4),
-                 "overhead_per_step": round(dc["overhead_per_step_ms"] / tc["overhead_per_step_ms"], 4)}
-        print(f"\ndagcraft / tracecraft-ai on the same moto server: wall ratio {ratio['wall']:.3f} "
-              f"(tracecraft takes {1 / ratio['wall']:.1f}x as long); overhead/step ratio "
-              f"{ratio['overhead_per_step']:.3f}")
+    if "wall_s" in dc and "wall_s" in tc and not tc.get("problems") and not dc.get("problems"):
+        ratio = {"steps": tc["steps"], "wall": round(dc["wall_s"] / tc["wall_s"], 4),
+                 "overhead_per_step": round(dc["overhead_per_step_ms"] / tc["overhead_per_step_ms"], 4),
+                 "cpu_per_step": round(dc["cpu_per_step_ms"] / tc["cpu_per_step_ms"], 4),
+                 "requests_per_step": round(dc["requests_per_step"] / tc["requests_per_step"], 4)}
+        print(f"\ndagcraft / tracecraft-ai, same {tc['steps']}-step DAG, same moto server, {a.workers} workers:\n"
+              f"  wall {dc['wall_s']:.2f} s / {tc['wall_s']:.2f} s = {ratio['wall']:.3f} "
+              f"(tracecraft-ai takes {1 / ratio['wall']:.1f}x as long)\n"
+              f"  overhead/step {dc['overhead_per_step_ms']:.1f} / {tc['overhead_per_step_ms']:.1f} ms = "
+              f"{ratio['overhead_per_step']:.3f}; CPU/step {dc['cpu_per_step_ms']:.1f} / {tc['cpu_per_step_ms']:.1f} ms"
+              f" = {ratio['cpu_per_step']:.3f}; requests/step {dc['requests_per_step']:.2f} / "
+              f"{tc['requests_per_step']:.2f} = {ratio['requests_per_step']:.3f}")
     elif a.tracecraft:
-        print(f"\ntracecraft-ai comparison SKIPPED: {tc_skip or tc.get('skipped') or 'no result'}")
+        why = tc_skip or tc.get("skipped") or ("; ".join(tc.get("problems", []) + dc.get("problems", []))
+                                               or "no result")
+        print(f"\ntracecraft-ai comparison SKIPPED or INVALID: {why}")
     loc = by.get("dagcraft / local store", {})
     if "overhead_per_step_ms" in loc:
         ok = loc["overhead_per_step_ms"] < TARGET_LOCAL_MS
@@ -443,9 +486,14 @@ def main() -> None:
             notes.append(f"{r['label']}: {prob}")
         for e in r.get("stderr", []):
             print(f"NOTE [{r['label']}]: {e}")
-    print("\nDefinitions: wall = worker processes started -> all exited; overhead/step = (wall x workers - "
-          "steps x bare_true) / steps, in worker-ms; wall/step = wall / steps; req/step = HTTP requests "
-          "seen by the moto server during that wall time / steps.")
+    print("\nDefinitions:\n"
+          "  wall          = worker processes started -> all exited (run succeeded / all steps complete)\n"
+          f"  overhead/step = (wall x workers - steps x bare_true) / steps, worker-ms per step not spent in the "
+          f"command (bare_true = {bare * 1000:.3f} ms)\n"
+          "  wall/step     = wall / steps (throughput view)\n"
+          "  CPU/step      = user+sys CPU of the worker processes and everything they ran (commands, CLI calls) / "
+          "steps\n"
+          "  req/step      = HTTP requests the moto server received during the wall time / steps")
 
     a.json_out.parent.mkdir(parents=True, exist_ok=True)
     a.json_out.write_text(json.dumps({
@@ -458,6 +506,7 @@ def main() -> None:
             "overhead_per_step_ms": "(wall * workers - steps * bare_true) / steps: worker-ms per step not spent "
                                     "in the command itself",
             "wall_per_step_ms": "wall / steps",
+            "cpu_per_step_ms": "user+sys CPU of the worker processes and their descendants / steps",
             "requests_per_step": "HTTP requests received by the moto server during the wall time / steps",
             "claim_to_commit": "finished_at - started_at of each step state (store clock): claim to commit, "
                                "includes the command",

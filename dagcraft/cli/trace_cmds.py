@@ -184,17 +184,19 @@ def register(cli: click.Group) -> None:
     @click.option("--rebuild", is_flag=True, help="Ignore the cached index and re-read every trace.")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @click.option("--store", "store_url", default=None, help=STORE_HELP)
+    @click.option("--all-runs", is_flag=True, help="Catalog every run in the store.")
     def ledger_cmd(directory: str | None, status: str | None, since: str | None, step: str | None,
-                   text: str | None, rebuild: bool, as_json: bool, store_url: str | None) -> None:
-        """Catalog the traces in DIRECTORY (recursively), or of RUN in the store."""
+                   text: str | None, rebuild: bool, as_json: bool, store_url: str | None, all_runs: bool) -> None:
+        """Catalog the traces in DIRECTORY (recursively), of RUN in the store, or of every run
+        in the store (--all-runs)."""
         from dagcraft.tracing.ledger import build_ledger, filter_entries, parse_since
         from dagcraft.tracing.summary import fmt_dur
 
         since_ms = parse_since(since) if since else None
-        target = directory or "."
+        target = "@all" if all_runs else (directory or ".")
         root = Path(target)
-        if not root.is_dir():
-            if root.exists():
+        if all_runs or not root.is_dir():
+            if root.exists() and not all_runs:
                 raise InvalidInput(f"{target} is a file; the ledger catalogs a directory")
             paths = _resolve(target, store_url)
             root = Path(os.path.commonpath([str(p.parent) for p in paths]))

@@ -31,7 +31,21 @@ def _download(store: Store, key: str, dest: Path) -> Path:
 
 
 def resolve_traces(store: Store, target: str, dest: Path | None = None) -> list[Path]:
-    """Trace files for ``RUN``, ``RUN/STEP`` or ``RUN/STEP/ATTEMPT``, downloaded to ``dest``."""
+    """Trace files for ``RUN``, ``RUN/STEP`` or ``RUN/STEP/ATTEMPT`` — or ``@all``, every run
+    in the store — downloaded to ``dest`` (``<dest>[/<run>]/<step>/<attempt>/trace.jsonl``)."""
+    if target == "@all":
+        from dagcraft.orchestrator.ops import list_runs
+
+        dest = dest or Path(tempfile.mkdtemp(prefix="dagcraft-traces-"))
+        out: list[Path] = []
+        for run in list_runs(store):
+            try:
+                out += resolve_traces(store, run["run_id"], dest / run["run_id"])
+            except NotFound:
+                continue  # a run with no finished attempt yet
+        if not out:
+            raise NotFound(f"no traces in {store.url} yet")
+        return out
     parts = target.split("/")
     if not 1 <= len(parts) <= 3 or not all(parts):
         raise NotFound(f"{target!r} is neither a trace file nor RUN[/STEP[/ATTEMPT]]")
@@ -39,7 +53,7 @@ def resolve_traces(store: Store, target: str, dest: Path | None = None) -> list[
     status = run_status(store, run_id)
     dest = dest or Path(tempfile.mkdtemp(prefix="dagcraft-traces-"))
     steps = [parts[1]] if len(parts) > 1 else [s["step"] for s in status["steps"]]
-    out = []
+    out: list[Path] = []
     for step in steps:
         attempts = [parts[2]] if len(parts) == 3 else _attempt_dirs(store, run_id, step)
         for a in attempts:
