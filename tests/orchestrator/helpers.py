@@ -31,13 +31,14 @@ def submit_spec(store: Any, spec: Path, params: dict[str, Any] | None = None, ru
 
 
 def drive_inline(store: Any, run_id: str, tmp_path: Path, *, concurrency: int = 4, lease_ttl: float = 30.0,
-                 inline: bool = False) -> dict[str, Any]:
-    """Run a worker in this process until the run finishes; return ``run_status``."""
+                 inline: bool = False, status: bool = True) -> dict[str, Any]:
+    """Run a worker in this process until the run finishes; return ``run_status`` (which
+    reads every step once: ``status=False`` skips it, for request counting)."""
     cfg = WorkerConfig(store=store, store_url=store.url, worker_id=f"test-worker-{os.getpid()}",
                        lease_ttl=lease_ttl, tmp_root=tmp_path / "work", grace=1.0)
     Worker(cfg, run_id=run_id, concurrency=concurrency, exit_when_idle=True, poll_min=0.01, poll_max=0.05,
            inline=inline).run()
-    return run_status(store, run_id)
+    return run_status(store, run_id) if status else {}
 
 
 def run_spec(store: Any, tmp_path: Path, text: str, params: dict[str, Any] | None = None,

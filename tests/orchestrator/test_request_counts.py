@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from dagcraft.orchestrator import run_status
 from dagcraft.primitives.local import LocalStore
 from tests.orchestrator.helpers import drive_inline, submit_spec, write_spec
 
@@ -30,11 +31,11 @@ def measure(tmp_path: Path, n: int) -> tuple[Counter, Counter]:
     rid = submit_spec(store, spec)
     submitted = Counter(store.stats)
     submitted.subtract(before)
-    st = drive_inline(store, rid, tmp_path, concurrency=1, inline=True)
-    assert st["status"] == "succeeded"
+    drive_inline(store, rid, tmp_path, concurrency=1, inline=True, status=False)
     ran = Counter(store.stats)
     ran.subtract(submitted)
     ran.subtract(before)
+    assert run_status(store, rid)["status"] == "succeeded"
     return +submitted, +ran
 
 
@@ -51,4 +52,4 @@ def test_requests_per_step_are_flat(tmp_path, capsys):
     # flat: the 1,000-step DAG costs no more per step than the 10-step one (plus fixed costs
     # amortised), and never more than a fixed budget
     assert per_step[1000] <= per_step[10] * 1.05
-    assert per_step[1000] <= 12, per_step
+    assert per_step[1000] <= 8, per_step
