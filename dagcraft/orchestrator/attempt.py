@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -323,6 +324,11 @@ class Attempt:
         out_file.unlink(missing_ok=True)
         env = dict(os.environ)
         env.update(cmd.env)
+        # the step can call `dagcraft memory|send|artifact|wait-for|trace ingest` even when the
+        # worker's virtualenv is not activated
+        bindir = os.path.dirname(sys.executable)
+        if bindir not in env.get("PATH", "").split(os.pathsep):
+            env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         env.update({
             "DAGCRAFT_STORE": self.cfg.store_url,
             "DAGCRAFT_RUN_ID": self.c.run_id,

@@ -294,3 +294,20 @@ def test_retry_from_reexpands_foreach_with_new_items(local_store, tmp_path):
     assert steps(st)["each"]["children"] == ["each[0]", "each[1]", "each[2]"]
     lines = log.read_text().split()
     assert sorted(lines[:2]) == ["a", "b"] and sorted(lines[2:]) == ["c", "d", "e"]
+
+
+def test_steps_coordinate_through_the_agent_cli(local_store, tmp_path):
+    """Inside a step, DAGCRAFT_* scope `dagcraft memory|send|inbox|artifact` to the run."""
+    rid, st = run_spec(local_store, tmp_path, """
+        name: talk
+        steps:
+          - id: writer
+            run: "dagcraft memory set plan '\\"ship it\\"' && dagcraft send reader hello && echo note > n.txt && dagcraft artifact put n.txt"
+          - id: reader
+            needs: [writer]
+            run: "test \\"$(dagcraft memory get plan)\\" = 'ship it' && dagcraft inbox --json | grep -q hello && dagcraft artifact get n.txt got.txt --step writer && grep -q note got.txt"
+    """)
+    by = steps(st)
+    assert by["writer"]["status"] == "succeeded", by["writer"]
+    assert by["reader"]["status"] == "succeeded", by["reader"]
+    assert any(k.startswith(f"runs/{rid}/memory/") for k in local_store.list(f"runs/{rid}/"))
