@@ -106,11 +106,25 @@ def _reindex(store: Store, run_id: str) -> None:
     store.put(layout.runs_index_entry(new_ulid(), run_id), b"", if_none_match=True)
 
 
+def _retire(view: LocalView, sid: str, reason: str) -> None:
+    """A foreach child of a reset parent: terminal until the parent expands again (which may
+    produce different items, and revives the children it still has)."""
+    for _ in range(5):
+        st = view.state(sid).model_copy(deep=True)
+        if st.status == "skipped":
+            return
+        st.status = "skipped"
+        st.reason = reason
+        if cas_state(view, st, view.etag(sid)):
+            return
+    raise Conflict(f"step {sid!r} kept changing; try again")
+
+
 def _reset(view: LocalView, sid: str, reason: str) -> None:
     for _ in range(5):
         st = view.state(sid).model_copy(deep=True)
         for child in st.children:
-            _reset(view, child, reason)
+            _retire(view, child, f"superseded: {reason}")
         st.status = "pending"
         st.reason = reason
         st.outputs, st.artifacts = {}, {}

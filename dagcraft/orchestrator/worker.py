@@ -15,6 +15,7 @@ for the next worker, without counting as failures).
 from __future__ import annotations
 
 import queue
+import random
 import signal
 import threading
 import time
@@ -46,6 +47,8 @@ class RunDriver:
         self._sup_next = 0.0
         self._ctx: tuple[int, RenderContext] | None = None
         self._inst: tuple[int, dict[str, list[str]]] | None = None
+        self._decided: dict[str, int] = {}  # step -> state rev whose `when` evaluated true
+        self._rng = random.Random(f"{cfg.worker_id}/{run_id}")
 
     @property
     def finished(self) -> bool:
@@ -135,9 +138,13 @@ class RunDriver:
                 # expanded before: by a racing worker (same children), or in an earlier
                 # generation of a reset run, whose items may differ — then take the new ones
                 existing = self.view.refresh_step(child.id)
-                if existing.definition != cst.definition and existing.status == "pending":
+                if existing.status == "skipped" and existing.reason and existing.reason.startswith("superseded"):
                     fresh = existing.model_copy(deep=True)
                     fresh.definition = cst.definition
+                    fresh.status = "pending"
+                    fresh.reason = None
+                    fresh.outputs, fresh.artifacts = {}, {}
+                    fresh.failures = fresh.lost_attempts = 0
                     supervisor.cas_state(self.view, fresh, self.view.etag(child.id))
                     self.view.steps[child.id] = child
         new = self.view.state(sid).model_copy(deep=True)
@@ -150,6 +157,8 @@ class RunDriver:
         out = []
         for sid in self.view.all_ids():
             st = self.view.state(sid)
+            if st.parent and sid not in self.view.state(st.parent).children:
+                continue  # a foreach child runs only once its parent has expanded to it
             if st.status == "pending" and self.view.needs_done(sid):
                 out.append(sid)
             elif st.status == "retrying":
@@ -169,10 +178,18 @@ class RunDriver:
         claims: list[Any] = []
         failing = view.failing() and view.wf.on_failure in ("stop", "rollback")
         max_parallel = view.wf.max_parallel
-        for sid in self.ready():
+        ready = self.ready()
+        # each worker walks the ready set from its own random point, so that workers racing
+        # for work mostly claim different steps instead of losing CAS races on the same one
+        if len(ready) > 1:
+            k = self._rng.randrange(len(ready))
+            ready = ready[k:] + ready[:k]
+        for sid in ready:
             step = view.steps[sid]
             st = view.state(sid)
-            if st.status == "pending":
+            if st.status == "pending" and self._decided.get(sid) == st.rev and not failing:
+                pass  # `when` already evaluated true for this version of the step
+            elif st.status == "pending":
                 always = step.is_finally or any(m in step.when for m in ALWAYS_MARKERS)
                 if failing and not always:
                     self._skip(sid, f"not started: a step failed (on_failure: {view.wf.on_failure})")
@@ -190,6 +207,8 @@ class RunDriver:
                 if step.foreach and not st.children:
                     self._expand(sid)
                     continue
+                # needs are terminal, so the answer cannot change until the step itself does
+                self._decided[sid] = st.rev
             if len(claims) >= capacity:
                 continue
             if max_parallel is not None:

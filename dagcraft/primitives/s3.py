@@ -98,6 +98,10 @@ def make_client(endpoint_url: str | None = None, region: str | None = None) -> A
                           region_name=region or session.region_name or "us-east-1", config=cfg)
 
 
+#: upper bound assumed for the time between the server stamping Date and us reading it
+_MAX_LATENCY = 0.1
+
+
 class S3Store:
     """Store on an S3 bucket under ``prefix``. See the module docstring for guarantees."""
 
@@ -119,6 +123,9 @@ class S3Store:
         self._client = client
         self._client_lock = threading.Lock()
         self._offset = 0.0
+        # bounds on (server clock - local clock) learned from Date headers; see _learn_clock
+        self._off_lo: float | None = None
+        self._off_hi: float | None = None
         self._last_now = 0.0
         self._now_lock = threading.Lock()
         if client is not None:
@@ -150,8 +157,19 @@ class S3Store:
             server = email.utils.parsedate_to_datetime(date).timestamp()
         except (TypeError, ValueError):
             return
-        # Date has 1 s resolution: the server clock was in [server, server + 1).
-        self._offset = server + 0.5 - time.time()
+        # Date has 1 s resolution: when the server stamped it, its clock was in
+        # [server, server + 1); the stamp happened shortly before we got the response. Each
+        # response therefore bounds the offset; intersecting the bounds narrows it to well
+        # under a second after a few responses that straddle a second boundary, instead of
+        # jumping by up to ±0.5 s with every response.
+        local = time.time()
+        lo, hi = server - local, server + 1.0 + _MAX_LATENCY - local
+        with self._now_lock:
+            if self._off_lo is None or self._off_hi is None or lo > self._off_hi or hi < self._off_lo:
+                self._off_lo, self._off_hi = lo, hi  # first sample, or a clock jump: start over
+            else:
+                self._off_lo, self._off_hi = max(self._off_lo, lo), min(self._off_hi, hi)
+            self._offset = (self._off_lo + self._off_hi) / 2
 
     @property
     def client(self) -> Any:

@@ -266,6 +266,7 @@ def render_rollback(wf: CompiledWorkflow, step: ConcreteStep, ctx: RenderContext
     return RenderedCommand(argv=argv, shell=shell, env=env, adapter="generic")
 
 
+@functools.lru_cache(maxsize=4096)
 def uses_status_function(raw: str) -> bool:
     """True if a ``when`` expression calls success()/failure()/always()/cancelled()."""
     expr = split_expression(raw)

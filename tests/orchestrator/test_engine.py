@@ -294,6 +294,14 @@ def test_retry_from_reexpands_foreach_with_new_items(local_store, tmp_path):
     assert steps(st)["each"]["children"] == ["each[0]", "each[1]", "each[2]"]
     lines = log.read_text().split()
     assert sorted(lines[:2]) == ["a", "b"] and sorted(lines[2:]) == ["c", "d", "e"]
+    items.write_text('["f"]')  # fewer items: the extra children are retired, not left pending
+    retry_from(local_store, rid, "plan")
+    st = drive_inline(local_store, rid, tmp_path)
+    assert st["status"] == "succeeded"
+    by = steps(st)
+    assert by["each"]["children"] == ["each[0]"]
+    assert by["each[1]"]["status"] == by["each[2]"]["status"] == "skipped"
+    assert log.read_text().split()[-1] == "f"
 
 
 def test_steps_coordinate_through_the_agent_cli(local_store, tmp_path):
