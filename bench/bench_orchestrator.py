@@ -159,6 +159,8 @@ def metrics(wall: float, steps: int, workers: int, bare: float, cpu: float) -> d
         "wall_s": round(wall, 3),
         "wall_per_step_ms": round(wall / steps * 1000, 3),
         "overhead_per_step_ms": round((wall * workers - steps * bare) / steps * 1000, 3),
+        # the issue's definition read literally: (wall time - the steps' own time) / steps
+        "wall_overhead_per_step_ms": round((wall - steps * bare) / steps * 1000, 3),
         "steps_per_s": round(steps / wall, 2),
     }
 
@@ -466,9 +468,11 @@ def main() -> None:
         print(f"\ntracecraft-ai comparison SKIPPED or INVALID: {why}")
     loc = by.get("dagcraft / local store", {})
     if "overhead_per_step_ms" in loc:
-        ok = loc["overhead_per_step_ms"] < TARGET_LOCAL_MS
-        print(f"local-store overhead/step {loc['overhead_per_step_ms']:.2f} ms vs target < {TARGET_LOCAL_MS:g} ms: "
-              f"{'MET' if ok else 'NOT MET'}")
+        ok = loc["wall_overhead_per_step_ms"] < TARGET_LOCAL_MS
+        print(f"local-store overhead/step, (wall - steps x bare_true) / steps: {loc['wall_overhead_per_step_ms']:.2f} ms "
+              f"vs target < {TARGET_LOCAL_MS:g} ms: {'MET' if ok else 'NOT MET'}")
+        print(f"local-store overhead/step in worker-time, (wall x workers - steps x bare_true) / steps: "
+              f"{loc['overhead_per_step_ms']:.2f} ms (4 workers share 2 cores, so this counts each core ~twice)")
     for r in rows:
         for k in ("claim_to_commit_median_ms",):
             if k in r:

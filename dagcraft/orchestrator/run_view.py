@@ -59,11 +59,15 @@ class LocalView:
         self.steps: dict[str, ConcreteStep] = dict(self.wf.steps)
         self.order: dict[str, int] = {sid: i for i, sid in enumerate(self.steps)}
         self.states: dict[str, tuple[StepState, str | None]] = {}
+        self.open_ids: set[str] = set()  # pending or retrying
+        self.active_ids: set[str] = set()  # running or compensating
         self.control: Control = Control()
         self.control_etag: str | None = None
         self.journal = JournalReader(store, run_id, lookback_s=lookback_s)
         self.resync_s = resync_s
         self._last_resync = time.monotonic()
+        for sid in self.steps:
+            self.state(sid)
         self.changes = 0  # bumps on every observed change; lets callers skip needless work
         self._ctx_cache: tuple[int, dict[str, dict[str, Any]]] | None = None
         self.refresh()
@@ -109,6 +113,7 @@ class LocalView:
         if old is not None and old[0].rev > state.rev and etag is not None:
             return  # never go back to an older version than one we already saw
         self.states[state.step_id] = (state, etag)
+        self._index(state.step_id, state.status)
         if state.definition is not None and state.step_id not in self.steps:
             self.steps[state.step_id] = ConcreteStep.model_validate(state.definition)
             parent_rank = self.order.get(state.parent or "", len(self.order))
@@ -123,6 +128,7 @@ class LocalView:
         if got is None:
             # never changed since submission: pending, etag unknown until read
             got = self.states[step_id] = (StepState(step_id=step_id), None)
+            self._index(step_id, "pending")
         return got[0]
 
     def etag(self, step_id: str) -> str | None:
@@ -138,6 +144,19 @@ class LocalView:
 
     def all_ids(self) -> list[str]:
         return sorted(self.steps, key=lambda s: (self.order.get(s, 0), s))
+
+    def _index(self, step_id: str, status: str) -> None:
+        # the scheduler and supervisor scan only these sets, not the whole DAG, every cycle
+        for name, members in (("open", self.open_ids), ("active", self.active_ids)):
+            wanted = status in (("pending", "retrying") if name == "open" else ("running", "rolling_back"))
+            if wanted:
+                members.add(step_id)
+            else:
+                members.discard(step_id)
+
+    def ids(self, members: set[str]) -> list[str]:
+        """``members`` in scheduling order."""
+        return sorted(members, key=lambda s: (self.order.get(s, 0), s))
 
     def is_terminal(self, step_id: str) -> bool:
         return self.status(step_id) in TERMINAL
@@ -156,6 +175,8 @@ class LocalView:
         return any(st.status == "failed" for st, _ in self.states.values())
 
     def finished(self) -> bool:
+        if self.open_ids or self.active_ids:
+            return False  # the common case, answered without scanning the DAG
         return all(self.is_terminal(s) for s in self.steps)
 
     def counts(self) -> dict[str, int]:

@@ -65,7 +65,7 @@ def expire_lost_leases(view: LocalView) -> int:
     to LOST_WORKER_RETRIES times: the step did not fail, its worker did)."""
     now = view.store.now()
     n = 0
-    for sid in view.all_ids():
+    for sid in view.ids(view.active_ids):
         st = view.state(sid)
         exp = st.lease_expires_at if st.status == "running" else (
             st.rollback.lease_expires_at if st.status == "rolling_back" and st.rollback else None)

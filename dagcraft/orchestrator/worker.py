@@ -46,7 +46,6 @@ class RunDriver:
         self.sup: leases.Lease | None = None
         self._sup_next = 0.0
         self._ctx: tuple[int, RenderContext] | None = None
-        self._inst: tuple[int, dict[str, list[str]]] | None = None
         self._decided: dict[str, int] = {}  # step -> state rev whose `when` evaluated true
         self._rng = random.Random(f"{cfg.worker_id}/{run_id}")
 
@@ -155,7 +154,7 @@ class RunDriver:
     def ready(self) -> list[str]:
         now = None
         out = []
-        for sid in self.view.all_ids():
+        for sid in self.view.ids(self.view.open_ids):
             st = self.view.state(sid)
             if st.parent and sid not in self.view.state(st.parent).children:
                 continue  # a foreach child runs only once its parent has expanded to it
@@ -212,7 +211,7 @@ class RunDriver:
             if len(claims) >= capacity:
                 continue
             if max_parallel is not None:
-                running = sum(1 for s in view.steps if view.status(s) == "running")
+                running = sum(1 for s in view.active_ids if view.status(s) == "running")
                 if running >= max_parallel:
                     continue
             claimed = self.claim(sid)
@@ -260,16 +259,17 @@ class RunDriver:
             for s, lease in zip(sems, held, strict=False):
                 s.release(lease)
             return None
+        ancestors = view.ancestors(sid)
         return Claimed(run_id=self.run_id, run_name=view.record.name, spec_dir=view.record.spec_dir, wf=view.wf,
                        step=step, state=view.state(sid), etag=view.etag(sid) or "",
-                       steps_ctx=view.steps_context(only=view.ancestors(sid)), upstream_artifacts=self._upstream_artifacts(sid),
-                       instances=self._instances(), semaphore_leases=held, semaphores=sems)
+                       steps_ctx=view.steps_context(only=ancestors), upstream_artifacts=self._upstream_artifacts(sid),
+                       instances=self._instances(ancestors), semaphore_leases=held, semaphores=sems)
 
-    def _instances(self) -> dict[str, list[str]]:
-        if self._inst is not None and self._inst[0] == self.view.changes:
-            return self._inst[1]
+    def _instances(self, among: set[str]) -> dict[str, list[str]]:
+        """template id -> concrete ids, for the steps ``among`` (a step's ancestors)."""
         out: dict[str, list[str]] = {}
-        for sid, step in self.view.steps.items():
+        for sid in self.view.ids(among):
+            step = self.view.steps[sid]
             st = self.view.state(sid)
             if st.parent:
                 continue
@@ -277,7 +277,6 @@ class RunDriver:
                 out.setdefault(step.template_id, []).extend(st.children)
             else:
                 out.setdefault(step.template_id, []).append(sid)
-        self._inst = (self.view.changes, out)
         return out
 
     def _upstream_artifacts(self, sid: str) -> dict[str, dict[str, dict[str, Any]]]:

@@ -201,8 +201,11 @@ class LocalStore:
                         raise Conflict(f"{key}: already exists")
                     if if_match is not None and current != if_match:
                         raise Conflict(f"{key}: version mismatch" if current else f"{key}: does not exist")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, path)
+                try:
+                    os.replace(tmp, path)
+                except FileNotFoundError:  # first object under this prefix: create its directory
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp, path)
                 return etag
             finally:
                 self._unlock(fd)
