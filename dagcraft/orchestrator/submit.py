@@ -7,6 +7,7 @@ import os
 import secrets
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dagcraft.errors import Conflict
@@ -73,11 +74,15 @@ def submit(
         store.put(layout.run_record(run_id), dump(record), if_none_match=True)
     except Conflict:
         raise Conflict(f"run id {run_id!r} already exists in {store.url}") from None
-    for step_id in wf.steps:
+    def write_state(step_id: str) -> None:
         try:
             store.put(layout.step_state(run_id, step_id), StepState(step_id=step_id).dump(), if_none_match=True)
         except Conflict:
-            pass
+            pass  # written by an earlier, interrupted submit of this run
+
+    # independent writes: in parallel, so submitting a large DAG to S3 takes round trips / 16
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(write_state, wf.steps))
     store.put(layout.control(run_id), dump(Control(updated_at=store.now())), if_none_match=True)
     store.put(layout.runs_index_entry(new_ulid(), run_id), b"", if_none_match=True)
     journal.append(store, run_id, layout.CONTROL_MARK)
