@@ -121,8 +121,11 @@ def register(cli: click.Group) -> None:
 
         store, url = _store(store_url)
         cfg = WorkerConfig(store=store, store_url=url, worker_id=identity(), lease_ttl=lease_ttl, echo=echo)
+        def log(msg: str) -> None:
+            click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
+
         w = Worker(cfg, run_id=run_id, concurrency=concurrency, exit_when_idle=exit_when_idle,
-                   poll_max=poll_max)
+                   poll_max=poll_max, log=None if quiet else log)
         w.install_signal_handlers()
         if not quiet:
             click.echo(f"worker {cfg.worker_id} on {url}" + (f" (run {run_id})" if run_id else ""), err=True)

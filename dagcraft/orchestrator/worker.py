@@ -321,7 +321,8 @@ class Worker:
 
     def __init__(self, cfg: WorkerConfig, *, run_id: str | None = None, concurrency: int = 1,
                  exit_when_idle: bool = False, poll_min: float = 0.05, poll_max: float = 1.0,
-                 inline: bool = False, on_cycle: Callable[[Worker], None] | None = None) -> None:
+                 inline: bool = False, on_cycle: Callable[[Worker], None] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.only_run = run_id
         self.concurrency = max(1, concurrency)
@@ -330,6 +331,7 @@ class Worker:
         self.poll_max = poll_max
         self.inline = inline
         self.on_cycle = on_cycle
+        self.log = log or (lambda _msg: None)
         self.drivers: dict[str, RunDriver] = {}
         self.finished_runs: set[str] = set()
         self.running: dict[Future[Any] | int, tuple[str, Any]] = {}
@@ -405,6 +407,8 @@ class Worker:
                                     steps_ctx=view.steps_context(), on_change=self._on_change(driver.run_id))
         else:
             job = Attempt(self.cfg, item, on_change=self._on_change(driver.run_id))
+        what = f"rollback of {item[1]}" if isinstance(item, tuple) else f"{item.step.id} attempt {item.state.attempt}"
+        self.log(f"{driver.run_id}: claimed {what}")
         if self.pool is None:
             self.running[id(job)] = (driver.run_id, job)
             try:
@@ -425,6 +429,7 @@ class Worker:
                 run_id, state, etag, journal_key = self.changes.get_nowait()
             except queue.Empty:
                 break
+            self.log(f"{run_id}: {state.step_id} {state.status}" + (f" ({state.reason})" if state.reason else ""))
             if run_id in self.drivers:
                 self.drivers[run_id].view.apply(state, etag)
                 if journal_key:
