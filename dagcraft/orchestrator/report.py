@@ -37,15 +37,15 @@ def resolve_traces(store: Store, target: str, dest: Path | None = None) -> list[
         from dagcraft.orchestrator.ops import list_runs
 
         dest = dest or Path(tempfile.mkdtemp(prefix="dagcraft-traces-"))
-        out: list[Path] = []
+        found: list[Path] = []
         for run in list_runs(store):
             try:
-                out += resolve_traces(store, run["run_id"], dest / run["run_id"])
+                found += resolve_traces(store, run["run_id"], dest / run["run_id"])
             except NotFound:
                 continue  # a run with no finished attempt yet
-        if not out:
+        if not found:
             raise NotFound(f"no traces in {store.url} yet")
-        return out
+        return found
     parts = target.split("/")
     if not 1 <= len(parts) <= 3 or not all(parts):
         raise NotFound(f"{target!r} is neither a trace file nor RUN[/STEP[/ATTEMPT]]")

@@ -104,7 +104,8 @@ def expire_lost_leases(view: LocalView) -> int:
 def cancel_pending(view: LocalView) -> None:
     for sid in view.all_ids():
         st = view.state(sid)
-        if st.status in ("pending", "retrying"):
+        if st.status in ("pending", "retrying") or (st.status == "expanded" and all(
+                view.is_terminal(c) or view.status(c) in ("pending", "retrying") for c in st.children)):
             new = st.model_copy(deep=True)
             new.status = "cancelled"
             new.reason = "run cancelled"
@@ -124,6 +125,7 @@ def tick(view: LocalView) -> None:
     if ctl == "cancelling":
         cancel_pending(view)
         if not any(view.status(s) in ("running", "rolling_back") for s in view.steps):
+            cancel_pending(view)  # again: foreach parents whose children were just cancelled
             set_control(view, "cancelled", view.control.reason, finished=True)
         return
     if ctl == "rolling_back":

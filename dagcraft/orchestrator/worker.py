@@ -113,7 +113,14 @@ class RunDriver:
                 continue
             kids = [self.view.status(c) for c in st.children]
             new = st.model_copy(deep=True)
-            new.status = "failed" if "failed" in kids else ("cancelled" if "cancelled" in kids else "succeeded")
+            if "failed" in kids:
+                new.status = "failed"
+            elif "cancelled" in kids:
+                new.status = "cancelled"
+            elif all(k == "skipped" for k in kids):
+                new.status = "skipped"  # e.g. not started after a failure elsewhere
+            else:
+                new.status = "succeeded"
             new.finished_at = self.cfg.store.now()
             supervisor.cas_state(self.view, new, self.view.etag(sid))
 

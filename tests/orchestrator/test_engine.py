@@ -319,3 +319,29 @@ def test_steps_coordinate_through_the_agent_cli(local_store, tmp_path):
     assert by["writer"]["status"] == "succeeded", by["writer"]
     assert by["reader"]["status"] == "succeeded", by["reader"]
     assert any(k.startswith(f"runs/{rid}/memory/") for k in local_store.list(f"runs/{rid}/"))
+
+
+def test_cancel_during_foreach_leaves_no_step_open(local_store, tmp_path):
+    started = tmp_path / "started"
+    spec = write_spec(tmp_path, f"""
+        name: cancel-fanout
+        steps:
+          - id: plan
+            run: "echo 'xs=[1, 2, 3, 4, 5, 6]' >> $DAGCRAFT_OUTPUT"
+            outputs: {{values: [xs]}}
+          - id: each
+            needs: [plan]
+            foreach: "${{{{ steps.plan.outputs.xs }}}}"
+            run: "touch {started}; exec sleep 60"
+    """)
+    rid = submit_spec(local_store, spec)
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(drive_inline(local_store, rid, tmp_path, concurrency=2)))
+    t.start()
+    wait_for(lambda: started.exists(), what="a child to start")
+    cancel(local_store, rid)
+    t.join(timeout=60)
+    assert result["status"] == "cancelled"
+    by = steps(result)
+    assert by["each"]["status"] == "cancelled"
+    assert {by[f"each[{i}]"]["status"] for i in range(6)} == {"cancelled"}
