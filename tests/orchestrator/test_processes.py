@@ -8,6 +8,8 @@ import signal
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from dagcraft.orchestrator import layout, run_status
 from dagcraft.orchestrator.model import load_state
 from dagcraft.primitives import open_store
@@ -70,8 +72,10 @@ def _state(store, rid: str, step: str):
     return load_state(got[0]) if got else None
 
 
-def test_kill_9_worker_mid_step_is_recovered(tmp_path):
-    store_url = str(tmp_path / "store")
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_kill_9_worker_mid_step_is_recovered(tmp_path, backend, request):
+    store_url = str(tmp_path / "store") if backend == "local" else server_store_url(
+        request.getfixturevalue("moto_server"))
     marker = tmp_path / "started"
     spec = write_spec(tmp_path, f"""
         name: crash
@@ -106,8 +110,10 @@ def test_kill_9_worker_mid_step_is_recovered(tmp_path):
     assert slow.history[0].reason == "lost worker"
 
 
-def test_stopped_worker_past_its_lease_is_fenced(tmp_path):
-    store_url = str(tmp_path / "store")
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_stopped_worker_past_its_lease_is_fenced(tmp_path, backend, request):
+    store_url = str(tmp_path / "store") if backend == "local" else server_store_url(
+        request.getfixturevalue("moto_server"))
     marker = tmp_path / "attempts"
     spec = write_spec(tmp_path, f"""
         name: fence
