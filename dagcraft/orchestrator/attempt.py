@@ -95,7 +95,7 @@ class StateWriter:
                 return False
             self.state, self.etag = new, etag
         if notify:
-            self.last_key = journal.append(self.store, self.run_id, new.step_id)
+            self.last_key = journal.append(self.store, self.run_id, new.step_id, new.rev, new.status)
         return True
 
 

@@ -21,9 +21,10 @@ from dagcraft.primitives.store import Store
 from dagcraft.primitives.ulid import new_ulid, ulid_floor, ulid_time_ms
 
 
-def append(store: Store, run_id: str, subject: str) -> str:
-    """Append a notification that ``subject`` (a step id or ``@control``) changed."""
-    key = layout.journal_entry(run_id, new_ulid(), subject)
+def append(store: Store, run_id: str, subject: str, rev: int | None = None, status: str | None = None) -> str:
+    """Append a notification that ``subject`` (a step id or ``@control``) changed — for a
+    step, to version ``rev`` with ``status``."""
+    key = layout.journal_entry(run_id, new_ulid(), subject, rev, status)
     store.put(key, b"", if_none_match=True)
     return key
 
@@ -43,7 +44,7 @@ class JournalReader:
         self._high_key: str | None = None
         self._last_sweep = 0.0
 
-    def poll(self) -> list[str]:
+    def poll(self) -> list[tuple[str, int | None, str | None]]:
         """Most polls list only past the newest key seen (cost: what is new); every
         ``sweep_s`` a poll re-lists the whole look-back window to catch late landers."""
         start_after = None
@@ -59,18 +60,20 @@ class JournalReader:
 
     def mark_seen(self, key: str) -> None:
         """A key this process wrote itself (its change is already applied locally)."""
-        ulid, _ = layout.parse_journal_key(key)
+        ulid = layout.parse_journal_key(key)[0]
         try:
             self._seen[key] = ulid_time_ms(ulid)
         except ValueError:
             pass
 
-    def _take(self, keys: Iterable[str]) -> list[str]:
-        changed: list[str] = []
+    def _take(self, keys: Iterable[str]) -> list[tuple[str, int | None, str | None]]:
+        """New entries as (subject, rev, status), one per subject: the highest rev seen (an
+        entry without a rev wins, since it asks for a full read)."""
+        changed: dict[str, tuple[str, int | None, str | None]] = {}
         for key in keys:
             if key in self._seen:
                 continue
-            ulid, subject = layout.parse_journal_key(key)
+            ulid, subject, rev, status = layout.parse_journal_key(key)
             try:
                 ms = ulid_time_ms(ulid)
             except ValueError:
@@ -80,9 +83,10 @@ class JournalReader:
                 self._high_ms = ms
             if self._high_key is None or key > self._high_key:
                 self._high_key = key
-            if subject not in changed:
-                changed.append(subject)
+            prev = changed.get(subject)
+            if prev is None or prev[1] is None or rev is None or rev >= prev[1]:
+                changed[subject] = (subject, None if (prev is not None and prev[1] is None) else rev, status)
         if self._high_ms is not None and len(self._seen) > 256:
             floor = self._high_ms - self.lookback_ms - 1000
             self._seen = {k: v for k, v in self._seen.items() if v >= floor}
-        return changed
+        return list(changed.values())

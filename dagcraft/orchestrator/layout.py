@@ -38,17 +38,26 @@ def journal_prefix(run_id: str) -> str:
     return f"{run_prefix(run_id)}/journal/"
 
 
-def journal_entry(run_id: str, ulid: str, subject: str) -> str:
-    if subject != CONTROL_MARK:
-        validate_segment(subject, "step id")
-    return f"{journal_prefix(run_id)}{ulid}~{subject}"
+def journal_entry(run_id: str, ulid: str, subject: str, rev: int | None = None, status: str | None = None) -> str:
+    """``<ulid>~@control``, or ``<ulid>~<rev>~<status>~<step>``: the key alone tells a reader
+    which version of a step changed to what status, so most changes cost it no GET."""
+    if subject == CONTROL_MARK or rev is None or status is None:
+        if subject != CONTROL_MARK:
+            validate_segment(subject, "step id")
+        return f"{journal_prefix(run_id)}{ulid}~{subject}"
+    validate_segment(subject, "step id")
+    return f"{journal_prefix(run_id)}{ulid}~{int(rev)}~{validate_segment(status, 'status')}~{subject}"
 
 
-def parse_journal_key(key: str) -> tuple[str, str]:
-    """(ulid, subject) of a journal key."""
+def parse_journal_key(key: str) -> tuple[str, str, int | None, str | None]:
+    """(ulid, subject, rev, status) of a journal key; rev and status are None for control
+    entries and for entries that carry no status."""
     name = key.rsplit("/", 1)[-1]
+    parts = name.split("~", 3)
+    if len(parts) == 4 and parts[1].isdigit():
+        return parts[0], parts[3], int(parts[1]), parts[2]
     ulid, _, subject = name.partition("~")
-    return ulid, subject
+    return ulid, subject, None, None
 
 
 def step_prefix(run_id: str, step_id: str) -> str:

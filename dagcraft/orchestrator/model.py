@@ -25,6 +25,9 @@ StepStatus = Literal[
     "rolled_back",
 ]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "skipped", "cancelled", "rolled_back"})
+#: a journal entry announcing one of these makes readers fetch the whole state: its details
+#: (children, retry time, a reset's cleared fields) drive scheduling decisions
+DETAIL_STATUSES: frozenset[str] = frozenset({"pending", "retrying", "expanded"})
 #: a step in one of these states counts as done for its dependents
 DONE_OK: frozenset[str] = frozenset({"succeeded", "rolled_back", "rolling_back"})
 

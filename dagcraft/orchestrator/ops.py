@@ -164,7 +164,7 @@ def _reopen(view: LocalView, reason: str) -> None:
 def cancel(store: Store, run_id: str, reason: str = "cancelled by user") -> str:
     """Ask every worker to stop the run: running steps are signalled, nothing new starts.
     Returns the run status after the request."""
-    view = LocalView(store, run_id)
+    view = LocalView(store, run_id, detail=True)
     for _ in range(5):
         if view.control.status in RUN_FINISHED or view.control.status == "cancelling":
             return view.control.status
@@ -177,7 +177,7 @@ def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False) -> 
     """Make an interrupted run continuable. Succeeded steps are never reset. With
     ``retry_failed``, failed steps and the steps skipped or cancelled because of them go back
     to pending. Returns the run status afterwards."""
-    view = LocalView(store, run_id)
+    view = LocalView(store, run_id, detail=True)
     status = view.control.status
     resettable = {"cancelled"} | ({"failed"} if retry_failed else set())
     if status == "succeeded":
@@ -200,7 +200,7 @@ def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False) -> 
 def retry_from(store: Store, run_id: str, step: str) -> list[str]:
     """Reset ``step`` (a concrete id, or a template id meaning all its instances) and every
     step downstream of it to pending; earlier attempts' traces and history are kept."""
-    view = LocalView(store, run_id)
+    view = LocalView(store, run_id, detail=True)
     roots = [s for s in view.steps if s == step or (view.steps[s].template_id == step and not view.state(s).parent)]
     if not roots:
         raise NotFound(f"step {step!r} not found in run {run_id!r}")
@@ -220,7 +220,7 @@ def retry_from(store: Store, run_id: str, step: str) -> list[str]:
 
 def request_rollback(store: Store, run_id: str) -> str:
     """Start compensation of a finished run's succeeded steps (reverse topological order)."""
-    view = LocalView(store, run_id)
+    view = LocalView(store, run_id, detail=True)
     if view.control.status not in RUN_FINISHED:
         raise InvalidInput(f"run {run_id!r} is {view.control.status}; cancel it before rolling back")
     if view.control.status == "rolled_back":

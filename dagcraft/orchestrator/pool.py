@@ -91,7 +91,7 @@ def drive(store: Store, store_url: str, run_id: str, opts: PoolOptions,
     Ctrl-C stops the workers (they hand running steps back) and raises Interrupted: the run
     stays resumable."""
     pool = Pool(store, store_url, run_id, opts)
-    view = LocalView(store, run_id)
+    view = LocalView(store, run_id, detail=True)
     pool.start()
     try:
         while True:

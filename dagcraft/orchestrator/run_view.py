@@ -14,6 +14,7 @@ from dagcraft.errors import NotFound
 from dagcraft.orchestrator import layout
 from dagcraft.orchestrator.journal import JournalReader
 from dagcraft.orchestrator.model import (
+    DETAIL_STATUSES,
     DONE_OK,
     TERMINAL,
     Control,
@@ -52,7 +53,8 @@ def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
 class LocalView:
     """Step states and run control of one run, refreshed incrementally."""
 
-    def __init__(self, store: Store, run_id: str, *, lookback_s: float = 30.0, resync_s: float = 60.0) -> None:
+    def __init__(self, store: Store, run_id: str, *, lookback_s: float = 30.0, resync_s: float = 60.0,
+                 detail: bool = False) -> None:
         self.store = store
         self.run_id = run_id
         self.record, self.wf = load_run(store, run_id)
@@ -60,6 +62,10 @@ class LocalView:
         self.order: dict[str, int] = {sid: i for i, sid in enumerate(self.steps)}
         self.states: dict[str, tuple[StepState, str | None]] = {}
         self.open_ids: set[str] = set()  # pending or retrying
+        #: steps known only by the status their journal entry carried (details not read);
+        #: ``fresh()`` reads them before anything depends on their details
+        self.stale: set[str] = set()
+        self.detail = detail  # read every changed record in full (progress displays, ops)
         self.active_ids: set[str] = set()  # running or compensating
         self.control: Control = Control()
         self.control_etag: str | None = None
@@ -80,12 +86,39 @@ class LocalView:
             self._last_resync = time.monotonic()
             self.full_resync()
         changed = self.journal.poll()
-        for subject in changed:
+        for subject, rev, status in changed:
             if subject == layout.CONTROL_MARK:
                 self.refresh_control()
-            else:
+            elif (rev is None or status is None or self.detail or subject not in self.steps
+                  or status in DETAIL_STATUSES):
                 self.refresh_step(subject)
-        return changed
+            else:
+                self._note_status(subject, rev, status)
+        return [c[0] for c in changed]
+
+    def _note_status(self, step_id: str, rev: int, status: str) -> None:
+        """Take a step's new status from its journal entry alone (no GET)."""
+        old = self.state(step_id)
+        if rev <= old.rev:
+            return  # we already know this version or a newer one
+        st = old.model_copy()
+        st.status = status  # type: ignore[assignment]
+        st.rev = rev
+        self.states[step_id] = (st, None)
+        self.stale.add(step_id)
+        self._index(step_id, status)
+        self.changes += 1
+
+    def fresh(self, step_id: str) -> StepState:
+        """The step's full, current-as-known state (read when only its status is known)."""
+        if step_id in self.stale or self.etag(step_id) is None:
+            return self.refresh_step(step_id)
+        return self.state(step_id)
+
+    def ensure_fresh(self, step_ids: Any) -> None:
+        for sid in list(step_ids):
+            if sid in self.stale:
+                self.refresh_step(sid)
 
     def full_resync(self) -> None:
         self.refresh_control()
@@ -110,10 +143,12 @@ class LocalView:
 
     def apply(self, state: StepState, etag: str | None) -> None:
         old = self.states.get(state.step_id)
-        if old is not None and old[0].rev > state.rev and etag is not None:
+        if old is not None and old[0].rev > state.rev and etag is not None and state.step_id not in self.stale:
             return  # never go back to an older version than one we already saw
         self.states[state.step_id] = (state, etag)
         self._index(state.step_id, state.status)
+        if etag is not None:
+            self.stale.discard(state.step_id)
         if state.definition is not None and state.step_id not in self.steps:
             self.steps[state.step_id] = ConcreteStep.model_validate(state.definition)
             parent_rank = self.order.get(state.parent or "", len(self.order))
@@ -222,6 +257,18 @@ class LocalView:
             seen.add(cur)
             stack.extend(self.steps[cur].needs)
         return seen
+
+    def context_ids(self, step_id: str) -> set[str]:
+        """Ancestors plus their foreach children, read in full: what a template may see."""
+        ids = self.ancestors(step_id)
+        for sid in list(ids):
+            ids.update(self.state(sid).children)
+        self.ensure_fresh(ids)
+        # a parent read just now may list children we had not seen
+        for sid in list(ids):
+            ids.update(self.state(sid).children)
+        self.ensure_fresh(ids)
+        return ids
 
     def steps_context(self, artifact_paths: dict[str, dict[str, str]] | None = None,
                       only: set[str] | None = None) -> dict[str, dict[str, Any]]:

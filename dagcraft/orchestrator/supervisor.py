@@ -35,7 +35,7 @@ def cas_state(view: LocalView, state: StepState, etag: str | None) -> bool:
         view.refresh_step(state.step_id)
         return False
     view.apply(state, new_etag)
-    view.journal.mark_seen(journal.append(view.store, view.run_id, state.step_id))
+    view.journal.mark_seen(journal.append(view.store, view.run_id, state.step_id, state.rev, state.status))
     return True
 
 
@@ -66,7 +66,7 @@ def expire_lost_leases(view: LocalView) -> int:
     now = view.store.now()
     n = 0
     for sid in view.ids(view.active_ids):
-        st = view.state(sid)
+        st = view.fresh(sid) if sid in view.stale else view.state(sid)  # the lease expiry is a detail
         exp = st.lease_expires_at if st.status == "running" else (
             st.rollback.lease_expires_at if st.status == "rolling_back" and st.rollback else None)
         if exp is None or exp + EXPIRY_GRACE_S > now:
@@ -104,6 +104,8 @@ def expire_lost_leases(view: LocalView) -> int:
 def cancel_pending(view: LocalView) -> None:
     for sid in view.all_ids():
         st = view.state(sid)
+        if st.status in ("pending", "retrying", "expanded"):
+            st = view.fresh(sid)
         if st.status in ("pending", "retrying") or (st.status == "expanded" and all(
                 view.is_terminal(c) or view.status(c) in ("pending", "retrying") for c in st.children)):
             new = st.model_copy(deep=True)

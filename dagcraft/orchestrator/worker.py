@@ -78,7 +78,7 @@ class RunDriver:
             self.sup = None
 
     # -- scheduling ----------------------------------------------------------------------
-    def _context(self, sid: str) -> RenderContext:
+    def _context(self, sid: str, with_steps: bool = True) -> RenderContext:
         """The template context of one step: only its ancestors can be referenced (the
         compiler checks that), so only they are built — cost follows the step, not the DAG."""
         if self._ctx is None:
@@ -89,11 +89,11 @@ class RunDriver:
         step = self.view.steps[sid]
         return self._ctx[1].model_copy(update={
             "matrix": step.matrix, "item": getattr(step, "item", None),
-            "steps": self.view.steps_context(only=self.view.ancestors(sid))})
+            "steps": self.view.steps_context(only=self.view.context_ids(sid)) if with_steps else {}})
 
     def _end(self, sid: str, status: str, reason: str) -> None:
         """Move a step that never ran to a terminal state (skipped, or failed before running)."""
-        st = self.view.state(sid).model_copy(deep=True)
+        st = self.view.fresh(sid).model_copy(deep=True)
         st.status = status  # type: ignore[assignment]
         st.reason = reason
         st.finished_at = self.cfg.store.now()
@@ -112,7 +112,7 @@ class RunDriver:
             if st.status != "expanded" or not all(self.view.is_terminal(c) for c in st.children):
                 continue
             kids = [self.view.status(c) for c in st.children]
-            new = st.model_copy(deep=True)
+            new = self.view.fresh(sid).model_copy(deep=True)
             if "failed" in kids:
                 new.status = "failed"
             elif "cancelled" in kids:
@@ -139,7 +139,7 @@ class RunDriver:
             try:
                 etag = self.cfg.store.put(layout.step_state(self.run_id, child.id), cst.dump(), if_none_match=True)
                 self.view.apply(cst, etag)
-                journal.append(self.cfg.store, self.run_id, child.id)
+                journal.append(self.cfg.store, self.run_id, child.id, cst.rev, cst.status)
             except Conflict:
                 # expanded before: by a racing worker (same children), or in an earlier
                 # generation of a reset run, whose items may differ — then take the new ones
@@ -153,7 +153,7 @@ class RunDriver:
                     fresh.failures = fresh.lost_attempts = 0
                     supervisor.cas_state(self.view, fresh, self.view.etag(child.id))
                     self.view.steps[child.id] = child
-        new = self.view.state(sid).model_copy(deep=True)
+        new = self.view.fresh(sid).model_copy(deep=True)
         new.children = ids
         new.status = "expanded" if ids else "succeeded"
         supervisor.cas_state(self.view, new, self.view.etag(sid))
@@ -201,7 +201,9 @@ class RunDriver:
                     self._skip(sid, f"not started: a step failed (on_failure: {view.wf.on_failure})")
                     continue
                 try:
-                    ok = evaluate_when(step, self._context(sid), view.needs_status(sid))
+                    # most conditions are about statuses only: read step data only if used
+                    ctx = self._context(sid, with_steps="steps" in step.when)
+                    ok = evaluate_when(step, ctx, view.needs_status(sid))
                 except DagcraftError as exc:
                     self._fail(sid, f"when: {exc}")
                     continue
@@ -240,8 +242,8 @@ class RunDriver:
     def claim(self, sid: str) -> Claimed | None:
         view = self.view
         step = view.steps[sid]
-        if view.etag(sid) is None:
-            view.refresh_step(sid)  # untouched since submission: read its etag once
+        if view.etag(sid) is None or sid in view.stale:
+            view.refresh_step(sid)  # known only by status: read its etag and details once
             if view.status(sid) not in ("pending", "retrying"):
                 return None
         sems = self._semaphores(step)
@@ -266,7 +268,7 @@ class RunDriver:
             for s, lease in zip(sems, held, strict=False):
                 s.release(lease)
             return None
-        ancestors = view.ancestors(sid)
+        ancestors = view.context_ids(sid)
         return Claimed(run_id=self.run_id, run_name=view.record.name, spec_dir=view.record.spec_dir, wf=view.wf,
                        step=step, state=view.state(sid), etag=view.etag(sid) or "",
                        steps_ctx=view.steps_context(only=ancestors), upstream_artifacts=self._upstream_artifacts(sid),
@@ -311,7 +313,7 @@ class RunDriver:
                 break
             if not compensation_ready(view, sid, deps):
                 continue
-            st = view.state(sid).model_copy(deep=True)
+            st = view.fresh(sid).model_copy(deep=True)
             from dagcraft.orchestrator.model import RollbackInfo
 
             n = (st.rollback.attempt + 1) if st.rollback else 1
@@ -411,7 +413,8 @@ class Worker:
             job: Any = Compensation(self.cfg, run_id=driver.run_id, run_name=view.record.name,
                                     spec_dir=view.record.spec_dir, wf=view.wf, step=view.steps[sid],
                                     state=view.state(sid), etag=view.etag(sid) or "",
-                                    steps_ctx=view.steps_context(), on_change=self._on_change(driver.run_id))
+                                    steps_ctx=view.steps_context(only=view.context_ids(sid) | {sid}),
+                                    on_change=self._on_change(driver.run_id))
         else:
             job = Attempt(self.cfg, item, on_change=self._on_change(driver.run_id))
         what = f"rollback of {item[1]}" if isinstance(item, tuple) else f"{item.step.id} attempt {item.state.attempt}"
