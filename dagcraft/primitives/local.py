@@ -32,6 +32,7 @@ Not guaranteed: correctness on NFS or other network filesystems without working 
 
 from __future__ import annotations
 
+import builtins
 import errno
 import fcntl
 import hashlib
@@ -229,7 +230,7 @@ class LocalStore:
         return out
 
     def _walk(self, d: Path, dir_key: str, prefix: str, start_after: str | None,
-              limit: int | None, out: list[str]) -> bool:
+              limit: int | None, out: builtins.list[str]) -> bool:
         """Append keys under ``d`` (whose keys start with ``dir_key``) in order; True when full."""
         try:
             entries = list(os.scandir(d))

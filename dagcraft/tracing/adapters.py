@@ -183,7 +183,7 @@ class CodexAdapter(_JsonAdapter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._started: set[str] = set()
+        self._started: set[str | None] = set()  # items without an id share the None slot
 
     @staticmethod
     def _tool(item: dict[str, Any]) -> str:

@@ -233,7 +233,7 @@ def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | N
 
     # Forward SIGINT/SIGTERM to the child group (main thread only: handlers live there).
     forwarded: list[int] = []
-    old_handlers: dict[int, Any] = {}
+    old_handlers: dict[_signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         def forward(signum: int, frame: Any) -> None:
             forwarded.append(signum)

@@ -113,7 +113,7 @@ def export_run_otlp(view: RunView) -> dict[str, Any]:
     for st in view.steps:
         sid = _id(8, view.run_id, "step", st.step_id)
         starts = [a.started_ms for a in st.attempts if a.started_ms] or [view.created_ms]
-        ends = [a.finished_ms for a in st.attempts if a.finished_ms] or [None]
+        ends: list[int | None] = [a.finished_ms for a in st.attempts if a.finished_ms] or [None]
         spans.append(_span(trace_id, sid, root, f"step {st.step_id}", min(starts), max(e for e in ends if e) if ends[0] else None,
                            {"dagcraft.step": st.step_id, "dagcraft.status": st.status,
                             "dagcraft.attempts": len(st.attempts)},

@@ -45,7 +45,8 @@ def map_hook(data: Any) -> tuple[str, dict[str, Any]]:
     tin = data.get("tool_input")
     if isinstance(tin, dict) and isinstance(tin.get("command"), str):
         base["command"] = tin["command"]
-    hso = data.get("hookSpecificOutput") if isinstance(data.get("hookSpecificOutput"), dict) else {}
+    raw_hso = data.get("hookSpecificOutput")
+    hso: dict[str, Any] = raw_hso if isinstance(raw_hso, dict) else {}
     decision = data.get("permission_decision") or data.get("decision") or hso.get("permissionDecision")
     if name == "PermissionRequest" or decision is not None:
         p = dict(base, decision=str(decision or "ask"), input=tin)

@@ -224,7 +224,7 @@ class TraceWriter:
     def _build(self, kind: str, payload: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         prev = hashlib.sha256(self._last_line).hexdigest() if self._last_line is not None else None
         ts = max(int(time.time() * 1000), self._last_ts)
-        d = {"version": VERSION, "run_id": self.run_id, "event_id": new_event_id(), "kind": kind,
+        d: dict[str, Any] = {"version": VERSION, "run_id": self.run_id, "event_id": new_event_id(), "kind": kind,
              "ts_ms": ts, "seq": self._last_seq + 1, "payload": payload, "prev": prev}
         line = encode_event(d)
         self._last_line, self._last_seq, self._last_ts = line, d["seq"], ts

@@ -183,7 +183,7 @@ class RetrySpec(_Model):
         ),
     )
 
-    limit: int = Field(0, ge=0, le=100)
+    limit: int = Field(default=0, ge=0, le=100)
     backoff: Duration = 1.0
     max_backoff: Duration = 60.0
     retry_on: RetryOnSpec = RetryOnSpec()
