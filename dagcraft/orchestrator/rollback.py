@@ -54,6 +54,7 @@ class Compensation:
         self.cancel.set()
 
     def run(self) -> StepState:
+        started = self.cfg.store.now()
         self.dir.mkdir(parents=True, exist_ok=True)
         trace_path = self.dir / "trace.jsonl"
         trace_path.unlink(missing_ok=True)
@@ -98,7 +99,8 @@ class Compensation:
             if not ok:
                 s.status = "rolled_back"  # a failed compensation is not retried; the run reports it
             s.history.append(AttemptInfo(attempt=self.n, status="succeeded" if ok else "failed", kind="rollback",
-                                         worker=self.cfg.worker_id, finished_at=now, exit_code=exit_code))
+                                         worker=self.cfg.worker_id, started_at=started, finished_at=now,
+                                         exit_code=exit_code))
 
         committed = self.writer.write(mutate)
         if committed:
