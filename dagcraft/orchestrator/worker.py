@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from dagcraft.errors import Conflict, DagcraftError, NotFound
+from dagcraft.errors import Conflict, DagcraftError, NotFound, StoreUnavailable
 from dagcraft.orchestrator import journal, layout, supervisor
 from dagcraft.orchestrator.attempt import Attempt, Claimed, WorkerConfig
 from dagcraft.orchestrator.model import RUN_FINISHED, StepState
@@ -492,7 +492,14 @@ class Worker:
         interval = self.poll_min
         try:
             while True:
-                changed = self.cycle()
+                try:
+                    changed = self.cycle()
+                except (StoreUnavailable, Conflict) as exc:
+                    # a store outage (already retried with backoff) or a lost race must not kill
+                    # a long-running worker: running steps keep their heartbeats; try again later
+                    self.log(f"cycle interrupted: {exc}")
+                    changed = False
+                    interval = self.poll_max
                 if self.on_cycle is not None:
                     self.on_cycle(self)
                 if self.idle_done():
