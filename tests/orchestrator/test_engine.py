@@ -345,3 +345,24 @@ def test_cancel_during_foreach_leaves_no_step_open(local_store, tmp_path):
     by = steps(result)
     assert by["each"]["status"] == "cancelled"
     assert {by[f"each[{i}]"]["status"] for i in range(6)} == {"cancelled"}
+
+
+def test_second_worker_renders_outputs_it_only_saw_in_the_journal(local_store, tmp_path):
+    """A fresh worker learns that `a` succeeded from journal keys alone (no GET); before
+    rendering `b` it must read `a`'s outputs."""
+    rid, st = run_spec(local_store, tmp_path, """
+        name: handoff
+        steps:
+          - id: a
+            run: "echo answer=42 >> $DAGCRAFT_OUTPUT"
+            outputs: {values: [answer]}
+          - id: b
+            needs: [a]
+            run: "test ${{ steps.a.outputs.answer }} = 42 && echo ok=$DAGCRAFT_ATTEMPT >> $DAGCRAFT_OUTPUT"
+    """)
+    assert st["status"] == "succeeded"
+    retry_from(local_store, rid, "b")
+    st = drive_inline(local_store, rid, tmp_path)  # a new worker, a new view
+    by = steps(st)
+    assert by["b"]["status"] == "succeeded" and by["b"]["outputs"] == {"ok": 2}
+    assert by["a"]["attempt"] == 1
