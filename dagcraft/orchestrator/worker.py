@@ -47,6 +47,7 @@ class RunDriver:
         self._sup_next = 0.0
         self._ctx: tuple[int, RenderContext] | None = None
         self._decided: dict[str, int] = {}  # step -> state rev whose `when` evaluated true
+        self._full: set[str] = set()
         self._rng = random.Random(f"{cfg.worker_id}/{run_id}")
 
     @property
@@ -182,6 +183,7 @@ class RunDriver:
         if ctl != "running":
             return []
         claims: list[Any] = []
+        self._full = set()  # semaphores found full this cycle: not retried for every step
         failing = view.failing() and view.wf.on_failure in ("stop", "rollback")
         max_parallel = view.wf.max_parallel
         ready = self.ready()
@@ -247,10 +249,13 @@ class RunDriver:
             if view.status(sid) not in ("pending", "retrying"):
                 return None
         sems = self._semaphores(step)
+        if any(sem.key_prefix in self._full for sem in sems):
+            return None
         held: list[leases.Lease] = []
         for sem in sems:
             got = sem.try_acquire(f"{self.cfg.worker_id}/{self.run_id}/{sid}")
             if got is None:
+                self._full.add(sem.key_prefix)
                 for s, lease in zip(sems, held, strict=False):
                     s.release(lease)
                 return None
