@@ -28,51 +28,58 @@ from dagcraft.primitives.store import Store
 from dagcraft.primitives.ulid import new_ulid
 
 
-def _record(store: Store, run_id: str) -> RunRecord:
+def read_record(store: Store, run_id: str) -> RunRecord:
     got = store.get(layout.run_record(run_id))
     if got is None:
         raise NotFound(f"run {run_id!r} not found in {store.url}")
     return RunRecord.model_validate_json(got[0])
 
 
-def _control(store: Store, run_id: str) -> Control:
+def read_control(store: Store, run_id: str) -> Control:
     got = store.get(layout.control(run_id))
     return load_control(got[0]) if got else Control()
 
 
-def run_status(store: Store, run_id: str) -> dict[str, Any]:
-    """Run record summary, control, and every step's state (reads each step once)."""
-    rec = _record(store, run_id)
-    ctl = _control(store, run_id)
-    steps = []
-    order = rec.order or list(rec.workflow.get("steps", {}))
-    seen = set()
-    keys = [k for k in store.list(layout.steps_prefix(run_id)) if k.endswith("/state.json")]
+def load_states(store: Store, run_id: str) -> dict[str, StepState]:
+    """Every step state of a run, foreach children included (one LIST, one GET per step)."""
     states: dict[str, StepState] = {}
-    for key in keys:
-        got = store.get(key)
-        if got:
-            st = load_state(got[0])
-            states[st.step_id] = st
+    for key in store.list(layout.steps_prefix(run_id)):
+        if key.endswith("/state.json"):
+            got = store.get(key)
+            if got:
+                st = load_state(got[0])
+                states[st.step_id] = st
+    return states
+
+
+def ordered_states(rec: RunRecord, states: dict[str, StepState]) -> list[tuple[StepState, str | None]]:
+    """(state, foreach parent) in compiled order, each parent followed by its children."""
+    out: list[tuple[StepState, str | None]] = []
+    seen: set[str] = set()
+    order = rec.order or list(rec.workflow.get("steps", {}))
     for sid in order + sorted(set(states) - set(order)):
         if sid in seen:
             continue
         seen.add(sid)
         st = states.get(sid, StepState(step_id=sid))
-        steps.append({
-            "step": sid, "status": st.status, "attempt": st.attempt, "worker": st.worker,
-            "started_at": st.started_at, "finished_at": st.finished_at, "reason": st.reason,
-            "exit_code": st.exit_code, "outputs": st.outputs, "artifacts": sorted(st.artifacts),
-            "cached_from": st.cached_from, "parent": st.parent, "children": st.children,
-        })
+        out.append((st, st.parent))
         for child in st.children:
             if child not in seen:
-                cst = states.get(child, StepState(step_id=child))
                 seen.add(child)
-                steps.append({"step": child, "status": cst.status, "attempt": cst.attempt, "worker": cst.worker,
-                              "started_at": cst.started_at, "finished_at": cst.finished_at, "reason": cst.reason,
-                              "exit_code": cst.exit_code, "outputs": cst.outputs, "artifacts": sorted(cst.artifacts),
-                              "cached_from": cst.cached_from, "parent": sid, "children": []})
+                out.append((states.get(child, StepState(step_id=child)), sid))
+    return out
+
+
+def run_status(store: Store, run_id: str) -> dict[str, Any]:
+    """Run record summary, control, and every step's state (reads each step once)."""
+    rec = read_record(store, run_id)
+    ctl = read_control(store, run_id)
+    steps = [{
+        "step": st.step_id, "status": st.status, "attempt": st.attempt, "worker": st.worker,
+        "started_at": st.started_at, "finished_at": st.finished_at, "reason": st.reason,
+        "exit_code": st.exit_code, "outputs": st.outputs, "artifacts": sorted(st.artifacts),
+        "cached_from": st.cached_from, "parent": parent, "children": st.children,
+    } for st, parent in ordered_states(rec, load_states(store, run_id))]
     counts: dict[str, int] = {}
     for s in steps:
         counts[str(s["status"])] = counts.get(str(s["status"]), 0) + 1
@@ -89,10 +96,10 @@ def list_runs(store: Store, status: str | None = None) -> list[dict[str, Any]]:
         if run_id in out:
             continue
         try:
-            rec = _record(store, run_id)
+            rec = read_record(store, run_id)
         except NotFound:
             continue
-        ctl = _control(store, run_id)
+        ctl = read_control(store, run_id)
         out[run_id] = {"run_id": run_id, "name": rec.name, "status": ctl.status, "submitted_at": rec.submitted_at,
                        "finished_at": ctl.finished_at, "reason": ctl.reason}
     runs = sorted(out.values(), key=lambda r: r["submitted_at"], reverse=True)
@@ -234,7 +241,7 @@ def request_rollback(store: Store, run_id: str) -> str:
 def latest_attempt(store: Store, run_id: str, step: str) -> int:
     got = store.get(layout.step_state(run_id, step))
     if got is None:
-        _record(store, run_id)
+        read_record(store, run_id)
         raise NotFound(f"step {step!r} not found in run {run_id!r}")
     st = load_state(got[0])
     if st.attempt == 0:

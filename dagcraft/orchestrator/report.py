@@ -8,8 +8,7 @@ from typing import Any
 
 from dagcraft.errors import DagcraftError, NotFound
 from dagcraft.orchestrator import layout
-from dagcraft.orchestrator.model import load_state
-from dagcraft.orchestrator.ops import run_status
+from dagcraft.orchestrator.ops import load_states, ordered_states, read_control, read_record, run_status
 from dagcraft.primitives.store import Store
 from dagcraft.tracing import read_trace
 
@@ -64,54 +63,45 @@ def resolve_traces(store: Store, target: str, dest: Path | None = None) -> list[
     return out
 
 
+def _ms(t: float | None) -> int | None:
+    return int(t * 1000) if t else None
+
+
 def run_view(store: Store, run_id: str) -> Any:
-    """The run as ``tracing.RunView``: steps, attempts (with their trace events), status."""
+    """The run as ``tracing.RunView``: steps, attempts (with their trace events), status.
+    Reads the run record, control and each step state once, and each attempt's trace once."""
     from dagcraft.tracing.render import AttemptView, RunView, StepView
 
-    status = run_status(store, run_id)
+    rec = read_record(store, run_id)
+    ctl = read_control(store, run_id)
+    compiled = rec.workflow.get("steps", {})
     steps = []
-    for s in status["steps"]:
-        got = store.get(layout.step_state(run_id, s["step"]))
-        st = load_state(got[0]) if got else None
-        attempts = []
-        history = st.history if st else []
-        for h in history:
-            name = str(h.attempt) if h.kind == "run" else f"rollback-{h.attempt}"
-            events = []
-            key = f"{layout.attempt_prefix(run_id, s['step'], name)}/trace.jsonl"
-            raw = store.get(key)
-            if raw is not None:
-                with tempfile.TemporaryDirectory() as tmp:
-                    p = Path(tmp) / "t.jsonl"
+    with tempfile.TemporaryDirectory() as tmp:
+        for st, _parent in ordered_states(rec, load_states(store, run_id)):
+            attempts = []
+            for h in st.history:
+                name = str(h.attempt) if h.kind == "run" else f"rollback-{h.attempt}"
+                events = []
+                raw = store.get(f"{layout.attempt_prefix(run_id, st.step_id, name)}/trace.jsonl")
+                if raw is not None:
+                    p = Path(tmp) / "trace.jsonl"
                     p.write_bytes(raw[0])
                     try:
                         events = read_trace(p)
                     except DagcraftError:
                         events = []
-            attempts.append(AttemptView(attempt=h.attempt, status=h.status if h.kind == "run" else f"rollback {h.status}",
-                                        worker=h.worker,
-                                        started_ms=int(h.started_at * 1000) if h.started_at else None,
-                                        finished_ms=int(h.finished_at * 1000) if h.finished_at else None,
-                                        exit_code=h.exit_code, reason=h.reason, events=events))
-        if st and st.status == "running":
-            attempts.append(AttemptView(attempt=st.attempt, status="running", worker=st.worker,
-                                        started_ms=int(st.started_at * 1000) if st.started_at else None,
-                                        finished_ms=None, exit_code=None, reason=None, events=[]))
-        needs = []
-        if st and st.definition:
-            needs = list(st.definition.get("needs", []))
-        else:
-            rec_steps = store.get(layout.run_record(run_id))
-            if rec_steps:
-                import json
-
-                wf = json.loads(rec_steps[0])["workflow"]
-                needs = list(wf.get("steps", {}).get(s["step"], {}).get("needs", []))
-        steps.append(StepView(step_id=s["step"], status=s["status"], attempts=attempts, needs=needs))
-    return RunView(run_id=run_id, name=status["name"], status=status["status"],
-                   created_ms=int(status["submitted_at"] * 1000),
-                   finished_ms=int(status["finished_at"] * 1000) if status["finished_at"] else None,
-                   params=status["params"], steps=steps)
+                attempts.append(AttemptView(attempt=h.attempt, status=h.status if h.kind == "run" else f"rollback {h.status}",
+                                            worker=h.worker, started_ms=_ms(h.started_at), finished_ms=_ms(h.finished_at),
+                                            exit_code=h.exit_code, reason=h.reason, events=events))
+            if st.status == "running":
+                attempts.append(AttemptView(attempt=st.attempt, status="running", worker=st.worker,
+                                            started_ms=_ms(st.started_at), finished_ms=None, exit_code=None,
+                                            reason=None, events=[]))
+            definition = st.definition or compiled.get(st.step_id, {})
+            steps.append(StepView(step_id=st.step_id, status=st.status, attempts=attempts,
+                                  needs=list(definition.get("needs", []))))
+    return RunView(run_id=run_id, name=rec.name, status=ctl.status, created_ms=int(rec.submitted_at * 1000),
+                   finished_ms=_ms(ctl.finished_at), params=rec.params, steps=steps)
 
 
 def write_report(store: Store, run_id: str, out: Path | None = None) -> Path:

@@ -112,16 +112,25 @@ def acquire(store: Store, key: str, holder: str, ttl: float) -> Lease:
     raise Conflict(f"{key}: claimed by another holder")
 
 
+def _not_held(cur: tuple[LeaseRecord, str] | None, lease: Lease) -> str | None:
+    """Why ``lease`` is no longer held according to record ``cur`` (None: still held, unless
+    it expired — callers judge expiry themselves)."""
+    if cur is None:
+        return "lease record vanished"
+    rec = cur[0]
+    if rec.token != lease.token or rec.holder != lease.holder:
+        return f"lease taken over by {rec.holder} (token {rec.token} > {lease.token})"
+    if rec.released:
+        return "lease was released"
+    return None
+
+
 def _lost(store: Store, lease: Lease, action: str) -> Conflict:
     cur = read(store, lease.key)
-    if cur is None:
-        return Conflict(f"{lease.key}: cannot {action}: lease record vanished")
-    rec, _ = cur
-    if rec.token != lease.token or rec.holder != lease.holder:
-        return Fenced(f"{lease.key}: cannot {action}: lease taken over by {rec.holder} (token {rec.token} > {lease.token})")
-    if rec.released:
-        return Fenced(f"{lease.key}: cannot {action}: lease already released")
-    return Conflict(f"{lease.key}: cannot {action}: lease record changed")
+    why = _not_held(cur, lease)
+    if cur is None or why is None:  # vanished, or merely changed: not proof of a takeover
+        return Conflict(f"{lease.key}: cannot {action}: {why or 'lease record changed'}")
+    return Fenced(f"{lease.key}: cannot {action}: {why}")
 
 
 def renew(store: Store, lease: Lease, ttl: float) -> Lease:
@@ -167,13 +176,10 @@ def check(store: Store, lease: Lease) -> LeaseRecord:
     """Raise Fenced unless ``lease`` is still held (same token and holder, not released,
     unexpired on the store's clock). One GET."""
     cur = read(store, lease.key)
-    if cur is None:
-        raise Fenced(f"{lease.key}: lease record vanished")
-    rec, _ = cur
-    if rec.token != lease.token or rec.holder != lease.holder:
-        raise Fenced(f"{lease.key}: lease taken over by {rec.holder} (token {rec.token} > {lease.token})")
-    if rec.released:
-        raise Fenced(f"{lease.key}: lease was released")
+    why = _not_held(cur, lease)
+    if why is not None or cur is None:
+        raise Fenced(f"{lease.key}: {why}")
+    rec = cur[0]
     if rec.expires_at <= store.now():
         raise Fenced(f"{lease.key}: lease expired")
     return rec

@@ -67,15 +67,20 @@ def test_exactly_once_200_steps_4_workers_moto_server(tmp_path, moto_server):
     _exactly_once(tmp_path, server_store_url(moto_server), 200)
 
 
+@pytest.fixture(params=["local", "s3"])
+def store_url(request, tmp_path) -> str:
+    """A fresh store for subprocesses: a local directory, or a bucket on the moto server."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return server_store_url(request.getfixturevalue("moto_server"))
+
+
 def _state(store, rid: str, step: str):
     got = store.get(layout.step_state(rid, step))
     return load_state(got[0]) if got else None
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"])
-def test_kill_9_worker_mid_step_is_recovered(tmp_path, backend, request):
-    store_url = str(tmp_path / "store") if backend == "local" else server_store_url(
-        request.getfixturevalue("moto_server"))
+def test_kill_9_worker_mid_step_is_recovered(tmp_path, store_url):
     marker = tmp_path / "started"
     spec = write_spec(tmp_path, f"""
         name: crash
@@ -110,10 +115,7 @@ def test_kill_9_worker_mid_step_is_recovered(tmp_path, backend, request):
     assert slow.history[0].reason == "lost worker"
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"])
-def test_stopped_worker_past_its_lease_is_fenced(tmp_path, backend, request):
-    store_url = str(tmp_path / "store") if backend == "local" else server_store_url(
-        request.getfixturevalue("moto_server"))
+def test_stopped_worker_past_its_lease_is_fenced(tmp_path, store_url):
     marker = tmp_path / "attempts"
     spec = write_spec(tmp_path, f"""
         name: fence
