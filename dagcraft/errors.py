@@ -37,6 +37,15 @@ class Conflict(DagcraftError):
     exit_code = 3
 
 
+class Superseded(Conflict):
+    """A compare-and-swap lost: the record moved on. ``current`` is its (bytes, etag) as read
+    right after, or None when it is gone (exit 3)."""
+
+    def __init__(self, message: str, current: tuple[bytes, str] | None = None) -> None:
+        super().__init__(message)
+        self.current = current
+
+
 class Fenced(Conflict):
     """A holder whose lease was taken over tried to commit (exit 3)."""
 

@@ -327,15 +327,12 @@ def register(cli: click.Group) -> None:
     @_opts
     def wait_for(ctx: Ctx, steps: tuple[str, ...], timeout: float | None, as_json: bool) -> None:
         """Wait until STEPS of the run are terminal: exit 0 satisfied, 1 failed upstream, 124 timeout."""
-        from dagcraft.primitives import barrier
+        from dagcraft.orchestrator.waiting import wait_for_steps
 
         if not ctx.run:
             raise InvalidInput("wait-for needs a run id (--run or $DAGCRAFT_RUN_ID)")
-        run = ctx.run
-        for s in steps:
-            barrier.step_state_key(run, s)  # validate all before waiting
-        try:
-            done = barrier.wait_for(ctx.store, steps, lambda s: barrier.step_state_key(run, s), timeout=timeout)
+        try:  # every step id is validated before waiting
+            done = wait_for_steps(ctx.store, ctx.run, steps, timeout=timeout)
         except Failed as exc:
             if as_json:
                 _out({"satisfied": False, "error": str(exc)})

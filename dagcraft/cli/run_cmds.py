@@ -34,7 +34,7 @@ def _compile(spec: str, params: tuple[str, ...]) -> Any:
 
 
 def _secret_env(wf: Any) -> dict[str, str]:
-    from dagcraft.orchestrator.run_view import secret_env_name
+    from dagcraft.orchestrator.view import secret_env_name
 
     return {secret_env_name(n): str(wf.params[n]) for n in wf.secret_params if n in wf.params}
 

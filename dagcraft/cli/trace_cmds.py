@@ -52,7 +52,7 @@ def _resolve(target: str, store_url: str | None) -> list[Path]:
 
 def _run_view(target: str, store_url: str | None):
     parts = target.split("/")
-    view = _report().run_view(_store(store_url), parts[0])
+    view = _report().report_view(_store(store_url), parts[0])
     if len(parts) > 1:
         steps = [s for s in view.steps if s.step_id == parts[1]]
         if not steps:

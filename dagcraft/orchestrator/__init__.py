@@ -15,8 +15,8 @@ from dagcraft.orchestrator.ops import (
     run_status,
 )
 from dagcraft.orchestrator.pool import PoolOptions, drive
-from dagcraft.orchestrator.report import resolve_traces, run_view, write_report
-from dagcraft.orchestrator.submit import identity, submit
+from dagcraft.orchestrator.report import report_view, resolve_traces, write_report
+from dagcraft.orchestrator.submission import identity, submit
 from dagcraft.orchestrator.worker import Worker
 
 __all__ = [
@@ -29,11 +29,11 @@ __all__ = [
     "list_runs",
     "prepare_resume",
     "read_log",
+    "report_view",
     "request_rollback",
     "resolve_traces",
     "retry_from",
     "run_status",
-    "run_view",
     "submit",
     "write_report",
 ]

@@ -14,7 +14,6 @@ change without notification; readers catch it with the periodic full resync.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 
 from dagcraft.orchestrator import layout
 from dagcraft.primitives.store import Store
@@ -29,14 +28,17 @@ def append(store: Store, run_id: str, subject: str, rev: int | None = None, stat
     return key
 
 
-class JournalReader:
-    """Reads a run's journal incrementally: each ``poll`` returns the subjects that changed
-    since the previous poll (at least once; possibly again, never missed within the window)."""
+class KeyFeed:
+    """New keys under a prefix of ``<ulid>…`` names, read incrementally: each ``poll``
+    returns the keys not returned before (at least once; never missed within the window).
 
-    def __init__(self, store: Store, run_id: str, lookback_s: float = 30.0, sweep_s: float = 2.0) -> None:
+    Most polls list only past the newest key seen (cost: what is new); every ``sweep_s`` a
+    poll re-lists the whole look-back window, so an entry written by a host whose clock is
+    behind (its ULID sorts before keys already seen) is still found."""
+
+    def __init__(self, store: Store, prefix: str, lookback_s: float = 30.0, sweep_s: float = 2.0) -> None:
         self.store = store
-        self.run_id = run_id
-        self.prefix = layout.journal_prefix(run_id)
+        self.prefix = prefix
         self.lookback_ms = int(lookback_s * 1000)
         self.sweep_s = sweep_s
         self._seen: dict[str, int] = {}  # key -> ulid ms, pruned beyond the window
@@ -44,9 +46,7 @@ class JournalReader:
         self._high_key: str | None = None
         self._last_sweep = 0.0
 
-    def poll(self) -> list[tuple[str, int | None, str | None]]:
-        """Most polls list only past the newest key seen (cost: what is new); every
-        ``sweep_s`` a poll re-lists the whole look-back window to catch late landers."""
+    def poll(self) -> list[str]:
         start_after = None
         if self._high_ms is not None:
             now = time.monotonic()
@@ -55,38 +55,50 @@ class JournalReader:
                 start_after = self.prefix + ulid_floor(self._high_ms - self.lookback_ms)
             else:
                 start_after = self._high_key
-        keys = self.store.list(self.prefix, start_after=start_after)
-        return self._take(keys)
-
-    def mark_seen(self, key: str) -> None:
-        """A key this process wrote itself (its change is already applied locally)."""
-        ulid = layout.parse_journal_key(key)[0]
-        try:
-            self._seen[key] = ulid_time_ms(ulid)
-        except ValueError:
-            pass
-
-    def _take(self, keys: Iterable[str]) -> list[tuple[str, int | None, str | None]]:
-        """New entries as (subject, rev, status), one per subject: the highest rev seen (an
-        entry without a rev wins, since it asks for a full read)."""
-        changed: dict[str, tuple[str, int | None, str | None]] = {}
-        for key in keys:
+        new = []
+        for key in self.store.list(self.prefix, start_after=start_after):
             if key in self._seen:
                 continue
-            ulid, subject, rev, status = layout.parse_journal_key(key)
             try:
-                ms = ulid_time_ms(ulid)
+                ms = ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
             except ValueError:
-                continue  # not a journal entry we wrote
+                continue  # not an entry we wrote
             self._seen[key] = ms
             if self._high_ms is None or ms > self._high_ms:
                 self._high_ms = ms
             if self._high_key is None or key > self._high_key:
                 self._high_key = key
-            prev = changed.get(subject)
-            if prev is None or prev[1] is None or rev is None or rev >= prev[1]:
-                changed[subject] = (subject, None if (prev is not None and prev[1] is None) else rev, status)
+            new.append(key)
         if self._high_ms is not None and len(self._seen) > 256:
             floor = self._high_ms - self.lookback_ms - 1000
             self._seen = {k: v for k, v in self._seen.items() if v >= floor}
+        return new
+
+    def mark_seen(self, key: str) -> None:
+        """A key this process wrote itself (its change is already applied locally)."""
+        try:
+            self._seen[key] = ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
+        except ValueError:
+            pass
+
+
+class JournalReader:
+    """Reads a run's journal incrementally: each ``poll`` returns the subjects that changed
+    since the previous poll, as (subject, rev, status), one per subject: the highest rev seen
+    (an entry without a rev wins, since it asks for a full read)."""
+
+    def __init__(self, store: Store, run_id: str, lookback_s: float = 30.0, sweep_s: float = 2.0) -> None:
+        self.feed = KeyFeed(store, layout.journal_prefix(run_id), lookback_s, sweep_s)
+        self.run_id = run_id
+
+    def mark_seen(self, key: str) -> None:
+        self.feed.mark_seen(key)
+
+    def poll(self) -> list[tuple[str, int | None, str | None]]:
+        changed: dict[str, tuple[str, int | None, str | None]] = {}
+        for key in self.feed.poll():
+            _, subject, rev, status = layout.parse_journal_key(key)
+            prev = changed.get(subject)
+            if prev is None or prev[1] is None or rev is None or rev >= prev[1]:
+                changed[subject] = (subject, None if (prev is not None and prev[1] is None) else rev, status)
         return list(changed.values())

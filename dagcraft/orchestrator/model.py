@@ -8,31 +8,83 @@ never both move the same record from the same version.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from enum import Enum
+from typing import Any
 
 from pydantic import BaseModel, Field
 
-StepStatus = Literal[
-    "pending",  # waiting for its needs, or ready
-    "retrying",  # a failed attempt; eligible again once the store clock passes not_before
-    "running",  # claimed: attempt n, worker, lease
-    "expanded",  # a foreach parent whose children run in its place
-    "succeeded",
-    "failed",  # failed for good
-    "skipped",
-    "cancelled",
-    "rolling_back",  # compensation claimed
-    "rolled_back",
-]
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "skipped", "cancelled", "rolled_back"})
+from dagcraft.primitives.lease import LeaseRecord
+
+
+class _Name(str, Enum):
+    """A status that is also its string: compares, hashes, prints and serializes as its value,
+    so ``"pending" in OPEN`` and JSON records need no conversion."""
+
+    __hash__ = str.__hash__
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class StepStatus(_Name):
+    """Where a step is in its lifecycle. Only ``transitions.py`` moves a step between them."""
+
+    PENDING = "pending"  # waiting for its needs, or ready
+    RETRYING = "retrying"  # a failed attempt; eligible again once the store clock passes not_before
+    RUNNING = "running"  # claimed: attempt n holds the step's lease
+    EXPANDED = "expanded"  # a foreach parent whose children run in its place
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # failed for good
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+    ROLLING_BACK = "rolling_back"  # compensation claimed: its attempt holds the step's lease
+    ROLLED_BACK = "rolled_back"
+
+
+TERMINAL: frozenset[StepStatus] = frozenset({StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED,
+                                             StepStatus.CANCELLED, StepStatus.ROLLED_BACK})
+#: waiting for a claim (the scheduler looks only at these)
+OPEN: frozenset[StepStatus] = frozenset({StepStatus.PENDING, StepStatus.RETRYING})
+#: an attempt holds the step's lease (the supervisor looks only at these)
+ACTIVE: frozenset[StepStatus] = frozenset({StepStatus.RUNNING, StepStatus.ROLLING_BACK})
 #: a journal entry announcing one of these makes readers fetch the whole state: its details
 #: (children, retry time, a reset's cleared fields) drive scheduling decisions
-DETAIL_STATUSES: frozenset[str] = frozenset({"pending", "retrying", "expanded"})
+DETAIL_STATUSES: frozenset[StepStatus] = frozenset({StepStatus.PENDING, StepStatus.RETRYING, StepStatus.EXPANDED})
 #: a step in one of these states counts as done for its dependents
-DONE_OK: frozenset[str] = frozenset({"succeeded", "rolled_back", "rolling_back"})
+DONE_OK: frozenset[StepStatus] = frozenset({StepStatus.SUCCEEDED, StepStatus.ROLLED_BACK, StepStatus.ROLLING_BACK})
 
-RunStatus = Literal["running", "cancelling", "rolling_back", "succeeded", "failed", "cancelled", "rolled_back"]
-RUN_FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "rolled_back"})
+
+class RunStatus(_Name):
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    ROLLING_BACK = "rolling_back"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ROLLED_BACK = "rolled_back"
+
+
+RUN_FINISHED: frozenset[RunStatus] = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED,
+                                                RunStatus.ROLLED_BACK})
+
+
+class AttemptKind(_Name):
+    RUN = "run"
+    ROLLBACK = "rollback"
+
+
+class AttemptStatus(_Name):
+    """How one attempt ended (a step's history entry)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # the run was cancelled while it ran
+    INTERRUPTED = "interrupted"  # its worker handed it back (Ctrl-C): not a failure
+    LOST = "lost"  # its worker vanished; the supervisor took the lease over
+    FENCED = "fenced"  # it finished, but its lease had been taken over: result discarded
 
 
 class RunRecord(BaseModel):
@@ -54,7 +106,7 @@ class RunRecord(BaseModel):
 class Control(BaseModel):
     """Run-level status. ``generation`` bumps whenever the run is reopened (resume/retry)."""
 
-    status: RunStatus = "running"
+    status: RunStatus = RunStatus.RUNNING
     reason: str | None = None
     updated_at: float = 0.0
     finished_at: float | None = None
@@ -62,33 +114,31 @@ class Control(BaseModel):
 
 
 class AttemptInfo(BaseModel):
+    """One finished attempt, appended to the step's history by the transition that ended it."""
+
     attempt: int
-    status: str  # running | succeeded | failed | cancelled | lost | fenced | interrupted | cached
+    status: AttemptStatus
+    kind: AttemptKind = AttemptKind.RUN
     worker: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
     exit_code: int | None = None
     signal: int | None = None
     reason: str | None = None
-    kind: Literal["run", "rollback"] = "run"
-
-
-class RollbackInfo(BaseModel):
-    status: Literal["running", "done", "failed"]
-    attempt: int = 1
-    worker: str | None = None
-    lease_expires_at: float | None = None
-    exit_code: int | None = None
+    #: SHA-256 of the trace's last line when the attempt committed: pins the trace's head
+    trace_head: str | None = None
 
 
 class StepState(BaseModel):
     step_id: str
-    status: StepStatus = "pending"
-    attempt: int = 0
+    status: StepStatus = StepStatus.PENDING
+    attempt: int = 0  # run attempts started
+    rollback_attempt: int = 0  # compensation attempts started
+    #: the lease of the attempt that holds the step (running or rolling_back); kept after it
+    #: ends (released) so that fencing tokens keep increasing
+    lease: LeaseRecord | None = None
     failures: int = 0  # failed attempts, counted against the retry limit
     lost_attempts: int = 0  # attempts whose worker vanished
-    worker: str | None = None
-    lease_expires_at: float | None = None
     not_before: float | None = None
     reason: str | None = None
     exit_code: int | None = None
@@ -102,10 +152,22 @@ class StepState(BaseModel):
     #: a dynamically created step (foreach child) carries its own definition
     definition: dict[str, Any] | None = None
     parent: str | None = None
-    rollback: RollbackInfo | None = None
+    #: "done" or "failed" once a compensation has run
+    compensation: str | None = None
     history: list[AttemptInfo] = Field(default_factory=list)
     #: bumps on every write so that two writes never produce the same bytes
     rev: int = 0
+
+    @property
+    def worker(self) -> str | None:
+        """The holder of the step's current attempt (None when no attempt holds it)."""
+        if self.status in ACTIVE and self.lease is not None and not self.lease.released:
+            return self.lease.holder
+        return None
+
+    @property
+    def lease_expires_at(self) -> float | None:
+        return self.lease.expires_at if self.worker is not None and self.lease is not None else None
 
     def dump(self) -> bytes:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()

@@ -12,18 +12,18 @@ from collections.abc import Iterator
 from typing import Any
 
 from dagcraft.errors import Conflict, InvalidInput, NotFound
-from dagcraft.orchestrator import journal, layout
+from dagcraft.orchestrator import layout, transitions
 from dagcraft.orchestrator.model import (
     RUN_FINISHED,
     Control,
     RunRecord,
+    RunStatus,
     StepState,
-    dump,
+    StepStatus,
     load_control,
     load_state,
 )
-from dagcraft.orchestrator.run_view import LocalView
-from dagcraft.orchestrator.supervisor import cas_state, set_control
+from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives.store import Store
 from dagcraft.primitives.ulid import new_ulid
 
@@ -75,7 +75,7 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
     rec = read_record(store, run_id)
     ctl = read_control(store, run_id)
     steps = [{
-        "step": st.step_id, "status": st.status, "attempt": st.attempt, "worker": st.worker,
+        "step": st.step_id, "status": str(st.status), "attempt": st.attempt, "worker": st.worker,
         "started_at": st.started_at, "finished_at": st.finished_at, "reason": st.reason,
         "exit_code": st.exit_code, "outputs": st.outputs, "artifacts": sorted(st.artifacts),
         "cached_from": st.cached_from, "parent": parent, "children": st.children,
@@ -83,7 +83,7 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for s in steps:
         counts[str(s["status"])] = counts.get(str(s["status"]), 0) + 1
-    return {"run_id": run_id, "name": rec.name, "status": ctl.status, "reason": ctl.reason,
+    return {"run_id": run_id, "name": rec.name, "status": str(ctl.status), "reason": ctl.reason,
             "submitted_at": rec.submitted_at, "submitted_by": rec.submitted_by, "finished_at": ctl.finished_at,
             "spec_hash": rec.spec_hash, "params": rec.params, "counts": counts, "steps": steps}
 
@@ -100,7 +100,7 @@ def list_runs(store: Store, status: str | None = None) -> list[dict[str, Any]]:
         except NotFound:
             continue
         ctl = read_control(store, run_id)
-        out[run_id] = {"run_id": run_id, "name": rec.name, "status": ctl.status, "submitted_at": rec.submitted_at,
+        out[run_id] = {"run_id": run_id, "name": rec.name, "status": str(ctl.status), "submitted_at": rec.submitted_at,
                        "finished_at": ctl.finished_at, "reason": ctl.reason}
     runs = sorted(out.values(), key=lambda r: r["submitted_at"], reverse=True)
     if status:
@@ -113,61 +113,6 @@ def _reindex(store: Store, run_id: str) -> None:
     store.put(layout.runs_index_entry(new_ulid(), run_id), b"", if_none_match=True)
 
 
-def _retire(view: LocalView, sid: str, reason: str) -> None:
-    """A foreach child of a reset parent: terminal until the parent expands again (which may
-    produce different items, and revives the children it still has)."""
-    for _ in range(5):
-        st = view.state(sid).model_copy(deep=True)
-        if st.status == "skipped":
-            return
-        st.status = "skipped"
-        st.reason = reason
-        if cas_state(view, st, view.etag(sid)):
-            return
-    raise Conflict(f"step {sid!r} kept changing; try again")
-
-
-def _reset(view: LocalView, sid: str, reason: str) -> None:
-    for _ in range(5):
-        st = view.state(sid).model_copy(deep=True)
-        for child in st.children:
-            _retire(view, child, f"superseded: {reason}")
-        st.status = "pending"
-        st.reason = reason
-        st.outputs, st.artifacts = {}, {}
-        st.failures = st.lost_attempts = 0
-        st.not_before = st.finished_at = st.lease_expires_at = None
-        st.worker = None
-        st.rollback = None
-        st.children = []
-        st.exit_code = None
-        st.cached_from = None
-        if cas_state(view, st, view.etag(sid)):
-            return
-    raise Conflict(f"step {sid!r} kept changing; try again")
-
-
-def _reopen(view: LocalView, reason: str) -> None:
-    for _ in range(5):
-        if view.control.status == "running":
-            break
-        ctl = view.control.model_copy()
-        ctl.generation += 1
-        ctl.status = "running"
-        ctl.reason = reason
-        ctl.finished_at = None
-        ctl.updated_at = view.store.now()
-        try:
-            view.control_etag = view.store.put(layout.control(view.run_id), dump(ctl), if_match=view.control_etag) \
-                if view.control_etag else view.store.put(layout.control(view.run_id), dump(ctl), if_none_match=True)
-            view.control = ctl
-            journal.append(view.store, view.run_id, layout.CONTROL_MARK)
-            break
-        except Conflict:
-            view.refresh_control()
-    _reindex(view.store, view.run_id)
-
-
 def cancel(store: Store, run_id: str, reason: str = "cancelled by user") -> str:
     """Ask every worker to stop the run: running steps are signalled, nothing new starts.
     Returns the run status after the request."""
@@ -175,7 +120,7 @@ def cancel(store: Store, run_id: str, reason: str = "cancelled by user") -> str:
     for _ in range(5):
         if view.control.status in RUN_FINISHED or view.control.status == "cancelling":
             return view.control.status
-        if set_control(view, "cancelling", reason):
+        if transitions.set_control(view, RunStatus.CANCELLING, reason):
             return "cancelling"
     raise Conflict(f"run {run_id!r}: control kept changing; try again")
 
@@ -186,7 +131,7 @@ def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False) -> 
     to pending. Returns the run status afterwards."""
     view = LocalView(store, run_id, detail=True)
     status = view.control.status
-    resettable = {"cancelled"} | ({"failed"} if retry_failed else set())
+    resettable = {StepStatus.CANCELLED} | ({StepStatus.FAILED} if retry_failed else set())
     if status == "succeeded":
         return status
     if status in RUN_FINISHED or status == "cancelling":
@@ -194,11 +139,12 @@ def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False) -> 
             return status
         reset = [s for s in view.all_ids() if view.status(s) in resettable and not view.state(s).parent]
         if retry_failed:
-            reset += [s for s in view.all_ids() if view.status(s) in ("skipped", "cancelled")
+            reset += [s for s in view.all_ids() if view.status(s) in (StepStatus.SKIPPED, StepStatus.CANCELLED)
                       and not view.state(s).parent and s not in reset]
         for sid in reset:
-            _reset(view, sid, "reset by resume")
-        _reopen(view, "resumed")
+            transitions.reset(view, sid, "reset by resume")
+        transitions.reopen(view, "resumed")
+        _reindex(store, run_id)
     else:
         _reindex(store, run_id)
     return view.control.status
@@ -220,8 +166,9 @@ def retry_from(store: Store, run_id: str, step: str) -> list[str]:
     targets = {t for t in targets if not view.state(t).parent}
     ordered = [s for s in view.all_ids() if s in targets]
     for sid in ordered:
-        _reset(view, sid, f"reset by retry --from {step}")
-    _reopen(view, f"retry from {step}")
+        transitions.reset(view, sid, f"reset by retry --from {step}")
+    transitions.reopen(view, f"retry from {step}")
+    _reindex(store, run_id)
     return ordered
 
 
@@ -232,7 +179,7 @@ def request_rollback(store: Store, run_id: str) -> str:
         raise InvalidInput(f"run {run_id!r} is {view.control.status}; cancel it before rolling back")
     if view.control.status == "rolled_back":
         return "rolled_back"
-    if not set_control(view, "rolling_back", "rollback requested"):
+    if not transitions.set_control(view, RunStatus.ROLLING_BACK, "rollback requested"):
         raise Conflict(f"run {run_id!r}: control changed; try again")
     _reindex(store, run_id)
     return "rolling_back"

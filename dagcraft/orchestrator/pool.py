@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from dagcraft.errors import Interrupted
 from dagcraft.orchestrator.model import RUN_FINISHED
-from dagcraft.orchestrator.run_view import LocalView
+from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives.store import Store
 
 MAX_RESTARTS = 20

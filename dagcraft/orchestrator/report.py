@@ -67,7 +67,7 @@ def _ms(t: float | None) -> int | None:
     return int(t * 1000) if t else None
 
 
-def run_view(store: Store, run_id: str) -> Any:
+def report_view(store: Store, run_id: str) -> Any:
     """The run as ``tracing.RunView``: steps, attempts (with their trace events), status.
     Reads the run record, control and each step state once, and each attempt's trace once."""
     from dagcraft.tracing.render import AttemptView, RunView, StepView
@@ -109,7 +109,7 @@ def write_report(store: Store, run_id: str, out: Path | None = None) -> Path:
     (``out``; else ``<local store>/reports/<run>.html``; else ``./<run>.html``)."""
     from dagcraft.tracing.render import render_run_html
 
-    html = render_run_html(run_view(store, run_id))
+    html = render_run_html(report_view(store, run_id))
     data = html.encode()
     store.put(layout.report(run_id), data)
     if out is None:

@@ -1,59 +1,64 @@
-"""Leases (claims) with TTL on the store's clock and fencing tokens.
+"""Leases (claims) with a TTL on the store's clock and fencing tokens: the one lease model.
 
-A lease is one JSON object (a :class:`LeaseRecord`) at a key, never deleted:
+A lease is a :class:`LeaseRecord` (holder, token, expiry). It lives either alone at a key
+(the supervisor role, semaphore slots, ``dagcraft agent claim``) or embedded in a larger record
+that it protects (a step's state record holds the lease of the attempt that runs it). Both
+forms use the same rules, implemented once here:
 
-- **acquire**: absent → create with If-None-Match (token 1). Present but released or expired
-  (``expires_at <= store.now()``) → take over by If-Match CAS on the etag just read, with
-  ``token = old token + 1``. Present and live → :class:`Conflict`. Of any number of concurrent
-  acquirers exactly one wins (the store's conditional write decides); the others get Conflict.
-- **renew** / **release**: If-Match CAS on the etag of the holder's last write. If the record
-  changed since, the holder has lost the lease: :class:`Fenced` when another holder took over
-  (higher token) or the lease was released, :class:`Conflict` otherwise.
-- **fencing token**: ``token`` strictly increases on every takeover, so a later holder always
-  has a higher token than any earlier one. A holder that was taken over can never renew or
-  release (its CAS fails), and :func:`fenced_commit` refuses its commits.
-- Time is only ever the store's clock (``store.now()``: local clock for a local directory,
-  clock learned from the S3 ``Date`` header for S3), never a comparison of two workers' clocks.
-- A holder that crashes simply stops renewing; its lease expires after ``ttl`` and the next
-  acquirer takes it over. Requests: acquire = 1 GET + 1 PUT; renew = 1 PUT; release = 1 PUT
-  (plus 1 GET on a lost CAS, to tell Fenced from Conflict).
-
-Fenced commits: a resource protected by a lease should carry the highest token that wrote it
-(``fence``). :func:`fenced_commit` reads the resource, refuses with Fenced if its ``fence`` is
-higher than the committer's token or the lease record no longer names the committer, and
-writes with If-Match on the etag it read — so a stale holder's write is refused even when the
-takeover races it, as long as the new holder writes the resource (or calls :func:`fence`)
-before doing the work. :func:`fenced_put` is the weaker one-shot check (lease still held
-and unexpired, then a conditional put).
+- **take**: a lease that is absent, released or expired (``expires_at <= store.now()``) may
+  be taken, with ``token = old token + 1``; a live one may not (:class:`Conflict`). The write
+  that takes it is conditional (If-None-Match when absent, else If-Match on the etag just
+  read), so of any number of concurrent takers exactly one wins.
+- **fencing**: ``token`` strictly increases on every take, and every later write by a holder
+  is a CAS on the etag of the holder's own last write (:func:`write_held`). Once another
+  holder took over, or anyone changed the record, the old holder's writes — renewals and
+  commits alike — are refused with :class:`Fenced`.
+- **lost responses**: a holder's write whose response was lost (an outage) is retried; if the
+  retry meets Conflict, :func:`write_held` re-reads the record, and when it holds exactly the
+  bytes this holder wrote (every write carries a unique ``write_id``), the write had landed
+  and succeeds. Otherwise the holder was fenced.
+- Time is only ever the store's clock (``store.now()``), never two workers' clocks compared.
+- A holder that crashes stops renewing; its lease expires after ``ttl`` and the next taker
+  takes it over. Requests: acquire = 1 GET + 1 PUT; renew = 1 PUT; release = 1 PUT (plus 1
+  GET after a lost CAS, to tell a landed write or Fenced from Conflict).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import BaseModel
 
-from dagcraft.errors import Conflict, Fenced, InvalidInput
+from dagcraft.errors import Conflict, Fenced, InvalidInput, NotFound, Superseded
 from dagcraft.primitives.keys import validate_key
-from dagcraft.primitives.store import Store
+from dagcraft.primitives.store import Store, cas
 from dagcraft.primitives.ulid import new_ulid
 
 
 class LeaseRecord(BaseModel):
-    name: str
+    """The lease itself: who holds it, with which fencing token, until when (store clock)."""
+
     holder: str
     token: int
     acquired_at: float
     expires_at: float
     released: bool = False
-    write_id: str
+    write_id: str = ""
+
+    def live(self, now: float) -> bool:
+        return not self.released and self.expires_at > now
+
+    def expired(self, now: float, grace: float = 0.0) -> bool:
+        """Past its expiry by more than ``grace`` (clock granularity) and not released."""
+        return not self.released and self.expires_at + grace <= now
 
 
-@dataclass
+@dataclass(frozen=True)
 class Lease:
+    """A holder's handle: the key of the record holding the lease and the etag of the
+    holder's last write to it (the fence every later write is conditional on)."""
+
     key: str
     holder: str
     token: int
@@ -62,21 +67,25 @@ class Lease:
     acquired_at: float = 0.0
 
 
-def _encode(rec: LeaseRecord) -> bytes:
-    return rec.model_dump_json().encode()
+# -- the rules, on records --------------------------------------------------------------------
+def take(prev: LeaseRecord | None, holder: str, now: float, ttl: float) -> LeaseRecord:
+    """The record that takes over ``prev`` (None: never held). Conflict if ``prev`` is live."""
+    _check_ttl(ttl)
+    if prev is not None and prev.live(now):
+        raise Conflict(f"held by {prev.holder} (token {prev.token}) for {prev.expires_at - now:.1f}s more")
+    return LeaseRecord(holder=holder, token=(prev.token if prev else 0) + 1, acquired_at=now,
+                       expires_at=now + ttl, write_id=new_ulid())
 
 
-def read(store: Store, key: str) -> tuple[LeaseRecord, str] | None:
-    """The lease record at ``key`` and its etag, or None if it was never acquired."""
-    got = store.get(validate_key(key))
-    if got is None:
-        return None
-    data, etag = got
-    return LeaseRecord.model_validate_json(data), etag
+def extended(rec: LeaseRecord, now: float, ttl: float) -> LeaseRecord:
+    """``rec`` renewed until ``now + ttl``."""
+    _check_ttl(ttl)
+    return rec.model_copy(update={"expires_at": now + ttl, "write_id": new_ulid()})
 
 
-def is_live(rec: LeaseRecord, now: float) -> bool:
-    return not rec.released and rec.expires_at > now
+def released(rec: LeaseRecord, now: float) -> LeaseRecord:
+    """``rec`` given up: takeable at once, its token kept so the next take is higher."""
+    return rec.model_copy(update={"expires_at": now, "released": True, "write_id": new_ulid()})
 
 
 def _check_ttl(ttl: float) -> None:
@@ -84,84 +93,88 @@ def _check_ttl(ttl: float) -> None:
         raise InvalidInput(f"invalid ttl {ttl!r}: must be >= 0")
 
 
+# -- fenced writes ----------------------------------------------------------------------------
+def write_held(store: Store, lease: Lease, data: bytes, lease_of: Callable[[bytes], LeaseRecord | None]) -> str:
+    """Write ``data`` to ``lease.key`` as the holder of ``lease``: a CAS from the holder's last
+    etag (:func:`~.store.cas`, so retrying a write whose response was lost is safe). Returns
+    the new etag. Raises :class:`Fenced` when the record moved on — naming the newer holder
+    when one took over — so a holder whose lease was taken over can never commit."""
+    try:
+        return cas(store, lease.key, data, lease.etag)
+    except Superseded as exc:
+        cur = lease_of(exc.current[0]) if exc.current is not None else None
+        if cur is None:
+            raise Fenced(f"{lease.key}: lease record gone") from None
+        if cur.token != lease.token or cur.holder != lease.holder:
+            raise Fenced(f"{lease.key}: taken over by {cur.holder} (token {cur.token} > {lease.token})") from None
+        raise Fenced(f"{lease.key}: changed by another writer") from None
+
+
+def _parse(data: bytes) -> LeaseRecord | None:
+    try:
+        return LeaseRecord.model_validate_json(data)
+    except ValueError:
+        return None
+
+
+# -- leases alone at a key ----------------------------------------------------------------------
+def read(store: Store, key: str) -> tuple[LeaseRecord, str] | None:
+    """The lease record at ``key`` and its etag, or None if it was never acquired."""
+    got = store.get(validate_key(key))
+    if got is None:
+        return None
+    rec = _parse(got[0])
+    if rec is None:
+        raise Conflict(f"{key}: not a lease record")
+    return rec, got[1]
+
+
+def _handle(key: str, rec: LeaseRecord, etag: str) -> Lease:
+    return Lease(key, rec.holder, rec.token, etag, rec.expires_at, rec.acquired_at)
+
+
 def acquire(store: Store, key: str, holder: str, ttl: float) -> Lease:
     """Acquire the lease at ``key`` for ``ttl`` seconds of store time. Conflict if it is held."""
     validate_key(key)
-    _check_ttl(ttl)
     for _ in range(2):
         cur = read(store, key)
-        now = store.now()
-        if cur is None:
-            rec = LeaseRecord(name=key, holder=holder, token=1, acquired_at=now, expires_at=now + ttl,
-                              write_id=new_ulid())
-            try:
-                etag = store.put(key, _encode(rec), if_none_match=True)
-            except Conflict:
-                continue  # someone created it meanwhile: look again (it may already be released)
-            return Lease(key, holder, 1, etag, rec.expires_at, now)
-        old, old_etag = cur
-        if is_live(old, now):
-            raise Conflict(f"{key}: held by {old.holder} (token {old.token}) for {old.expires_at - now:.1f}s more")
-        rec = LeaseRecord(name=key, holder=holder, token=old.token + 1, acquired_at=now,
-                          expires_at=now + ttl, write_id=new_ulid())
         try:
-            etag = store.put(key, _encode(rec), if_match=old_etag)
+            rec = take(cur[0] if cur else None, holder, store.now(), ttl)
+        except Conflict as exc:
+            raise Conflict(f"{key}: {exc}") from None
+        try:
+            if cur is None:
+                etag = store.put(key, rec.model_dump_json().encode(), if_none_match=True)
+            else:
+                etag = store.put(key, rec.model_dump_json().encode(), if_match=cur[1])
         except Conflict:
+            if cur is None:
+                continue  # created meanwhile: look again (it may already be released)
             raise Conflict(f"{key}: taken over by another holder") from None
-        return Lease(key, holder, rec.token, etag, rec.expires_at, now)
+        return _handle(key, rec, etag)
     raise Conflict(f"{key}: claimed by another holder")
-
-
-def _not_held(cur: tuple[LeaseRecord, str] | None, lease: Lease) -> str | None:
-    """Why ``lease`` is no longer held according to record ``cur`` (None: still held, unless
-    it expired — callers judge expiry themselves)."""
-    if cur is None:
-        return "lease record vanished"
-    rec = cur[0]
-    if rec.token != lease.token or rec.holder != lease.holder:
-        return f"lease taken over by {rec.holder} (token {rec.token} > {lease.token})"
-    if rec.released:
-        return "lease was released"
-    return None
-
-
-def _lost(store: Store, lease: Lease, action: str) -> Conflict:
-    cur = read(store, lease.key)
-    why = _not_held(cur, lease)
-    if cur is None or why is None:  # vanished, or merely changed: not proof of a takeover
-        return Conflict(f"{lease.key}: cannot {action}: {why or 'lease record changed'}")
-    return Fenced(f"{lease.key}: cannot {action}: {why}")
 
 
 def renew(store: Store, lease: Lease, ttl: float) -> Lease:
     """Extend the lease to ``now + ttl``. Fenced if another holder took over."""
-    _check_ttl(ttl)
     now = store.now()
-    rec = LeaseRecord(name=lease.key, holder=lease.holder, token=lease.token,
-                      acquired_at=lease.acquired_at or now, expires_at=now + ttl, write_id=new_ulid())
-    try:
-        etag = store.put(lease.key, _encode(rec), if_match=lease.etag)
-    except Conflict:
-        raise _lost(store, lease, "renew") from None
-    return Lease(lease.key, lease.holder, lease.token, etag, rec.expires_at, rec.acquired_at)
+    rec = LeaseRecord(holder=lease.holder, token=lease.token, acquired_at=lease.acquired_at or now,
+                      expires_at=now, write_id="")
+    rec = extended(rec, now, ttl)
+    etag = write_held(store, lease, rec.model_dump_json().encode(), _parse)
+    return _handle(lease.key, rec, etag)
 
 
 def release(store: Store, lease: Lease) -> None:
     """Release the lease (it stays as a record that the next acquirer takes over by CAS)."""
     now = store.now()
-    rec = LeaseRecord(name=lease.key, holder=lease.holder, token=lease.token,
-                      acquired_at=lease.acquired_at or now, expires_at=now, released=True,
-                      write_id=new_ulid())
-    try:
-        store.put(lease.key, _encode(rec), if_match=lease.etag)
-    except Conflict:
-        raise _lost(store, lease, "release") from None
+    rec = released(LeaseRecord(holder=lease.holder, token=lease.token, acquired_at=lease.acquired_at or now,
+                               expires_at=now), now)
+    write_held(store, lease, rec.model_dump_json().encode(), _parse)
 
 
 def current(store: Store, key: str, holder: str) -> Lease:
-    """The live lease at ``key`` if ``holder`` holds it (for CLI renew/release across processes)."""
-    from dagcraft.errors import NotFound
-
+    """The lease at ``key`` if ``holder`` holds it (for CLI renew/release across processes)."""
     cur = read(store, key)
     if cur is None:
         raise NotFound(f"{key}: no such claim")
@@ -169,63 +182,20 @@ def current(store: Store, key: str, holder: str) -> Lease:
     if rec.holder != holder or rec.released:
         raise Fenced(f"{key}: not held by {holder} (holder {rec.holder}, token {rec.token}"
                      f"{', released' if rec.released else ''})")
-    return Lease(key, rec.holder, rec.token, etag, rec.expires_at, rec.acquired_at)
+    return _handle(key, rec, etag)
 
 
 def check(store: Store, lease: Lease) -> LeaseRecord:
     """Raise Fenced unless ``lease`` is still held (same token and holder, not released,
     unexpired on the store's clock). One GET."""
     cur = read(store, lease.key)
-    why = _not_held(cur, lease)
-    if why is not None or cur is None:
-        raise Fenced(f"{lease.key}: {why}")
+    if cur is None:
+        raise Fenced(f"{lease.key}: lease record vanished")
     rec = cur[0]
+    if rec.token != lease.token or rec.holder != lease.holder:
+        raise Fenced(f"{lease.key}: taken over by {rec.holder} (token {rec.token} > {lease.token})")
+    if rec.released:
+        raise Fenced(f"{lease.key}: lease was released")
     if rec.expires_at <= store.now():
         raise Fenced(f"{lease.key}: lease expired")
     return rec
-
-
-def fenced_put(store: Store, lease: Lease, key: str, data: bytes, *, if_match: str | None = None,
-               if_none_match: bool = False) -> str:
-    """Check the lease is still held (:func:`check`), then put. Refuses (Fenced) a holder that
-    was taken over or expired before the commit; a takeover racing the write itself is only
-    caught by :func:`fenced_commit`."""
-    check(store, lease)
-    return store.put(key, data, if_match=if_match, if_none_match=if_none_match)
-
-
-def fenced_commit(store: Store, lease: Lease, key: str,
-                  update: Callable[[dict[str, Any] | None], dict[str, Any]], *, attempts: int = 5) -> str:
-    """Read-modify-write the JSON record at ``key`` under the fence of ``lease``.
-
-    Refused with Fenced when the record's ``fence`` is higher than ``lease.token`` (a newer
-    holder already wrote it) or the lease no longer names this holder. The write is a CAS on
-    the etag read, and stores ``fence = lease.token``, so any older holder's later commit is
-    refused. Returns the new etag.
-    """
-    for _ in range(attempts):
-        got = store.get(key)
-        if got is None:
-            current_rec, etag = None, None
-        else:
-            current_rec, etag = json.loads(got[0]), got[1]
-        fence_val = int((current_rec or {}).get("fence", 0))
-        if fence_val > lease.token:
-            raise Fenced(f"{key}: commit refused: fenced by token {fence_val} > {lease.token}")
-        check(store, lease)
-        new = dict(update(current_rec))
-        new["fence"] = lease.token
-        data = json.dumps(new, sort_keys=True).encode()
-        try:
-            if etag is None:
-                return store.put(key, data, if_none_match=True)
-            return store.put(key, data, if_match=etag)
-        except Conflict:
-            continue
-    raise Conflict(f"{key}: too much contention")
-
-
-def fence(store: Store, lease: Lease, key: str) -> str:
-    """Raise the fence of the record at ``key`` to ``lease.token`` (a new holder does this
-    right after a takeover, before working), so older holders' commits are refused."""
-    return fenced_commit(store, lease, key, lambda rec: dict(rec or {}))

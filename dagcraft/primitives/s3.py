@@ -12,7 +12,10 @@ Imported lazily (boto3 costs ~150 ms to import): only ``s3://`` stores load this
   ``dagcraft store check`` to verify a backend enforces the conditions at all).
 - Transient errors (connection errors/resets, timeouts, 5xx, throttling) are retried with
   tenacity: exponential backoff with full jitter, at most ``attempts`` tries. botocore's own
-  retries are disabled so every HTTP request is visible and counted in ``stats``.
+  retries are disabled so every HTTP request is visible and counted in ``stats``. ``get``
+  retries "GET + read the body" as one unit, so a connection that breaks while the body
+  streams in is retried too (and is StoreUnavailable if it keeps breaking); ``open_read``
+  hands the stream to the caller, whose reads are not retried.
 - No false Conflict: every put carries a unique ``x-amz-meta-write-id``. If a conditional put
   is retried and the retry gets Conflict, the store HEADs the object: when it carries our write
   id, the first try landed (only its response was lost) and the put succeeds.
@@ -41,6 +44,7 @@ import boto3
 import botocore.config
 import botocore.exceptions as bex
 import tenacity
+import urllib3.exceptions as u3ex
 
 from dagcraft.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from dagcraft.primitives.keys import validate_key, validate_prefix
@@ -68,13 +72,24 @@ def _status(exc: bex.ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
+#: the connection broke while a response body was being read (reset, truncated, stalled):
+#: botocore wraps urllib3's errors in the first two; the urllib3 ones can escape raw
+_BODY_ERRORS: tuple[type[Exception], ...] = (bex.ResponseStreamingError, bex.IncompleteReadError,
+                                             u3ex.ProtocolError, u3ex.ReadTimeoutError)
+
+
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError,
-                        bex.ConnectTimeoutError, bex.ResponseStreamingError)):
+                        bex.ConnectTimeoutError) + _BODY_ERRORS):
         return True
     if isinstance(exc, bex.ClientError):
         return _code(exc) in _TRANSIENT_CODES or _status(exc) >= 500
     return False
+
+
+def _etag(resp: Any) -> str:
+    """The ETag of a response (GET/PUT/HEAD/complete), without its quotes."""
+    return str(resp["ETag"]).strip('"')
 
 
 def _safe_endpoint(url: str | None) -> str:
@@ -224,6 +239,9 @@ class S3Store:
         except (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ConnectTimeoutError,
                 bex.ReadTimeoutError) as exc:
             raise StoreUnavailable(f"{self.where}: cannot reach endpoint ({type(exc).__name__})") from None
+        except _BODY_ERRORS as exc:
+            raise StoreUnavailable(f"{self.where}: connection lost while reading a response "
+                                   f"({type(exc).__name__}) after {self.attempts} attempts") from None
         except bex.ParamValidationError as exc:
             raise InvalidInput(f"{self.where}: invalid request: {exc}") from None
         except bex.BotoCoreError as exc:
@@ -232,13 +250,26 @@ class S3Store:
     # -- protocol ------------------------------------------------------------------------
     def get(self, key: str) -> tuple[bytes, str] | None:
         k = self._key(key)
+
+        def get_and_read(**kw: Any) -> tuple[bytes, str]:
+            # The retried unit is "GET + read the body": a connection reset while the body
+            # streams in is retried (a fresh GET) and, if it persists, mapped like any other
+            # transient error, instead of escaping as a raw botocore/urllib3 exception.
+            resp = self.client.get_object(**kw)
+            body = resp["Body"]
+            try:
+                data: bytes = body.read()
+            finally:
+                body.close()
+            return data, _etag(resp)
+
         try:
-            resp = self._call("get_object", Bucket=self.bucket, Key=k)
+            got: tuple[bytes, str] = self._call(get_and_read, Bucket=self.bucket, Key=k)
         except bex.ClientError as exc:
             if _code(exc) in _MISSING:
                 return None
             raise
-        return resp["Body"].read(), resp["ETag"].strip('"')
+        return got
 
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -270,7 +301,7 @@ class S3Store:
                 what = "already exists" if if_none_match else "version mismatch"
                 raise Conflict(f"{key}: {what}") from None
             raise
-        return resp["ETag"].strip('"')
+        return _etag(resp)
 
     def _call_reopen(self, reopen: Any, tries: list[int], kw: dict[str, Any]) -> Any:
         # A streamed body must be rewound on each try: open the file anew per attempt.
@@ -287,7 +318,7 @@ class S3Store:
         except bex.ClientError:
             return None
         if head.get("Metadata", {}).get("write-id") == write_id:
-            return head["ETag"].strip('"')
+            return _etag(head)
         return None
 
     def list(self, prefix: str, start_after: str | None = None, limit: int | None = None) -> list[str]:
@@ -356,7 +387,7 @@ class S3Store:
                         return landed
                     raise Conflict(f"{key}: already exists") from None
                 raise
-            return resp["ETag"].strip('"')
+            return _etag(resp)
         except BaseException:
             try:
                 self._call("abort_multipart_upload", Bucket=self.bucket, Key=k, UploadId=upload_id)
@@ -372,13 +403,14 @@ class S3Store:
             if _code(exc) in _MISSING:
                 raise NotFound(f"{key}: not found") from None
             raise
-        return resp["Body"]  # botocore StreamingBody: read(n), close(), iter_chunks()
+        body: BinaryIO = resp["Body"]  # botocore StreamingBody: read(n), close(), iter_chunks()
+        return body
 
     def head(self, key: str) -> str | None:
         """Etag of ``key`` or None (1 HEAD): cheap existence check for large blobs."""
         k = self._key(key)
         try:
-            return self._call("head_object", Bucket=self.bucket, Key=k)["ETag"].strip('"')
+            return _etag(self._call("head_object", Bucket=self.bucket, Key=k))
         except bex.ClientError as exc:
             if _code(exc) in _MISSING or _status(exc) == 404:
                 return None

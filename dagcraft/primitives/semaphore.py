@@ -63,6 +63,6 @@ class Semaphore:
         out = []
         for i in range(self.slots):
             cur = leases.read(self.store, f"{self.key_prefix}/{i}")
-            if cur and leases.is_live(cur[0], now):
+            if cur and cur[0].live(now):
                 out.append(cur[0].holder)
         return out

@@ -16,6 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
+from dagcraft.errors import Conflict, Superseded
+
 
 @runtime_checkable
 class Store(Protocol):
@@ -53,3 +55,21 @@ class Store(Protocol):
     def open_read(self, key: str) -> BinaryIO:
         """Stream an object's bytes. Raise NotFound when absent."""
         ...
+
+
+def cas(store: Store, key: str, data: bytes, etag: str | None) -> str:
+    """Compare-and-swap ``key`` from version ``etag`` (None: create if absent) to ``data``;
+    returns the new etag. Safe to call again after a try whose outcome is unknown (its
+    response was lost in an outage): when the condition fails, the record is re-read, and if
+    it already holds exactly ``data`` (records carry a unique write id or revision), the
+    earlier try landed and this returns its etag. Otherwise raises :class:`Superseded`
+    carrying the record's current bytes and etag, so the caller needs no second read."""
+    try:
+        if etag is None:
+            return store.put(key, data, if_none_match=True)
+        return store.put(key, data, if_match=etag)
+    except Conflict:
+        got = store.get(key)
+        if got is not None and got[0] == data:
+            return got[1]
+        raise Superseded(f"{key}: changed by another writer", current=got) from None

@@ -20,6 +20,12 @@ Guarantees:
   restored afterwards). From worker threads use ``cancel``.
 - When the command exits but processes it left in its group still hold its stdout/stderr open,
   they are SIGKILLed after :data:`STRAGGLER_WAIT` seconds so the step can finish.
+- A log that cannot be written (ENOSPC, EIO, …) never blocks or kills the child: its pipe is
+  still drained (and counted) to the end; the failure is returned in
+  :attr:`ExecResult.log_error` and recorded as an ``error`` event before ``tool.result``. The
+  call still returns normally: whether a truncated log fails the step is the caller's decision.
+
+The result's fields and the ``tool.result`` payload are described in ``docs/traces.md``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel
 
@@ -61,11 +67,14 @@ class ExecResult(BaseModel):
     stderr_preview: str
     session_id: str | None = None
     result_text: str | None = None
-    # additions beyond CONTRACTS.md
     redactions: int = 0
     usage: dict[str, Any] = {}
     error: str | None = None          # spawn failure (command not found, not executable)
     forwarded_signal: int | None = None
+    #: set when stdout/stderr could not be fully logged (e.g. ``"stdout.log: [Errno 28] No space
+    #: left on device"``; both logs joined by ``"; "``): the log is truncated although the child
+    #: ran to its end (its output was still drained and counted). None when both logs are whole.
+    log_error: str | None = None
 
     @property
     def success(self) -> bool:
@@ -79,8 +88,21 @@ class ExecResult(BaseModel):
         return 128 + (self.signal or 0)
 
 
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"[Errno {exc.errno}] {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 class _Pump(threading.Thread):
-    """Copies one pipe to a log file (redacted, line by line), keeps a bounded preview."""
+    """Copies one pipe to a log file (redacted, line by line), keeps a bounded preview.
+
+    Whatever goes wrong on our side, the pipe is drained to its end so the child never blocks
+    on a full pipe (nor dies of SIGPIPE): a log that cannot be opened or written (ENOSPC, EIO)
+    stops only the logging, and the first such error is kept in :attr:`log_error`; any other
+    error (a bug in a callback) is kept in :attr:`error`, and the rest of the output is only
+    counted.
+    """
 
     def __init__(self, pipe: Any, log: Path, redactor: Redactor, echo_to: Any | None,
                  on_line: Callable[[bytes], None] | None, on_overlong: Callable[[int, bytes], None] | None) -> None:
@@ -93,12 +115,43 @@ class _Pump(threading.Thread):
         self._last = bytearray()
         self._logged = 0
         self._overlong: tuple[int, bytes] | None = None   # (bytes so far, head) of a cut line
+        self._f: BinaryIO | None = None
+        #: first error opening, writing or closing the log file (the log is incomplete)
+        self.log_error: OSError | None = None
+        #: any other error; output after it was drained and counted but not processed
         self.error: BaseException | None = None
 
-    def _out(self, data: bytes, f: Any) -> None:
+    def _open_log(self) -> BinaryIO:
+        return open(self.log, "wb")
+
+    def _log_failed(self, exc: OSError) -> None:
+        if self.log_error is None:
+            self.log_error = exc
+        f, self._f = self._f, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass  # the buffered bytes that failed to write fail again: already recorded
+
+    def _write(self, data: bytes) -> None:
+        if self._f is not None:
+            try:
+                self._f.write(data)
+            except OSError as exc:
+                self._log_failed(exc)
+
+    def _flush(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.flush()
+            except OSError as exc:
+                self._log_failed(exc)
+
+    def _out(self, data: bytes) -> None:
         if not data:
             return
-        f.write(data)
+        self._write(data)
         self._logged += len(data)
         if len(self._first) < PREVIEW_HEAD + PREVIEW_TAIL:
             self._first += data[: PREVIEW_HEAD + PREVIEW_TAIL - len(self._first)]
@@ -106,8 +159,8 @@ class _Pump(threading.Thread):
         if len(self._last) > 4 * PREVIEW_TAIL:
             del self._last[:-PREVIEW_TAIL]
 
-    def _line(self, line: bytes, f: Any) -> None:
-        self._out(self.lr.feed(line), f)
+    def _line(self, line: bytes) -> None:
+        self._out(self.lr.feed(line))
         if self._overlong is not None:
             n, head = self._overlong
             self._overlong = None
@@ -119,43 +172,70 @@ class _Pump(threading.Thread):
     def run(self) -> None:
         try:
             fd = self.pipe.fileno()
-            with open(self.log, "wb") as f:
-                buf = b""
-                while True:
-                    chunk = os.read(fd, CHUNK)
-                    if not chunk:
-                        break
-                    self.nbytes += len(chunk)
-                    if self.echo_to is not None:
-                        try:
-                            self.echo_to.write(chunk)
-                            self.echo_to.flush()
-                        except (OSError, ValueError):
-                            self.echo_to = None  # terminal went away; keep logging
-                    parts = (buf + chunk).split(b"\n")
-                    buf = parts.pop()
-                    for p in parts:
-                        self._line(p + b"\n", f)
-                    f.flush()  # live: `dagcraft logs --follow` and cancel checks read the file as it grows
-                    if len(buf) > LINE_LIMIT:
-                        # overlong line: write it through (redacted as a piece) and stop buffering
-                        if self._overlong is None:
-                            self._overlong = (0, buf[:1024])
-                        n, head = self._overlong
-                        self._overlong = (n + len(buf), head)
-                        self._out(self.lr.r.redact_bytes(buf), f)
-                        buf = b""
-                if buf:
-                    self._line(buf, f)  # final unterminated line
-                elif self._overlong is not None and self.on_overlong:
-                    self.on_overlong(*self._overlong)
-        except BaseException as exc:  # surfaced by traced_exec; never kill the process
-            self.error = exc
+            try:
+                self._copy(fd)
+            except BaseException as exc:  # surfaced by traced_exec; never kill the process
+                self.error = exc
+                self._drain(fd)
+            finally:
+                f, self._f = self._f, None
+                if f is not None:
+                    try:
+                        f.close()
+                    except OSError as exc:
+                        self.log_error = self.log_error or exc
+        except BaseException as exc:  # pragma: no cover - the pipe itself is broken
+            self.error = self.error or exc
         finally:
             try:
                 self.pipe.close()
             except OSError:
                 pass
+
+    def _drain(self, fd: int) -> None:
+        while chunk := os.read(fd, CHUNK):
+            self.nbytes += len(chunk)
+
+    def _copy(self, fd: int) -> None:
+        try:
+            self._f = self._open_log()
+        except OSError as exc:
+            self._log_failed(exc)
+        buf = b""
+        while True:
+            chunk = os.read(fd, CHUNK)
+            if not chunk:
+                break
+            self.nbytes += len(chunk)
+            if self.echo_to is not None:
+                try:
+                    self.echo_to.write(chunk)
+                    self.echo_to.flush()
+                except (OSError, ValueError):
+                    self.echo_to = None  # terminal went away; keep logging
+            parts = (buf + chunk).split(b"\n")
+            buf = parts.pop()
+            for p in parts:
+                self._line(p + b"\n")
+            self._flush()  # live: `dagcraft logs --follow` and cancel checks read the file as it grows
+            if len(buf) > LINE_LIMIT:
+                # overlong line: write it through (redacted as a piece) and stop buffering
+                if self._overlong is None:
+                    self._overlong = (0, buf[:1024])
+                n, head = self._overlong
+                self._overlong = (n + len(buf), head)
+                self._out(self.lr.r.redact_bytes(buf))
+                buf = b""
+        if buf:
+            self._line(buf)  # final unterminated line
+        elif self._overlong is not None and self.on_overlong:
+            self.on_overlong(*self._overlong)
+        self._flush()
+
+    def problem(self) -> str | None:
+        """One line naming the log and what went wrong with it, or None."""
+        exc = self.log_error or self.error
+        return f"{self.log.name}: {_describe(exc)}" if exc is not None else None
 
     def preview(self) -> str:
         if self._logged <= PREVIEW_HEAD + PREVIEW_TAIL:
@@ -205,14 +285,19 @@ def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | N
     except OSError as exc:
         code = 127 if isinstance(exc, FileNotFoundError) else 126
         msg = f"cannot execute {argv[0]!r}: {exc.strerror or exc}"
-        for p in (stdout_log, stderr_log):
-            p.write_bytes(b"")
-        stderr_log.write_bytes(redactor.redact_text(msg).encode() + b"\n")
+        log_problems = []
+        for p, data in ((stdout_log, b""), (stderr_log, redactor.redact_text(msg).encode() + b"\n")):
+            try:
+                p.write_bytes(data)
+            except OSError as exc:
+                log_problems.append(f"{p.name}: {_describe(exc)}")
         res = ExecResult(exit_code=code, signal=None, duration_ms=int((time.monotonic() - t0) * 1000),
                          timed_out=False, cancelled=False, stdout_bytes=0, stderr_bytes=0,
                          stdout_preview="", stderr_preview=redactor.redact_text(msg), error=msg,
-                         redactions=redactor.count - before)
+                         redactions=redactor.count - before, log_error="; ".join(log_problems) or None)
         writer.append("error", {"tool": tool, "message": msg})
+        for problem in log_problems:
+            writer.append("error", {"tool": tool, "message": problem, "reason": "log write failed"})
         writer.append("tool.result", _result_payload(tool, command, argv, res, proc_pid=None))
         return res
 
@@ -295,6 +380,9 @@ def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | N
         for pump in (out_pump, err_pump):
             pump.join(5.0)
     emit(ad.finish())
+    log_problems = [m for m in (out_pump.problem(), err_pump.problem()) if m]
+    for problem in log_problems:  # the log is truncated: say so in the trace and the result
+        writer.append("error", {"tool": tool, "message": problem, "reason": "log write failed"})
     rc = proc.returncode
     res = ExecResult(
         exit_code=rc if rc >= 0 else None, signal=-rc if rc < 0 else None, duration_ms=duration_ms,
@@ -302,6 +390,7 @@ def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | N
         stdout_preview=out_pump.preview(), stderr_preview=err_pump.preview(),
         session_id=ad.session_id, result_text=redactor.redact_text(ad.result_text) if ad.result_text else None,
         usage=dict(ad.usage), forwarded_signal=forwarded[0] if forwarded else None,
+        log_error="; ".join(log_problems) or None,
     )
     res.redactions = redactor.count - before
     writer.append("tool.result", _result_payload(tool, command, argv, res, proc_pid=proc.pid))
@@ -325,4 +414,6 @@ def _result_payload(tool: str, command: str, argv: list[str], res: ExecResult, p
         p["error"] = res.error
     if res.forwarded_signal:
         p["forwarded_signal"] = res.forwarded_signal
+    if res.log_error:
+        p["log_error"] = res.log_error
     return p

@@ -5,8 +5,10 @@ Guarantees:
   exception is a torn tail (bytes after the last ``\\n``, left by a writer killed mid-write):
   it is detected on open (:attr:`TraceWriter.torn_tail`, a :class:`TornTailWarning`), and cut off
   under the lock just before the next append, which then records a ``trace.repaired`` event
-  carrying the dropped bytes' length and SHA-256. A tail that lacks only its newline but parses
-  as a complete event is kept and terminated instead of dropped.
+  carrying the dropped bytes' length and SHA-256 (and the torn line's number): just before the
+  appended event, or just after it when the torn line was the file's only line (so that the
+  trace still begins with the appended event, normally ``run.started``). A tail that lacks only
+  its newline but parses as a complete event is kept and terminated instead of dropped.
 - **Several processes / threads may append to one file.** Each append takes an exclusive
   ``fcntl.flock`` (plus a thread lock, because flock is per open file description), re-reads the
   last line under the lock to compute ``prev`` (SHA-256 of that line's bytes) and ``seq`` (its
@@ -230,6 +232,12 @@ class TraceWriter:
         self._last_line, self._last_seq, self._last_ts = line, d["seq"], ts
         return d, line
 
+    def _repaired_line(self, rep: TornTail) -> bytes:
+        _, line = self._build("trace.repaired", {
+            "line": rep.line, "dropped_bytes": rep.size, "dropped_sha256": rep.sha256,
+            "reason": "torn tail from a writer that crashed mid-write"})
+        return line
+
     def append(self, kind: str, payload: dict[str, Any] | None = None) -> TraceEvent:
         """Append one event; returns it as written (after redaction). Durable when fsync=True."""
         validate_kind(kind)
@@ -243,17 +251,20 @@ class TraceWriter:
         with self._locked():
             size = os.fstat(self._fd).st_size
             out: list[bytes] = []
+            rep: TornTail | None = None
             if size != self._known_size:
                 # someone else appended (or first append): re-read the tail under the lock
                 out.extend(self._refresh_tail(size))
                 rep = self._pending_repair
-                if rep is not None and self._last_line is not None:
-                    _, rline = self._build("trace.repaired", {
-                        "line": rep.line, "dropped_bytes": rep.size, "dropped_sha256": rep.sha256,
-                        "reason": "torn tail from a writer that crashed mid-write"})
-                    out.append(rline + b"\n")
+            if rep is not None and self._last_line is not None:
+                out.append(self._repaired_line(rep) + b"\n")
+                rep = None
             d, line = self._build(kind, payload)
             out.append(line + b"\n")
+            if rep is not None:
+                # the torn line was the file's only line: the repair is recorded right after
+                # this event, so that a trace still begins with its own first event (run.started)
+                out.append(self._repaired_line(rep) + b"\n")
             data = b"".join(out)
             self._write(data)
             if self.fsync:

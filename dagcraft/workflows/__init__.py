@@ -1,7 +1,7 @@
 """dagcraft.workflows: YAML spec → validated pydantic models → compiled step DAG; templating.
 
-Public API (see CONTRACTS.md "workflows" and docs/spec.md). This package imports nothing from
-primitives, tracing or orchestrator.
+Public API: the names below (the spec format is documented in docs/spec.md). This package
+imports nothing from primitives, tracing or orchestrator.
 """
 
 from __future__ import annotations

@@ -85,15 +85,19 @@ def test_artifacts(run, tmp_path):
 
 
 def test_wait_for_exit_codes(run, tmp_path):
-    from dagcraft.primitives import LocalStore, barrier
+    from dagcraft.orchestrator import layout
+    from dagcraft.primitives import LocalStore
 
     s = LocalStore(tmp_path / ".dagcraft")
     for step, st in [("a", "succeeded"), ("b", "skipped"), ("c", "failed"), ("d", "running")]:
-        s.put(barrier.step_state_key("r1", step), json.dumps({"status": st}).encode())
+        s.put(layout.step_state("r1", step), json.dumps({"status": st}).encode())
     assert run("wait-for", "a", "b", "--run", "r1")[0] == 0
     code, out, _ = run("wait-for", "a", "b", "--run", "r1", "--json")
     assert json.loads(out) == {"satisfied": True, "steps": {"a": "succeeded", "b": "skipped"}}
     assert run("wait-for", "a", "c", "--run", "r1")[0] == 1
+    code, out, _ = run("wait-for", "a", "c", "--run", "r1", "--json")
+    assert code == 1 and json.loads(out) == {"satisfied": False, "error": "upstream step 'c' is failed"}
+    assert run("wait-for", "a", "../x", "--run", "r1")[0] == 2
     assert run("wait-for", "d", "--run", "r1", "--timeout", "0.2")[0] == 124
     assert run("wait-for", "a")[0] == 2  # no run id
 

@@ -47,33 +47,52 @@ def test_renew_and_release_then_takeover(store):
     assert tokens == sorted(set(tokens))
 
 
+def _embedded(data: bytes) -> lease.LeaseRecord | None:
+    rec = json.loads(data).get("lease")
+    return lease.LeaseRecord.model_validate(rec) if rec else None
+
+
+def _step_record(rec: lease.LeaseRecord, status: str) -> bytes:
+    return json.dumps({"status": status, "lease": rec.model_dump()}, sort_keys=True).encode()
+
+
 def test_stale_holder_commit_is_refused(store):
-    """A holder taken over after expiry cannot commit: fenced_commit and fenced_put refuse it."""
-    a = lease.acquire(store, "leases/step", "alice", 0)
-    store.put("res/state.json", json.dumps({"status": "running"}).encode())
-    b = lease.acquire(store, "leases/step", "bob", 60)
-    lease.fence(store, b, "res/state.json")   # new holder raises the fence before working
-    with pytest.raises(Fenced):
-        lease.fenced_commit(store, a, "res/state.json", lambda r: {**r, "status": "succeeded", "by": "alice"})
-    with pytest.raises(Fenced):
-        lease.fenced_put(store, a, "res/other", b"alice")
-    lease.fenced_commit(store, b, "res/state.json", lambda r: {**r, "status": "succeeded", "by": "bob"})
-    rec = json.loads(store.get("res/state.json")[0])
-    assert rec == {"status": "succeeded", "by": "bob", "fence": b.token}
-    assert store.get("res/other") is None
+    """A lease embedded in the record it protects: a holder taken over after expiry cannot
+    commit (write_held refuses it with Fenced), the new holder can."""
+    now = store.now()
+    a_rec = lease.take(None, "alice", now, 0)
+    etag = store.put("res/state.json", _step_record(a_rec, "running"), if_none_match=True)
+    a = lease.Lease("res/state.json", "alice", a_rec.token, etag, a_rec.expires_at)
+    # bob takes over the expired lease by CAS on the record
+    b_rec = lease.take(a_rec, "bob", store.now(), 60)
+    assert b_rec.token == a_rec.token + 1
+    b_etag = store.put("res/state.json", _step_record(b_rec, "running"), if_match=etag)
+    with pytest.raises(Fenced) as ei:
+        lease.write_held(store, a, _step_record(a_rec, "succeeded"), _embedded)
+    assert "bob" in str(ei.value)
+    b = lease.Lease("res/state.json", "bob", b_rec.token, b_etag, b_rec.expires_at)
+    lease.write_held(store, b, _step_record(b_rec, "succeeded"), _embedded)
+    assert json.loads(store.get("res/state.json")[0])["lease"]["holder"] == "bob"
 
 
-def test_fenced_commit_refused_even_when_lease_record_says_otherwise(store):
-    """The resource's own fence refuses a lower token, whatever the lease record says."""
-    a = lease.acquire(store, "leases/z", "alice", 0)
-    b = lease.acquire(store, "leases/z", "bob", 60)
-    lease.fence(store, b, "res/z")
-    lease.release(store, b)
-    c = lease.acquire(store, "leases/z", "alice", 60)  # alice again, newer token
-    assert c.token == 3
-    with pytest.raises(Fenced):
-        lease.fenced_commit(store, a, "res/z", lambda r: {"x": 1})
-    lease.fenced_commit(store, c, "res/z", lambda r: {"x": 2})
+def test_taking_a_live_lease_is_refused():
+    rec = lease.take(None, "alice", 100.0, 10)
+    with pytest.raises(Conflict):
+        lease.take(rec, "bob", 105.0, 10)
+    assert lease.take(rec, "bob", 111.0, 10).token == 2
+    assert lease.take(lease.released(rec, 101.0), "bob", 101.0, 10).token == 2
+
+
+def test_write_whose_response_was_lost_is_recognised(store):
+    """A retried holder write meets Conflict because its first try landed: the re-read finds
+    exactly its bytes, so the write succeeds instead of reporting a false fence."""
+    rec = lease.take(None, "alice", store.now(), 60)
+    etag = store.put("res/s", _step_record(rec, "running"), if_none_match=True)
+    a = lease.Lease("res/s", "alice", rec.token, etag, rec.expires_at)
+    data = _step_record(lease.extended(rec, store.now(), 60), "succeeded")
+    store.put("res/s", data, if_match=etag)  # the first try, whose response was "lost"
+    new_etag = lease.write_held(store, a, data, _embedded)
+    assert store.get("res/s") == (data, new_etag)
 
 
 def test_request_counts(local_store):

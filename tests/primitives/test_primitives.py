@@ -165,28 +165,79 @@ def test_artifact_multipart_streamed(moto_store, tmp_path):
 
 
 # -- barrier --------------------------------------------------------------------------------
-def _state(store, run, step, status):
-    store.put(barrier.step_state_key(run, step), json.dumps({"status": status}).encode())
+# The barrier knows no run layout: these tests use their own key scheme and verdicts.
+def _key(name):
+    return f"gates/{name}"
+
+
+def _classify(data):
+    return {b"open": "ok", b"broken": "failed"}.get(data)  # anything else: not terminal yet
 
 
 def test_wait_for_satisfied_failed_timeout(store):
-    key = lambda s: barrier.step_state_key("r1", s)  # noqa: E731
-    _state(store, "r1", "a", "succeeded")
-    _state(store, "r1", "b", "running")
+    store.put(_key("a"), b"open")
+    store.put(_key("b"), b"closed")
     calls = []
 
-    def fake_sleep(d):  # the "other worker" finishes b while we wait
+    def fake_sleep(d):  # the "other worker" opens b while we wait
         calls.append(d)
+        store.put(_key("b"), b"open")
+
+    got = barrier.wait_for(store, ["a", "b", "a"], _key, _classify, timeout=30, sleep=fake_sleep)
+    assert got == {"a": b"open", "b": b"open"} and list(got) == ["a", "b"]
+    assert len(calls) == 1
+    store.put(_key("c"), b"broken")
+    with pytest.raises(barrier.Unsatisfied) as ei:
+        barrier.wait_for(store, ["a", "c"], _key, _classify, timeout=30)
+    assert isinstance(ei.value, Failed) and ei.value.name == "c" and ei.value.data == b"broken"
+    store.put(_key("d"), b"closed")
+    with pytest.raises(TimedOut, match="d, e"):  # e has no record at all: waited for, not an error
+        barrier.wait_for(store, ["d", "e"], _key, _classify, timeout=0.2, initial=0.05)
+
+
+def test_wait_for_validates_every_name_before_reading(store):
+    seen = []
+
+    def key_for(name):
+        if name == "bad/name":
+            raise InvalidInput("bad name")
+        seen.append(name)
+        return _key(name)
+
+    with pytest.raises(InvalidInput):
+        barrier.wait_for(store, ["a", "bad/name"], key_for, _classify, timeout=0.1)
+    assert seen == ["a"]
+
+
+def _state(store, run, step, status):
+    from dagcraft.orchestrator import layout
+
+    store.put(layout.step_state(run, step), json.dumps({"status": status}).encode())
+
+
+def test_wait_for_steps(store):
+    from dagcraft.orchestrator.waiting import wait_for_steps
+
+    _state(store, "r1", "a", "succeeded")
+    _state(store, "r1", "b", "running")
+
+    def fake_sleep(d):
         _state(store, "r1", "b", "skipped")
 
-    assert barrier.wait_for(store, ["a", "b"], key, timeout=30, sleep=fake_sleep) == {"a": "succeeded", "b": "skipped"}
-    assert len(calls) == 1
-    _state(store, "r1", "c", "failed")
-    with pytest.raises(Failed):
-        barrier.wait_for(store, ["a", "c"], key, timeout=30)
-    _state(store, "r1", "d", "running")
+    assert wait_for_steps(store, "r1", ["a", "b"], timeout=30, sleep=fake_sleep) == {"a": "succeeded", "b": "skipped"}
+    for bad in ("failed", "cancelled", "rolled_back"):
+        _state(store, "r1", "c", bad)
+        with pytest.raises(Failed, match=f"upstream step 'c' is {bad}"):
+            wait_for_steps(store, "r1", ["a", "c"], timeout=30)
+    for pending in ("pending", "retrying", "expanded", "rolling_back"):
+        _state(store, "r1", "d", pending)
+        with pytest.raises(TimedOut):
+            wait_for_steps(store, "r1", ["d"], timeout=0.1, initial=0.02)
+    store.put("runs/r1/steps/e/state.json", b"not json")  # unreadable: not terminal
     with pytest.raises(TimedOut):
-        barrier.wait_for(store, ["d"], key, timeout=0.2, initial=0.05)
+        wait_for_steps(store, "r1", ["e"], timeout=0.1, initial=0.02)
+    with pytest.raises(InvalidInput):
+        wait_for_steps(store, "r1", ["a", "../x"], timeout=0.1)
 
 
 # -- semaphore ------------------------------------------------------------------------------

@@ -36,8 +36,14 @@ def test_lease_requests(cstore):
     assert counted(s, held) == {"get": 1}
     assert counted(s, lambda: lease.release(s, box["l"])) == {"put": 1}
     assert counted(s, lambda: box.update(l=lease.acquire(s, "l/x", "b", 60))) == {"get": 1, "put": 1}
-    s.put("res", b"{}")
-    assert counted(s, lambda: lease.fenced_commit(s, box["l"], "res", lambda r: {"x": 1})) == {"get": 2, "put": 1}
+    stale = box["l"]
+    box.update(l=lease.renew(s, box["l"], 60))
+
+    def fenced():
+        with pytest.raises(Conflict):
+            lease.renew(s, stale, 60)
+
+    assert counted(s, fenced) == {"get": 1, "put": 1}  # the refused CAS, then one read to say why
 
 
 def test_memory_requests(cstore):
@@ -72,8 +78,9 @@ def test_artifact_requests(cstore, tmp_path):
 def test_barrier_and_semaphore_requests(cstore):
     s = cstore
     for st in ("a", "b"):
-        s.put(barrier.step_state_key("r", st), json.dumps({"status": "succeeded"}).encode())
-    key = lambda x: barrier.step_state_key("r", x)  # noqa: E731
-    assert counted(s, lambda: barrier.wait_for(s, ["a", "b"], key)) == {"get": 2}
+        s.put(f"gates/{st}", json.dumps({"status": "succeeded"}).encode())
+    key = lambda x: f"gates/{x}"  # noqa: E731
+    ok = lambda data: "ok"  # noqa: E731
+    assert counted(s, lambda: barrier.wait_for(s, ["a", "b"], key, ok)) == {"get": 2}
     sem = Semaphore(s, "sem", 3, 60)
     assert counted(s, lambda: sem.try_acquire("a")) == {"get": 1, "put": 1}

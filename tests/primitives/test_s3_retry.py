@@ -79,3 +79,63 @@ def test_clock_from_date_header(s3_server_store):
     s.get("x")  # any response teaches the offset
     assert s._offset != 0.0 and abs(s._offset) < 2
     assert abs(s.now() - time.time()) < 2
+
+
+class _BrokenBody:
+    """A response body whose read fails like a connection reset mid-stream."""
+
+    def __init__(self, body, exc):
+        self.body, self.exc = body, exc
+
+    def read(self, amt=None):
+        self.body.read(1)  # some bytes arrived, then the connection broke
+        raise self.exc
+
+    def close(self):
+        self.body.close()
+
+
+def _break_body_reads(store, n, exc):
+    """Make the body read of the first ``n`` GetObject responses raise ``exc``."""
+    state = {"broken": 0}
+
+    def after_call(parsed=None, **kwargs):
+        if state["broken"] < n and parsed is not None and "Body" in parsed:
+            state["broken"] += 1
+            parsed["Body"] = _BrokenBody(parsed["Body"], exc)
+
+    store.client.meta.events.register("after-call.s3.GetObject", after_call)
+    return state
+
+
+def _reset():
+    import urllib3.exceptions as u3ex
+
+    return u3ex.ProtocolError("Connection broken", ConnectionResetError(104, "Connection reset by peer"))
+
+
+@pytest.mark.parametrize("make_exc", [
+    lambda: bex.ResponseStreamingError(error=_reset()),
+    _reset,  # a raw urllib3 error, should one escape botocore's wrapping
+    lambda: bex.IncompleteReadError(actual_bytes=1, expected_bytes=5),
+], ids=["ResponseStreamingError", "urllib3.ProtocolError", "IncompleteReadError"])
+def test_body_read_error_is_retried(moto_store, make_exc):
+    s = moto_store
+    etag = s.put("k", b"hello")
+    state = _break_body_reads(s, 2, make_exc())
+    s.stats.clear()
+    assert s.get("k") == (b"hello", etag)
+    assert state["broken"] == 2 and s.stats["get"] == 3  # GET + read retried as one unit
+
+
+def test_body_read_error_persisting_is_store_unavailable(moto_store):
+    from dagcraft.errors import StoreUnavailable
+
+    s = moto_store
+    s.attempts = 3
+    s.put("k", b"hello")
+    _break_body_reads(s, 100, bex.ResponseStreamingError(error=_reset()))
+    s.stats.clear()
+    with pytest.raises(StoreUnavailable, match="connection lost while reading"):
+        s.get("k")
+    assert s.stats["get"] == 3

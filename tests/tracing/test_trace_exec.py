@@ -159,3 +159,77 @@ def test_straggler_holding_pipe_does_not_hang(tw, tmp_path):
     r = run(tw, tmp_path, ["sh", "-c", "sleep 60 & echo done"])
     assert r.exit_code == 0 and r.stdout_preview == "done\n"
     assert r.duration_ms < 5000
+
+
+# A child that prints ~2 MiB in lines (far more than a pipe buffer holds) and exits 0 only if
+# every write reached the pipe: a pump that stopped draining would block it or break its pipe.
+CHATTY = "import sys\nfor i in range(20000):\n    sys.stdout.write('%05d ' % i + 'x' * 100 + '\\n')\nsys.exit(0)"
+CHATTY_BYTES = 20000 * 107
+
+
+def test_log_write_error_is_reported_and_the_child_still_finishes(tw, tmp_path):
+    import os
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    from pathlib import Path
+
+    r = traced_exec([PY, "-c", CHATTY], writer=tw, stdout_log=Path("/dev/full"), stderr_log=tmp_path / "err.log")
+    assert r.exit_code == 0 and r.stdout_bytes == CHATTY_BYTES  # drained to the end
+    assert r.log_error == "full: [Errno 28] No space left on device"
+    evs = read_trace(tmp_path / "trace.jsonl")
+    errors = [e for e in evs if e.kind == "error"]
+    assert [e.payload["message"] for e in errors] == [r.log_error]
+    assert evs[-1].kind == "tool.result" and evs[-1].payload["log_error"] == r.log_error
+    assert verify(tmp_path / "trace.jsonl", allow_open=True).ok
+
+
+def test_log_becoming_unwritable_mid_run(tw, tmp_path, monkeypatch):
+    import errno
+    import io
+    import os
+
+    from dagcraft.tracing import exec as exec_mod
+
+    class FillsUp(io.RawIOBase):
+        """A log file on a disk that is full after ``room`` bytes."""
+
+        def __init__(self, path, room):
+            self.f, self.room = open(path, "wb"), room
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            if self.room <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            n = self.f.write(bytes(b)[: self.room])
+            self.room -= n
+            return n
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    real_open = exec_mod._Pump._open_log
+
+    def open_log(self):
+        if self.log.name == "out.log":
+            return io.BufferedWriter(FillsUp(self.log, 100_000))
+        return real_open(self)
+
+    monkeypatch.setattr(exec_mod._Pump, "_open_log", open_log)
+    r = run(tw, tmp_path, [PY, "-c", CHATTY])
+    assert r.exit_code == 0 and r.stdout_bytes == CHATTY_BYTES
+    assert r.log_error == "out.log: [Errno 28] No space left on device"
+    assert (tmp_path / "out.log").stat().st_size == 100_000  # the log is truncated, and says so
+    assert r.stdout_preview.endswith("19999 " + "x" * 100 + "\n")  # the preview still saw the end
+    kinds = [e.kind for e in read_trace(tmp_path / "trace.jsonl")]
+    assert kinds[-2:] == ["error", "tool.result"]
+
+
+def test_logs_written_fine_have_no_log_error(tw, tmp_path):
+    r = run(tw, tmp_path, [PY, "-c", CHATTY])
+    assert r.exit_code == 0 and r.log_error is None
+    assert (tmp_path / "out.log").stat().st_size == CHATTY_BYTES
+    assert "log_error" not in read_trace(tmp_path / "trace.jsonl")[-1].payload

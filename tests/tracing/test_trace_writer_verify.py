@@ -201,6 +201,35 @@ def test_kill9_mid_line_torn_tail_then_clean_append(tmp_path):
     assert [e.seq for e in evs] == list(range(1, 7))
 
 
+def test_torn_only_line_is_repaired_with_an_event(tmp_path):
+    # the writer crashed in the middle of the very first line: no complete line at all
+    import hashlib
+
+    p = tmp_path / "t.jsonl"
+    line = json.dumps({"version": 1, "run_id": "crash", "event_id": "torn", "kind": "run.started",
+                       "ts_ms": 1, "seq": 1, "payload": {"big": "x" * 100}, "prev": None}).encode()
+    partial = line[: len(line) // 2]
+    p.write_bytes(partial)
+    rep = verify(p)
+    assert rep.torn_tail == 1 and rep.events == 0 and rep.problems == []
+    with pytest.warns(TornTailWarning):
+        w = TraceWriter(p, "crash")
+    assert w.torn_tail is not None and w.torn_tail.line == 1 and w.torn_tail.offset == 0
+    w.append("run.started")
+    w.append("run.finished", {"status": "failed"})
+    w.close()
+    assert w.repaired_torn_tail
+    rep = verify(p)
+    assert rep.ok, rep.problems
+    evs = read_trace(p)
+    # the trace still begins with run.started; the repair is recorded right after it
+    assert [e.kind for e in evs] == ["run.started", "trace.repaired", "run.finished"]
+    assert [e.seq for e in evs] == [1, 2, 3]
+    assert evs[1].payload["line"] == 1 and evs[1].payload["dropped_bytes"] == len(partial)
+    assert evs[1].payload["dropped_sha256"] == hashlib.sha256(partial).hexdigest()
+    assert partial not in p.read_bytes()
+
+
 def test_unterminated_complete_line_is_kept(tmp_path):
     p = make_trace(tmp_path / "t.jsonl", finish=False)
     p.write_bytes(p.read_bytes()[:-1])  # only the newline missing

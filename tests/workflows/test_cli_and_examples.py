@@ -6,14 +6,17 @@ import json
 import os
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from dagcraft.cli.main import cli
-from dagcraft.workflows import compile_file
-from tests.workflows.minirun import run_workflow
+from dagcraft.orchestrator import layout
+from dagcraft.orchestrator.ops import load_states
+from dagcraft.primitives import artifacts
+from tests.orchestrator.helpers import drive_inline, steps, submit_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p.parent.name for p in (ROOT / "examples").glob("*/pipeline.yaml"))
@@ -91,47 +94,126 @@ def test_cli_binary_exit_code(tmp_path):
 
 
 # ----------------------------------------------------------------------------- examples run
+# On the real engine, in-process (one Worker until the run is over). tests/orchestrator/
+# test_examples.py runs every example through ``dagcraft run``; these check what it does not:
+# step logs, artifact contents, parsed output values and the order of compensations.
 
 
-def _run(example, params=None, tmp_path=None):
-    wf = compile_file(ROOT / "examples" / example / "pipeline.yaml", params or {})
-    return wf, run_workflow(wf, tmp_path)
+def _run(store, tmp_path, example, params=None):
+    rid = submit_spec(store, ROOT / "examples" / example / "pipeline.yaml", params or {})
+    return rid, drive_inline(store, rid, tmp_path)
 
 
-def test_feature_review_runs(tmp_path):
-    wf, r = _run("feature-review", {}, tmp_path)
-    assert set(r["status"].values()) == {"succeeded"}
-    subtasks = r["results"]["plan"]["outputs"]["subtasks"]
-    assert len(subtasks) == 3
-    assert [k for k in r["status"] if k.startswith("implement[")] == ["implement[0]", "implement[1]", "implement[2]"]
-    assert "merging 3 subtasks; verdicts: approve,approve" in r["stdout"]["merge"]
-    assert r["results"]["merge"]["outputs"] == {"merged_subtasks": "3"}
+def _stdout(store, rid, step, attempt="1"):
+    got = store.get(f"{layout.attempt_prefix(rid, step, attempt)}/stdout.log")
+    return got[0].decode() if got else ""
 
 
-def test_research_fanout_runs(tmp_path):
-    _, r = _run("research-fanout", {"topics": "[a, b]"}, tmp_path)
-    assert set(r["status"].values()) == {"succeeded"}
-    summary = Path(r["results"]["summarize"]["artifacts"]["summary.md"]).read_text()
-    assert "## topic=a" in summary and "## topic=b" in summary
-    assert r["results"]["summarize"]["outputs"] == {"topics": "2"}
+def _artifact(store, rid, step, name, tmp_path):
+    dest = tmp_path / "fetched" / rid / step / name
+    artifacts.get(store, scope=layout.step_scope(rid, step), name=name, dest=dest)
+    return dest.read_text()
 
 
-def test_shell_pipeline_runs(tmp_path):
-    _, r = _run("shell-pipeline", {"count": "4", "scale": "2"}, tmp_path)
-    assert r["results"]["aggregate"]["outputs"] == {"total": "20.00", "mean": "5.00"}
-    assert "sum of 4 scaled numbers = 20.00 (mean 5.00)" in r["stdout"]["report"]
+def test_feature_review_runs(local_store, tmp_path):
+    rid, st = _run(local_store, tmp_path, "feature-review")
+    assert st["status"] == "succeeded", st
+    by = steps(st)
+    assert list(by) == ["plan", "implement", "implement[0]", "implement[1]", "implement[2]",
+                        "review[reviewer=security]", "review[reviewer=style]", "merge"]
+    assert {s["status"] for s in by.values()} == {"succeeded"}
+    subtasks = by["plan"]["outputs"]["subtasks"]
+    assert subtasks == ["add --json to status", "add --watch to status", "document both flags"]
+    plan_md = _artifact(local_store, rid, "plan", "plan.md", tmp_path)
+    assert [ln[2:] for ln in plan_md.splitlines() if ln.startswith("- ")] == subtasks
+    for i, subtask in enumerate(subtasks):  # each foreach child got its own item, in order
+        assert f"Implement the following change: {subtask}." in by[f"implement[{i}]"]["outputs"]["summary"]
+        assert f"> Implement the following change: {subtask}." in _artifact(
+            local_store, rid, f"implement[{i}]", "change.md", tmp_path)
+    assert by["review[reviewer=style]"]["outputs"]["verdict"] == "approve"
+    assert "as the style reviewer" in _artifact(local_store, rid, "review[reviewer=style]", "review.md", tmp_path)
+    assert _stdout(local_store, rid, "merge") == "merging 3 subtasks; verdicts: approve,approve\n"
+    assert by["merge"]["outputs"] == {"merged_subtasks": 3}  # key=value parsed as JSON
 
 
-def test_rollback_example(tmp_path):
+def test_research_fanout_runs(local_store, tmp_path):
+    rid, st = _run(local_store, tmp_path, "research-fanout", {"topics": "[a, b]"})
+    assert st["status"] == "succeeded", st
+    by = steps(st)
+    assert list(by) == ["research[topic=a]", "research[topic=b]", "summarize", "publish"]
+    assert {s["status"] for s in by.values()} == {"succeeded"}
+    summary = _artifact(local_store, rid, "summarize", "summary.md", tmp_path)
+    assert summary.startswith("# Summary\n\nQuestion: Which coordination primitives")
+    assert "## topic=a\n" in summary and "## topic=b\n" in summary
+    assert "> Research a for the question" in summary and "> Research b for the question" in summary
+    assert by["summarize"]["outputs"] == {"topics": 2}
+    assert by["summarize"]["artifacts"] == ["summary.md"]
+    assert _stdout(local_store, rid, "publish").startswith(
+        "summary of 2 topics, first finding: Done: Research ")
+
+
+def test_shell_pipeline_runs(local_store, tmp_path):
+    rid, st = _run(local_store, tmp_path, "shell-pipeline", {"count": "4", "scale": "2"})
+    assert st["status"] == "succeeded", st
+    by = steps(st)
+    assert {s["status"] for s in by.values()} == {"succeeded"}
+    assert _artifact(local_store, rid, "generate", "numbers.txt", tmp_path) == "1\n2\n3\n4\n"
+    assert _artifact(local_store, rid, "transform", "scaled.txt", tmp_path) == "2.00\n4.00\n6.00\n8.00\n"
+    # "total=20.00" is JSON, so the engine hands on the number 20.0, which renders as "20.0"
+    assert by["aggregate"]["outputs"] == {"total": 20.0, "mean": 5.0}
+    assert _stdout(local_store, rid, "report") == "sum of 4 scaled numbers = 20.0 (mean 5.0)\n"
+
+
+def _rollbacks(store, rid):
+    """(step, history entry) of every compensation that ran, in the order they started."""
+    done = [(sid, h) for sid, st in load_states(store, rid).items() for h in st.history if h.kind == "rollback"]
+    return sorted(done, key=lambda x: x[1].started_at)
+
+
+def test_rollback_example_succeeds_without_compensation(local_store, tmp_path):
     state = tmp_path / "state"
-    _, ok = _run("rollback", {"state_dir": str(state)}, tmp_path / "ok")
-    assert set(ok["status"].values()) == {"succeeded"} and ok["rollbacks"] == []
-    assert (state / "testrun" / "schema.txt").exists()
-    _, bad = _run("rollback", {"fail_at": "deploy", "state_dir": str(state)}, tmp_path / "bad")
-    assert bad["status"]["deploy"] == "failed" and bad["status"]["verify"] == "cancelled"
-    assert bad["status"]["notify"] == "succeeded"  # finally runs regardless
-    assert [x.split(":")[0] for x in bad["rollbacks"]] == ["migrate", "provision"]
-    assert not (state / "testrun").exists()  # compensations really undid provision
+    rid, st = _run(local_store, tmp_path, "rollback", {"state_dir": str(state)})
+    assert st["status"] == "succeeded", st
+    by = steps(st)
+    assert list(by) == ["provision", "migrate", "deploy", "verify", "notify"]
+    assert {s["status"] for s in by.values()} == {"succeeded"}
+    assert by["provision"]["outputs"] == {"env_dir": str(state / rid)}
+    assert (state / rid / "env.txt").read_text() == "provisioned\n"
+    assert (state / rid / "schema.txt").read_text() == "schema v2\n"
+    assert by["deploy"]["artifacts"] == ["release.md"]
+    assert _stdout(local_store, rid, "verify") == "verified\n"
+    assert _stdout(local_store, rid, "notify") == "rollback-demo finished; provision status: succeeded\n"
+    assert _rollbacks(local_store, rid) == []
+
+
+@pytest.mark.parametrize(("fail_at", "compensated", "not_started"), [
+    ("migrate", ["provision"], ["deploy", "verify"]),
+    ("deploy", ["migrate", "provision"], ["verify"]),
+    ("verify", ["deploy", "migrate", "provision"], []),
+])
+def test_rollback_example_compensates_in_reverse(local_store, tmp_path, fail_at, compensated, not_started):
+    state = tmp_path / "state"
+    rid, st = _run(local_store, tmp_path, "rollback", {"fail_at": fail_at, "state_dir": str(state)})
+    assert st["status"] == "rolled_back", st
+    assert repr(fail_at) in st["reason"]
+    by = steps(st)
+    assert by[fail_at]["status"] == "failed"
+    for sid in compensated:
+        assert by[sid]["status"] == "rolled_back"
+    for sid in not_started:  # never started: the engine says skipped (not cancelled)
+        assert by[sid]["status"] == "skipped" and by[sid]["attempt"] == 0
+        assert by[sid]["reason"].startswith("not started")
+    assert by["notify"]["status"] == "succeeded"  # finally runs regardless
+    ran = _rollbacks(local_store, rid)
+    assert [sid for sid, _ in ran] == compensated  # reverse order, each once
+    assert all(h.status == "succeeded" and h.exit_code == 0 for _, h in ran)
+    for (_, before), (_, after) in pairwise(ran):
+        assert before.finished_at <= after.started_at  # one after another, not overlapping
+    logs = {sid: _stdout(local_store, rid, sid, "rollback-1") for sid in compensated}
+    assert logs["provision"] == "deprovisioned\n"
+    if "deploy" in logs:
+        assert logs["deploy"] == "rolling back the release of rollback-demo\n"
+    assert not (state / rid).exists()  # compensations really undid provision
 
 
 # ----------------------------------------------------------------------------- fake agent

@@ -163,7 +163,7 @@ def test_matrix_ids_multi_key_and_unsafe_values():
 
 
 def test_matrix_instance_ids_pass_segment_rules():
-    # CONTRACTS: concrete ids must be valid single store path segments.
+    # docs/spec.md "Fan-out": a concrete id is always one valid store path segment.
     values = ["a/b", "..", ".", "\x00", "x" * 300, "ok", " ", "\n", "é"]
     for v in values:
         cid = concrete_id("step", {"k": v})

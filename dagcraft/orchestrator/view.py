@@ -7,22 +7,28 @@ record it changes, so a stale view costs at most a failed CAS, never a wrong tra
 from __future__ import annotations
 
 import os
+import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dagcraft.errors import NotFound
 from dagcraft.orchestrator import layout
 from dagcraft.orchestrator.journal import JournalReader
 from dagcraft.orchestrator.model import (
+    ACTIVE,
     DETAIL_STATUSES,
     DONE_OK,
+    OPEN,
     TERMINAL,
     Control,
     RunRecord,
     StepState,
+    StepStatus,
     load_control,
     load_state,
 )
+from dagcraft.primitives.persist import Persistence
 from dagcraft.primitives.store import Store
 from dagcraft.workflows import CompiledWorkflow, ConcreteStep
 
@@ -54,24 +60,30 @@ class LocalView:
     """Step states and run control of one run, refreshed incrementally."""
 
     def __init__(self, store: Store, run_id: str, *, lookback_s: float = 30.0, resync_s: float = 60.0,
-                 detail: bool = False) -> None:
+                 detail: bool = False, persist: Persistence | None = None) -> None:
         self.store = store
         self.run_id = run_id
+        #: how long transitions made through this view ride out a store outage
+        self.persist = persist or Persistence(limit_s=10.0)
         self.record, self.wf = load_run(store, run_id)
         self.steps: dict[str, ConcreteStep] = dict(self.wf.steps)
         self.order: dict[str, int] = {sid: i for i, sid in enumerate(self.steps)}
         self.states: dict[str, tuple[StepState, str | None]] = {}
+        self._defs: dict[str, dict[str, Any]] = {}
         self.open_ids: set[str] = set()  # pending or retrying
         #: steps known only by the status their journal entry carried (details not read);
         #: ``fresh()`` reads them before anything depends on their details
         self.stale: set[str] = set()
         self.detail = detail  # read every changed record in full (progress displays, ops)
         self.active_ids: set[str] = set()  # running or compensating
+        self.failed_ids: set[str] = set()
+        self.expanded_ids: set[str] = set()  # foreach parents waiting for their children
         self.control: Control = Control()
         self.control_etag: str | None = None
         self.journal = JournalReader(store, run_id, lookback_s=lookback_s)
         self.resync_s = resync_s
-        self._last_resync = time.monotonic()
+        self._rng = random.Random()
+        self._next_resync = time.monotonic() + self._resync_interval()
         for sid in self.steps:
             self.state(sid)
         self.changes = 0  # bumps on every observed change; lets callers skip needless work
@@ -82,9 +94,13 @@ class LocalView:
     def refresh(self) -> list[str]:
         """Apply journal entries since the last call; every ``resync_s`` also re-read every
         step (the safety net for a writer that died between its CAS and its journal entry)."""
-        if time.monotonic() - self._last_resync > self.resync_s:
-            self._last_resync = time.monotonic()
-            self.full_resync()
+        if time.monotonic() >= self._next_resync:
+            try:
+                self.full_resync()
+            finally:
+                # paced from the end of the last one, with jitter: never back to back, and
+                # many workers do not resync in step
+                self._next_resync = time.monotonic() + self._resync_interval()
         changed = self.journal.poll()
         for subject, rev, status in changed:
             if subject == layout.CONTROL_MARK:
@@ -102,7 +118,7 @@ class LocalView:
         if rev <= old.rev:
             return  # we already know this version or a newer one
         st = old.model_copy()
-        st.status = status  # type: ignore[assignment]
+        st.status = StepStatus(status)
         st.rev = rev
         self.states[step_id] = (st, None)
         self.stale.add(step_id)
@@ -120,11 +136,18 @@ class LocalView:
             if sid in self.stale:
                 self.refresh_step(sid)
 
+    def _resync_interval(self) -> float:
+        return self.resync_s * self._rng.uniform(0.75, 1.25)
+
     def full_resync(self) -> None:
+        """Re-read control and every step state (reads in parallel: over S3 a large run would
+        otherwise take one round trip per step, back to back)."""
         self.refresh_control()
-        for key in self.store.list(layout.steps_prefix(self.run_id)):
-            if key.endswith("/state.json"):
-                self.refresh_step(key.split("/")[-2])
+        keys = [k for k in self.store.list(layout.steps_prefix(self.run_id)) if k.endswith("/state.json")]
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcraft-resync") as pool:
+            got = list(pool.map(self.store.get, keys))
+        for key, rec in zip(keys, got, strict=True):
+            self.apply_record(key.split("/")[-2], rec)
 
     def refresh_control(self) -> None:
         got = self.store.get(layout.control(self.run_id))
@@ -133,7 +156,12 @@ class LocalView:
             self.changes += 1
 
     def refresh_step(self, step_id: str) -> StepState:
-        got = self.store.get(layout.step_state(self.run_id, step_id))
+        state = self.apply_record(step_id, self.store.get(layout.step_state(self.run_id, step_id)))
+        assert state is not None
+        return state
+
+    def apply_record(self, step_id: str, got: tuple[bytes, str] | None) -> StepState | None:
+        """Take a step's record as just read (None: never written, i.e. pending)."""
         if got is None:
             state, etag = StepState(step_id=step_id), None
         else:
@@ -149,7 +177,9 @@ class LocalView:
         self._index(state.step_id, state.status)
         if etag is not None:
             self.stale.discard(state.step_id)
-        if state.definition is not None and state.step_id not in self.steps:
+        if state.definition is not None and self._defs.get(state.step_id) != state.definition:
+            # a foreach child: new, or revived by a re-expansion with a different item
+            self._defs[state.step_id] = state.definition
             self.steps[state.step_id] = ConcreteStep.model_validate(state.definition)
             parent_rank = self.order.get(state.parent or "", len(self.order))
             self.order[state.step_id] = parent_rank  # children sort with their parent
@@ -182,8 +212,9 @@ class LocalView:
 
     def _index(self, step_id: str, status: str) -> None:
         # the scheduler and supervisor scan only these sets, not the whole DAG, every cycle
-        for name, members in (("open", self.open_ids), ("active", self.active_ids)):
-            wanted = status in (("pending", "retrying") if name == "open" else ("running", "rolling_back"))
+        for members, wanted in ((self.open_ids, status in OPEN), (self.active_ids, status in ACTIVE),
+                                (self.failed_ids, status == StepStatus.FAILED),
+                                (self.expanded_ids, status == StepStatus.EXPANDED)):
             if wanted:
                 members.add(step_id)
             else:
@@ -207,7 +238,7 @@ class LocalView:
         return out
 
     def failing(self) -> bool:
-        return any(st.status == "failed" for st, _ in self.states.values())
+        return bool(self.failed_ids)
 
     def finished(self) -> bool:
         if self.open_ids or self.active_ids:
@@ -280,7 +311,7 @@ class LocalView:
             return self._ctx_cache[1]
         artifact_paths = artifact_paths or {}
         groups: dict[str, list[str]] = {}
-        for sid in (only if only is not None else self.steps):
+        for sid in (self.ids(only) if only is not None else self.all_ids()):  # instance order
             step = self.steps[sid]
             if self.state(sid).parent:
                 continue  # children are reported through their parent

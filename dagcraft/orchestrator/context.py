@@ -1,0 +1,70 @@
+"""The template context of a step: built here, and only here.
+
+Everything that renders a template for a step — its ``when`` and ``foreach`` (scheduler), its
+command and workdir (attempt), its compensation — uses :func:`for_step`, so a template means
+the same thing at every moment of the step's life. ``env`` is the worker's environment in
+every case (a ``when`` that reads ``env.HOME`` evaluates as it would in the command).
+Only the step's ancestors are read (the compiler allows templates to reference nothing
+else), so the cost follows the step, never the DAG.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+from dagcraft.errors import InvalidInput
+from dagcraft.orchestrator.view import LocalView
+from dagcraft.primitives.keys import validate_relpath
+from dagcraft.workflows import ConcreteStep, RenderContext, render_text
+
+
+def for_step(view: LocalView, sid: str, *, with_steps: bool = True, include_self: bool = False) -> RenderContext:
+    """The context step ``sid`` renders in. ``with_steps=False`` leaves ``steps`` empty (for
+    conditions that only look at statuses: nothing is read). ``include_self`` adds the step's
+    own results (its compensation may refer to them)."""
+    step = view.steps[sid]
+    steps: dict[str, dict[str, Any]] = {}
+    if with_steps:
+        ids = view.context_ids(sid) | ({sid} if include_self else set())
+        steps = view.steps_context(only=ids)
+    rec = view.record
+    return RenderContext(params=view.wf.params,
+                         run={"id": view.run_id, "name": rec.name, "spec_dir": rec.spec_dir or ""},
+                         steps=steps, matrix=step.matrix, item=step.item, env=dict(os.environ))
+
+
+def with_artifact_paths(ctx: RenderContext, instances: dict[str, list[str]],
+                        paths: dict[str, dict[str, str]]) -> RenderContext:
+    """``ctx`` with ``steps.<id>.artifacts[name]`` resolved to the local paths of the copies
+    materialised for this attempt (``paths``: concrete step id → name → path)."""
+    steps = copy.deepcopy(ctx.steps)
+    for tid, ids in instances.items():
+        if tid in steps:
+            for sid in ids:
+                for name, p in paths.get(sid, {}).items():
+                    steps[tid].setdefault("artifacts", {})[name] = p
+    return ctx.model_copy(update={"steps": steps})
+
+
+def workdir(step: ConcreteStep, ctx: RenderContext, spec_dir: str | None, scratch: Path) -> Path:
+    """The directory the step's command (and its compensation) runs in: its ``workdir``
+    rendered with the step's context — relative to the spec's directory, never escaping it —
+    else ``scratch``. Created if missing."""
+    if not step.workdir:
+        scratch.mkdir(parents=True, exist_ok=True)
+        return scratch
+    variables = {"params": ctx.params, "run": ctx.run, "steps": ctx.steps, "matrix": ctx.matrix,
+                 "item": ctx.item, "env": ctx.env}
+    try:
+        rendered = render_text(step.workdir, variables)
+    except Exception as exc:  # jinja raises many types; the step fails with the message
+        raise InvalidInput(f"step {step.id!r}: workdir: {exc}") from None
+    wd = Path(rendered)
+    if not wd.is_absolute():
+        validate_relpath(rendered, "workdir")
+        wd = Path(spec_dir or ".") / wd
+    wd.mkdir(parents=True, exist_ok=True)
+    return wd

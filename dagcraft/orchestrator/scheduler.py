@@ -1,0 +1,286 @@
+"""The scheduler: decides what of one run is ready, and claims it.
+
+Each cycle looks only at the run's open steps (pending or retrying) and, while a run rolls
+back, at its compensable steps — never at the whole DAG. Every decision (skip, fail, expand,
+claim) is a transition of ``transitions.py``, confirmed by CAS, so any number of schedulers
+on any number of hosts can work on the same run: each transition happens once, and a stale
+view costs at most a lost race. What it claims it returns as typed :class:`WorkItem`s for
+the executor (``attempt.py``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from dagcraft.errors import DagcraftError
+from dagcraft.orchestrator import context, layout, transitions
+from dagcraft.orchestrator.model import AttemptKind, RunStatus, StepState, StepStatus
+from dagcraft.orchestrator.transitions import Hold
+from dagcraft.orchestrator.view import LocalView
+from dagcraft.primitives import lease as leases
+from dagcraft.primitives.semaphore import Semaphore
+from dagcraft.workflows import (
+    CompiledWorkflow,
+    ConcreteStep,
+    RenderContext,
+    evaluate_foreach,
+    evaluate_when,
+    expand_foreach,
+)
+
+ALWAYS_MARKERS = ("always()", "failure()", "cancelled()")
+
+
+@dataclass
+class WorkItem:
+    """A claimed attempt (of a step's command, or of its compensation) and everything it
+    needs, captured at claim time."""
+
+    hold: Hold
+    wf: CompiledWorkflow
+    step: ConcreteStep
+    spec_dir: str | None
+    run_name: str
+    ctx: RenderContext
+    #: template id -> concrete ids (fan-out templates have several), among the step's ancestors
+    instances: dict[str, list[str]] = field(default_factory=dict)
+    #: concrete step id -> artifact name -> pointer, for the transitive needs
+    upstream_artifacts: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    semaphores: list[Semaphore] = field(default_factory=list)
+    semaphore_leases: list[leases.Lease] = field(default_factory=list)
+
+    @property
+    def kind(self) -> AttemptKind:
+        return self.hold.kind
+
+    @property
+    def run_id(self) -> str:
+        return self.hold.run_id
+
+
+class Scheduler:
+    """Scheduling of one run from one worker."""
+
+    def __init__(self, view: LocalView, worker_id: str, lease_ttl: float) -> None:
+        self.view = view
+        self.worker_id = worker_id
+        self.lease_ttl = lease_ttl
+        self._decided: dict[str, int] = {}  # step -> state rev whose `when` evaluated true
+        self._full: set[str] = set()
+        self._rng = random.Random(f"{worker_id}/{view.run_id}")
+
+    def ready(self) -> list[str]:
+        view = self.view
+        now = None
+        out = []
+        for sid in view.ids(view.open_ids):
+            st = view.state(sid)
+            if st.parent and sid not in view.state(st.parent).children:
+                continue  # a foreach child runs only once its parent has expanded to it
+            if st.status == StepStatus.PENDING and view.needs_done(sid):
+                out.append(sid)
+            elif st.status == StepStatus.RETRYING:
+                now = now if now is not None else view.store.now()
+                if (st.not_before or 0) <= now:
+                    out.append(sid)
+        return out
+
+    def settle_parents(self) -> None:
+        """A foreach parent finishes when all its children have."""
+        view = self.view
+        for sid in view.ids(view.expanded_ids):
+            st = view.state(sid)
+            if not all(view.is_terminal(c) for c in st.children):
+                continue
+            kids = [view.status(c) for c in st.children]
+            if StepStatus.FAILED in kids:
+                status = StepStatus.FAILED
+            elif StepStatus.CANCELLED in kids:
+                status = StepStatus.CANCELLED
+            elif all(k == StepStatus.SKIPPED for k in kids):
+                status = StepStatus.SKIPPED  # e.g. not started after a failure elsewhere
+            else:
+                status = StepStatus.SUCCEEDED
+            transitions.settle_parent(view, sid, status)
+
+    def decide(self, capacity: int) -> list[WorkItem]:
+        """Skip, expand, or claim ready steps; returns what to execute (at most ``capacity``)."""
+        view = self.view
+        ctl = view.control.status
+        if ctl == RunStatus.ROLLING_BACK:
+            return self._claim_compensations(capacity)
+        if ctl != RunStatus.RUNNING:
+            return []
+        self.settle_parents()
+        claims: list[WorkItem] = []
+        self._full = set()  # semaphores found full this cycle: not retried for every step
+        failing = view.failing() and view.wf.on_failure in ("stop", "rollback")
+        ready = self.ready()
+        # each worker walks the ready set from its own random point, so that workers racing
+        # for work mostly claim different steps instead of losing CAS races on the same one
+        if len(ready) > 1:
+            k = self._rng.randrange(len(ready))
+            ready = ready[k:] + ready[:k]
+        for sid in ready:
+            if not self._decide_one(sid, failing):
+                continue
+            if len(claims) >= capacity:
+                continue
+            max_parallel = view.wf.max_parallel
+            if max_parallel is not None and sum(
+                    1 for s in view.active_ids if view.status(s) == StepStatus.RUNNING) >= max_parallel:
+                continue
+            item = self.claim(sid)
+            if item is not None:
+                claims.append(item)
+        return claims
+
+    def _decide_one(self, sid: str, failing: bool) -> bool:
+        """Whether a ready step should be claimed now (else it was skipped, failed or expanded)."""
+        view = self.view
+        step = view.steps[sid]
+        st = view.state(sid)
+        if st.status != StepStatus.PENDING:
+            return True  # retrying: its condition was decided before its first attempt
+        if self._decided.get(sid) == st.rev and not failing:
+            return True  # `when` already evaluated true for this version of the step
+        always = step.is_finally or any(m in step.when for m in ALWAYS_MARKERS)
+        if failing and not always:
+            transitions.skip(view, sid, f"not started: a step failed (on_failure: {view.wf.on_failure})")
+            return False
+        try:
+            # most conditions are about statuses only: read step data only if used
+            ctx = context.for_step(view, sid, with_steps="steps" in step.when)
+            ok = evaluate_when(step, ctx, view.needs_status(sid))
+        except DagcraftError as exc:
+            transitions.fail_unstarted(view, sid, f"when: {exc}")
+            return False
+        if step.is_finally and step.when.replace(" ", "") == "${{success()}}":
+            ok = True  # finally steps run whatever happened before them
+        if not ok:
+            transitions.skip(view, sid, "when condition is false")
+            return False
+        if step.foreach and not st.children:
+            self._expand(sid)
+            return False
+        # needs are terminal, so the answer cannot change until the step itself does
+        self._decided[sid] = st.rev
+        return True
+
+    def _expand(self, sid: str) -> None:
+        step = self.view.steps[sid]
+        try:
+            items = evaluate_foreach(step, context.for_step(self.view, sid))
+            children = expand_foreach(step, items)
+        except DagcraftError as exc:
+            transitions.fail_unstarted(self.view, sid, f"foreach: {exc}")
+            return
+        transitions.expand(self.view, sid, [StepState(step_id=c.id, definition=c.model_dump(mode="json"), parent=sid)
+                                            for c in children])
+
+    def _semaphores(self, step: ConcreteStep) -> list[Semaphore]:
+        view = self.view
+        sems = []
+        if view.wf.max_parallel is not None:
+            sems.append(Semaphore(view.store, layout.parallel_semaphore(view.run_id), view.wf.max_parallel,
+                                  self.lease_ttl))
+        agent = view.wf.agents.get(step.agent) if step.agent else None
+        if agent is not None and agent.max_concurrent and step.agent:
+            sems.append(Semaphore(view.store, layout.agent_semaphore(step.agent), agent.max_concurrent,
+                                  self.lease_ttl))
+        return sems
+
+    def claim(self, sid: str) -> WorkItem | None:
+        view = self.view
+        if view.etag(sid) is None or sid in view.stale:
+            if view.refresh_step(sid).status not in (StepStatus.PENDING, StepStatus.RETRYING):
+                return None  # known only by status: read its etag and details once
+        sems = self._semaphores(view.steps[sid])
+        if any(sem.key_prefix in self._full for sem in sems):
+            return None
+        held: list[leases.Lease] = []
+        for sem in sems:
+            got = sem.try_acquire(f"{self.worker_id}/{view.run_id}/{sid}")
+            if got is None:
+                self._full.add(sem.key_prefix)
+                _release_all(sems, held)
+                return None
+            held.append(got)
+        hold = transitions.claim(view, sid, self.worker_id, self.lease_ttl)
+        if hold is None:
+            _release_all(sems, held)
+            return None
+        return self._work(sid, hold, sems, held)
+
+    def _work(self, sid: str, hold: Hold, sems: list[Semaphore] | None = None,
+              held: list[leases.Lease] | None = None) -> WorkItem:
+        view = self.view
+        ancestors = view.context_ids(sid)
+        rollback = hold.kind is AttemptKind.ROLLBACK
+        return WorkItem(hold=hold, wf=view.wf, step=view.steps[sid], spec_dir=view.record.spec_dir,
+                        run_name=view.record.name, ctx=context.for_step(view, sid, include_self=rollback),
+                        instances=self._instances(ancestors),
+                        upstream_artifacts={} if rollback else self._upstream_artifacts(sid),
+                        semaphores=sems or [], semaphore_leases=held or [])
+
+    def _instances(self, among: set[str]) -> dict[str, list[str]]:
+        """template id -> concrete ids, for the steps ``among`` (a step's ancestors)."""
+        out: dict[str, list[str]] = {}
+        for sid in self.view.ids(among):
+            step = self.view.steps[sid]
+            st = self.view.state(sid)
+            if st.parent:
+                continue
+            out.setdefault(step.template_id, []).extend(st.children or [sid])
+        return out
+
+    def _upstream_artifacts(self, sid: str) -> dict[str, dict[str, dict[str, Any]]]:
+        seen: set[str] = set()
+        stack = list(self.view.needs(sid))
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        while stack:
+            cur = stack.pop()
+            if cur in seen or cur not in self.view.steps:
+                continue
+            seen.add(cur)
+            st = self.view.state(cur)
+            if st.artifacts:
+                out[cur] = st.artifacts
+            stack.extend(st.children)
+            stack.extend(self.view.needs(cur))
+        return out
+
+    # -- rollback ------------------------------------------------------------------------------
+    def compensable(self, sid: str, deps: dict[str, set[str]]) -> bool:
+        """True when ``sid`` succeeded, has a rollback command, and nothing downstream of it is
+        still waiting to be (or being) compensated: compensations run in reverse topological
+        order."""
+        view = self.view
+        if view.status(sid) != StepStatus.SUCCEEDED or not view.steps[sid].rollback:
+            return False
+        return not any(view.steps[d].rollback and view.status(d) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)
+                       for d in view.descendants(sid, deps))
+
+    def _claim_compensations(self, capacity: int) -> list[WorkItem]:
+        view = self.view
+        deps = view.dependents()
+        out: list[WorkItem] = []
+        for sid in reversed(view.all_ids()):
+            if len(out) >= capacity:
+                break
+            if not self.compensable(sid, deps):
+                continue
+            hold = transitions.compensate(view, sid, self.worker_id, self.lease_ttl)
+            if hold is not None:
+                out.append(self._work(sid, hold))
+        return out
+
+
+def _release_all(sems: list[Semaphore], held: list[leases.Lease]) -> None:
+    for sem, lease in zip(sems, held, strict=False):
+        try:
+            sem.release(lease)
+        except DagcraftError:
+            pass  # an unreleased slot expires after its TTL

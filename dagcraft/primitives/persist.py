@@ -1,0 +1,59 @@
+"""Riding out store outages: one retry policy for writes that must land.
+
+A store call that raises :class:`StoreUnavailable` has already been retried by the store for
+a moment (S3: a few tries over about a second). Writes that decide a step's fate — a claim,
+a heartbeat, a commit, a journal entry, an attempt's trace — must instead survive an outage
+of minutes: :class:`Persistence` calls them again with exponential backoff and full jitter
+until they succeed, until ``limit_s`` has passed, or until ``stop`` is set. A try may have
+landed although its response was lost: conditional writes made through :func:`~.store.cas`
+recognise their own landed write when they are tried again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import tenacity
+
+from dagcraft.errors import StoreUnavailable
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """Retry through StoreUnavailable for up to ``limit_s`` seconds (0: a single try)."""
+
+    limit_s: float = 300.0
+    first_wait_s: float = 0.1
+    max_wait_s: float = 2.0
+
+    def call(self, fn: Callable[[], T], *, what: str = "store write",
+             stop: threading.Event | None = None) -> T:
+        """``fn()`` until it returns. Raises the last StoreUnavailable when the limit passes
+        or ``stop`` is set; every other exception at once."""
+        def note(state: tenacity.RetryCallState) -> None:
+            if state.attempt_number in (1, 10) or state.attempt_number % 50 == 0:
+                exc = state.outcome.exception() if state.outcome else None
+                log.warning("%s: store unavailable (try %d), retrying: %s", what, state.attempt_number, exc)
+
+        halt = tenacity.stop_after_delay(self.limit_s)
+        if stop is not None:
+            halt = halt | tenacity.stop_when_event_set(stop)
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(StoreUnavailable),
+            stop=halt,
+            wait=tenacity.wait_random_exponential(multiplier=self.first_wait_s, max=self.max_wait_s),
+            before_sleep=note,
+            reraise=True,
+        )
+        return retrying(fn)
+
+
+#: a single try: for interactive commands, which report an outage (exit 5) instead of waiting
+ONCE = Persistence(limit_s=0.0)
