@@ -144,7 +144,11 @@ def register(cli: click.Group) -> None:
         """Check integrity and the hash chain; exit 0 valid, 1 invalid (names the first bad line)."""
         from dagcraft.tracing import verify
 
-        reports = [verify(p, allow_open=allow_open) for p in _resolve(target, store_url)]
+        if _is_file_target(target) or target.endswith(".jsonl") or target.count("/") >= 2:
+            # a trace file, or RUN/STEP/ATTEMPT: that one trace
+            reports = [verify(p, allow_open=allow_open) for p in _resolve(target, store_url)]
+        else:  # RUN or RUN/STEP: every committed attempt's trace, missing ones included
+            reports = _report().verify_run(_store(store_url), target)
         if as_json:
             out = [dict(r.model_dump(), status=r.status) for r in reports]
             _dump(out[0] if len(out) == 1 else out)

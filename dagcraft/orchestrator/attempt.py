@@ -321,10 +321,10 @@ class Attempt:
         if res.timed_out:
             return Outcome(AttemptStatus.FAILED, reason=f"timed out after {step.timeout_s:g}s", retryable=True, **base)
         if res.exit_code != 0:
-            why = f"exit code {res.exit_code}" if res.signal is None else f"killed by signal {res.signal}"
+            failed = f"exit code {res.exit_code}" if res.signal is None else f"killed by signal {res.signal}"
             if res.error:
-                why += f": {res.error}"
-            return Outcome(AttemptStatus.FAILED, reason=why, retryable=True, **base)
+                failed += f": {res.error}"
+            return Outcome(AttemptStatus.FAILED, reason=failed, retryable=True, **base)
         log_error = getattr(res, "log_error", None)
         if log_error:
             return Outcome(AttemptStatus.FAILED, reason=f"could not write the log: {log_error}", retryable=True,

@@ -1,14 +1,16 @@
 """The outbox: uploads that must land eventually but decide nothing (attempt logs and traces).
 
-An upload is tried at once; when the store is unavailable it is kept (the local file stays in
-the attempt's scratch directory) and retried by the worker's loop with exponential backoff
-until it lands. Uploads are plain overwrites of keys only their attempt writes, so a retry
-is harmless. Guarantee: while the worker lives, every queued upload is retried until it
-lands; on a clean exit the worker tries the queue once more and logs what is left.
+An upload is tried at once; when the store is unavailable it is queued — a small JSON note
+next to the file in this host's scratch directory — and retried with exponential backoff by
+the worker's loop until it lands. Any later worker on the same host and store picks queued
+notes up, so an upload survives its worker's exit or crash as long as the scratch directory
+does. Uploads are plain overwrites of keys only their attempt writes: a retry is harmless.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -25,27 +27,50 @@ log = logging.getLogger(__name__)
 class _Pending:
     key: str
     path: Path
+    note: Path
     tries: int = 0
     next_at: float = 0.0
 
 
 class Outbox:
-    def __init__(self, store: Store, *, first_wait_s: float = 0.5, max_wait_s: float = 10.0) -> None:
+    def __init__(self, store: Store, directory: Path, *, first_wait_s: float = 0.5, max_wait_s: float = 10.0) -> None:
         self.store = store
+        # one queue per store, shared by the workers of this host
+        self.dir = directory / hashlib.sha256(store.url.encode()).hexdigest()[:16]
         self.first_wait_s = first_wait_s
         self.max_wait_s = max_wait_s
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
+        self._adopt()
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._pending)
 
+    def _adopt(self) -> None:
+        """Take over uploads queued by earlier workers of this host."""
+        if not self.dir.is_dir():
+            return
+        for note in sorted(self.dir.glob("*.json")):
+            try:
+                data = json.loads(note.read_text())
+                item = _Pending(str(data["key"]), Path(data["path"]), note)
+            except (OSError, ValueError, KeyError):
+                continue
+            with self._lock:
+                self._pending.setdefault(item.key, item)
+
     def upload(self, key: str, path: Path) -> bool:
         """Upload ``path`` to ``key`` now; on a store outage queue it. True when it landed."""
-        item = _Pending(key, path)
+        note = self.dir / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+        item = _Pending(key, path, note)
         if self._try(item):
             return True
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            note.write_text(json.dumps({"key": key, "path": str(path)}))
+        except OSError as exc:
+            log.error("cannot queue the upload of %s: %s", key, exc)
         with self._lock:
             self._pending[key] = item
         return False
@@ -61,6 +86,14 @@ class Outbox:
                 with self._lock:
                     if self._pending.get(item.key) is item:
                         del self._pending[item.key]
+                item.note.unlink(missing_ok=True)
+        return len(self)
+
+    def drain(self, limit_s: float) -> int:
+        """Flush until the queue is empty or ``limit_s`` passed (a worker about to exit)."""
+        deadline = time.monotonic() + limit_s
+        while self.flush(force=True) and time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         return len(self)
 
     def _try(self, item: _Pending) -> bool:

@@ -118,3 +118,54 @@ def write_report(store: Store, run_id: str, out: Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
     return out
+
+
+def verify_run(store: Store, target: str) -> list[Any]:
+    """Verify every trace a run's committed attempts should have (``RUN`` or ``RUN/STEP``):
+    each must be present (a trace whose upload is still queued is reported missing), its hash
+    chain intact, and the head its commit pinned must be one of its lines — so a trace
+    rewritten and re-chained after the commit is caught. Attempts that lost their worker have
+    no trace to check. Returns one ``tracing.VerifyReport`` per expected trace."""
+    import hashlib
+
+    from dagcraft.orchestrator.model import AttemptKind, AttemptStatus
+    from dagcraft.tracing import verify
+    from dagcraft.tracing.reader import VerifyReport
+
+    parts = target.split("/")
+    if not 1 <= len(parts) <= 2 or not all(parts):
+        raise NotFound(f"{target!r} is neither a trace file nor RUN[/STEP]")
+    run_id = parts[0]
+    states = load_states(store, run_id)
+    if not states:
+        read_record(store, run_id)  # NotFound for an unknown run
+    if len(parts) == 2 and parts[1] not in states:
+        raise NotFound(f"run {run_id} has no step {parts[1]!r}")
+    out: list[VerifyReport] = []
+    with tempfile.TemporaryDirectory(prefix="dagcraft-verify-") as tmp:
+        for st, _parent in ordered_states(read_record(store, run_id), states):
+            if len(parts) == 2 and st.step_id != parts[1]:
+                continue
+            for h in st.history:
+                if h.status == AttemptStatus.LOST:
+                    continue
+                name = str(h.attempt) if h.kind == AttemptKind.RUN else f"rollback-{h.attempt}"
+                label = f"{run_id}/{st.step_id}/{name}"
+                got = store.get(f"{layout.attempt_prefix(run_id, st.step_id, name)}/trace.jsonl")
+                if got is None:
+                    out.append(VerifyReport(path=label, ok=False, problems=[
+                        "trace missing: its upload has not landed (yet); the worker retries it"]))
+                    continue
+                p = Path(tmp) / "trace.jsonl"
+                p.write_bytes(got[0])
+                rep = verify(p)
+                rep.path = label
+                if h.trace_head and rep.ok:
+                    heads = {hashlib.sha256(line).hexdigest() for line in got[0].split(b"\n") if line}
+                    if h.trace_head not in heads:
+                        rep.ok = False
+                        rep.problems.append("the line its commit pinned is gone: rewritten after the commit")
+                out.append(rep)
+    if not out:
+        raise NotFound(f"no committed attempts in {target!r} yet")
+    return out

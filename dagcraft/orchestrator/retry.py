@@ -18,7 +18,7 @@ def backoff_delay(policy: object, failures: int, rng: random.Random | None = Non
     base = float(getattr(policy, "backoff_s", 1.0))
     cap = float(getattr(policy, "max_backoff_s", 60.0))
     delay = min(cap, base * (2 ** max(failures - 1, 0)))
-    return delay * (rng or random).uniform(0.5, 1.0)
+    return float(delay * (rng or random).uniform(0.5, 1.0))
 
 
 def _log_matches(paths: list[Path], patterns: list[re.Pattern[str]]) -> bool:

@@ -37,7 +37,7 @@ def new_run_id(name: str) -> str:
 def redacted_workflow(wf: Any) -> dict[str, Any]:
     """The compiled workflow as JSON with secret param values replaced: secrets never reach
     the store; workers read them from ``DAGCRAFT_PARAM_<NAME>`` in their environment."""
-    data = wf.model_dump(mode="json")
+    data: dict[str, Any] = wf.model_dump(mode="json")
     for name in wf.secret_params:
         if name in data.get("params", {}):
             data["params"][name] = REDACTED

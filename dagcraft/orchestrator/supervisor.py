@@ -11,9 +11,10 @@ unstarted steps of a cancelling run, move a failed run into rollback, set the fi
 status. Each tick looks only at the run's active steps, never the whole DAG, except once the
 run is ending.
 
-After a store outage every holder's lease may have expired on the store's clock although
-its worker is alive and renewing as soon as it can: the supervisor declares no lease lost
-until the store has answered it for ``recovery_s`` (two heartbeats and a retry pause).
+After a store outage every holder's lease may have expired on the store's clock although its
+worker is alive and will renew as soon as the store answers. So the supervisor declares a
+lease lost only once it has seen that same lease expired for ``recovery_s`` (a heartbeat
+retry pause and slack) while the store answered it: a live holder renews within that time.
 """
 
 from __future__ import annotations
@@ -44,19 +45,18 @@ class Supervisor:
         self.lease_ttl = lease_ttl
         self.lease: leases.Lease | None = None
         self._next_renew = 0.0
-        #: monotonic time since which the store has answered (None: during an outage)
-        self._healthy_since: float | None = time.monotonic()
-        self.recovery_s = 2 * (lease_ttl / 3.0) + 2.0
+        #: step -> (write id of its expired lease, monotonic time first seen expired)
+        self._expired: dict[str, tuple[str, float]] = {}
+        self.recovery_s = min(2.0, lease_ttl / 3.0) + 2.0
 
     def store_failed(self) -> None:
-        """The worker's cycle met a store outage: hold off judging leases."""
-        self._healthy_since = None
+        """The worker's cycle met a store outage: holders may not have been able to renew, so
+        every expired lease is given ``recovery_s`` again from now."""
+        self._expired.clear()
 
     def tick(self) -> None:
         """Keep (or try to take) the role; when held, make this cycle's decisions."""
         now = time.monotonic()
-        if self._healthy_since is None:
-            self._healthy_since = now
         if now >= self._next_renew:
             self._next_renew = now + self.lease_ttl / 3.0
             key = layout.supervisor(self.view.run_id)
@@ -80,17 +80,28 @@ class Supervisor:
     def expire_lost_leases(self) -> int:
         """Active steps whose lease passed its expiry on the store clock lose their attempt."""
         view = self.view
-        if self._healthy_since is None or time.monotonic() - self._healthy_since < self.recovery_s:
-            return 0
         now = view.store.now()
+        seen_at = time.monotonic()
         n = 0
         for sid in view.ids(view.active_ids):
             st = view.fresh(sid)  # the lease expiry is a detail
-            if st.status in (StepStatus.RUNNING, StepStatus.ROLLING_BACK) and st.lease is not None \
-                    and st.lease.expired(now, EXPIRY_GRACE_S):
-                if transitions.lost(view, sid, grace=EXPIRY_GRACE_S, lost_retries=LOST_WORKER_RETRIES):
-                    log.info("%s: %s lost its worker %s", view.run_id, sid, st.lease.holder)
-                    n += 1
+            if st.lease is None or not st.lease.expired(now, EXPIRY_GRACE_S):
+                self._expired.pop(sid, None)
+                continue
+            st = view.refresh_step(sid)  # the holder may have renewed since our last read
+            if st.lease is None or not st.lease.expired(now, EXPIRY_GRACE_S):
+                self._expired.pop(sid, None)
+                continue
+            first = self._expired.get(sid)
+            if first is None or first[0] != st.lease.write_id:
+                self._expired[sid] = (st.lease.write_id, seen_at)
+                continue
+            if seen_at - first[1] < self.recovery_s:
+                continue
+            if transitions.lost(view, sid, grace=EXPIRY_GRACE_S, lost_retries=LOST_WORKER_RETRIES):
+                log.info("%s: %s lost its worker %s", view.run_id, sid, st.lease.holder)
+                n += 1
+            self._expired.pop(sid, None)
         return n
 
     def cancel_unstarted(self) -> None:

@@ -56,7 +56,7 @@ from dagcraft.orchestrator.model import (
     load_state,
 )
 from dagcraft.primitives import lease as leases
-from dagcraft.primitives.persist import Persistence
+from dagcraft.primitives.persist import ONCE, Persistence
 from dagcraft.primitives.store import Store, cas
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def announce(store: Store, run_id: str, st: StepState | None, persist: Persisten
 
 
 def _transition(view: LocalView, sid: str, change: Change, *, allowed: frozenset[StepStatus] | None = None,
-                fresh: bool = True) -> StepState | None:
+                fresh: bool = True, persist: Persistence | None = None) -> StepState | None:
     """Apply ``change`` to the step's current version and CAS it in. None (and the view
     refreshed from the record just read) when the record moved on or the step is no longer
     in an ``allowed`` status."""
@@ -94,7 +94,7 @@ def _transition(view: LocalView, sid: str, change: Change, *, allowed: frozenset
     change(new)
     new.rev = cur.rev + 1
     try:
-        etag = write_state(view.store, view.run_id, new, view.etag(sid), view.persist)
+        etag = write_state(view.store, view.run_id, new, view.etag(sid), persist or view.persist)
     except Superseded as exc:
         view.apply_record(sid, exc.current)
         return None
@@ -227,8 +227,7 @@ def expand(view: LocalView, sid: str, children: list[StepState]) -> bool:
             existing = view.apply_record(child.step_id, exc.current)
             if existing is not None and existing.status == StepStatus.SKIPPED and (existing.reason or "").startswith(
                     "superseded"):
-                definition = child.definition
-                _transition(view, child.step_id, lambda s, d=definition: _revive(s, d), fresh=False)
+                _transition(view, child.step_id, _reviver(child.definition), fresh=False)
             continue
         view.apply(child, etag)
         view.journal.mark_seen(announce(view.store, view.run_id, child, view.persist))
@@ -243,10 +242,12 @@ def expand(view: LocalView, sid: str, children: list[StepState]) -> bool:
     return _transition(view, sid, change, allowed=frozenset({StepStatus.PENDING})) is not None
 
 
-def _revive(s: StepState, definition: dict[str, Any] | None) -> None:
-    _clear(s, "revived by a new expansion")
-    s.reason = None
-    s.definition = definition
+def _reviver(definition: dict[str, Any] | None) -> Change:
+    def change(s: StepState) -> None:
+        _clear(s, "revived by a new expansion")
+        s.reason = None
+        s.definition = definition
+    return change
 
 
 def settle_parent(view: LocalView, sid: str, status: StepStatus) -> bool:
@@ -292,7 +293,9 @@ def lost(view: LocalView, sid: str, *, grace: float, lost_retries: int) -> bool:
     cur = view.refresh_step(sid)  # confirm on a fresh read before taking a lease over
     if cur.status not in ACTIVE or cur.lease is None or not cur.lease.expired(now, grace):
         return False
-    return _transition(view, sid, change, allowed=ACTIVE, fresh=False) is not None
+    # one try: a decision taken before an outage is stale after it (the holder may have been
+    # unable to renew); the supervisor decides again once holders had time to renew
+    return _transition(view, sid, change, allowed=ACTIVE, fresh=False, persist=ONCE) is not None
 
 
 def _clear(s: StepState, reason: str) -> None:

@@ -15,13 +15,12 @@ from collections.abc import Callable, Iterable
 
 from dagcraft.errors import Failed
 from dagcraft.orchestrator import layout
+from dagcraft.orchestrator.model import TERMINAL, StepStatus
 from dagcraft.primitives import barrier
 from dagcraft.primitives.store import Store
 
-# mirror of model.TERMINAL
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "skipped", "cancelled", "rolled_back"})
 #: terminal statuses that satisfy a wait; any other terminal status is "failed upstream"
-OK: frozenset[str] = frozenset({"succeeded", "skipped"})
+OK: frozenset[StepStatus] = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED})
 
 
 def _status(data: bytes) -> str | None:

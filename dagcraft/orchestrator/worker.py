@@ -74,7 +74,7 @@ class Worker:
         self.running: dict[Future[StepState] | int, tuple[str, Attempt]] = {}
         self.pool = None if inline else ThreadPoolExecutor(max_workers=self.concurrency,
                                                            thread_name_prefix="dagcraft-step")
-        self.outbox = Outbox(cfg.store)
+        self.outbox = Outbox(cfg.store, cfg.tmp_root / "outbox")
         self.wake = threading.Event()
         self.changes: queue.Queue[tuple[str, StepState, str, str | None]] = queue.Queue()
         self.draining = False
@@ -252,7 +252,7 @@ class Worker:
             self._reap()
             for driver in self.drivers.values():
                 driver.supervisor.release()
-            if self.outbox.flush(force=True):
-                log.error("%d uploads could not be made before exit (traces will be reported missing)",
-                          len(self.outbox))
+            if self.outbox.drain(min(self.cfg.outage_s, 60.0)):
+                log.error("%d uploads could not be made before exit; a later worker on this host will retry "
+                          "them (until then `trace verify` reports those traces missing)", len(self.outbox))
         return self.exit_code()

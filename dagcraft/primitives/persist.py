@@ -42,7 +42,7 @@ class Persistence:
                 exc = state.outcome.exception() if state.outcome else None
                 log.warning("%s: store unavailable (try %d), retrying: %s", what, state.attempt_number, exc)
 
-        halt = tenacity.stop_after_delay(self.limit_s)
+        halt: tenacity.stop.stop_base = tenacity.stop_after_delay(self.limit_s)
         if stop is not None:
             halt = halt | tenacity.stop_when_event_set(stop)
         retrying = tenacity.Retrying(
