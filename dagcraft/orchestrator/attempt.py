@@ -22,6 +22,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -351,8 +352,8 @@ class Attempt:
         arts: dict[str, dict[str, Any]] = {}
         scope = layout.step_scope(self.w.run_id, step.id)
         for name, path in found:
-            ptr = self.cfg.persist.call(lambda n=name, p=path: artifacts.put(  # type: ignore[misc]
-                self.store, p, scope=scope, name=n, uploader=self.cfg.worker_id), what=f"upload artifact {name}")
+            ptr = self.cfg.persist.call(functools.partial(artifacts.put, self.store, path, scope=scope, name=name,
+                                                          uploader=self.cfg.worker_id), what=f"upload artifact {name}")
             arts[name] = ptr.model_dump(mode="json")
             self.trace.append("artifact.put", {"name": name, "digest": ptr.digest, "size": ptr.size})
         return Outcome(AttemptStatus.SUCCEEDED, outputs=outputs, artifacts=arts, **base)
