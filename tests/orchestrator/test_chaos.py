@@ -34,6 +34,7 @@ WORKERS = 4
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_chaos_faults_and_kills(moto_server: str, tmp_path: Path) -> None:
     bucket = new_server_bucket(moto_server)
     direct = S3Store(bucket, "chaos", endpoint_url=moto_server)  # to read results without faults
