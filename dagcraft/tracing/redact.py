@@ -2,9 +2,13 @@
 
 Two sources of secrets:
 - exact values registered with :meth:`Redactor.add` (params/env marked secret);
-- credential-shaped strings: AWS access key ids (``AKIA…``/``ASIA…``), AWS secret-key
-  assignments (``aws_secret_access_key = …``), ``Bearer …`` tokens, ``sk-…``/``sk-ant-…`` API
-  keys, GitHub tokens (``ghp_…``, ``github_pat_…``), PEM private key blocks.
+- credential-shaped strings: AWS access key ids (``AKIA…``/``ASIA…``) and secret keys where
+  named (``aws_secret_access_key = …``, ``"SecretAccessKey": "…"``), ``Bearer …`` tokens,
+  OpenAI/Anthropic keys (``sk-…``, ``sk-proj-…``, ``sk-ant-…``), GitHub tokens (``ghp_…``,
+  ``gho_…``, ``github_pat_…``), Slack tokens (``xoxb-``, ``xoxp-``, ``xoxa-``, ``xapp-``) and
+  webhook URLs, Stripe keys (``sk_live_``, ``rk_live_``, ``sk_test_``, ``whsec_``), Google API
+  keys (``AIza…``), JWTs (``eyJ….eyJ….sig``) and PEM private key blocks (RSA, EC, OPENSSH,
+  plain; an unterminated block is redacted to the end of the text).
 
 Every match becomes ``[redacted]`` and increments :attr:`Redactor.count`.
 
@@ -27,15 +31,31 @@ from typing import Any
 REDACTED = "[redacted]"
 MIN_SECRET_LEN = 4
 
-# (pattern, group to replace or 0 for the whole match). Order matters: PEM first.
+# (pattern, group to replace or 0 for the whole match). Order matters: PEM first (a complete
+# block, then an unterminated one: everything from BEGIN on, since the key runs to the end).
 _PATTERNS: list[tuple[str, int]] = [
     (r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----", 0),
+    (r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*", 0),
+    # AWS access key ids; secret keys only where named (a bare 40-char base64 string is too
+    # common to guess at: git object ids, digests)
     (r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|ABIA|ACCA)[A-Z0-9]{16}\b", 0),
     (r"(?i)(?:aws_?secret_?(?:access_?)?key|secret_?access_?key)[\"']?\s*[:=]\s*[\"']?([A-Za-z0-9/+=]{30,})", 1),
     (r"(?i)\bBearer\s+([A-Za-z0-9\-._~+/]{8,}=*)", 1),
-    (r"\bsk-(?:ant-)?[A-Za-z0-9_\-]{16,}", 0),
+    # OpenAI (sk-…, sk-proj-…) and Anthropic (sk-ant-…)
+    (r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_\-]{16,}", 0),
     (r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{30,}\b", 0),
     (r"\bgithub_pat_[A-Za-z0-9_]{22,}", 0),
+    # Slack bot/user/app tokens and incoming-webhook URLs
+    (r"\bxox[abposr]-[A-Za-z0-9-]{10,}", 0),
+    (r"\bxapp-[A-Za-z0-9-]{10,}", 0),
+    (r"https?://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9/_\-]+", 0),
+    # Stripe secret and restricted keys (live and test), webhook signing secrets
+    (r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{10,}", 0),
+    (r"\bwhsec_[A-Za-z0-9]{20,}", 0),
+    # Google API keys
+    (r"\bAIza[0-9A-Za-z_\-]{35}", 0),
+    # JWTs: base64url JSON header and payload (both start with '{"' → eyJ), signature
+    (r"\beyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*", 0),
 ]
 _PEM_BEGIN = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
 _PEM_END = re.compile(rb"-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----")
