@@ -38,9 +38,10 @@ from typing import Any
 from dagcraft.errors import Conflict, DagcraftError, Fenced, StoreUnavailable
 from dagcraft.orchestrator import context, layout, transitions
 from dagcraft.orchestrator.model import AttemptInfo, AttemptKind, AttemptStatus, StepState
-from dagcraft.orchestrator.outbox import Outbox
+from dagcraft.orchestrator.outbox import Outbox, private_dir
 from dagcraft.orchestrator.retry import backoff_delay, should_retry
 from dagcraft.orchestrator.scheduler import WorkItem
+from dagcraft.orchestrator.view import without_secret_env
 from dagcraft.primitives import artifacts
 from dagcraft.primitives.keys import validate_relpath
 from dagcraft.primitives.persist import Persistence
@@ -63,6 +64,9 @@ class WorkerConfig:
     grace: float = 5.0
     #: how long an attempt rides out a store outage before giving up its step
     outage_s: float = 300.0
+    #: keep each attempt's scratch directory (``--keep-workdirs``); else it is removed after
+    #: the attempt, as it may hold the step's outputs and whatever the step wrote there
+    keep_workdirs: bool = False
 
     @property
     def heartbeat_s(self) -> float:
@@ -231,7 +235,9 @@ class Attempt:
     def run(self) -> StepState:
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # private (0700, as is every level up from tmp_root): it holds the step's outputs
+        # before redaction and whatever the step writes there; removed at the end of _finish
+        private_dir(self.dir, self.cfg.tmp_root)
         self.trace = TraceWriter(self.dir / "trace.jsonl", self.w.run_id,
                                  redactor=Redactor(self.w.wf.secret_values()), fsync=False)
         step = self.w.step
@@ -292,7 +298,9 @@ class Attempt:
         step = self.w.step
         out_file = self.dir / "outputs"
         out_file.unlink(missing_ok=True)
-        env = dict(os.environ)
+        # the worker's environment holds every run's secrets: a step gets one only through its
+        # own templates (rendered argv, its env: entries, the template values in cmd.env)
+        env = without_secret_env(os.environ)
         env.update(cmd.env)
         # the step can call `dagcraft agent …` and `dagcraft trace ingest` even when the worker's
         # virtualenv is not activated
@@ -338,7 +346,9 @@ class Attempt:
         assert self.trace is not None
         step = self.w.step
         base: dict[str, Any] = {"exit_code": ok.exit_code, "signal": ok.signal, "logs": ok.logs}
-        outputs = parse_outputs(self.dir / "outputs")
+        # redacted before anything else sees them: the state, the cache, the trace, downstream
+        # steps and `status` only ever get "[redacted]" in place of a secret (docs/spec.md)
+        outputs = self._redact(parse_outputs(self.dir / "outputs"))
         for name, value in outputs.items():
             self.trace.append("output.set", {"name": name, "value": value})
         missing_out = [k for k in step.outputs_values if k not in outputs]
@@ -387,6 +397,11 @@ class Attempt:
                     digests.append(f"{sid}:{name}:{ptr['digest']}")
         return paths, sorted(digests)
 
+    def _redact(self, obj: Any) -> Any:
+        """``obj`` with the run's secret values and credential shapes replaced by [redacted]."""
+        assert self.trace is not None and self.trace.redactor is not None
+        return self.trace.redactor.redact(obj)
+
     # -- cache -------------------------------------------------------------------------------
     def _cache_key(self, cmd: RenderedCommand, input_digests: list[str]) -> str:
         step = self.w.step
@@ -407,12 +422,15 @@ class Attempt:
         assert self.trace is not None
         self.trace.append("x.dagcraft.cache_hit", {"key": key, "from_run": entry["run"], "from_step": entry["step"],
                                                    "from_attempt": entry["attempt"]})
-        return Outcome(AttemptStatus.SUCCEEDED, outputs=entry["outputs"], artifacts=entry["artifacts"], exit_code=0,
+        # redacted again: an entry written before redaction, or by hand, never brings one back
+        return Outcome(AttemptStatus.SUCCEEDED, outputs=self._redact(entry["outputs"]), artifacts=entry["artifacts"],
+                       exit_code=0,
                        cached_from=f"{entry['run']}/{entry['step']}#{entry['attempt']}")
 
     def _cache_store(self, key: str, outcome: Outcome) -> None:
         body = json.dumps({"run": self.w.run_id, "step": self.w.step.id, "attempt": self.n,
-                           "outputs": outcome.outputs, "artifacts": outcome.artifacts}, sort_keys=True).encode()
+                           "outputs": self._redact(outcome.outputs), "artifacts": outcome.artifacts},
+                          sort_keys=True).encode()
         try:
             self.store.put(layout.cache_entry(key), body, if_none_match=True)
         except (Conflict, StoreUnavailable):
@@ -426,7 +444,7 @@ class Attempt:
         info = AttemptInfo(attempt=self.n, status=outcome.status, kind=self.kind, worker=self.cfg.worker_id,
                            started_at=self.hold.state.started_at if self.kind is AttemptKind.RUN else self.started_at,
                            finished_at=self.store.now(), exit_code=outcome.exit_code, signal=outcome.signal,
-                           reason=outcome.reason, trace_head=trace_head(self.dir / "trace.jsonl"))
+                           reason=self._redact(outcome.reason), trace_head=trace_head(self.dir / "trace.jsonl"))
         ending = transitions.Ending(attempt=info, outputs=outcome.outputs, artifacts=outcome.artifacts,
                                     cached_from=outcome.cached_from)
         if outcome.status is AttemptStatus.INTERRUPTED:
@@ -484,6 +502,9 @@ class Attempt:
             p = self.dir / name
             if p.exists() and p.stat().st_size > 0:  # an empty log costs no request
                 self.outbox.upload(f"{self._prefix}/{name}", p)
+        if not self.cfg.keep_workdirs:
+            # the outbox queued its own copies of what did not land: nothing here is needed
+            shutil.rmtree(self.dir, ignore_errors=True)
         for sem, lease in zip(self.w.semaphores, self.w.semaphore_leases, strict=True):
             try:
                 sem.release(lease)

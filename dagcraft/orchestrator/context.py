@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dagcraft.errors import InvalidInput
-from dagcraft.orchestrator.view import LocalView
+from dagcraft.orchestrator.view import LocalView, without_secret_env
 from dagcraft.primitives.keys import validate_relpath
 from dagcraft.workflows import ConcreteStep, RenderContext, render_text
 
@@ -33,7 +33,7 @@ def for_step(view: LocalView, sid: str, *, with_steps: bool = True, include_self
     rec = view.record
     return RenderContext(params=view.wf.params,
                          run={"id": view.run_id, "name": rec.name, "spec_dir": rec.spec_dir or ""},
-                         steps=steps, matrix=step.matrix, item=step.item, env=dict(os.environ))
+                         steps=steps, matrix=step.matrix, item=step.item, env=without_secret_env(os.environ))
 
 
 def with_artifact_paths(ctx: RenderContext, instances: dict[str, list[str]],

@@ -1,10 +1,11 @@
 """The outbox: uploads that must land eventually but decide nothing (attempt logs and traces).
 
-An upload is tried at once; when the store is unavailable it is queued — a small JSON note
-next to the file in this host's scratch directory — and retried with exponential backoff by
+An upload is tried at once; when the store is unavailable it is queued — a copy of the file and
+a small JSON note in this host's scratch directory (private: 0700) — and retried with exponential backoff by
 the worker's loop until it lands. Any later worker on the same host and store picks queued
 notes up, so an upload survives its worker's exit or crash as long as the scratch directory
-does. Uploads are plain overwrites of keys only their attempt writes: a retry is harmless.
+does; the queue owns its copy, so the attempt's own scratch directory can be removed at once.
+Uploads are plain overwrites of keys only their attempt writes: a retry is harmless.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +25,26 @@ from dagcraft.errors import DagcraftError, StoreUnavailable
 from dagcraft.primitives.store import Store
 
 log = logging.getLogger(__name__)
+
+
+def private_dir(path: Path, root: Path) -> Path:
+    """Create ``path`` and every directory from ``root`` down to it, each 0700 (existing ones
+    are tightened), so that no other user can list or read what a step leaves in scratch.
+    Refuses (PermissionError) a level that is a symlink or owned by another user: in a shared
+    ``/tmp`` someone else could have made it first."""
+    rel = path.relative_to(root).parts
+    root.parent.mkdir(parents=True, exist_ok=True)  # above root: not ours to tighten
+    for level in [root] + [root.joinpath(*rel[:i + 1]) for i in range(len(rel))]:
+        try:
+            level.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        st = level.lstat()
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise PermissionError(f"scratch directory {level} is not a directory of this user")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            level.chmod(0o700)
+    return path
 
 
 @dataclass
@@ -36,6 +60,7 @@ class Outbox:
     def __init__(self, store: Store, directory: Path, *, first_wait_s: float = 0.5, max_wait_s: float = 10.0) -> None:
         self.store = store
         # one queue per store, shared by the workers of this host
+        self.root = directory
         self.dir = directory / hashlib.sha256(store.url.encode()).hexdigest()[:16]
         self.first_wait_s = first_wait_s
         self.max_wait_s = max_wait_s
@@ -61,14 +86,21 @@ class Outbox:
                 self._pending.setdefault(item.key, item)
 
     def upload(self, key: str, path: Path) -> bool:
-        """Upload ``path`` to ``key`` now; on a store outage queue it. True when it landed."""
-        note = self.dir / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+        """Upload ``path`` to ``key`` now; on a store outage queue a copy of it (the caller may
+        delete ``path`` as soon as this returns). True when it landed."""
+        name = hashlib.sha256(key.encode()).hexdigest()[:32]
+        note = self.dir / (name + ".json")
         item = _Pending(key, path, note)
         if self._try(item):
             return True
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            note.write_text(json.dumps({"key": key, "path": str(path)}))
+            private_dir(self.dir, self.root)
+            copy = self.dir / (name + ".data")
+            shutil.copyfile(path, copy)
+            item.path = copy
+            tmp = note.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, "path": str(copy)}))
+            tmp.replace(note)  # a note always names a complete copy
         except OSError as exc:
             log.error("cannot queue the upload of %s: %s", key, exc)
         with self._lock:
@@ -87,6 +119,8 @@ class Outbox:
                     if self._pending.get(item.key) is item:
                         del self._pending[item.key]
                 item.note.unlink(missing_ok=True)
+                if item.path.parent == self.dir:
+                    item.path.unlink(missing_ok=True)  # our copy
         return len(self)
 
     def drain(self, limit_s: float) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,8 +34,19 @@ from dagcraft.primitives.store import Store
 from dagcraft.workflows import CompiledWorkflow, ConcreteStep
 
 
+#: how secret params reach a worker (never the store): ``DAGCRAFT_PARAM_<NAME>``
+SECRET_ENV_PREFIX = "DAGCRAFT_PARAM_"
+
+
 def secret_env_name(param: str) -> str:
-    return "DAGCRAFT_PARAM_" + param.upper().replace("-", "_")
+    return SECRET_ENV_PREFIX + param.upper().replace("-", "_")
+
+
+def without_secret_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` less every ``DAGCRAFT_PARAM_*`` variable. The worker's environment carries every
+    run's secrets; a step (its child process, its ``env`` template context) gets a secret only
+    through its own templates, so neither ever sees these."""
+    return {k: v for k, v in env.items() if not k.startswith(SECRET_ENV_PREFIX)}
 
 
 def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
