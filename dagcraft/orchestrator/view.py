@@ -33,7 +33,6 @@ from dagcraft.primitives.persist import Persistence
 from dagcraft.primitives.store import Store
 from dagcraft.workflows import CompiledWorkflow, ConcreteStep
 
-
 #: how secret params reach a worker (never the store): ``DAGCRAFT_PARAM_<NAME>``
 SECRET_ENV_PREFIX = "DAGCRAFT_PARAM_"
 

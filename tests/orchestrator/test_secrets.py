@@ -60,7 +60,7 @@ LEAKY = """
 def leaky(tmp_path) -> str:
     """The spec; its step reads a GitHub-token-shaped output from a file: the spec never holds it."""
     path = tmp_path / "nested.txt"
-    path.write_text('nested={"k": ["%s"]}\n' % GHP)
+    path.write_text(f'nested={{"k": ["{GHP}"]}}\n')
     return LEAKY % path
 
 
