@@ -6,13 +6,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from dagcraft.errors import Failed
 
+KEEP_HELP = "keep each attempt's scratch directory (private, 0700) instead of removing it afterwards"
 STORE_HELP = "store URL: a directory or s3://bucket/prefix[?endpoint=URL] (default $DAGCRAFT_STORE, else .dagcraft)"
 
 
@@ -27,25 +29,56 @@ def _store(url: str | None) -> tuple[Any, str]:
     return store, (str(root) if root is not None else resolved)
 
 
-def _compile(spec: str, params: tuple[str, ...]) -> Any:
-    from dagcraft.workflows import compile_file, parse_params
+F = TypeVar("F", bound=Callable[..., Any])
 
-    return compile_file(Path(spec), parse_params(list(params)))
+
+def secret_options(f: F) -> F:
+    """``--secret-file NAME=PATH`` and ``--secret-stdin NAME``: secret params kept out of the
+    command line (which any user can read in ``/proc/<pid>/cmdline``), like
+    ``DAGCRAFT_PARAM_<NAME>`` in the environment. One definition for every command."""
+    f = click.option("--secret-stdin", "secret_stdin", metavar="NAME",
+                     help="read secret parameter NAME from standard input")(f)
+    return click.option("--secret-file", "secret_files", multiple=True, metavar="NAME=PATH",
+                        help="read secret parameter NAME from the file PATH (repeatable)")(f)
+
+
+def read_secret_options(secret_files: tuple[str, ...], secret_stdin: str | None) -> dict[str, str]:
+    from dagcraft.orchestrator.view import read_secrets
+
+    return read_secrets(secret_files, secret_stdin, sys.stdin if secret_stdin is not None else None)
+
+
+def compile_with_secrets(spec: str, params: tuple[str, ...], secret_files: tuple[str, ...],
+                         secret_stdin: str | None) -> Any:
+    from dagcraft.orchestrator.submission import compile_spec
+
+    return compile_spec(Path(spec), params, read_secret_options(secret_files, secret_stdin))
 
 
 def _secret_env(wf: Any) -> dict[str, str]:
-    from dagcraft.orchestrator.view import secret_env_name
+    from dagcraft.orchestrator.view import secret_env
 
-    return {secret_env_name(n): str(wf.params[n]) for n in wf.secret_params if n in wf.params}
+    return secret_env({n: str(wf.params[n]) for n in wf.secret_params if wf.params.get(n) is not None})
 
 
-def _pool_opts(workers: int | None, lease_ttl: float, env: dict[str, str] | None = None) -> Any:
+def _pool_opts(workers: int | None, lease_ttl: float, env: dict[str, str] | None = None,
+               keep_workdirs: bool = False) -> Any:
     from dagcraft.orchestrator import PoolOptions
 
-    opts = PoolOptions(lease_ttl=lease_ttl, env=env or {})
+    opts = PoolOptions(lease_ttl=lease_ttl, env=env or {}, keep_workdirs=keep_workdirs)
     if workers:
         opts.workers = workers
     return opts
+
+
+def _resume_opts(store: Any, run_id: str, workers: int | None, lease_ttl: float,
+                 secret_files: tuple[str, ...], secret_stdin: str | None) -> Any:
+    from dagcraft.orchestrator.view import require_secrets, secret_env
+
+    env = _resume_env()
+    env.update(secret_env(read_secret_options(secret_files, secret_stdin)))
+    require_secrets(store, run_id, env)
+    return _pool_opts(workers, lease_ttl, env)
 
 
 def _drive_and_report(store: Any, url: str, run_id: str, opts: Any, report: str | None, no_report: bool) -> None:
@@ -80,27 +113,35 @@ def register(cli: click.Group) -> None:
                   help="step lease TTL in seconds; heartbeat every third of it")
     @click.option("--report", type=click.Path(dir_okay=False), help="where to write the HTML report")
     @click.option("--no-report", is_flag=True, help="do not render the HTML report")
+    @click.option("--keep-workdirs", is_flag=True, help=KEEP_HELP)
+    @secret_options
     def run(spec: str, params: tuple[str, ...], store_url: str | None, workers: int | None, run_id: str | None,
-            lease_ttl: float, report: str | None, no_report: bool) -> None:
+            lease_ttl: float, report: str | None, no_report: bool, keep_workdirs: bool,
+            secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
         """Submit SPEC and run it with a local worker pool, showing live progress."""
         from dagcraft.orchestrator import submit
 
-        wf = _compile(spec, params)  # a bad spec stops here: exit 2, nothing written
+        # a bad spec stops here: exit 2, nothing written
+        wf = compile_with_secrets(spec, params, secret_files, secret_stdin)
         store, url = _store(store_url)
         rid = submit(store, wf, run_id=run_id, spec_dir=str(Path(spec).resolve().parent))
         click.echo(f"run {rid} submitted ({len(wf.steps)} steps) to {url}")
-        _drive_and_report(store, url, rid, _pool_opts(workers, lease_ttl, _secret_env(wf)), report, no_report)
+        _drive_and_report(store, url, rid, _pool_opts(workers, lease_ttl, _secret_env(wf), keep_workdirs),
+                          report, no_report)
 
     @cli.command("submit")
     @click.argument("spec", type=click.Path(dir_okay=False))
     @click.option("-p", "--param", "params", multiple=True, metavar="K=V")
     @click.option("--store", "store_url", help=STORE_HELP)
     @click.option("--run-id", help="run id")
-    def submit_cmd(spec: str, params: tuple[str, ...], store_url: str | None, run_id: str | None) -> None:
-        """Submit SPEC without running it; prints the run id. Workers pick it up."""
+    @secret_options
+    def submit_cmd(spec: str, params: tuple[str, ...], store_url: str | None, run_id: str | None,
+                   secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
+        """Submit SPEC without running it; prints the run id. Workers pick it up (secret params
+        never reach the store: give them to the workers)."""
         from dagcraft.orchestrator import submit
 
-        wf = _compile(spec, params)
+        wf = compile_with_secrets(spec, params, secret_files, secret_stdin)
         store, _ = _store(store_url)
         click.echo(submit(store, wf, run_id=run_id, spec_dir=str(Path(spec).resolve().parent)))
 
@@ -114,13 +155,20 @@ def register(cli: click.Group) -> None:
                   help="longest wait between journal polls when idle")
     @click.option("--echo", is_flag=True, help="stream step output to this terminal")
     @click.option("--quiet", is_flag=True)
+    @click.option("--keep-workdirs", is_flag=True, help=KEEP_HELP)
+    @secret_options
     def worker(store_url: str | None, run_id: str | None, concurrency: int, exit_when_idle: bool,
-               lease_ttl: float, poll_max: float, echo: bool, quiet: bool) -> None:
+               lease_ttl: float, poll_max: float, echo: bool, quiet: bool, keep_workdirs: bool,
+               secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
         """Claim and run ready steps. SIGTERM drains; SIGINT hands running steps back."""
         from dagcraft.orchestrator import Worker, WorkerConfig, identity
+        from dagcraft.orchestrator.view import secret_env
 
+        # the worker reads secrets from its environment (load_run); its steps never see them
+        os.environ.update(secret_env(read_secret_options(secret_files, secret_stdin)))
         store, url = _store(store_url)
-        cfg = WorkerConfig(store=store, store_url=url, worker_id=identity(), lease_ttl=lease_ttl, echo=echo)
+        cfg = WorkerConfig(store=store, store_url=url, worker_id=identity(), lease_ttl=lease_ttl, echo=echo,
+                           keep_workdirs=keep_workdirs)
         def log(msg: str) -> None:
             click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
 
@@ -200,8 +248,9 @@ def register(cli: click.Group) -> None:
     @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
     @click.option("--report", type=click.Path(dir_okay=False))
     @click.option("--no-report", is_flag=True)
+    @secret_options
     def resume(run_id: str, store_url: str | None, workers: int | None, retry_failed: bool, lease_ttl: float,
-               report: str | None, no_report: bool) -> None:
+               report: str | None, no_report: bool, secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
         """Continue an interrupted run; succeeded steps never run again."""
         from dagcraft.orchestrator import prepare_resume
 
@@ -213,8 +262,9 @@ def register(cli: click.Group) -> None:
             if status != "succeeded":
                 sys.exit(1)
             return
+        opts = _resume_opts(store, run_id, workers, lease_ttl, secret_files, secret_stdin)
         click.echo(f"resuming run {run_id}")
-        _drive_and_report(store, url, run_id, _pool_opts(workers, lease_ttl, _resume_env()), report, no_report)
+        _drive_and_report(store, url, run_id, opts, report, no_report)
 
     @cli.command()
     @click.argument("run_id")
@@ -224,16 +274,19 @@ def register(cli: click.Group) -> None:
     @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
     @click.option("--detach", is_flag=True, help="only reset; let running workers pick it up")
     @click.option("--no-report", is_flag=True)
+    @secret_options
     def retry(run_id: str, from_step: str, store_url: str | None, workers: int | None, lease_ttl: float,
-              detach: bool, no_report: bool) -> None:
+              detach: bool, no_report: bool, secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
         """Reset STEP and everything downstream, keeping earlier attempts, and run them."""
         from dagcraft.orchestrator import retry_from
 
         store, url = _store(store_url)
+        # checked before the reset: a missing secret leaves the run as it was
+        opts = None if detach else _resume_opts(store, run_id, workers, lease_ttl, secret_files, secret_stdin)
         reset = retry_from(store, run_id, from_step)
         click.echo(f"reset {len(reset)} step(s): {', '.join(reset)}")
-        if not detach:
-            _drive_and_report(store, url, run_id, _pool_opts(workers, lease_ttl, _resume_env()), None, no_report)
+        if opts is not None:
+            _drive_and_report(store, url, run_id, opts, None, no_report)
 
     @cli.command()
     @click.argument("run_id")
@@ -251,15 +304,18 @@ def register(cli: click.Group) -> None:
     @click.option("--workers", type=click.IntRange(1, 256))
     @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
     @click.option("--detach", is_flag=True, help="only request it; let running workers do it")
-    def rollback(run_id: str, store_url: str | None, workers: int | None, lease_ttl: float, detach: bool) -> None:
+    @secret_options
+    def rollback(run_id: str, store_url: str | None, workers: int | None, lease_ttl: float, detach: bool,
+                 secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
         """Run the compensations of a finished run's succeeded steps, in reverse order."""
         from dagcraft.orchestrator import request_rollback
 
         store, url = _store(store_url)
+        opts = None if detach else _resume_opts(store, run_id, workers, lease_ttl, secret_files, secret_stdin)
         status = request_rollback(store, run_id)
         click.echo(f"run {run_id}: {status}")
-        if not detach and status == "rolling_back":
-            _drive_and_report(store, url, run_id, _pool_opts(workers, lease_ttl, _resume_env()), None, True)
+        if opts is not None and status == "rolling_back":
+            _drive_and_report(store, url, run_id, opts, None, True)
 
 
 def _resume_env() -> dict[str, str]:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from dagcraft.cli.run_cmds import compile_with_secrets, secret_options
+
 
 def _compile(spec: str, params: tuple[str, ...]):
     from dagcraft.workflows import compile_file, parse_params
@@ -20,9 +22,10 @@ def register(cli: click.Group) -> None:
     @cli.command("validate")
     @click.argument("spec", type=click.Path(dir_okay=False))
     @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Set a parameter.")
-    def validate(spec: str, params: tuple[str, ...]) -> None:
+    @secret_options
+    def validate(spec: str, params: tuple[str, ...], secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
         """Check a workflow spec (exit 0 if valid, 2 with file:line:col: field: message if not)."""
-        wf = _compile(spec, params)
+        wf = compile_with_secrets(spec, params, secret_files, secret_stdin)
         n_fan = sum(1 for s in wf.steps.values() if s.foreach)
         extra = f", {n_fan} foreach" if n_fan else ""
         click.echo(f"ok: {wf.name}: {len(wf.steps)} steps{extra}, spec hash {wf.spec_hash[:12]}")

@@ -31,12 +31,13 @@ class PoolOptions:
     poll_max: float = 0.5
     echo: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    keep_workdirs: bool = False
 
 
 def worker_argv(store_url: str, run_id: str, opts: PoolOptions) -> list[str]:
     return [sys.executable, "-m", "dagcraft.cli.main", "worker", "--store", store_url, "--run", run_id,
             "--exit-when-idle", "--concurrency", str(opts.concurrency), "--lease-ttl", str(opts.lease_ttl),
-            "--poll-max", str(opts.poll_max), "--quiet"]
+            "--poll-max", str(opts.poll_max), "--quiet"] + (["--keep-workdirs"] if opts.keep_workdirs else [])
 
 
 class Pool:

@@ -7,15 +7,19 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
-from dagcraft.errors import Conflict
+from dagcraft.errors import Conflict, InvalidInput
 from dagcraft.orchestrator import journal, layout
 from dagcraft.orchestrator.model import Control, RunRecord, StepState, dump
+from dagcraft.orchestrator.view import secret_env_name
 from dagcraft.primitives.keys import validate_segment
 from dagcraft.primitives.store import Store
 from dagcraft.primitives.ulid import new_ulid
+from dagcraft.workflows import CompiledWorkflow, compile_workflow, load_spec, parse_params
 
 REDACTED = "[redacted]"
 
@@ -39,9 +43,35 @@ def redacted_workflow(wf: Any) -> dict[str, Any]:
     the store; workers read them from ``DAGCRAFT_PARAM_<NAME>`` in their environment."""
     data: dict[str, Any] = wf.model_dump(mode="json")
     for name in wf.secret_params:
-        if name in data.get("params", {}):
+        if data.get("params", {}).get(name) is not None:  # an unset optional secret stays None
             data["params"][name] = REDACTED
     return data
+
+
+def compile_spec(path: Path, pairs: Sequence[str] = (), secrets: Mapping[str, str] | None = None,
+                 environ: Mapping[str, str] | None = None) -> CompiledWorkflow:
+    """Compile the spec at ``path`` with its params from, in this order: ``-p`` ``pairs``;
+    ``secrets`` (read by :func:`~dagcraft.orchestrator.view.read_secrets`), which may only
+    set params declared ``secret: true``; and, for a secret param given neither way, the
+    ``DAGCRAFT_PARAM_<NAME>`` variable of ``environ`` (default: this process's environment).
+    Only secret params are read from the environment: a stray variable never changes a
+    public param. InvalidInput/SpecError (exit 2) on any problem; nothing is written."""
+    spec = load_spec(Path(path))
+    params: dict[str, Any] = dict(parse_params(list(pairs)))
+    for name, value in (secrets or {}).items():
+        declared = spec.params.get(name)
+        if declared is None:
+            raise InvalidInput(f"secret {name!r}: no such parameter; declared: {', '.join(spec.params) or 'none'}")
+        if not declared.secret:
+            raise InvalidInput(f"secret {name!r}: the parameter is not declared 'secret: true'; pass it with -p")
+        if name in params:
+            raise InvalidInput(f"parameter {name!r} given twice (-p and a secret option)")
+        params[name] = value
+    env = os.environ if environ is None else environ
+    for name, declared in spec.params.items():
+        if declared.secret and name not in params and secret_env_name(name) in env:
+            params[name] = env[secret_env_name(name)]
+    return compile_workflow(spec, params, source=spec._source)
 
 
 def submit(

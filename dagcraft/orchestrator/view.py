@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
-from dagcraft.errors import NotFound
+from dagcraft.errors import InvalidInput, NotFound
 from dagcraft.orchestrator import layout
 from dagcraft.orchestrator.journal import JournalReader
 from dagcraft.orchestrator.model import (
@@ -46,6 +47,62 @@ def without_secret_env(env: Mapping[str, str]) -> dict[str, str]:
     run's secrets; a step (its child process, its ``env`` template context) gets a secret only
     through its own templates, so neither ever sees these."""
     return {k: v for k, v in env.items() if not k.startswith(SECRET_ENV_PREFIX)}
+
+
+def read_secrets(files: Sequence[str] = (), stdin_name: str | None = None,
+                 stdin: TextIO | None = None) -> dict[str, str]:
+    """Secret param values given out of the command line's sight: ``--secret-file NAME=PATH``
+    (the file's text) and ``--secret-stdin NAME`` (all of ``stdin``); one trailing newline is
+    stripped from each. InvalidInput (exit 2), naming the option, for a malformed option, an
+    unreadable or empty file or stdin, or a name given twice. Values are never echoed."""
+    from dagcraft.workflows.spec import ID_RE
+
+    out: dict[str, str] = {}
+
+    def put(name: str, value: str, what: str) -> None:
+        if not ID_RE.match(name):
+            raise InvalidInput(f"{what}: invalid parameter name {name!r}")
+        if name in out:
+            raise InvalidInput(f"{what}: secret {name!r} given twice")
+        value = value[:-1] if value.endswith("\n") else value
+        value = value[:-1] if value.endswith("\r") else value
+        if not value:
+            raise InvalidInput(f"{what}: the secret is empty")
+        out[name] = value
+
+    for item in files:
+        name, sep, path = item.partition("=")
+        what = f"--secret-file {item}"
+        if not sep or not path:
+            raise InvalidInput(f"--secret-file expects NAME=PATH, got {item!r}")
+        try:
+            text = Path(path).read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+            raise InvalidInput(f"{what}: cannot read {path}: {why}") from None
+        put(name.strip(), text, what)
+    if stdin_name is not None:
+        what = f"--secret-stdin {stdin_name}"
+        if stdin is None or stdin.isatty():
+            raise InvalidInput(f"{what}: standard input is a terminal; pipe the secret in")
+        put(stdin_name.strip(), stdin.read(), what)
+    return out
+
+
+def secret_env(values: Mapping[str, str]) -> dict[str, str]:
+    """``{param: value}`` → the ``DAGCRAFT_PARAM_<NAME>`` variables a worker reads them from."""
+    return {secret_env_name(name): value for name, value in values.items()}
+
+
+def require_secrets(store: Store, run_id: str, environ: Mapping[str, str]) -> None:
+    """InvalidInput (exit 2) naming the first secret param that ``run_id`` was submitted with
+    and that ``environ`` (the workers' environment to be) does not provide: without it its
+    steps would run with ``[redacted]`` in its place."""
+    record, _ = load_run(store, run_id)
+    for name in record.secret_params:
+        if record.params.get(name) is not None and secret_env_name(name) not in environ:
+            raise InvalidInput(f"run {run_id!r} needs secret parameter {name!r}: set {secret_env_name(name)}, "
+                               f"or pass --secret-file {name}=PATH or --secret-stdin {name}")
 
 
 def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
