@@ -182,3 +182,19 @@ def test_a_queued_upload_survives_the_scratch_dir(local_store, tmp_path):
     outbox = tmp_path / "work" / "outbox"
     assert stat.S_IMODE(outbox.stat().st_mode) == 0o700
     assert [p for p in outbox.rglob("*") if p.is_file()] == []  # the copy went with its note
+
+
+def test_a_failure_reason_holding_the_secret_is_redacted(local_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGCRAFT_PARAM_TOKEN", SECRET)
+    rid, st = run_spec(local_store, tmp_path, """
+        name: reason
+        params:
+          token: {type: string, secret: true}
+        steps:
+          - id: spawn
+            run: ["${{ params.token }}"]
+    """, params={"token": SECRET})
+    assert st["status"] == "failed"
+    reason = steps(st)["spawn"]["reason"]
+    assert "[redacted]" in reason and SECRET not in reason
+    assert store_hits(local_store, SECRET) == []
