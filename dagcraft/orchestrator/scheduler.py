@@ -14,13 +14,14 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from dagcraft.errors import DagcraftError
+from dagcraft.errors import DagcraftError, InvalidInput
 from dagcraft.orchestrator import context, layout, transitions
 from dagcraft.orchestrator.model import AttemptKind, RunStatus, StepState, StepStatus
 from dagcraft.orchestrator.transitions import Hold
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives import lease as leases
 from dagcraft.primitives.semaphore import Semaphore
+from dagcraft.tracing import Redactor
 from dagcraft.workflows import (
     CompiledWorkflow,
     ConcreteStep,
@@ -173,6 +174,9 @@ class Scheduler:
         step = self.view.steps[sid]
         try:
             items = evaluate_foreach(step, context.for_step(self.view, sid))
+            if Redactor(self.view.wf.secret_values()).redact(items) != items:
+                # a child's item is stored (its definition, its id): refused, never redacted
+                raise InvalidInput("an item holds a secret or a credential; secrets never reach the store")
             children = expand_foreach(step, items)
         except DagcraftError as exc:
             transitions.fail_unstarted(self.view, sid, f"foreach: {exc}")

@@ -198,3 +198,20 @@ def test_a_failure_reason_holding_the_secret_is_redacted(local_store, tmp_path, 
     reason = steps(st)["spawn"]["reason"]
     assert "[redacted]" in reason and SECRET not in reason
     assert store_hits(local_store, SECRET) == []
+
+
+def test_a_foreach_over_a_secret_is_refused(local_store, tmp_path, monkeypatch):
+    """A foreach child's item is stored (its definition, its id, journal keys): refused."""
+    monkeypatch.setenv("DAGCRAFT_PARAM_TOKEN", SECRET)
+    rid, st = run_spec(local_store, tmp_path, """
+        name: fan
+        params:
+          token: {type: string, secret: true}
+        steps:
+          - id: each
+            foreach: "${{ [params.token, 'plain'] }}"
+            run: ["echo", "${{ item }}"]
+    """, params={"token": SECRET})
+    assert st["status"] == "failed"
+    assert "secret" in steps(st)["each"]["reason"]
+    assert store_hits(local_store, SECRET) == []
