@@ -41,7 +41,7 @@ from dagcraft.orchestrator.model import AttemptInfo, AttemptKind, AttemptStatus,
 from dagcraft.orchestrator.outbox import Outbox, private_dir
 from dagcraft.orchestrator.retry import backoff_delay, should_retry
 from dagcraft.orchestrator.scheduler import WorkItem
-from dagcraft.orchestrator.view import without_secret_env
+from dagcraft.orchestrator.view import missing_secrets, secret_env_name, without_secret_env
 from dagcraft.primitives import artifacts
 from dagcraft.primitives.keys import validate_relpath
 from dagcraft.primitives.persist import Persistence
@@ -296,6 +296,11 @@ class Attempt:
     def _exec(self, cmd: RenderedCommand, workdir: Path) -> Outcome:
         assert self.trace is not None
         step = self.w.step
+        missing = missing_secrets(self.w.wf, step)
+        if missing:  # the placeholder would run in its place; retrying here cannot help
+            return Outcome(AttemptStatus.FAILED, retryable=False,
+                           reason=f"secret parameter {missing[0]!r} is not set on worker {self.cfg.worker_id}: "
+                                  f"give it {secret_env_name(missing[0])}, --secret-file or --secret-stdin")
         out_file = self.dir / "outputs"
         out_file.unlink(missing_ok=True)
         # the worker's environment holds every run's secrets: a step gets one only through its

@@ -6,8 +6,10 @@ record it changes, so a stale view costs at most a failed CAS, never a wrong tra
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,7 @@ from dagcraft.orchestrator.model import (
 )
 from dagcraft.primitives.persist import Persistence
 from dagcraft.primitives.store import Store
+from dagcraft.tracing import REDACTED
 from dagcraft.workflows import CompiledWorkflow, ConcreteStep
 
 #: how secret params reach a worker (never the store): ``DAGCRAFT_PARAM_<NAME>``
@@ -103,6 +106,16 @@ def require_secrets(store: Store, run_id: str, environ: Mapping[str, str]) -> No
         if record.params.get(name) is not None and secret_env_name(name) not in environ:
             raise InvalidInput(f"run {run_id!r} needs secret parameter {name!r}: set {secret_env_name(name)}, "
                                f"or pass --secret-file {name}=PATH or --secret-stdin {name}")
+
+
+def missing_secrets(wf: CompiledWorkflow, step: ConcreteStep) -> list[str]:
+    """Secret params that ``step``'s templates mention but this process was not given (their
+    value is still the store's ``[redacted]`` placeholder): running the step would pass the
+    placeholder instead. A textual check of the raw templates, erring towards naming one."""
+    text = json.dumps([step.run, step.prompt, step.env, step.workdir, step.rollback])
+    return [name for name in wf.secret_params
+            if wf.params.get(name) == REDACTED and secret_env_name(name) not in os.environ
+            and re.search(rf"params\s*(?:\.\s*{re.escape(name)}\b|\[\s*['\"]{re.escape(name)}['\"])", text)]
 
 
 def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:

@@ -215,3 +215,25 @@ def test_a_foreach_over_a_secret_is_refused(local_store, tmp_path, monkeypatch):
     assert st["status"] == "failed"
     assert "secret" in steps(st)["each"]["reason"]
     assert store_hits(local_store, SECRET) == []
+
+
+def test_a_worker_without_the_secret_fails_the_step_that_needs_it(local_store, tmp_path, monkeypatch):
+    """Not given the secret, a worker must not run the store's placeholder in its place."""
+    monkeypatch.delenv("DAGCRAFT_PARAM_TOKEN", raising=False)
+    spec = write_spec(tmp_path, f"""
+        name: nosecret
+        params:
+          token: {{type: string, secret: true}}
+        steps:
+          - id: free
+            run: "echo free"
+          - id: needs_it
+            run: "echo ${{{{ params.token }}}} > {tmp_path / 'ran'}"
+    """)
+    rid = submit_spec(local_store, spec, {"token": SECRET})
+    st = drive_inline(local_store, rid, tmp_path)
+    by = steps(st)
+    assert by["free"]["status"] == "succeeded"
+    assert by["needs_it"]["status"] == "failed" and by["needs_it"]["attempt"] == 1
+    assert "secret parameter 'token' is not set" in by["needs_it"]["reason"]
+    assert not (tmp_path / "ran").exists()
