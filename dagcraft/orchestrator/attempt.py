@@ -296,7 +296,7 @@ class Attempt:
     def _exec(self, cmd: RenderedCommand, workdir: Path) -> Outcome:
         assert self.trace is not None
         step = self.w.step
-        missing = missing_secrets(self.w.wf, step)
+        missing = missing_secrets(self.w.wf, step, rollback=self.kind is AttemptKind.ROLLBACK)
         if missing:  # the placeholder would run in its place; retrying here cannot help
             return Outcome(AttemptStatus.FAILED, retryable=False,
                            reason=f"secret parameter {missing[0]!r} is not set on worker {self.cfg.worker_id}: "

@@ -108,11 +108,13 @@ def require_secrets(store: Store, run_id: str, environ: Mapping[str, str]) -> No
                                f"or pass --secret-file {name}=PATH or --secret-stdin {name}")
 
 
-def missing_secrets(wf: CompiledWorkflow, step: ConcreteStep) -> list[str]:
-    """Secret params that ``step``'s templates mention but this process was not given (their
-    value is still the store's ``[redacted]`` placeholder): running the step would pass the
-    placeholder instead. A textual check of the raw templates, erring towards naming one."""
-    text = json.dumps([step.run, step.prompt, step.env, step.workdir, step.rollback])
+def missing_secrets(wf: CompiledWorkflow, step: ConcreteStep, *, rollback: bool = False) -> list[str]:
+    """Secret params that the templates of ``step``'s command (its compensation with
+    ``rollback``) mention but this process was not given (their value is still the store's
+    ``[redacted]`` placeholder): running it would pass the placeholder instead. A textual check
+    of the raw templates, erring towards naming one."""
+    command = [step.rollback] if rollback else [step.run, step.prompt]
+    text = json.dumps([*command, step.env, step.workdir])
     return [name for name in wf.secret_params
             if wf.params.get(name) == REDACTED and secret_env_name(name) not in os.environ
             and re.search(rf"params\s*(?:\.\s*{re.escape(name)}\b|\[\s*['\"]{re.escape(name)}['\"])", text)]

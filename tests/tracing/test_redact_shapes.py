@@ -21,7 +21,7 @@ SHAPES: dict[str, str] = {
     "aws_secret_key_env": "AWS_SECRET_ACCESS_KEY=" + "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
     "github_ghp": "ghp_" + A[:36],
     "github_gho": "gho_" + A[:36],
-    "github_pat": "github_pat_" + "11ABCDEFG0" + A[:12] + "_" + A[:59 - 12] ,
+    "github_pat": "github_pat_" + "11ABCDEFG0" + A[:12] + "_" + A[:47],
     "slack_xoxb": "xoxb-" + "1234567890-1234567890123-" + A[:24],
     "slack_xoxp": "xoxp-" + "1234567890-1234567890-1234567890123-" + A[:32],
     "slack_xoxa": "xoxa-2-" + "1234567890-" + A[:30],
@@ -42,6 +42,7 @@ SHAPES: dict[str, str] = {
                    + "\n-----END OPENSSH PRIVATE KEY-----",
     "pem_plain": "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC" + A + "\n-----END PRIVATE KEY-----",
 }
+
 
 # the part of each sample that must not survive (a recognisable chunk of its secret part)
 def _secret_part(name: str, sample: str) -> str:
