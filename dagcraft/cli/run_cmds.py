@@ -13,6 +13,8 @@ import click
 
 from dagcraft.errors import Failed
 
+SIGNING_HELP = ("Ed25519 private key (PEM) that signs the seal of the runs it finishes "
+                "(default $DAGCRAFT_SIGNING_KEY, the PEM text; never stored)")
 STORE_HELP = "store URL: a directory or s3://bucket/prefix[?endpoint=URL] (default $DAGCRAFT_STORE, else .dagcraft)"
 
 
@@ -39,10 +41,14 @@ def _secret_env(wf: Any) -> dict[str, str]:
     return {secret_env_name(n): str(wf.params[n]) for n in wf.secret_params if n in wf.params}
 
 
-def _pool_opts(workers: int | None, lease_ttl: float, env: dict[str, str] | None = None) -> Any:
+def _pool_opts(workers: int | None, lease_ttl: float, env: dict[str, str] | None = None,
+               signing_key: str | None = None) -> Any:
     from dagcraft.orchestrator import PoolOptions
+    from dagcraft.tracing.seal import load_signer
 
-    opts = PoolOptions(lease_ttl=lease_ttl, env=env or {})
+    load_signer(signing_key)  # a bad key stops here (exit 2), before any worker starts
+    opts = PoolOptions(lease_ttl=lease_ttl, env=env or {},
+                       signing_key=str(Path(signing_key).resolve()) if signing_key else None)
     if workers:
         opts.workers = workers
     return opts
@@ -80,8 +86,9 @@ def register(cli: click.Group) -> None:
                   help="step lease TTL in seconds; heartbeat every third of it")
     @click.option("--report", type=click.Path(dir_okay=False), help="where to write the HTML report")
     @click.option("--no-report", is_flag=True, help="do not render the HTML report")
+    @click.option("--signing-key", type=click.Path(dir_okay=False), help=SIGNING_HELP)
     def run(spec: str, params: tuple[str, ...], store_url: str | None, workers: int | None, run_id: str | None,
-            lease_ttl: float, report: str | None, no_report: bool) -> None:
+            lease_ttl: float, report: str | None, no_report: bool, signing_key: str | None) -> None:
         """Submit SPEC and run it with a local worker pool, showing live progress."""
         from dagcraft.orchestrator import submit
 
@@ -89,7 +96,8 @@ def register(cli: click.Group) -> None:
         store, url = _store(store_url)
         rid = submit(store, wf, run_id=run_id, spec_dir=str(Path(spec).resolve().parent))
         click.echo(f"run {rid} submitted ({len(wf.steps)} steps) to {url}")
-        _drive_and_report(store, url, rid, _pool_opts(workers, lease_ttl, _secret_env(wf)), report, no_report)
+        _drive_and_report(store, url, rid, _pool_opts(workers, lease_ttl, _secret_env(wf), signing_key), report,
+                          no_report)
 
     @cli.command("submit")
     @click.argument("spec", type=click.Path(dir_okay=False))
@@ -114,13 +122,17 @@ def register(cli: click.Group) -> None:
                   help="longest wait between journal polls when idle")
     @click.option("--echo", is_flag=True, help="stream step output to this terminal")
     @click.option("--quiet", is_flag=True)
+    @click.option("--signing-key", type=click.Path(dir_okay=False), help=SIGNING_HELP)
     def worker(store_url: str | None, run_id: str | None, concurrency: int, exit_when_idle: bool,
-               lease_ttl: float, poll_max: float, echo: bool, quiet: bool) -> None:
+               lease_ttl: float, poll_max: float, echo: bool, quiet: bool, signing_key: str | None) -> None:
         """Claim and run ready steps. SIGTERM drains; SIGINT hands running steps back."""
         from dagcraft.orchestrator import Worker, WorkerConfig, identity
+        from dagcraft.tracing.seal import take_signer
 
+        signer = take_signer(signing_key)  # and out of the environment the steps inherit
         store, url = _store(store_url)
-        cfg = WorkerConfig(store=store, store_url=url, worker_id=identity(), lease_ttl=lease_ttl, echo=echo)
+        cfg = WorkerConfig(store=store, store_url=url, worker_id=identity(), lease_ttl=lease_ttl, echo=echo,
+                           signer=signer)
         def log(msg: str) -> None:
             click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
 
@@ -200,8 +212,9 @@ def register(cli: click.Group) -> None:
     @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
     @click.option("--report", type=click.Path(dir_okay=False))
     @click.option("--no-report", is_flag=True)
+    @click.option("--signing-key", type=click.Path(dir_okay=False), help=SIGNING_HELP)
     def resume(run_id: str, store_url: str | None, workers: int | None, retry_failed: bool, lease_ttl: float,
-               report: str | None, no_report: bool) -> None:
+               report: str | None, no_report: bool, signing_key: str | None) -> None:
         """Continue an interrupted run; succeeded steps never run again."""
         from dagcraft.orchestrator import prepare_resume
 
@@ -214,7 +227,8 @@ def register(cli: click.Group) -> None:
                 sys.exit(1)
             return
         click.echo(f"resuming run {run_id}")
-        _drive_and_report(store, url, run_id, _pool_opts(workers, lease_ttl, _resume_env()), report, no_report)
+        _drive_and_report(store, url, run_id, _pool_opts(workers, lease_ttl, _resume_env(), signing_key), report,
+                          no_report)
 
     @cli.command()
     @click.argument("run_id")
