@@ -466,15 +466,18 @@ def set_control(view: LocalView, status: RunStatus, reason: str | None = None, *
                 signer: Signer | None = None) -> bool:
     """CAS run control to ``status``. False when control moved on (the view is refreshed).
 
-    ``finished``: this write finishes the run, so it also seals it — every step record is
-    re-read and the digest of their committed results and trace heads (signed by ``signer``
+    ``finished``: this write finishes the run, so it also seals it — with every step record
+    known in full (those known only by status are read), the digest of their committed results and trace heads (signed by ``signer``
     when given) is written by this same CAS."""
     sealed: RunSeal | None = None
     if finished:
         etag = view.control_etag
-        view.full_resync()  # the exact committed heads, not the view's status-only knowledge
+        view.refresh()
         if view.control_etag != etag:
             return False  # control moved on meanwhile: the caller decides again
+        # the exact committed records (heads included), not the status a journal entry carried;
+        # the records this worker wrote or read in full are already exact
+        view.ensure_fresh(list(view.states))
         sealed = _seal(view, status, signer)
     ctl = view.control.model_copy()
     ctl.status = status
