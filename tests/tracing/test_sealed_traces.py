@@ -326,3 +326,71 @@ def test_sealed_and_signed_on_s3(moto_server: str, tmp_path: Path, keys: dict) -
     assert ok.returncode == 0 and json.loads(ok.stdout)["status"] == "ok", ok.stdout
     bad = cli("trace", "verify", RUN, "--store", url, "--json", "--public-key", str(keys["other_pub"]))
     assert bad.returncode == 1 and json.loads(bad.stdout)["status"] == "bad signature", bad.stdout
+
+
+def test_foreach_and_rollback_runs_are_sealed(local_store, tmp_path: Path) -> None:
+    from dagcraft.orchestrator.report import verify_sealed
+    from tests.orchestrator.helpers import run_spec
+
+    rid, st = run_spec(local_store, tmp_path, """
+        name: mix
+        on_failure: rollback
+        steps:
+          - id: plan
+            run: "echo 'items=[1, 2]' >> $DAGCRAFT_OUTPUT"
+            outputs: {values: [items]}
+            rollback: "true"
+          - id: each
+            needs: [plan]
+            foreach: "${{ steps.plan.outputs.items }}"
+            run: ["sh", "-c", "echo \\"v=$1\\" >> $DAGCRAFT_OUTPUT", "x", "${{ item }}"]
+          - id: last
+            needs: [each]
+            run: "exit 3"
+    """)
+    assert st["status"] == "rolled_back", st
+    rep = verify_sealed(local_store, rid)
+    assert rep.ok and rep.digest and not rep.signed, [t.message() for t in rep.traces] + [rep.seal_message()]
+    labels = {t.path.split("/", 1)[1] for t in rep.traces}
+    assert {"plan/1", "plan/rollback-1", "last/1"} <= labels and len(labels) == 5, labels  # + 2 children
+
+
+def test_a_resumed_run_is_sealed_again(local_store, tmp_path: Path) -> None:
+    from dagcraft.orchestrator import prepare_resume
+    from dagcraft.orchestrator.report import verify_sealed
+    from tests.orchestrator.helpers import drive_inline, run_spec
+
+    flag = tmp_path / "fail-once"
+    flag.write_text("x")
+    rid, st = run_spec(local_store, tmp_path, f"""
+        name: again
+        steps:
+          - id: flaky
+            run: "if [ -e {flag} ]; then rm {flag}; exit 3; fi"
+    """)
+    assert st["status"] == "failed"
+    first = verify_sealed(local_store, rid)
+    assert first.ok, first.seal_message()
+    prepare_resume(local_store, rid, retry_failed=True)
+    running = verify_sealed(local_store, rid)  # reopened: the old seal is gone, the run is open
+    assert not running.ok and running.status == "open"
+    assert verify_sealed(local_store, rid, allow_open=True).ok
+    assert drive_inline(local_store, rid, tmp_path)["status"] == "succeeded"
+    again = verify_sealed(local_store, rid)
+    assert again.ok and again.digest != first.digest and len(again.traces) == 2, again.seal_message()
+
+
+def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(tmp_path: Path) -> None:
+    from dagcraft.tracing.seal import load_public_key, load_signer
+
+    out = tmp_path / "k.pem"
+    proc = cli("trace", "keygen", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    signer = load_signer(out)
+    assert signer is not None and signer.key_id in proc.stdout and "PRIVATE" not in proc.stdout
+    assert seal.key_id(load_public_key(Path(str(out) + ".pub"))) == signer.key_id
+    assert repr(signer) == f"Signer(key_id={signer.key_id!r})"  # no key material in logs
+    before = out.read_bytes()
+    again = cli("trace", "keygen", "--out", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr and out.read_bytes() == before
