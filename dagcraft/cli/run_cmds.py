@@ -93,11 +93,11 @@ def register(cli: click.Group) -> None:
         from dagcraft.orchestrator import submit
 
         wf = _compile(spec, params)  # a bad spec stops here: exit 2, nothing written
+        opts = _pool_opts(workers, lease_ttl, _secret_env(wf), signing_key)  # so does a bad signing key
         store, url = _store(store_url)
         rid = submit(store, wf, run_id=run_id, spec_dir=str(Path(spec).resolve().parent))
         click.echo(f"run {rid} submitted ({len(wf.steps)} steps) to {url}")
-        _drive_and_report(store, url, rid, _pool_opts(workers, lease_ttl, _secret_env(wf), signing_key), report,
-                          no_report)
+        _drive_and_report(store, url, rid, opts, report, no_report)
 
     @cli.command("submit")
     @click.argument("spec", type=click.Path(dir_okay=False))

@@ -306,12 +306,18 @@ def test_bad_public_key_is_exit_2_naming_the_file(store: Path, tmp_path: Path) -
 
 
 def test_bad_signing_key_is_exit_2_and_submits_nothing(tmp_path: Path) -> None:
+    from dagcraft.primitives.local import LocalStore
+
     spec = write_spec(tmp_path, SPEC)
     junk = tmp_path / "junk.pem"
     junk.write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
     proc = cli("run", str(spec), "--store", str(tmp_path / "store"), "--signing-key", str(junk), cwd=tmp_path)
     assert proc.returncode == 2 and str(junk) in proc.stderr and "nope" not in proc.stderr, proc.stderr
-    assert not (tmp_path / "store" / "runs").exists()
+    assert not (tmp_path / "store").exists() or not LocalStore(tmp_path / "store").list("runs/")
+    env = cli("run", str(spec), "--store", str(tmp_path / "store"), cwd=tmp_path,
+              env={"DAGCRAFT_SIGNING_KEY": "garbage"})
+    assert env.returncode == 2 and "$DAGCRAFT_SIGNING_KEY" in env.stderr and "garbage" not in env.stderr
+    assert not (tmp_path / "store").exists() or not LocalStore(tmp_path / "store").list("runs/")
 
 
 def test_sealed_and_signed_on_s3(moto_server: str, tmp_path: Path, keys: dict) -> None:
