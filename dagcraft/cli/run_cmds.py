@@ -218,6 +218,7 @@ def register(cli: click.Group) -> None:
         """Continue an interrupted run; succeeded steps never run again."""
         from dagcraft.orchestrator import prepare_resume
 
+        opts = _pool_opts(workers, lease_ttl, _resume_env(), signing_key)  # a bad key: exit 2, nothing reopened
         store, url = _store(store_url)
         status = prepare_resume(store, run_id, retry_failed=retry_failed)
         if status in ("succeeded",) or (status in ("failed", "rolled_back") and not retry_failed):
@@ -227,8 +228,7 @@ def register(cli: click.Group) -> None:
                 sys.exit(1)
             return
         click.echo(f"resuming run {run_id}")
-        _drive_and_report(store, url, run_id, _pool_opts(workers, lease_ttl, _resume_env(), signing_key), report,
-                          no_report)
+        _drive_and_report(store, url, run_id, opts, report, no_report)
 
     @cli.command()
     @click.argument("run_id")
