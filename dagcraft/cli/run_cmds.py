@@ -15,6 +15,8 @@ import click
 from dagcraft.errors import Failed
 
 KEEP_HELP = "keep each attempt's scratch directory (private, 0700) instead of removing it afterwards"
+SIGNING_HELP = ("Ed25519 private key (PEM) that signs the seal of the runs it finishes "
+                "(default $DAGCRAFT_SIGNING_KEY, the PEM text; never stored)")
 STORE_HELP = "store URL: a directory or s3://bucket/prefix[?endpoint=URL] (default $DAGCRAFT_STORE, else .dagcraft)"
 
 
@@ -62,23 +64,26 @@ def _secret_env(wf: Any) -> dict[str, str]:
 
 
 def _pool_opts(workers: int | None, lease_ttl: float, env: dict[str, str] | None = None,
-               keep_workdirs: bool = False) -> Any:
+               keep_workdirs: bool = False, signing_key: str | None = None) -> Any:
     from dagcraft.orchestrator import PoolOptions
+    from dagcraft.tracing.seal import load_signer
 
-    opts = PoolOptions(lease_ttl=lease_ttl, env=env or {}, keep_workdirs=keep_workdirs)
+    load_signer(signing_key)  # a bad key stops here (exit 2), before any worker starts
+    opts = PoolOptions(lease_ttl=lease_ttl, env=env or {}, keep_workdirs=keep_workdirs,
+                       signing_key=str(Path(signing_key).resolve()) if signing_key else None)
     if workers:
         opts.workers = workers
     return opts
 
 
 def _resume_opts(store: Any, run_id: str, workers: int | None, lease_ttl: float,
-                 secret_files: tuple[str, ...], secret_stdin: str | None) -> Any:
+                 secret_files: tuple[str, ...], secret_stdin: str | None, signing_key: str | None = None) -> Any:
     from dagcraft.orchestrator.view import require_secrets, secret_env
 
     env = _resume_env()
     env.update(secret_env(read_secret_options(secret_files, secret_stdin)))
     require_secrets(store, run_id, env)
-    return _pool_opts(workers, lease_ttl, env)
+    return _pool_opts(workers, lease_ttl, env, signing_key=signing_key)
 
 
 def _drive_and_report(store: Any, url: str, run_id: str, opts: Any, report: str | None, no_report: bool) -> None:
@@ -114,20 +119,21 @@ def register(cli: click.Group) -> None:
     @click.option("--report", type=click.Path(dir_okay=False), help="where to write the HTML report")
     @click.option("--no-report", is_flag=True, help="do not render the HTML report")
     @click.option("--keep-workdirs", is_flag=True, help=KEEP_HELP)
+    @click.option("--signing-key", type=click.Path(dir_okay=False), help=SIGNING_HELP)
     @secret_options
     def run(spec: str, params: tuple[str, ...], store_url: str | None, workers: int | None, run_id: str | None,
-            lease_ttl: float, report: str | None, no_report: bool, keep_workdirs: bool,
+            lease_ttl: float, report: str | None, no_report: bool, keep_workdirs: bool, signing_key: str | None,
             secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
         """Submit SPEC and run it with a local worker pool, showing live progress."""
         from dagcraft.orchestrator import submit
 
         # a bad spec stops here: exit 2, nothing written
         wf = compile_with_secrets(spec, params, secret_files, secret_stdin)
+        opts = _pool_opts(workers, lease_ttl, _secret_env(wf), keep_workdirs, signing_key)  # so does a bad key
         store, url = _store(store_url)
         rid = submit(store, wf, run_id=run_id, spec_dir=str(Path(spec).resolve().parent))
         click.echo(f"run {rid} submitted ({len(wf.steps)} steps) to {url}")
-        _drive_and_report(store, url, rid, _pool_opts(workers, lease_ttl, _secret_env(wf), keep_workdirs),
-                          report, no_report)
+        _drive_and_report(store, url, rid, opts, report, no_report)
 
     @cli.command("submit")
     @click.argument("spec", type=click.Path(dir_okay=False))
@@ -156,19 +162,22 @@ def register(cli: click.Group) -> None:
     @click.option("--echo", is_flag=True, help="stream step output to this terminal")
     @click.option("--quiet", is_flag=True)
     @click.option("--keep-workdirs", is_flag=True, help=KEEP_HELP)
+    @click.option("--signing-key", type=click.Path(dir_okay=False), help=SIGNING_HELP)
     @secret_options
     def worker(store_url: str | None, run_id: str | None, concurrency: int, exit_when_idle: bool,
                lease_ttl: float, poll_max: float, echo: bool, quiet: bool, keep_workdirs: bool,
-               secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
+               signing_key: str | None, secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
         """Claim and run ready steps. SIGTERM drains; SIGINT hands running steps back."""
         from dagcraft.orchestrator import Worker, WorkerConfig, identity
         from dagcraft.orchestrator.view import secret_env
+        from dagcraft.tracing.seal import take_signer
 
+        signer = take_signer(signing_key)  # and out of the environment the steps inherit
         # the worker reads secrets from its environment (load_run); its steps never see them
         os.environ.update(secret_env(read_secret_options(secret_files, secret_stdin)))
         store, url = _store(store_url)
         cfg = WorkerConfig(store=store, store_url=url, worker_id=identity(), lease_ttl=lease_ttl, echo=echo,
-                           keep_workdirs=keep_workdirs)
+                           keep_workdirs=keep_workdirs, signer=signer)
         def log(msg: str) -> None:
             click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
 
@@ -248,12 +257,16 @@ def register(cli: click.Group) -> None:
     @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
     @click.option("--report", type=click.Path(dir_okay=False))
     @click.option("--no-report", is_flag=True)
+    @click.option("--signing-key", type=click.Path(dir_okay=False), help=SIGNING_HELP)
     @secret_options
     def resume(run_id: str, store_url: str | None, workers: int | None, retry_failed: bool, lease_ttl: float,
-               report: str | None, no_report: bool, secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
+               report: str | None, no_report: bool, signing_key: str | None, secret_files: tuple[str, ...],
+               secret_stdin: str | None) -> None:
         """Continue an interrupted run; succeeded steps never run again."""
         from dagcraft.orchestrator import prepare_resume
+        from dagcraft.tracing.seal import load_signer
 
+        load_signer(signing_key)  # a bad key: exit 2, nothing reopened
         store, url = _store(store_url)
         status = prepare_resume(store, run_id, retry_failed=retry_failed)
         if status in ("succeeded",) or (status in ("failed", "rolled_back") and not retry_failed):
@@ -262,7 +275,7 @@ def register(cli: click.Group) -> None:
             if status != "succeeded":
                 sys.exit(1)
             return
-        opts = _resume_opts(store, run_id, workers, lease_ttl, secret_files, secret_stdin)
+        opts = _resume_opts(store, run_id, workers, lease_ttl, secret_files, secret_stdin, signing_key)
         click.echo(f"resuming run {run_id}")
         _drive_and_report(store, url, run_id, opts, report, no_report)
 

@@ -8,9 +8,12 @@ looked up through ``dagcraft.orchestrator.report`` (imported lazily: CLI start-u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +42,26 @@ def _is_file_target(target: str) -> bool:
     return Path(target).exists()
 
 
-def _resolve(target: str, store_url: str | None) -> list[Path]:
+@contextlib.contextmanager
+def _traces(target: str, store_url: str | None) -> Iterator[list[tuple[str, Path]]]:
+    """(label, local path) of each trace TARGET names. A trace file is its own label; traces
+    of RUN[/STEP[/ATTEMPT]] (or ``@all``) are downloaded to a temporary directory, removed on
+    exit, and labelled ``RUN/STEP/ATTEMPT``."""
     p = Path(target)
     if p.is_dir():
         raise InvalidInput(f"{target} is a directory; pass a trace file (or use `dagcraft trace ledger`)")
     if p.exists():
-        return [p]
+        yield [(target, p)]
+        return
     if target.endswith(".jsonl") or os.sep in target and target.startswith((".", os.sep)):
         raise NotFound(f"trace file not found: {target}")
-    return list(_report().resolve_traces(_store(store_url), target))
+    report = _report()
+    store = _store(store_url)
+    with tempfile.TemporaryDirectory(prefix="dagcraft-traces-") as tmp:
+        root = Path(tmp)
+        dest = root if target == "@all" else root / target.split("/", 1)[0]
+        paths = report.resolve_traces(store, target, dest)
+        yield [(q.parent.relative_to(root).as_posix(), q) for q in paths]
 
 
 def _run_view(target: str, store_url: str | None):
@@ -88,12 +102,12 @@ def register(cli: click.Group) -> None:
         """Run id, status, events, model calls, tokens, cost, tool calls, failures, errors, duration."""
         from dagcraft.tracing.summary import fmt_dur, summarize
 
-        paths = _resolve(target, store_url)
         results = []
-        for p in paths:
-            s = summarize(_load(p))
-            s["path"] = str(p)
-            results.append(s)
+        with _traces(target, store_url) as traces:
+            for label, p in traces:
+                s = summarize(_load(p))
+                s["path"] = label
+                results.append(s)
         if as_json:
             _dump(results[0] if len(results) == 1 else results)
             return
@@ -120,11 +134,11 @@ def register(cli: click.Group) -> None:
         def want(k: str) -> bool:
             return not kinds or any(k == x or k.startswith(x.rstrip(".") + ".") for x in kinds)
 
-        paths = _resolve(target, store_url)
-        for p in paths:
-            evs = _load(p)
-            if len(paths) > 1 and not as_json:
-                click.echo(f"== {p}")
+        with _traces(target, store_url) as traces:
+            loaded = [(label, _load(p)) for label, p in traces]
+        for label, evs in loaded:
+            if len(loaded) > 1 and not as_json:
+                click.echo(f"== {label}")
             t0 = evs[0].ts_ms if evs else 0
             for e in evs:
                 if not want(e.kind):
@@ -137,26 +151,56 @@ def register(cli: click.Group) -> None:
 
     @trace.command("verify")
     @click.argument("target")
-    @click.option("--allow-open", is_flag=True, help="Accept a trace without run.finished (still running).")
+    @click.option("--allow-open", is_flag=True,
+                  help="Accept a trace without run.finished, or a run not finished (still running).")
+    @click.option("--public-key", "public_key", type=click.Path(dir_okay=False), default=None,
+                  help="Ed25519 public key (PEM): the run's seal must carry a valid signature by it.")
     @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
     @click.option("--store", "store_url", default=None, help=STORE_HELP)
-    def verify_cmd(target: str, allow_open: bool, as_json: bool, store_url: str | None) -> None:
-        """Check integrity and the hash chain; exit 0 valid, 1 invalid (names the first bad line)."""
+    def verify_cmd(target: str, allow_open: bool, public_key: str | None, as_json: bool,
+                   store_url: str | None) -> None:
+        """Check a trace file's hash chain, or a run's traces against the heads their commits
+        pinned and the run's seal (and signature, with --public-key). Exit 0 ok, 1 any failure
+        (the status says which: see docs/traces.md), 2 bad input, 4 not found."""
         from dagcraft.tracing import verify
+        from dagcraft.tracing.seal import load_public_key
 
-        if _is_file_target(target) or target.endswith(".jsonl") or target.count("/") >= 2:
-            # a trace file, or RUN/STEP/ATTEMPT: that one trace
-            reports = [verify(p, allow_open=allow_open) for p in _resolve(target, store_url)]
-        else:  # RUN or RUN/STEP: every committed attempt's trace, missing ones included
-            reports = _report().verify_run(_store(store_url), target)
-        if as_json:
-            out = [dict(r.model_dump(), status=r.status) for r in reports]
-            _dump(out[0] if len(out) == 1 else out)
+        if _is_file_target(target) or target.endswith(".jsonl"):
+            if public_key is not None:
+                raise InvalidInput("--public-key checks a run's seal: pass RUN[/STEP[/ATTEMPT]], not a file")
+            with _traces(target, store_url) as traces:
+                [(label, path)] = traces
+                rep = verify(path, allow_open=allow_open)
+            rep.path = label
+            if as_json:
+                _dump(rep.model_dump(mode="json"))
+            else:
+                click.echo(rep.message())
+            ok = rep.ok
         else:
-            for r in reports:
-                click.echo(r.message())
-        if not all(r.ok for r in reports):
+            key = load_public_key(public_key) if public_key is not None else None
+            run = _report().verify_sealed(_store(store_url), target, public_key=key, allow_open=allow_open)
+            if as_json:
+                _dump(run.model_dump(mode="json"))
+            else:
+                for r in run.traces:
+                    click.echo(r.message())
+                click.echo(run.seal_message())
+            ok = run.ok
+        if not ok:
             sys.exit(1)
+
+    @trace.command("keygen")
+    @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                  help="Private key file to create (mode 0600); the public key goes to OUT.pub.")
+    def keygen_cmd(out: Path) -> None:
+        """Create an Ed25519 key pair for signing run seals (`run --signing-key OUT`,
+        `trace verify --public-key OUT.pub`)."""
+        from dagcraft.tracing.seal import generate_key
+
+        pub = out.with_name(out.name + ".pub")
+        kid = generate_key(out, pub)
+        click.echo(f"key {kid}: private {out} (keep it off the store), public {pub}")
 
     @trace.command("render")
     @click.argument("target")
@@ -169,7 +213,7 @@ def register(cli: click.Group) -> None:
         from dagcraft.tracing.render import render_run_html, render_trace_html
 
         if _is_file_target(target):
-            html = render_trace_html(_load(_resolve(target, store_url)[0]), title=title or Path(target).name)
+            html = render_trace_html(_load(Path(target)), title=title or Path(target).name)
         else:
             html = render_run_html(_run_view(target, store_url))
         try:
@@ -199,13 +243,16 @@ def register(cli: click.Group) -> None:
         since_ms = parse_since(since) if since else None
         target = "@all" if all_runs else (directory or ".")
         root = Path(target)
-        if all_runs or not root.is_dir():
-            if root.exists() and not all_runs:
-                raise InvalidInput(f"{target} is a file; the ledger catalogs a directory")
-            paths = _resolve(target, store_url)
-            root = Path(os.path.commonpath([str(p.parent) for p in paths]))
-        entries = filter_entries(build_ledger(root, rebuild=rebuild), root, status=status, since_ms=since_ms,
-                                 step=step, text=text)
+        with contextlib.ExitStack() as stack:
+            save = True
+            if all_runs or not root.is_dir():
+                if root.exists() and not all_runs:
+                    raise InvalidInput(f"{target} is a file; the ledger catalogs a directory")
+                label, first = stack.enter_context(_traces(target, store_url))[0]
+                root = first.parents[len(Path(label).parts)]  # the download directory
+                save = False  # a temporary directory: nothing to cache
+            entries = filter_entries(build_ledger(root, rebuild=rebuild, save=save), root, status=status,
+                                     since_ms=since_ms, step=step, text=text)
         if as_json:
             _dump([e.model_dump() for e in entries])
             return
@@ -232,8 +279,9 @@ def register(cli: click.Group) -> None:
 
         caps = list(sensitive) + ([] if no_defaults else list(DEFAULT_SENSITIVE))
         violations = []
-        for p in _resolve(target, store_url):
-            violations += check(_load(p), caps, source=str(p))
+        with _traces(target, store_url) as traces:
+            for label, p in traces:
+                violations += check(_load(p), caps, source=label)
         if as_json:
             _dump({"ok": not violations, "sensitive": caps, "violations": [v.model_dump() for v in violations]})
         elif violations:
@@ -310,7 +358,7 @@ def register(cli: click.Group) -> None:
         from dagcraft.tracing.export import export_run_otlp, export_trace_otlp
 
         if _is_file_target(target):
-            doc = export_trace_otlp(_load(_resolve(target, store_url)[0]))
+            doc = export_trace_otlp(_load(Path(target)))
         else:
             doc = export_run_otlp(_run_view(target, store_url))
         text = json.dumps(doc, indent=1)

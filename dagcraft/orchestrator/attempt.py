@@ -15,8 +15,9 @@ Guarantees:
   keeps running meanwhile.
 - Only the commit decides the step's status. Logs and the trace are uploaded after it; an
   upload that fails goes to the worker's :class:`Outbox` and is retried until it lands
-  (``trace verify RUN`` reports the trace missing until then). The commit pins the trace's
-  head (the hash of its last line at commit time) in the step's history.
+  (``trace verify RUN`` reports the trace missing until then). The trace is closed
+  (``run.finished``) before the commit, and the commit pins its final head (the hash of its
+  last line) in the step's history; a refused commit's trace goes on past that point.
 - Attempt numbers are unique per step and kind, so nothing else writes ``attempts/<n>/``.
 """
 
@@ -37,7 +38,7 @@ from typing import Any
 
 from dagcraft.errors import Conflict, DagcraftError, Fenced, StoreUnavailable
 from dagcraft.orchestrator import context, layout, transitions
-from dagcraft.orchestrator.model import AttemptInfo, AttemptKind, AttemptStatus, StepState
+from dagcraft.orchestrator.model import AttemptInfo, AttemptKind, AttemptStatus, StepState, StepStatus
 from dagcraft.orchestrator.outbox import Outbox, private_dir
 from dagcraft.orchestrator.retry import backoff_delay, should_retry
 from dagcraft.orchestrator.scheduler import WorkItem
@@ -47,6 +48,7 @@ from dagcraft.primitives.keys import validate_relpath
 from dagcraft.primitives.persist import Persistence
 from dagcraft.primitives.store import Store
 from dagcraft.tracing import Redactor, TraceWriter, traced_exec
+from dagcraft.tracing.seal import Signer
 from dagcraft.workflows import RenderedCommand, render_command, render_rollback
 
 GLOB_CHARS = set("*?[")
@@ -67,6 +69,8 @@ class WorkerConfig:
     #: keep each attempt's scratch directory (``--keep-workdirs``); else it is removed after
     #: the attempt, as it may hold the step's outputs and whatever the step wrote there
     keep_workdirs: bool = False
+    #: signs the seals of the runs this worker finishes as their supervisor (None: unsigned)
+    signer: Signer | None = None
 
     @property
     def heartbeat_s(self) -> float:
@@ -138,15 +142,6 @@ def collect_artifacts(workdir: Path, patterns: list[str]) -> tuple[list[tuple[st
                 continue
             found[p.relative_to(workdir).as_posix()] = p
     return sorted(found.items()), missing
-
-
-def trace_head(path: Path) -> str | None:
-    """SHA-256 of the trace's last line (what the next event's ``prev`` would be)."""
-    try:
-        data = path.read_bytes().rstrip(b"\n")
-    except FileNotFoundError:
-        return None
-    return hashlib.sha256(data.rsplit(b"\n", 1)[-1]).hexdigest() if data else None
 
 
 OnChange = Callable[[StepState, str, "str | None"], None]
@@ -442,37 +437,60 @@ class Attempt:
             pass  # an identical result is already cached, or the cache is skipped this time
 
     # -- commit and uploads ------------------------------------------------------------------------
-    def _ending(self, outcome: Outcome) -> tuple[Callable[[transitions.Hold, transitions.Ending], StepState],
-                                                 transitions.Ending]:
-        """Which transition commits this outcome, with what."""
+    def _decide(self, outcome: Outcome) -> tuple[Callable[[transitions.Hold, transitions.Ending], StepState],
+                                                 StepStatus, float | None]:
+        """Which transition commits this outcome, the step status it leads to, and the delay
+        before the next attempt (retry_wait only)."""
         step = self.w.step
-        info = AttemptInfo(attempt=self.n, status=outcome.status, kind=self.kind, worker=self.cfg.worker_id,
-                           started_at=self.hold.state.started_at if self.kind is AttemptKind.RUN else self.started_at,
-                           finished_at=self.store.now(), exit_code=outcome.exit_code, signal=outcome.signal,
-                           reason=self._redact(outcome.reason), trace_head=trace_head(self.dir / "trace.jsonl"))
-        ending = transitions.Ending(attempt=info, outputs=outcome.outputs, artifacts=outcome.artifacts,
-                                    cached_from=outcome.cached_from)
         if outcome.status is AttemptStatus.INTERRUPTED:
-            return transitions.hand_back, ending
+            return (transitions.hand_back,
+                    StepStatus.PENDING if self.kind is AttemptKind.RUN else StepStatus.SUCCEEDED, None)
         if self.kind is AttemptKind.ROLLBACK:
-            return transitions.compensated, ending
+            return transitions.compensated, StepStatus.ROLLED_BACK, None
         if outcome.status is AttemptStatus.SUCCEEDED:
-            return transitions.succeed, ending
+            return transitions.succeed, StepStatus.SUCCEEDED, None
         if outcome.status is AttemptStatus.CANCELLED:
-            return transitions.cancel, ending
+            return transitions.cancel, StepStatus.CANCELLED, None
         failures = self.hold.state.failures + 1
         if outcome.retryable and should_retry(step.retries, failures, outcome.exit_code, list(outcome.logs),
                                               outcome.timed_out):
-            delay = backoff_delay(step.retries, failures)
-            return transitions.retry_wait, transitions.Ending(attempt=info, retry_in=delay)
-        return transitions.fail, ending
+            return transitions.retry_wait, StepStatus.RETRYING, backoff_delay(step.retries, failures)
+        return transitions.fail, StepStatus.FAILED, None
+
+    def _close_trace(self, outcome: Outcome, status: str, retry_in: float | None = None) -> None:
+        """The attempt's closing events, ending with ``run.finished``."""
+        assert self.trace is not None
+        step = self.w.step
+        if retry_in is not None:
+            self.trace.append("step.retry", {"step": step.id, "attempt": self.n, "failures": self.hold.state.failures + 1,
+                                             "delay_s": round(retry_in, 3), "reason": outcome.reason})
+        elif outcome.status is AttemptStatus.CANCELLED:
+            self.trace.append("step.cancelled", {"step": step.id, "attempt": self.n})
+        if self.kind is AttemptKind.ROLLBACK:
+            self.trace.append("rollback.finished", {"step": step.id, "success": outcome.status is AttemptStatus.SUCCEEDED,
+                                                    "exit_code": outcome.exit_code})
+        self.trace.append("run.finished", {"status": status, "step": step.id, "attempt": self.n,
+                                           "exit_code": outcome.exit_code, "reason": outcome.reason,
+                                           "redactions": self.trace.redactor.count if self.trace.redactor else 0})
 
     def _finish(self, outcome: Outcome) -> StepState:
+        """Close the trace, then commit. The trace is complete (``run.finished`` written)
+        before the commit, so the commit's CAS pins its final head (``AttemptInfo.trace_head``).
+        An attempt whose commit is refused appends ``step.fenced`` and a second
+        ``run.finished`` (status ``fenced``) after it: it is not the committed attempt, and
+        nothing pinned its trace."""
         assert self.trace is not None
         step = self.w.step
         committed: StepState | None = None
         if outcome.status is not AttemptStatus.LOST:
-            transition, ending = self._ending(outcome)
+            transition, status, retry_in = self._decide(outcome)
+            self._close_trace(outcome, str(status), retry_in)
+            info = AttemptInfo(attempt=self.n, status=outcome.status, kind=self.kind, worker=self.cfg.worker_id,
+                               started_at=self.hold.state.started_at if self.kind is AttemptKind.RUN else self.started_at,
+                               finished_at=self.store.now(), exit_code=outcome.exit_code, signal=outcome.signal,
+                               reason=self._redact(outcome.reason), trace_head=self.trace.head())
+            ending = transitions.Ending(attempt=info, outputs=outcome.outputs, artifacts=outcome.artifacts,
+                                        cached_from=outcome.cached_from, retry_in=retry_in)
             try:
                 committed = transition(self.hold, ending)
             except Fenced as exc:
@@ -484,22 +502,14 @@ class Attempt:
                 log.error("%s/%s: could not commit: %s", self.w.run_id, self.label, exc)
                 self.trace.append("error", {"step": step.id, "message": f"commit failed: {exc}"})
             if committed is not None:
-                if ending.retry_in is not None:
-                    self.trace.append("step.retry", {"step": step.id, "attempt": self.n, "failures": committed.failures,
-                                                     "delay_s": round(ending.retry_in, 3), "reason": outcome.reason})
-                elif outcome.status is AttemptStatus.CANCELLED:
-                    self.trace.append("step.cancelled", {"step": step.id, "attempt": self.n})
                 self.on_change(committed, self.hold.etag, self.hold.journal_key)
+            else:
+                self.trace.append("run.finished", {"status": "fenced", "step": step.id, "attempt": self.n,
+                                                   "exit_code": outcome.exit_code, "reason": outcome.reason})
         else:
             self.trace.append("step.fenced", {"step": step.id, "attempt": self.n, "worker": self.cfg.worker_id,
                                               "reason": "lease lost", "result_discarded": "lost"})
-        if self.kind is AttemptKind.ROLLBACK:
-            self.trace.append("rollback.finished", {"step": step.id, "success": outcome.status is AttemptStatus.SUCCEEDED,
-                                                    "exit_code": outcome.exit_code})
-        final = str(committed.status) if committed is not None else "fenced"
-        self.trace.append("run.finished", {"status": final, "step": step.id, "attempt": self.n,
-                                           "exit_code": outcome.exit_code, "reason": outcome.reason,
-                                           "redactions": self.trace.redactor.count if self.trace.redactor else 0})
+            self._close_trace(outcome, "fenced")
         self.trace.close()
         # uploaded after the commit, so they never decide the step's status; retried until
         # they land (trace last: `trace verify` reports it missing until then)

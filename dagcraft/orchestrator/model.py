@@ -7,7 +7,9 @@ never both move the same record from the same version.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from enum import Enum
 from typing import Any
 
@@ -103,6 +105,20 @@ class RunRecord(BaseModel):
     submitted_at: float
 
 
+class RunSeal(BaseModel):
+    """What the transition that finished the run recorded about its steps: the digest of
+    :func:`seal_material` (every step's committed result and trace heads), and optionally an
+    Ed25519 signature of it (``tracing.seal``). Cleared when the run is reopened."""
+
+    version: int = 1
+    digest: str
+    #: step records covered (a deleted record changes the digest too)
+    steps: int
+    #: id of the public key that signed it (None: unsigned)
+    key_id: str | None = None
+    signature: str | None = None
+
+
 class Control(BaseModel):
     """Run-level status. ``generation`` bumps whenever the run is reopened (resume/retry)."""
 
@@ -111,6 +127,8 @@ class Control(BaseModel):
     updated_at: float = 0.0
     finished_at: float | None = None
     generation: int = 0
+    #: set by the transition that finishes the run
+    seal: RunSeal | None = None
 
 
 class AttemptInfo(BaseModel):
@@ -125,8 +143,14 @@ class AttemptInfo(BaseModel):
     exit_code: int | None = None
     signal: int | None = None
     reason: str | None = None
-    #: SHA-256 of the trace's last line when the attempt committed: pins the trace's head
+    #: SHA-256 of the trace's last line, written by the CAS that commits the attempt: the
+    #: trace is complete (``run.finished`` included) before that commit, so this pins its head
     trace_head: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The attempt's directory name: ``<n>``, or ``rollback-<n>`` for a compensation."""
+        return str(self.attempt) if self.kind == AttemptKind.RUN else f"rollback-{self.attempt}"
 
 
 class StepState(BaseModel):
@@ -171,6 +195,19 @@ class StepState(BaseModel):
 
     def dump(self) -> bytes:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+
+
+def seal_material(run_id: str, status: RunStatus, generation: int, states: Iterable[StepState]) -> dict[str, Any]:
+    """What a run's seal covers: the run's final status, and per step record its status, a
+    hash of its committed outputs and artifacts, and each attempt's status and pinned trace
+    head. Computed identically when the run finishes and when ``trace verify`` checks it."""
+    steps = []
+    for st in sorted(states, key=lambda s: s.step_id):
+        result = hashlib.sha256(json.dumps({"outputs": st.outputs, "artifacts": st.artifacts}, sort_keys=True,
+                                           default=str).encode()).hexdigest()
+        steps.append([st.step_id, str(st.status), result,
+                      [[h.name, str(h.status), h.trace_head] for h in st.history]])
+    return {"version": 1, "run_id": run_id, "status": str(status), "generation": generation, "steps": steps}
 
 
 def load_state(data: bytes) -> StepState:

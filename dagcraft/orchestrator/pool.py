@@ -32,12 +32,17 @@ class PoolOptions:
     echo: bool = False
     env: dict[str, str] = field(default_factory=dict)
     keep_workdirs: bool = False
+    #: path of the Ed25519 key the workers sign run seals with (passed as a path, never as
+    #: the key itself; $DAGCRAFT_SIGNING_KEY is inherited through the environment instead)
+    signing_key: str | None = None
 
 
 def worker_argv(store_url: str, run_id: str, opts: PoolOptions) -> list[str]:
     return [sys.executable, "-m", "dagcraft.cli.main", "worker", "--store", store_url, "--run", run_id,
             "--exit-when-idle", "--concurrency", str(opts.concurrency), "--lease-ttl", str(opts.lease_ttl),
-            "--poll-max", str(opts.poll_max), "--quiet"] + (["--keep-workdirs"] if opts.keep_workdirs else [])
+            "--poll-max", str(opts.poll_max), "--quiet",
+            *(["--keep-workdirs"] if opts.keep_workdirs else []),
+            *(["--signing-key", opts.signing_key] if opts.signing_key else [])]
 
 
 class Pool:

@@ -6,11 +6,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from dagcraft.errors import DagcraftError, NotFound
 from dagcraft.orchestrator import layout
+from dagcraft.orchestrator.model import (
+    RUN_FINISHED,
+    AttemptInfo,
+    AttemptStatus,
+    Control,
+    StepState,
+    seal_material,
+)
 from dagcraft.orchestrator.ops import load_states, ordered_states, read_control, read_record, run_status
 from dagcraft.primitives.store import Store
-from dagcraft.tracing import read_trace
+from dagcraft.tracing import RunVerifyReport, TraceStatus, VerifyReport, read_trace, seal, verify
 
 
 def _attempt_dirs(store: Store, run_id: str, step: str) -> list[str]:
@@ -29,13 +39,13 @@ def _download(store: Store, key: str, dest: Path) -> Path:
     return dest
 
 
-def resolve_traces(store: Store, target: str, dest: Path | None = None) -> list[Path]:
+def resolve_traces(store: Store, target: str, dest: Path) -> list[Path]:
     """Trace files for ``RUN``, ``RUN/STEP`` or ``RUN/STEP/ATTEMPT`` — or ``@all``, every run
-    in the store — downloaded to ``dest`` (``<dest>[/<run>]/<step>/<attempt>/trace.jsonl``)."""
+    in the store — downloaded to ``dest`` (``<dest>[/<run>]/<step>/<attempt>/trace.jsonl``).
+    The caller owns ``dest`` (and removes it: the CLI uses a temporary directory)."""
     if target == "@all":
         from dagcraft.orchestrator.ops import list_runs
 
-        dest = dest or Path(tempfile.mkdtemp(prefix="dagcraft-traces-"))
         found: list[Path] = []
         for run in list_runs(store):
             try:
@@ -50,7 +60,6 @@ def resolve_traces(store: Store, target: str, dest: Path | None = None) -> list[
         raise NotFound(f"{target!r} is neither a trace file nor RUN[/STEP[/ATTEMPT]]")
     run_id = parts[0]
     status = run_status(store, run_id)
-    dest = dest or Path(tempfile.mkdtemp(prefix="dagcraft-traces-"))
     steps = [parts[1]] if len(parts) > 1 else [s["step"] for s in status["steps"]]
     out: list[Path] = []
     for step in steps:
@@ -120,52 +129,97 @@ def write_report(store: Store, run_id: str, out: Path | None = None) -> Path:
     return out
 
 
-def verify_run(store: Store, target: str) -> list[Any]:
-    """Verify every trace a run's committed attempts should have (``RUN`` or ``RUN/STEP``):
-    each must be present (a trace whose upload is still queued is reported missing), its hash
-    chain intact, and the head its commit pinned must be one of its lines — so a trace
-    rewritten and re-chained after the commit is caught. Attempts that lost their worker have
-    no trace to check. Returns one ``tracing.VerifyReport`` per expected trace."""
-    import hashlib
+def verify_run(store: Store, target: str) -> list[VerifyReport]:
+    """The per-trace part of :func:`verify_sealed` (one report per committed attempt)."""
+    return verify_sealed(store, target, allow_open=True).traces
 
-    from dagcraft.orchestrator.model import AttemptKind, AttemptStatus
-    from dagcraft.tracing import verify
-    from dagcraft.tracing.reader import VerifyReport
 
+def verify_sealed(store: Store, target: str, *, public_key: Ed25519PublicKey | None = None,
+                  allow_open: bool = False) -> RunVerifyReport:
+    """Verify ``RUN``, ``RUN/STEP`` or ``RUN/STEP/ATTEMPT`` against what its commits pinned.
+
+    - Every committed attempt's trace (those of attempts that lost their worker or were
+      fenced never committed) must be present (a trace whose upload is still queued is
+      reported ``missing``), hash-chained from its first line, and its last line must hash to
+      the head its commit pinned: a trace rewritten and re-chained, or with its last line
+      edited, cut or extended, is a ``head mismatch``.
+    - The run's seal (written by the transition that finished it) must match the digest of
+      every step's committed result and heads (``seal mismatch``: a step state was
+      rewritten), and with ``public_key`` carry a valid signature (``unsigned`` /
+      ``bad signature``). A run not finished yet is ``open`` — accepted with ``allow_open``.
+    """
     parts = target.split("/")
-    if not 1 <= len(parts) <= 2 or not all(parts):
-        raise NotFound(f"{target!r} is neither a trace file nor RUN[/STEP]")
+    if not 1 <= len(parts) <= 3 or not all(parts):
+        raise NotFound(f"{target!r} is neither a trace file nor RUN[/STEP[/ATTEMPT]]")
     run_id = parts[0]
+    rec = read_record(store, run_id)  # NotFound for an unknown run
     states = load_states(store, run_id)
-    if not states:
-        read_record(store, run_id)  # NotFound for an unknown run
-    if len(parts) == 2 and parts[1] not in states:
+    if len(parts) >= 2 and parts[1] not in states:
         raise NotFound(f"run {run_id} has no step {parts[1]!r}")
-    out: list[VerifyReport] = []
+    ctl = read_control(store, run_id)
+    out = RunVerifyReport(target=target, ok=False, run_status=str(ctl.status))
     with tempfile.TemporaryDirectory(prefix="dagcraft-verify-") as tmp:
-        for st, _parent in ordered_states(read_record(store, run_id), states):
-            if len(parts) == 2 and st.step_id != parts[1]:
+        for st, _parent in ordered_states(rec, states):
+            if len(parts) >= 2 and st.step_id != parts[1]:
                 continue
             for h in st.history:
-                if h.status == AttemptStatus.LOST:
+                if h.status in (AttemptStatus.LOST, AttemptStatus.FENCED):
+                    continue  # never committed: nothing pinned its trace
+                if len(parts) == 3 and h.name != parts[2]:
                     continue
-                name = str(h.attempt) if h.kind == AttemptKind.RUN else f"rollback-{h.attempt}"
-                label = f"{run_id}/{st.step_id}/{name}"
-                got = store.get(f"{layout.attempt_prefix(run_id, st.step_id, name)}/trace.jsonl")
-                if got is None:
-                    out.append(VerifyReport(path=label, ok=False, problems=[
-                        "trace missing: its upload has not landed (yet); the worker retries it"]))
-                    continue
-                p = Path(tmp) / "trace.jsonl"
-                p.write_bytes(got[0])
-                rep = verify(p)
-                rep.path = label
-                if h.trace_head and rep.ok:
-                    heads = {hashlib.sha256(line).hexdigest() for line in got[0].split(b"\n") if line}
-                    if h.trace_head not in heads:
-                        rep.ok = False
-                        rep.problems.append("the line its commit pinned is gone: rewritten after the commit")
-                out.append(rep)
-    if not out:
-        raise NotFound(f"no committed attempts in {target!r} yet")
+                out.traces.append(_verify_attempt(store, run_id, st.step_id, h, Path(tmp) / "trace.jsonl"))
+    if len(parts) == 3 and not out.traces:
+        raise NotFound(f"run {run_id} step {parts[1]} has no committed attempt {parts[2]!r}")
+    _check_seal(out, run_id, ctl, states, public_key, allow_open)
+    bad = [t for t in out.traces if not t.ok]
+    out.status = bad[0].status if bad else out.seal_status
+    out.ok = not bad and (out.seal_status == TraceStatus.OK or (allow_open and out.seal_status == TraceStatus.OPEN))
     return out
+
+
+def _verify_attempt(store: Store, run_id: str, step: str, h: AttemptInfo, scratch: Path) -> VerifyReport:
+    label = f"{run_id}/{step}/{h.name}"
+    got = store.get(f"{layout.attempt_prefix(run_id, step, h.name)}/trace.jsonl")
+    if got is None:
+        rep = VerifyReport(path=label, ok=False)
+        rep.fail(TraceStatus.MISSING, "trace missing: deleted, or its upload has not landed yet (the worker "
+                                      "retries it)")
+        return rep
+    scratch.write_bytes(got[0])
+    rep = verify(scratch, expect_head=h.trace_head, require_chain=True)
+    rep.path = label
+    if h.trace_head is None and rep.ok:
+        rep.fail(TraceStatus.HEAD_MISMATCH, "its commit pinned no head (committed by an older dagcraft?)")
+    return rep
+
+
+def _check_seal(out: RunVerifyReport, run_id: str, ctl: Control, states: dict[str, StepState],
+                public_key: Ed25519PublicKey | None, allow_open: bool) -> None:
+    def fail(status: TraceStatus, problem: str) -> None:
+        out.seal_status, out.seal_problem = status, problem
+
+    if ctl.status not in RUN_FINISHED:
+        out.seal_status = TraceStatus.OPEN
+        if not allow_open:
+            out.seal_problem = f"run is {ctl.status}: it is sealed when it finishes (--allow-open accepts that)"
+        return
+    sealed = ctl.seal
+    if sealed is None:
+        return fail(TraceStatus.UNSEALED, "the finished run carries no seal (finished by an older dagcraft, or "
+                                          "the seal was removed)")
+    out.digest, out.signed, out.key_id = sealed.digest, sealed.signature is not None, sealed.key_id
+    actual = seal.digest(seal_material(run_id, ctl.status, ctl.generation, states.values()))
+    if actual != sealed.digest or sealed.steps != len(states):
+        return fail(TraceStatus.SEAL_MISMATCH, f"the run's seal does not match its {len(states)} step record(s) "
+                                               f"(sealed over {sealed.steps}): a step state or the run status was "
+                                               f"changed after the run finished")
+    if public_key is None:
+        return
+    if sealed.signature is None:
+        return fail(TraceStatus.UNSIGNED, "the seal carries no signature, and a public key was given")
+    out.signature_checked = True
+    if sealed.key_id != seal.key_id(public_key):
+        return fail(TraceStatus.BAD_SIGNATURE, f"signed by key {sealed.key_id}, not by the given key "
+                                               f"{seal.key_id(public_key)}")
+    if not seal.check_signature(public_key, sealed.digest, sealed.signature):
+        return fail(TraceStatus.BAD_SIGNATURE, "the seal's signature does not verify with the given public key")

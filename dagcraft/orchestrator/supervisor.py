@@ -8,7 +8,8 @@ partitioned) can make no transition a newer one has not already seen — at wors
 
 Duties: take over the leases of attempts whose worker vanished (``lost worker``), cancel
 unstarted steps of a cancelling run, move a failed run into rollback, set the final run
-status. Each tick looks only at the run's active steps, never the whole DAG, except once the
+status and seal the run (``transitions.set_control``; signed when the worker has a key).
+Each tick looks only at the run's active steps, never the whole DAG, except once the
 run is ending.
 
 After a store outage every holder's lease may have expired on the store's clock although its
@@ -28,6 +29,7 @@ from dagcraft.orchestrator.model import RunStatus, StepStatus
 from dagcraft.orchestrator.retry import LOST_WORKER_RETRIES
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives import lease as leases
+from dagcraft.tracing.seal import Signer
 
 #: a lease is judged lost only this long after its expiry, absorbing clock granularity (S3's
 #: Date header has one-second resolution)
@@ -39,8 +41,10 @@ log = logging.getLogger(__name__)
 class Supervisor:
     """The supervisor role for one run, as seen from one worker."""
 
-    def __init__(self, view: LocalView, worker_id: str, lease_ttl: float) -> None:
+    def __init__(self, view: LocalView, worker_id: str, lease_ttl: float, signer: Signer | None = None) -> None:
         self.view = view
+        #: signs the seal of the runs this supervisor finishes (None: unsigned seals)
+        self.signer = signer
         self.worker_id = worker_id
         self.lease_ttl = lease_ttl
         self.lease: leases.Lease | None = None
@@ -118,6 +122,10 @@ class Supervisor:
         return [sid for sid in view.all_ids()
                 if view.steps[sid].rollback and view.status(sid) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)]
 
+    def _finish(self, status: RunStatus, reason: str | None) -> None:
+        """The final run status, sealed (and signed, with a key) by the same CAS."""
+        transitions.set_control(self.view, status, reason, finished=True, signer=self.signer)
+
     def decide(self) -> None:
         """One supervisor cycle over the view (refreshed just before)."""
         view = self.view
@@ -127,26 +135,25 @@ class Supervisor:
             self.cancel_unstarted()
             if not view.active_ids:
                 self.cancel_unstarted()  # again: foreach parents whose children were just cancelled
-                transitions.set_control(view, RunStatus.CANCELLED, view.control.reason, finished=True)
+                self._finish(RunStatus.CANCELLED, view.control.reason)
             return
         if ctl == RunStatus.ROLLING_BACK:
             if not any(view.status(s) == StepStatus.RUNNING for s in view.active_ids) \
                     and not self.pending_compensations():
                 failed = [s for s in view.all_ids() if view.state(s).compensation == "failed"]
                 if failed:
-                    transitions.set_control(view, RunStatus.FAILED, f"compensation of {failed[0]!r} failed",
-                                            finished=True)
+                    self._finish(RunStatus.FAILED, f"compensation of {failed[0]!r} failed")
                 else:
-                    transitions.set_control(view, RunStatus.ROLLED_BACK, view.control.reason, finished=True)
+                    self._finish(RunStatus.ROLLED_BACK, view.control.reason)
             return
         if ctl != RunStatus.RUNNING or not view.finished():
             return
         failed = view.ids(view.failed_ids)
         if not failed:
-            transitions.set_control(view, RunStatus.SUCCEEDED, None, finished=True)
+            self._finish(RunStatus.SUCCEEDED, None)
         elif view.wf.on_failure == "rollback" and self.pending_compensations():
             transitions.set_control(view, RunStatus.ROLLING_BACK, f"step {failed[0]!r} failed")
         elif view.wf.on_failure == "rollback":
-            transitions.set_control(view, RunStatus.ROLLED_BACK, f"step {failed[0]!r} failed", finished=True)
+            self._finish(RunStatus.ROLLED_BACK, f"step {failed[0]!r} failed")
         else:
-            transitions.set_control(view, RunStatus.FAILED, f"step {failed[0]!r} failed", finished=True)
+            self._finish(RunStatus.FAILED, f"step {failed[0]!r} failed")

@@ -31,7 +31,8 @@ the lease was taken over — by the supervisor declaring the attempt lost, a res
 cancellation — every later write of that holder is refused with :class:`Fenced`.
 
 Run control: :func:`set_control` (running → cancelling | rolling_back | finished) and
-:func:`reopen` (finished → running, bumping the generation).
+:func:`reopen` (finished → running, bumping the generation). The write that finishes a run
+seals it (:class:`~.model.RunSeal`): a digest over every step's committed trace heads.
 """
 
 from __future__ import annotations
@@ -49,15 +50,19 @@ from dagcraft.orchestrator.model import (
     AttemptInfo,
     AttemptKind,
     AttemptStatus,
+    RunSeal,
     RunStatus,
     StepState,
     StepStatus,
     dump,
     load_state,
+    seal_material,
 )
 from dagcraft.primitives import lease as leases
 from dagcraft.primitives.persist import ONCE, Persistence
 from dagcraft.primitives.store import Store, cas
+from dagcraft.tracing import seal
+from dagcraft.tracing.seal import Signer
 
 if TYPE_CHECKING:
     from dagcraft.orchestrator.view import LocalView
@@ -457,14 +462,39 @@ def compensated(hold: Hold, ending: Ending) -> StepState:
 
 
 # -- run control -----------------------------------------------------------------------------------
-def set_control(view: LocalView, status: RunStatus, reason: str | None = None, *, finished: bool = False) -> bool:
-    """CAS run control to ``status``. False when control moved on (the view is refreshed)."""
+def set_control(view: LocalView, status: RunStatus, reason: str | None = None, *, finished: bool = False,
+                signer: Signer | None = None) -> bool:
+    """CAS run control to ``status``. False when control moved on (the view is refreshed).
+
+    ``finished``: this write finishes the run, so it also seals it — with every step record
+    known in full (those known only by status are read), the digest of their committed results and trace heads (signed by ``signer``
+    when given) is written by this same CAS."""
+    sealed: RunSeal | None = None
+    if finished:
+        etag = view.control_etag
+        view.refresh()
+        if view.control_etag != etag:
+            return False  # control moved on meanwhile: the caller decides again
+        # the exact committed records (heads included), not the status a journal entry carried;
+        # the records this worker wrote or read in full are already exact
+        view.ensure_fresh(list(view.states))
+        sealed = _seal(view, status, signer)
     ctl = view.control.model_copy()
     ctl.status = status
     ctl.reason = reason
     ctl.updated_at = view.store.now()
     ctl.finished_at = ctl.updated_at if finished else None
+    ctl.seal = sealed
     return _write_control(view, dump(ctl), ctl)
+
+
+def _seal(view: LocalView, status: RunStatus, signer: Signer | None) -> RunSeal:
+    # only records that exist: a verifier sees exactly those
+    states = [st for st, etag in view.states.values() if etag is not None]
+    d = seal.digest(seal_material(view.run_id, status, view.control.generation, states))
+    if signer is None:
+        return RunSeal(digest=d, steps=len(states))
+    return RunSeal(digest=d, steps=len(states), key_id=signer.key_id, signature=signer.sign(d))
 
 
 def reopen(view: LocalView, reason: str) -> None:
@@ -477,6 +507,7 @@ def reopen(view: LocalView, reason: str) -> None:
         ctl.status = RunStatus.RUNNING
         ctl.reason = reason
         ctl.finished_at = None
+        ctl.seal = None
         ctl.updated_at = view.store.now()
         if _write_control(view, dump(ctl), ctl):
             return

@@ -46,7 +46,7 @@ class RunDriver:
         self.run_id = run_id
         self.view = LocalView(cfg.store, run_id, persist=cfg.persist)
         self.scheduler = Scheduler(self.view, cfg.worker_id, cfg.lease_ttl)
-        self.supervisor = Supervisor(self.view, cfg.worker_id, cfg.lease_ttl)
+        self.supervisor = Supervisor(self.view, cfg.worker_id, cfg.lease_ttl, signer=cfg.signer)
 
     @property
     def finished(self) -> bool:

@@ -7,7 +7,7 @@ ledger, policy check, hook ingest and OTLP export. Never imports orchestrator, w
 from dagcraft.tracing.adapters import Adapter, ClaudeAdapter, CodexAdapter, get_adapter
 from dagcraft.tracing.event import KINDS, TraceEvent, new_event_id, validate_kind
 from dagcraft.tracing.exec import ExecResult, traced_exec
-from dagcraft.tracing.reader import VerifyReport, iter_trace, read_trace, verify
+from dagcraft.tracing.reader import RunVerifyReport, TraceStatus, VerifyReport, iter_trace, read_trace, verify
 from dagcraft.tracing.redact import REDACTED, Redactor
 from dagcraft.tracing.summary import summarize
 from dagcraft.tracing.writer import TornTail, TornTailWarning, TraceWriter
@@ -20,9 +20,11 @@ __all__ = [
     "CodexAdapter",
     "ExecResult",
     "Redactor",
+    "RunVerifyReport",
     "TornTail",
     "TornTailWarning",
     "TraceEvent",
+    "TraceStatus",
     "TraceWriter",
     "VerifyReport",
     "get_adapter",

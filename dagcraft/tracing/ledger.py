@@ -40,7 +40,7 @@ class LedgerEntry(BaseModel):
     step: str | None = None
     attempt: int | None = None
     status: str = "unknown"
-    integrity: str = "unknown"      # verify status: valid / valid (unchained) / torn tail / invalid
+    integrity: str = "unknown"      # a reader.TraceStatus value (ok, unchained, torn tail, invalid …)
     started_ms: int | None = None
     finished_ms: int | None = None
     events: int = 0
@@ -70,7 +70,7 @@ def _entry(root: Path, path: Path, st: os.stat_result) -> LedgerEntry:
         evs = list(iter_trace(path))
     except Exception as exc:  # an unreadable trace is catalogued with its problem, not fatal
         e.problem = str(exc)
-        e.integrity = "invalid"
+        e.integrity = "invalid"  # TraceStatus.INVALID
         return e
     s = summarize(evs)
     for k in ("status", "started_ms", "finished_ms", "events", "model_calls", "tokens_in", "tokens_out",
@@ -84,7 +84,7 @@ def _entry(root: Path, path: Path, st: os.stat_result) -> LedgerEntry:
             if isinstance(ev.payload.get("attempt"), int):
                 e.attempt = e.attempt or ev.payload["attempt"]
     rep = verify(path, allow_open=True)
-    e.integrity = rep.status
+    e.integrity = str(rep.status)
     if rep.problems:
         e.problem = rep.problems[0]
     return e

@@ -271,3 +271,14 @@ class TraceWriter:
                 os.fsync(self._fd)
             self._known_size = os.fstat(self._fd).st_size
         return TraceEvent.model_construct(**d)
+
+    def head(self) -> str | None:
+        """SHA-256 of the file's last complete line as of now (taken under the lock, so it
+        includes other processes' appends): the head a commit pins. None for an empty file."""
+        if self._closed:
+            raise InvalidInput(f"trace writer for {self.path} is closed")
+        with self._locked():
+            last, torn = _tail(self._fd, os.fstat(self._fd).st_size)
+            if torn and self._parses(torn):
+                last = torn  # complete event missing only its newline
+        return hashlib.sha256(last).hexdigest() if last is not None else None

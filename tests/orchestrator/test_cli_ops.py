@@ -141,7 +141,7 @@ def test_logs_status_json_and_trace_commands_on_a_run(tmp_path):
     assert "logs-1" in out.read_text()
     assert cli("status", "missing-run", "--store", store_url).returncode == 4
     ledger = json.loads(cli("trace", "ledger", "--all-runs", "--json", "--store", store_url).stdout)
-    assert [(e["run_id"], e["step"], e["integrity"]) for e in ledger] == [("logs-1", "talk", "valid")]
+    assert [(e["run_id"], e["step"], e["integrity"]) for e in ledger] == [("logs-1", "talk", "ok")]
 
 
 def test_cancel_through_cli(tmp_path):

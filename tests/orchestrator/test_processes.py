@@ -146,6 +146,9 @@ def test_stopped_worker_past_its_lease_is_fenced(tmp_path, store_url):
     assert st.history[-1].attempt == 2 and st.history[-1].status == "succeeded"
     kinds = [e["kind"] for e in read_trace_events(store, rid, "step", 1)]
     assert "step.fenced" in kinds, kinds
+    # closed before its refused commit, then marked fenced; nothing pinned it, and the run verifies
+    assert kinds[-2:] == ["step.fenced", "run.finished"] and kinds.count("run.finished") == 2, kinds
+    assert cli("trace", "verify", rid, "--store", store_url).returncode == 0
     # the stale attempt's result never landed: no history entry claims attempt 1 succeeded
     assert not any(h.attempt == 1 and h.status == "succeeded" for h in st.history)
 

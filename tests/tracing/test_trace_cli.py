@@ -36,7 +36,7 @@ def test_summary_inspect_verify(tmp_path):
     lines[1] = lines[1].replace(b'"i":0', b'"i":7')
     p.write_bytes(b"\n".join(lines))
     r = invoke("verify", str(p))
-    assert r.exit_code == 1 and "line 3:" in r.output and "invalid" in r.output
+    assert r.exit_code == 1 and "line 3:" in r.output and "tampered" in r.output
 
 
 def test_user_errors_are_one_line_with_codes(tmp_path):

@@ -34,7 +34,7 @@ def test_chain_fields(tmp_path):
     assert len({e.event_id for e in evs}) == 5
     assert all(e.version == 1 and e.run_id == "run1" for e in evs)
     rep = verify(p)
-    assert rep.ok and rep.status == "valid" and rep.events == 5 and rep.head == line_hash(raw[-1])
+    assert rep.ok and rep.status == "ok" and rep.events == 5 and rep.head == line_hash(raw[-1])
 
 
 def test_writer_rejects_unknown_kind_accepts_extension(tmp_path):
@@ -85,7 +85,7 @@ def test_tampering_detected_and_line_named(tmp_path, case):
     ls, bad_line = _tamper_cases()[case](lines(p))
     write_lines(p, ls)
     rep = verify(p)
-    assert not rep.ok and rep.status == "invalid"
+    assert not rep.ok and rep.status == "tampered"
     assert rep.first_bad_line == bad_line, rep.problems
     assert f"line {bad_line}:" in rep.message()
     assert rep.torn_tail is None
@@ -99,7 +99,7 @@ def test_last_line_edit_needs_pinned_head(tmp_path):
     write_lines(p, ls)
     assert verify(p).ok  # a chain alone cannot see an edit of the last line ...
     rep = verify(p, expect_head=head)  # ... a pinned head can
-    assert not rep.ok and "pinned head" in rep.message()
+    assert not rep.ok and rep.status == "head mismatch" and "head its commit pinned" in rep.message()
 
 
 def test_open_trace_needs_allow_open(tmp_path):
@@ -124,14 +124,14 @@ def test_traceframe_file_is_valid_unchained(tmp_path):
     ]
     p.write_text("".join(json.dumps(e) + "\n" for e in evs))
     rep = verify(p)
-    assert rep.ok and rep.status == "valid (unchained)" and not rep.chained
+    assert rep.ok and rep.status == "unchained" and not rep.chained
     assert [e.kind for e in read_trace(p)][0] == "run.started"
     # appending with dagcraft's writer continues the file with a chain from there on
     with TraceWriter(p, "tf") as w:
         w.append("x.note", {"n": 1})
         w.append("run.finished", {"status": "succeeded"})
     rep = verify(p)
-    assert rep.ok and rep.status == "valid (chained from line 6)"
+    assert rep.ok and rep.status == "ok" and rep.chained_from == 6
     # an unchained line slipped in after the chain started is caught
     ls = lines(p)
     ls.append(json.dumps({**evs[0], "kind": "run.finished", "event_id": "zz", "seq": 99, "ts_ms": 10**13}).encode())
