@@ -168,8 +168,9 @@ def register(cli: click.Group) -> None:
             click.echo(json.dumps(items, indent=2, default=str))
             return
         for r in items:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["submitted_at"]))
-            click.echo(f"{r['run_id']:<48} {r['status']:<12} {when}  {r['name']}")
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["submitted_at"])) if r["submitted_at"] else "-"
+            tail = f"{r['name'] or ''}" + (f"  ({r['corrupt']})" if r.get("corrupt") else "")
+            click.echo(f"{r['run_id']:<48} {r['status']:<12} {when}  {tail}")
 
     @cli.command()
     @click.argument("run_id")

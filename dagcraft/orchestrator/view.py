@@ -12,7 +12,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from dagcraft.errors import NotFound
+from pydantic import ValidationError
+
+from dagcraft.errors import CorruptRecord, NotFound
 from dagcraft.orchestrator import layout
 from dagcraft.orchestrator.journal import JournalReader
 from dagcraft.orchestrator.model import (
@@ -26,6 +28,7 @@ from dagcraft.orchestrator.model import (
     StepState,
     StepStatus,
     load_control,
+    load_record,
     load_state,
 )
 from dagcraft.primitives.persist import Persistence
@@ -40,10 +43,11 @@ def secret_env_name(param: str) -> str:
 def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
     """The run record and its workflow, with secret params taken from this process's
     environment (``DAGCRAFT_PARAM_<NAME>``); secrets are never read from the store."""
-    got = store.get(layout.run_record(run_id))
+    key = layout.run_record(run_id)
+    got = store.get(key)
     if got is None:
         raise NotFound(f"run {run_id!r} not found in {store.url}")
-    record = RunRecord.model_validate_json(got[0])
+    record = load_record(RunRecord, got[0], key, store.url)
     data = dict(record.workflow)
     params = dict(data.get("params", {}))
     for name in record.secret_params:
@@ -53,7 +57,10 @@ def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
     steps = data.get("steps", {})
     if record.order and set(record.order) == set(steps):
         data["steps"] = {sid: steps[sid] for sid in record.order}
-    return record, CompiledWorkflow.model_validate(data)
+    try:
+        return record, CompiledWorkflow.model_validate(data)
+    except ValidationError as exc:
+        raise CorruptRecord(key, f"workflow is not valid ({exc.error_count()} error(s))", store.url) from None
 
 
 class LocalView:
@@ -150,9 +157,10 @@ class LocalView:
             self.apply_record(key.split("/")[-2], rec)
 
     def refresh_control(self) -> None:
-        got = self.store.get(layout.control(self.run_id))
+        key = layout.control(self.run_id)
+        got = self.store.get(key)
         if got is not None:
-            self.control, self.control_etag = load_control(got[0]), got[1]
+            self.control, self.control_etag = load_control(got[0], key, self.store.url), got[1]
             self.changes += 1
 
     def refresh_step(self, step_id: str) -> StepState:
@@ -165,7 +173,7 @@ class LocalView:
         if got is None:
             state, etag = StepState(step_id=step_id), None
         else:
-            state, etag = load_state(got[0]), got[1]
+            state, etag = load_state(got[0], layout.step_state(self.run_id, step_id), self.store.url), got[1]
         self.apply(state, etag)
         return state
 
