@@ -11,17 +11,19 @@ from typing import Any
 
 import click
 
-from dagcraft.errors import Failed
+from dagcraft.errors import DagcraftError, Failed
 
 STORE_HELP = "store URL: a directory or s3://bucket/prefix[?endpoint=URL] (default $DAGCRAFT_STORE, else .dagcraft)"
 
 
-def _store(url: str | None) -> tuple[Any, str]:
+def _store(url: str | None, *, create: bool = True) -> tuple[Any, str]:
+    """The store and its URL for children. ``create=False`` for read-only commands: a
+    mistyped path is "no store at PATH" (exit 4), never a new empty store."""
     from dagcraft.primitives import open_store
     from dagcraft.primitives.url import resolve_store_url
 
     resolved = resolve_store_url(url)
-    store = open_store(resolved)
+    store = open_store(resolved, create=create)
     # children (workers, steps) must reach the same store whatever their cwd
     root = getattr(store, "root", None)
     return store, (str(root) if root is not None else resolved)
@@ -31,6 +33,13 @@ def _compile(spec: str, params: tuple[str, ...]) -> Any:
     from dagcraft.workflows import compile_file, parse_params
 
     return compile_file(Path(spec), parse_params(list(params)))
+
+
+def _check_run_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--run-id``: refused (exit 2) before anything is written."""
+    from dagcraft.primitives.keys import validate_run_id
+
+    return validate_run_id(value) if value is not None else None
 
 
 def _secret_env(wf: Any) -> dict[str, str]:
@@ -62,8 +71,16 @@ def _drive_and_report(store: Any, url: str, run_id: str, opts: Any, report: str 
         if s["status"] == "failed":
             click.echo(f"  failed: {s['step']} (attempt {s['attempt']}): {s['reason']}")
     if not no_report:
-        path = write_report(store, run_id, Path(report) if report else None)
-        click.echo(f"report: {path}")
+        try:
+            path = write_report(store, run_id, Path(report) if report else None)
+            click.echo(f"report: {path}")
+        except (DagcraftError, OSError) as exc:
+            # the run's outcome is decided and stored: a report that cannot be written (disk
+            # full, store gone) is a warning and never changes the exit code
+            why = str(exc)
+            if isinstance(exc, OSError):
+                why = f"{report or 'local copy'}: {exc.strerror or type(exc).__name__}"
+            click.echo(f"dagcraft: warning: report not written: {why}", err=True)
     click.echo(f"traces: dagcraft trace summary {run_id} --store {url}")
     if status != "succeeded":
         sys.exit(1)
@@ -75,7 +92,7 @@ def register(cli: click.Group) -> None:
     @click.option("-p", "--param", "params", multiple=True, metavar="K=V", help="set a parameter")
     @click.option("--store", "store_url", help=STORE_HELP)
     @click.option("--workers", type=click.IntRange(1, 256), help="local worker processes (default: CPU count)")
-    @click.option("--run-id", help="run id (default: <name>-<utc time>-<random>)")
+    @click.option("--run-id", callback=_check_run_id, help="run id (default: <name>-<utc time>-<random>)")
     @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
                   help="step lease TTL in seconds; heartbeat every third of it")
     @click.option("--report", type=click.Path(dir_okay=False), help="where to write the HTML report")
@@ -95,7 +112,7 @@ def register(cli: click.Group) -> None:
     @click.argument("spec", type=click.Path(dir_okay=False))
     @click.option("-p", "--param", "params", multiple=True, metavar="K=V")
     @click.option("--store", "store_url", help=STORE_HELP)
-    @click.option("--run-id", help="run id")
+    @click.option("--run-id", callback=_check_run_id, help="run id")
     def submit_cmd(spec: str, params: tuple[str, ...], store_url: str | None, run_id: str | None) -> None:
         """Submit SPEC without running it; prints the run id. Workers pick it up."""
         from dagcraft.orchestrator import submit
@@ -140,7 +157,7 @@ def register(cli: click.Group) -> None:
         """Show a run's status and its steps. Exit 1 if the run failed."""
         from dagcraft.orchestrator import run_status
 
-        store, _ = _store(store_url)
+        store, _ = _store(store_url, create=False)
         while True:
             st = run_status(store, run_id)
             if as_json:
@@ -162,7 +179,7 @@ def register(cli: click.Group) -> None:
         """List runs, newest first."""
         from dagcraft.orchestrator import list_runs
 
-        store, _ = _store(store_url)
+        store, _ = _store(store_url, create=False)
         items = list_runs(store, status_filter)
         if as_json:
             click.echo(json.dumps(items, indent=2, default=str))
@@ -183,7 +200,7 @@ def register(cli: click.Group) -> None:
         """Print a step attempt's output log."""
         from dagcraft.orchestrator.ops import follow_log, read_log
 
-        store, _ = _store(store_url)
+        store, _ = _store(store_url, create=False)
         out = sys.stdout.buffer
         if follow:
             for chunk in follow_log(store, run_id, step, attempt):

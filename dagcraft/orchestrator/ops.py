@@ -40,9 +40,13 @@ def read_record(store: Store, run_id: str) -> RunRecord:
 
 
 def read_control(store: Store, run_id: str) -> Control:
+    """The run's control. NotFound when it was never written: a submit that did not complete
+    (run.json alone) is no run."""
     key = layout.control(run_id)
     got = store.get(key)
-    return load_control(got[0], key, store.url) if got else Control()
+    if got is None:
+        raise NotFound(f"run {run_id!r} not found in {store.url} (its submit did not complete)")
+    return load_control(got[0], key, store.url)
 
 
 def load_states(store: Store, run_id: str) -> dict[str, StepState]:
@@ -145,6 +149,8 @@ def list_runs(store: Store, status: str | None = None) -> list[dict[str, Any]]:
             continue
         try:
             ctl = read_control(store, run_id)
+        except NotFound:
+            continue
         except CorruptRecord as exc:
             out[run_id] = {"run_id": run_id, "name": rec.name, "status": CORRUPT, "submitted_at": rec.submitted_at,
                            "finished_at": None, "reason": str(exc), "corrupt": exc.key}

@@ -96,6 +96,10 @@ class LocalView:
         self.changes = 0  # bumps on every observed change; lets callers skip needless work
         self._ctx_cache: tuple[int, dict[str, dict[str, Any]]] | None = None
         self.refresh()
+        if self.control_etag is None:  # no control entry in the journal: read it to be sure
+            self.refresh_control()
+            if self.control_etag is None:
+                raise NotFound(f"run {run_id!r} not found in {store.url} (its submit did not complete)")
 
     # -- reading -------------------------------------------------------------------------
     def refresh(self) -> list[str]:
