@@ -2,6 +2,8 @@
 
 Each is a CAS on run control and/or step states followed by a journal entry, so it is safe
 while workers are running anywhere: a worker that raced it sees a failed CAS and re-reads.
+They are interactive: a store failure is reported at once (StoreUnavailable, exit 5), not
+ridden out like a worker's writes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dagcraft.orchestrator.model import (
     load_state,
 )
 from dagcraft.orchestrator.view import LocalView
+from dagcraft.primitives.persist import ONCE
 from dagcraft.primitives.store import Store
 from dagcraft.primitives.ulid import new_ulid
 
@@ -173,7 +176,7 @@ def _reindex(store: Store, run_id: str) -> None:
 def cancel(store: Store, run_id: str, reason: str = "cancelled by user") -> str:
     """Ask every worker to stop the run: running steps are signalled, nothing new starts.
     Returns the run status after the request."""
-    view = LocalView(store, run_id, detail=True)
+    view = LocalView(store, run_id, detail=True, persist=ONCE)
     for _ in range(5):
         if view.control.status in RUN_FINISHED or view.control.status == "cancelling":
             return view.control.status
@@ -186,7 +189,7 @@ def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False) -> 
     """Make an interrupted run continuable. Succeeded steps are never reset. With
     ``retry_failed``, failed steps and the steps skipped or cancelled because of them go back
     to pending. Returns the run status afterwards."""
-    view = LocalView(store, run_id, detail=True)
+    view = LocalView(store, run_id, detail=True, persist=ONCE)
     _clear_corrupt(view)
     status = view.control.status
     resettable = {StepStatus.CANCELLED} | ({StepStatus.FAILED} if retry_failed else set())
@@ -221,7 +224,7 @@ def _clear_corrupt(view: LocalView) -> None:
 def retry_from(store: Store, run_id: str, step: str) -> list[str]:
     """Reset ``step`` (a concrete id, or a template id meaning all its instances) and every
     step downstream of it to pending; earlier attempts' traces and history are kept."""
-    view = LocalView(store, run_id, detail=True)
+    view = LocalView(store, run_id, detail=True, persist=ONCE)
     _clear_corrupt(view)
     roots = [s for s in view.steps if s == step or (view.steps[s].template_id == step and not view.state(s).parent)]
     if not roots:
@@ -243,7 +246,7 @@ def retry_from(store: Store, run_id: str, step: str) -> list[str]:
 
 def request_rollback(store: Store, run_id: str) -> str:
     """Start compensation of a finished run's succeeded steps (reverse topological order)."""
-    view = LocalView(store, run_id, detail=True)
+    view = LocalView(store, run_id, detail=True, persist=ONCE)
     if view.control.status not in RUN_FINISHED:
         raise InvalidInput(f"run {run_id!r} is {view.control.status}; cancel it before rolling back")
     if view.control.status == "rolled_back":
