@@ -123,7 +123,8 @@ def register(cli: click.Group) -> None:
 
     @cli.command()
     @click.option("--store", "store_url", help=STORE_HELP)
-    @click.option("--run", "run_id", help="serve only this run (default: every run in the store)")
+    @click.option("--run", "run_id", callback=_check_run_id,
+                  help="serve only this run (default: every run in the store)")
     @click.option("--concurrency", type=click.IntRange(1, 256), default=1, show_default=True)
     @click.option("--exit-when-idle", is_flag=True, help="exit when the served runs have finished")
     @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
