@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dagcraft.errors import Interrupted
+from dagcraft.errors import DagcraftError, Interrupted
 from dagcraft.orchestrator.model import RUN_FINISHED
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives.store import Store
@@ -109,6 +109,9 @@ def drive(store: Store, store_url: str, run_id: str, opts: PoolOptions,
     except KeyboardInterrupt:
         pool.stop(signal.SIGINT)
         raise Interrupted(f"interrupted; resume with: dagcraft resume {run_id}") from None
+    except DagcraftError:  # the run turned unreadable or the store failed: never orphan workers
+        pool.stop(signal.SIGINT)
+        raise
     view.refresh()
     if on_update is not None:
         on_update(view)
