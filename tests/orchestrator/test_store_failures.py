@@ -7,8 +7,9 @@ How the faults are made real:
   (``unshare -m``) for the one command under test, since root ignores mode bits; a non-root
   run uses ``chmod -R a-w`` instead. Nothing outside the command's namespace changes.
 - ENOSPC for the report: ``--report /dev/full`` (the kernel's always-full device).
-- ENOSPC/EDQUOT inside LocalStore: the store's own commit step raises the OSError the
-  filesystem would (``disk_full``), so LocalStore's real error mapping is what is tested.
+- ENOSPC for processes: a small tmpfs mounted in a private mount namespace, really filled.
+- ENOSPC/EDQUOT in-process: the store's own commit step raises the OSError the filesystem
+  would (``disk_full``), so LocalStore's real error mapping is what is tested.
 """
 
 from __future__ import annotations
@@ -168,3 +169,52 @@ def test_worker_survives_a_full_disk_during_a_claim(tmp_path):
     assert code == 0
     assert run_status(store, rid)["status"] == "succeeded"
     assert any("No space left on device" in m and "cycle interrupted" in m for m in messages), messages
+
+
+def _in_tmpfs(tmp_path: Path, script: str, size: str = "200k", timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` (sh) with a ``size`` tmpfs mounted at ``$T`` in a private mount namespace:
+    a real filesystem that really fills up, visible to nothing else. ``$DAG`` runs dagcraft."""
+    if not _can_unshare():
+        pytest.skip("needs root with mount namespaces for a private tmpfs")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    body = f'mount -t tmpfs -o size={size} tmpfs "$T" || exit 99\n{script}'
+    env = {**os.environ, "PYTHONPATH": str(REPO), "T": str(mnt), "DAG": f"{sys.executable} -m dagcraft.cli.main"}
+    return subprocess.run(["unshare", "-m", "sh", "-c", body], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=tmp_path)
+
+
+def test_submit_on_a_full_filesystem_is_exit_5_and_leaves_nothing(tmp_path):
+    spec = tmp_path / "big.yaml"
+    spec.write_text("name: big\nsteps:\n" + "".join(f"  - id: s{i}\n    run: 'true'\n" for i in range(60)))
+    proc = _in_tmpfs(tmp_path, f"""
+        $DAG submit {spec} --store "$T/st" --run-id big-1; echo "submit=$?"
+        $DAG runs --store "$T/st" --json; echo "runs=$?"
+        echo "files=$(find "$T/st/objects" "$T/st/tmp" -type f | wc -l)"
+    """, size="100k")
+    out = proc.stdout
+    assert "submit=5" in out and "runs=0" in out and "files=0" in out, (out, proc.stderr)
+    assert "[]" in out  # nothing listed
+    err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith(f"dagcraft: local store {tmp_path / 'tmpfs' / 'st'}: put runs/big-1/")
+    assert err[0].endswith("No space left on device") and "Traceback" not in proc.stderr
+
+
+def test_worker_rides_out_a_full_filesystem_during_a_claim(tmp_path):
+    spec = write_spec(tmp_path, SPEC)
+    log = tmp_path / "worker.err"
+    proc = _in_tmpfs(tmp_path, f"""
+        $DAG submit {spec} --store "$T/st" --run-id c1 >/dev/null || exit 98
+        dd if=/dev/zero of="$T/fill" bs=4k count=10000 2>/dev/null   # the disk is now full
+        $DAG worker --store "$T/st" --run c1 --exit-when-idle --quiet 2>{log} &
+        pid=$!
+        i=0   # wait for the worker to hit the full disk (its retry warning), then free space
+        while ! grep -q "No space left" {log}; do i=$((i+1)); [ $i -gt 1200 ] && exit 97; sleep 0.05; done
+        rm "$T/fill"
+        wait $pid; echo "worker=$?"
+        $DAG status c1 --store "$T/st"
+    """)
+    assert "worker=0" in proc.stdout, (proc.stdout, proc.stderr, log.read_text())
+    assert "run c1 (ro): succeeded" in proc.stdout
+    err = log.read_text()
+    assert "put runs/c1/steps/a/state.json: No space left on device" in err and "Traceback" not in err
