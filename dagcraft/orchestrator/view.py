@@ -191,8 +191,13 @@ class LocalView:
             self.stale.discard(state.step_id)
         if state.definition is not None and self._defs.get(state.step_id) != state.definition:
             # a foreach child: new, or revived by a re-expansion with a different item
+            try:
+                step = ConcreteStep.model_validate(state.definition)
+            except ValidationError:
+                raise CorruptRecord(layout.step_state(self.run_id, state.step_id),
+                                    "its step definition is not valid", self.store.url) from None
             self._defs[state.step_id] = state.definition
-            self.steps[state.step_id] = ConcreteStep.model_validate(state.definition)
+            self.steps[state.step_id] = step
             parent_rank = self.order.get(state.parent or "", len(self.order))
             self.order[state.step_id] = parent_rank  # children sort with their parent
         for child in state.children:
