@@ -80,6 +80,7 @@ class CorruptRecord(IntegrityError, ValueError):
         where = f" in {store}" if store else ""
         super().__init__(f"corrupt record {key}{where}: {detail}")
         self.key = key
+        self.detail = detail
 
 
 class TimedOut(DagcraftError):

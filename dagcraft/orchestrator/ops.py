@@ -108,11 +108,19 @@ CORRUPT = "corrupt"
 def note_corrupt(store: Store, run_id: str, exc: CorruptRecord, by: str) -> None:
     """Mark ``run_id`` corrupt (``corrupt/<run>``, first report wins). Best effort: the mark
     only informs ``runs``; a store that refuses it changes nothing."""
-    note = CorruptNote(run_id=run_id, key=exc.key, detail=str(exc), reported_by=by, reported_at=store.now())
+    note = CorruptNote(run_id=run_id, key=exc.key, detail=exc.detail, reported_by=by, reported_at=store.now())
     try:
         store.put(layout.corrupt_note(run_id), dump(note), if_none_match=True)
     except DagcraftError:
         pass
+
+
+def raise_if_corrupt(store: Store, run_id: str) -> None:
+    """Raise the CorruptRecord a worker marked ``run_id`` with, if any (one GET)."""
+    got = store.get(layout.corrupt_note(run_id))
+    if got is not None:
+        note = load_record(CorruptNote, got[0], layout.corrupt_note(run_id), store.url)
+        raise CorruptRecord(note.key, note.detail, store.url)
 
 
 def corrupt_runs(store: Store) -> dict[str, CorruptNote]:
@@ -161,7 +169,8 @@ def list_runs(store: Store, status: str | None = None) -> list[dict[str, Any]]:
         note = marked.get(run_id)
         out[run_id] = {"run_id": run_id, "name": rec.name, "status": CORRUPT if note else str(ctl.status),
                        "submitted_at": rec.submitted_at, "finished_at": ctl.finished_at,
-                       "reason": note.detail if note else ctl.reason, "corrupt": note.key if note else None}
+                       "reason": str(CorruptRecord(note.key, note.detail)) if note else ctl.reason,
+                       "corrupt": note.key if note else None}
     runs = sorted(out.values(), key=lambda r: r["submitted_at"], reverse=True)
     if status:
         runs = [r for r in runs if r["status"] == status]
@@ -212,13 +221,14 @@ def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False) -> 
 
 
 def _clear_corrupt(view: LocalView) -> None:
-    """A run marked corrupt is reopened only once every record of it reads again (raises
-    CorruptRecord otherwise); then its mark is removed."""
-    key = layout.corrupt_note(view.run_id)
-    if view.store.get(key) is None:
-        return
+    """A run is reopened only once every record of it reads (raises CorruptRecord otherwise,
+    before any worker starts); then a corrupt mark it had is removed. Costs one LIST and one
+    GET per step: resume and retry are rare, and a worker pool started on an unreadable run
+    would only fail."""
     view.full_resync()
-    view.store.delete(key)
+    key = layout.corrupt_note(view.run_id)
+    if view.store.get(key) is not None:
+        view.store.delete(key)
 
 
 def retry_from(store: Store, run_id: str, step: str) -> list[str]:

@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dagcraft.errors import DagcraftError, Interrupted
+from dagcraft.errors import EXIT_FAILED, DagcraftError, Interrupted
+from dagcraft.orchestrator import ops
 from dagcraft.orchestrator.model import RUN_FINISHED
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives.store import Store
@@ -60,6 +61,8 @@ class Pool:
     def check(self, run_finished: bool) -> None:
         """Restart workers that died while the run still needs them."""
         for i, p in enumerate(self.procs):
+            if p.poll() is not None and not run_finished and p.returncode == EXIT_FAILED:
+                ops.raise_if_corrupt(self.store, self.run_id)  # restarting could never help
             if p.poll() is not None and not run_finished and self.restarts < MAX_RESTARTS:
                 self.restarts += 1
                 self.procs[i] = self._spawn()

@@ -123,3 +123,33 @@ def test_resume_clears_the_mark_once_the_record_is_repaired(local_store, tmp_pat
     prepare_resume(local_store, "r")
     assert local_store.get(layout.corrupt_note("r")) is None
     assert drive_inline(local_store, "r", tmp_path)["status"] == "succeeded"
+
+
+def test_run_whose_record_turns_corrupt_mid_run_stops_with_one_error(tmp_path):
+    store_url = str(tmp_path / "store")
+    spec = write_spec(tmp_path, """
+        name: mid
+        steps:
+          - id: a
+            run: "echo 'not json' > $DAGCRAFT_STORE/objects/runs/$DAGCRAFT_RUN_ID/steps/b/state.json%"
+          - id: b
+            needs: [a]
+            run: "true"
+    """)
+    proc = cli("run", str(spec), "--store", store_url, "--workers", "2", "--run-id", "mid-1", "--no-report",
+               timeout=120)
+    key = layout.step_state("mid-1", "b")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(f"dagcraft: corrupt record {key}")
+    assert proc.stderr.count(key) <= 3  # once per worker (2) and the final line: no restart loop
+
+
+def test_resume_of_an_unmarked_corrupt_run_fails_before_any_worker_starts(tmp_path):
+    store_url = str(tmp_path / "store")
+    store = open_store(store_url)
+    submit_spec(store, write_spec(tmp_path, SPEC), run_id="y1")
+    key = layout.step_state("y1", "b")
+    store.put(key, b"[1, 2]")
+    proc = cli("resume", "y1", "--store", store_url, "--no-report")
+    _one_line_error(proc, key)
+    assert "resuming" not in proc.stdout
