@@ -68,6 +68,21 @@ class IntegrityError(DagcraftError):
     exit_code = 1
 
 
+class CorruptRecord(IntegrityError, ValueError):
+    """A record in the store cannot be parsed (not JSON, or not the record it should be).
+
+    Exit 1, not 5: the store answered, and retrying will not help; only this record (and so
+    its run) is affected — workers stop serving that run and keep serving every other one.
+    ``key`` names the record. A ``ValueError`` too, so parsers that already treat an
+    unreadable record as absent keep doing so."""
+
+    def __init__(self, key: str, detail: str, store: str | None = None) -> None:
+        where = f" in {store}" if store else ""
+        super().__init__(f"corrupt record {key}{where}: {detail}")
+        self.key = key
+        self.detail = detail
+
+
 class TimedOut(DagcraftError):
     """A wait or a step timed out (exit 124)."""
 

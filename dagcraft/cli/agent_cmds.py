@@ -27,12 +27,12 @@ from dagcraft.errors import DagcraftError, Failed, InvalidInput, NotFound
 
 class Ctx:
     def __init__(self, store: str | None, run: str | None, as_: str | None, step: str | None = None) -> None:
-        from dagcraft.primitives.keys import validate_segment
+        from dagcraft.primitives.keys import validate_run_id, validate_segment
 
         self.store_url = store
         self.run = run or os.environ.get("DAGCRAFT_RUN_ID") or None
         if self.run:
-            validate_segment(self.run, "run id")
+            validate_run_id(self.run)
         self.step = step or os.environ.get("DAGCRAFT_STEP") or None
         if self.step:
             validate_segment(self.step, "step id")

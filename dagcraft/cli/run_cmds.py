@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from dagcraft.errors import Failed
+from dagcraft.errors import DagcraftError, Failed
 
 KEEP_HELP = "keep each attempt's scratch directory (private, 0700) instead of removing it afterwards"
 SIGNING_HELP = ("Ed25519 private key (PEM) that signs the seal of the runs it finishes "
@@ -20,12 +20,14 @@ SIGNING_HELP = ("Ed25519 private key (PEM) that signs the seal of the runs it fi
 STORE_HELP = "store URL: a directory or s3://bucket/prefix[?endpoint=URL] (default $DAGCRAFT_STORE, else .dagcraft)"
 
 
-def _store(url: str | None) -> tuple[Any, str]:
+def _store(url: str | None, *, create: bool = True) -> tuple[Any, str]:
+    """The store and its URL for children. ``create=False`` for read-only commands: a
+    mistyped path is "no store at PATH" (exit 4), never a new empty store."""
     from dagcraft.primitives import open_store
     from dagcraft.primitives.url import resolve_store_url
 
     resolved = resolve_store_url(url)
-    store = open_store(resolved)
+    store = open_store(resolved, create=create)
     # children (workers, steps) must reach the same store whatever their cwd
     root = getattr(store, "root", None)
     return store, (str(root) if root is not None else resolved)
@@ -55,6 +57,13 @@ def compile_with_secrets(spec: str, params: tuple[str, ...], secret_files: tuple
     from dagcraft.orchestrator.submission import compile_spec
 
     return compile_spec(Path(spec), params, read_secret_options(secret_files, secret_stdin))
+
+
+def _check_run_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--run-id``: refused (exit 2) before anything is written."""
+    from dagcraft.primitives.keys import validate_run_id
+
+    return validate_run_id(value) if value is not None else None
 
 
 def _secret_env(wf: Any) -> dict[str, str]:
@@ -100,8 +109,16 @@ def _drive_and_report(store: Any, url: str, run_id: str, opts: Any, report: str 
         if s["status"] == "failed":
             click.echo(f"  failed: {s['step']} (attempt {s['attempt']}): {s['reason']}")
     if not no_report:
-        path = write_report(store, run_id, Path(report) if report else None)
-        click.echo(f"report: {path}")
+        try:
+            path = write_report(store, run_id, Path(report) if report else None)
+            click.echo(f"report: {path}")
+        except (DagcraftError, OSError) as exc:
+            # the run's outcome is decided and stored: a report that cannot be written (disk
+            # full, store gone) is a warning and never changes the exit code
+            why = str(exc)
+            if isinstance(exc, OSError):
+                why = f"{report or 'local copy'}: {exc.strerror or type(exc).__name__}"
+            click.echo(f"dagcraft: warning: report not written: {why}", err=True)
     click.echo(f"traces: dagcraft trace summary {run_id} --store {url}")
     if status != "succeeded":
         sys.exit(1)
@@ -113,7 +130,7 @@ def register(cli: click.Group) -> None:
     @click.option("-p", "--param", "params", multiple=True, metavar="K=V", help="set a parameter")
     @click.option("--store", "store_url", help=STORE_HELP)
     @click.option("--workers", type=click.IntRange(1, 256), help="local worker processes (default: CPU count)")
-    @click.option("--run-id", help="run id (default: <name>-<utc time>-<random>)")
+    @click.option("--run-id", callback=_check_run_id, help="run id (default: <name>-<utc time>-<random>)")
     @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
                   help="step lease TTL in seconds; heartbeat every third of it")
     @click.option("--report", type=click.Path(dir_okay=False), help="where to write the HTML report")
@@ -139,7 +156,7 @@ def register(cli: click.Group) -> None:
     @click.argument("spec", type=click.Path(dir_okay=False))
     @click.option("-p", "--param", "params", multiple=True, metavar="K=V")
     @click.option("--store", "store_url", help=STORE_HELP)
-    @click.option("--run-id", help="run id")
+    @click.option("--run-id", callback=_check_run_id, help="run id")
     @secret_options
     def submit_cmd(spec: str, params: tuple[str, ...], store_url: str | None, run_id: str | None,
                    secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
@@ -153,7 +170,8 @@ def register(cli: click.Group) -> None:
 
     @cli.command()
     @click.option("--store", "store_url", help=STORE_HELP)
-    @click.option("--run", "run_id", help="serve only this run (default: every run in the store)")
+    @click.option("--run", "run_id", callback=_check_run_id,
+                  help="serve only this run (default: every run in the store)")
     @click.option("--concurrency", type=click.IntRange(1, 256), default=1, show_default=True)
     @click.option("--exit-when-idle", is_flag=True, help="exit when the served runs have finished")
     @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
@@ -197,7 +215,7 @@ def register(cli: click.Group) -> None:
         """Show a run's status and its steps. Exit 1 if the run failed."""
         from dagcraft.orchestrator import run_status
 
-        store, _ = _store(store_url)
+        store, _ = _store(store_url, create=False)
         while True:
             st = run_status(store, run_id)
             if as_json:
@@ -219,14 +237,15 @@ def register(cli: click.Group) -> None:
         """List runs, newest first."""
         from dagcraft.orchestrator import list_runs
 
-        store, _ = _store(store_url)
+        store, _ = _store(store_url, create=False)
         items = list_runs(store, status_filter)
         if as_json:
             click.echo(json.dumps(items, indent=2, default=str))
             return
         for r in items:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["submitted_at"]))
-            click.echo(f"{r['run_id']:<48} {r['status']:<12} {when}  {r['name']}")
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["submitted_at"])) if r["submitted_at"] else "-"
+            tail = f"{r['name'] or ''}" + (f"  ({r['corrupt']})" if r.get("corrupt") else "")
+            click.echo(f"{r['run_id']:<48} {r['status']:<12} {when}  {tail}")
 
     @cli.command()
     @click.argument("run_id")
@@ -239,7 +258,7 @@ def register(cli: click.Group) -> None:
         """Print a step attempt's output log."""
         from dagcraft.orchestrator.ops import follow_log, read_log
 
-        store, _ = _store(store_url)
+        store, _ = _store(store_url, create=False)
         out = sys.stdout.buffer
         if follow:
             for chunk in follow_log(store, run_id, step, attempt):

@@ -35,7 +35,7 @@ def _report():
 def _store(url: str | None):
     from dagcraft.primitives import open_store
 
-    return open_store(url)
+    return open_store(url, create=False)  # read-only: a mistyped path creates nothing
 
 
 def _is_file_target(target: str) -> bool:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dagcraft.errors import Conflict, DagcraftError, Fenced, StoreUnavailable
+from dagcraft.errors import Conflict, DagcraftError, Fenced, InvalidInput, StoreUnavailable
 from dagcraft.orchestrator import context, layout, transitions
 from dagcraft.orchestrator.model import AttemptInfo, AttemptKind, AttemptStatus, StepState, StepStatus
 from dagcraft.orchestrator.outbox import Outbox, private_dir
@@ -98,48 +98,79 @@ class Outcome:
     logs: tuple[Path, ...] = ()
 
 
+def _nul_free(name: str, value: Any) -> None:
+    if isinstance(value, str) and "\x00" in value:
+        raise InvalidInput(f"output {name!r} contains a NUL byte")
+    if isinstance(value, list):
+        for v in value:
+            _nul_free(name, v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _nul_free(name, k)
+            _nul_free(name, v)
+
+
 def parse_outputs(path: Path) -> dict[str, Any]:
     """``$DAGCRAFT_OUTPUT``: a JSON object, or ``key=value`` lines (values parsed as JSON when
-    they are JSON, e.g. ``count=3`` or ``items=["a","b"]``, else kept as strings)."""
+    they are JSON, e.g. ``count=3`` or ``items=["a","b"]``, else kept as strings).
+
+    Raises InvalidInput naming the output when a name or value holds a NUL byte: the step
+    fails for good (a rerun would write the same), rather than as a retryable internal error."""
     if not path.exists():
         return {}
     text = path.read_text("utf-8", "replace").strip()
     if not text:
         return {}
+    out: dict[str, Any] = {}
     if text.startswith("{"):
         try:
             data = json.loads(text)
             if isinstance(data, dict):
-                return data
+                out = data
         except json.JSONDecodeError:
             pass
-    out: dict[str, Any] = {}
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
+    if not out:
+        for line in text.splitlines():
+            if not line.strip() or line.lstrip().startswith("#") or "=" not in line:
+                continue
+            key, _, value = line.partition("=")
+            try:
+                out[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key.strip()] = value
+    for name, value in out.items():
+        if "\x00" in name:
+            raise InvalidInput(f"output name {name.replace(chr(0), '<NUL>')!r} contains a NUL byte")
+        _nul_free(name, value)
     return out
 
 
 def collect_artifacts(workdir: Path, patterns: list[str]) -> tuple[list[tuple[str, Path]], list[str]]:
     """Files in ``workdir`` matching the declared globs, as (name, path), and the literal names
-    that are missing. Files resolving outside the workdir (symlinks) are never collected."""
+    that are missing. A match that is (or lies under) a symlink resolving outside the workdir
+    raises InvalidInput naming the artifact: it is never uploaded, and the step fails for good
+    rather than succeeding without it. A symlink to a file inside the workdir is collected."""
     root = workdir.resolve()
     found: dict[str, Path] = {}
     missing: list[str] = []
     for pattern in patterns:
         validate_relpath(pattern.replace("*", "x").replace("?", "x"), "artifact pattern")
-        matches = [p for p in sorted(workdir.glob(pattern)) if p.is_file()]
-        if not matches and not (GLOB_CHARS & set(pattern)):
-            missing.append(pattern)
-        for p in matches:
+        literal = not (GLOB_CHARS & set(pattern))
+        candidates = [workdir / pattern] if literal else sorted(workdir.glob(pattern))
+        matches = []
+        for p in candidates:
+            if not (p.is_symlink() or p.exists()):
+                continue
             real = p.resolve()
             if root not in real.parents:
-                continue
+                where = "outside the workdir" if real.exists() else "nowhere (dangling)"
+                raise InvalidInput(f"declared artifact {p.relative_to(workdir).as_posix()!r} is a symlink to "
+                                   f"{where}; it is never uploaded")
+            if real.is_file():
+                matches.append(p)
+        if not matches and literal:
+            missing.append(pattern)
+        for p in matches:
             found[p.relative_to(workdir).as_posix()] = p
     return sorted(found.items()), missing
 
@@ -346,16 +377,20 @@ class Attempt:
         assert self.trace is not None
         step = self.w.step
         base: dict[str, Any] = {"exit_code": ok.exit_code, "signal": ok.signal, "logs": ok.logs}
-        # redacted before anything else sees them: the state, the cache, the trace, downstream
-        # steps and `status` only ever get "[redacted]" in place of a secret (docs/spec.md)
-        outputs = self._redact(parse_outputs(self.dir / "outputs"))
+        try:  # a NUL in an output, an artifact symlinked out of the workdir: fails for good
+            # redacted before anything else sees them: the state, the cache, the trace, downstream
+            # steps and `status` only ever get "[redacted]" in place of a secret (docs/spec.md)
+            outputs = self._redact(parse_outputs(self.dir / "outputs"))
+            found, missing_art = collect_artifacts(workdir, step.outputs_artifacts)
+        except InvalidInput as exc:
+            self.trace.append("error", {"step": step.id, "message": str(exc)})
+            return Outcome(AttemptStatus.FAILED, reason=str(exc), retryable=False, **base)
         for name, value in outputs.items():
             self.trace.append("output.set", {"name": name, "value": value})
         missing_out = [k for k in step.outputs_values if k not in outputs]
         if missing_out:
             return Outcome(AttemptStatus.FAILED, reason=f"missing declared output {missing_out[0]!r}",
                            retryable=True, **base)
-        found, missing_art = collect_artifacts(workdir, step.outputs_artifacts)
         if missing_art:
             return Outcome(AttemptStatus.FAILED, reason=f"missing declared artifact {missing_art[0]!r}",
                            retryable=True, **base)
@@ -418,14 +453,23 @@ class Attempt:
         got = self.store.get(layout.cache_entry(key))
         if got is None:
             return None
-        entry = json.loads(got[0])
+        try:
+            entry = json.loads(got[0])
+            if not (isinstance(entry, dict) and isinstance(entry.get("outputs"), dict)
+                    and isinstance(entry.get("artifacts"), dict)):
+                raise ValueError("not a cache entry")
+        except ValueError:
+            # a corrupt entry is a miss (reported once per attempt), never a failing step;
+            # the fresh result is not cached over it (create-only)
+            log.warning("corrupt cache entry %s: ignored", layout.cache_entry(key))
+            return None
         assert self.trace is not None
-        self.trace.append("x.dagcraft.cache_hit", {"key": key, "from_run": entry["run"], "from_step": entry["step"],
-                                                   "from_attempt": entry["attempt"]})
+        self.trace.append("x.dagcraft.cache_hit", {"key": key, "from_run": entry.get("run"),
+                                                   "from_step": entry.get("step"), "from_attempt": entry.get("attempt")})
         # redacted again: an entry written before redaction, or by hand, never brings one back
         return Outcome(AttemptStatus.SUCCEEDED, outputs=self._redact(entry["outputs"]), artifacts=entry["artifacts"],
                        exit_code=0,
-                       cached_from=f"{entry['run']}/{entry['step']}#{entry['attempt']}")
+                       cached_from=f"{entry.get('run')}/{entry.get('step')}#{entry.get('attempt')}")
 
     def _cache_store(self, key: str, outcome: Outcome) -> None:
         body = json.dumps({"run": self.w.run_id, "step": self.w.step.id, "attempt": self.n,

@@ -12,18 +12,19 @@ runs/<run>/supervisor                             supervisor lease
 runs/<run>/semaphores/parallel/<i>                max_parallel slots
 shared/semaphores/agent-<name>/<i>                per-agent concurrency caps, across runs and hosts
 cache/<sha256>                                    step cache entries
+corrupt/<run>                                     a worker found a record of the run unreadable
 ```
 """
 
 from __future__ import annotations
 
-from dagcraft.primitives.keys import validate_segment
+from dagcraft.primitives.keys import validate_run_id, validate_segment
 
 CONTROL_MARK = "@control"
 
 
 def run_prefix(run_id: str) -> str:
-    return f"runs/{validate_segment(run_id, 'run id')}"
+    return f"runs/{validate_run_id(run_id)}"
 
 
 def run_record(run_id: str) -> str:
@@ -97,7 +98,20 @@ RUNS_INDEX = "runs-index/"
 
 
 def runs_index_entry(ulid: str, run_id: str) -> str:
-    return f"{RUNS_INDEX}{ulid}~{validate_segment(run_id, 'run id')}"
+    return f"{RUNS_INDEX}{ulid}~{validate_run_id(run_id)}"
+
+
+def parse_runs_index_key(key: str) -> str:
+    """The run id of a ``runs-index/`` entry (everything after the ULID and its ``~``)."""
+    return key.rsplit("/", 1)[-1].partition("~")[2]
+
+
+CORRUPT_PREFIX = "corrupt/"
+
+
+def corrupt_note(run_id: str) -> str:
+    """Marker of a run a worker found a corrupt record in (see ``model.CorruptNote``)."""
+    return f"{CORRUPT_PREFIX}{validate_run_id(run_id)}"
 
 
 def cache_entry(digest: str) -> str:

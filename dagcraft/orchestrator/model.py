@@ -11,10 +11,11 @@ import hashlib
 import json
 from collections.abc import Iterable
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
+from dagcraft.errors import CorruptRecord
 from dagcraft.primitives.lease import LeaseRecord
 
 
@@ -210,13 +211,43 @@ def seal_material(run_id: str, status: RunStatus, generation: int, states: Itera
     return {"version": 1, "run_id": run_id, "status": str(status), "generation": generation, "steps": steps}
 
 
-def load_state(data: bytes) -> StepState:
-    return StepState.model_validate_json(data)
+M = TypeVar("M", bound=BaseModel)
 
 
-def load_control(data: bytes) -> Control:
-    return Control.model_validate_json(data)
+def load_record(model: type[M], data: bytes, key: str = "record", store: str | None = None) -> M:
+    """Parse a stored record. A record that is not valid JSON or not a valid ``model`` raises
+    :class:`~dagcraft.errors.CorruptRecord` naming ``key`` — never a raw ValidationError."""
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        errs = exc.errors()
+        if not errs or errs[0]["type"] == "json_invalid":
+            detail = "not valid JSON"
+        else:
+            loc = ".".join(str(p) for p in errs[0]["loc"]) or model.__name__
+            detail = f"not a valid {model.__name__} ({loc}: {errs[0]['msg']})"
+        raise CorruptRecord(key, detail[:300].replace("\n", " "), store) from None
+
+
+def load_state(data: bytes, key: str = "step state", store: str | None = None) -> StepState:
+    return load_record(StepState, data, key, store)
+
+
+def load_control(data: bytes, key: str = "run control", store: str | None = None) -> Control:
+    return load_record(Control, data, key, store)
 
 
 def dump(model: BaseModel) -> bytes:
     return json.dumps(model.model_dump(mode="json"), sort_keys=True).encode()
+
+
+class CorruptNote(BaseModel):
+    """``corrupt/<run>``: a worker found a record of the run unreadable and stopped serving it.
+    Informational (``runs`` lists the run as ``corrupt``); removed by a resume that finds the
+    run readable again."""
+
+    run_id: str
+    key: str
+    detail: str
+    reported_by: str
+    reported_at: float

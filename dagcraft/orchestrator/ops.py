@@ -2,6 +2,8 @@
 
 Each is a CAS on run control and/or step states followed by a journal entry, so it is safe
 while workers are running anywhere: a worker that raced it sees a failed CAS and re-reads.
+They are interactive: a store failure is reported at once (StoreUnavailable, exit 5), not
+ridden out like a worker's writes.
 """
 
 from __future__ import annotations
@@ -11,33 +13,43 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from dagcraft.errors import Conflict, InvalidInput, NotFound
+from dagcraft.errors import Conflict, CorruptRecord, DagcraftError, InvalidInput, NotFound
 from dagcraft.orchestrator import layout, transitions
 from dagcraft.orchestrator.model import (
     RUN_FINISHED,
     Control,
+    CorruptNote,
     RunRecord,
     RunStatus,
     StepState,
     StepStatus,
+    dump,
     load_control,
+    load_record,
     load_state,
 )
 from dagcraft.orchestrator.view import LocalView
+from dagcraft.primitives.persist import ONCE
 from dagcraft.primitives.store import Store
 from dagcraft.primitives.ulid import new_ulid
 
 
 def read_record(store: Store, run_id: str) -> RunRecord:
-    got = store.get(layout.run_record(run_id))
+    key = layout.run_record(run_id)
+    got = store.get(key)
     if got is None:
         raise NotFound(f"run {run_id!r} not found in {store.url}")
-    return RunRecord.model_validate_json(got[0])
+    return load_record(RunRecord, got[0], key, store.url)
 
 
 def read_control(store: Store, run_id: str) -> Control:
-    got = store.get(layout.control(run_id))
-    return load_control(got[0]) if got else Control()
+    """The run's control. NotFound when it was never written: a submit that did not complete
+    (run.json alone) is no run."""
+    key = layout.control(run_id)
+    got = store.get(key)
+    if got is None:
+        raise NotFound(f"run {run_id!r} not found in {store.url} (its submit did not complete)")
+    return load_control(got[0], key, store.url)
 
 
 def load_states(store: Store, run_id: str) -> dict[str, StepState]:
@@ -47,7 +59,7 @@ def load_states(store: Store, run_id: str) -> dict[str, StepState]:
         if key.endswith("/state.json"):
             got = store.get(key)
             if got:
-                st = load_state(got[0])
+                st = load_state(got[0], key, store.url)
                 states[st.step_id] = st
     return states
 
@@ -88,20 +100,77 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
             "spec_hash": rec.spec_hash, "params": rec.params, "counts": counts, "steps": steps}
 
 
+#: what ``list_runs`` reports as the status of a run whose records cannot be read. Never
+#: written to the store: a run is corrupt when its run.json or control.json does not parse.
+CORRUPT = "corrupt"
+
+
+def note_corrupt(store: Store, run_id: str, exc: CorruptRecord, by: str) -> None:
+    """Mark ``run_id`` corrupt (``corrupt/<run>``, first report wins). Best effort: the mark
+    only informs ``runs``; a store that refuses it changes nothing."""
+    note = CorruptNote(run_id=run_id, key=exc.key, detail=exc.detail, reported_by=by, reported_at=store.now())
+    try:
+        store.put(layout.corrupt_note(run_id), dump(note), if_none_match=True)
+    except DagcraftError:
+        pass
+
+
+def raise_if_corrupt(store: Store, run_id: str) -> None:
+    """Raise the CorruptRecord a worker marked ``run_id`` with, if any (one GET)."""
+    got = store.get(layout.corrupt_note(run_id))
+    if got is not None:
+        note = load_record(CorruptNote, got[0], layout.corrupt_note(run_id), store.url)
+        raise CorruptRecord(note.key, note.detail, store.url)
+
+
+def corrupt_runs(store: Store) -> dict[str, CorruptNote]:
+    """Runs a worker marked corrupt: run id -> its note (one LIST, one GET per marked run)."""
+    out: dict[str, CorruptNote] = {}
+    for key in store.list(layout.CORRUPT_PREFIX):
+        got = store.get(key)
+        if got is None:
+            continue
+        try:
+            note = load_record(CorruptNote, got[0], key, store.url)
+        except CorruptRecord:
+            continue
+        out[note.run_id] = note
+    return out
+
+
 def list_runs(store: Store, status: str | None = None) -> list[dict[str, Any]]:
-    """Every run in the store, newest first (two GETs per run)."""
+    """Every run in the store, newest first (two GETs per run). A run whose record or control
+    cannot be parsed is listed with status ``corrupt`` and ``corrupt`` naming the bad key
+    (``corrupt`` is None for every other run): one bad run never hides the others."""
     out: dict[str, dict[str, Any]] = {}
+    marked = corrupt_runs(store)
     for key in store.list(layout.RUNS_INDEX):
-        run_id = key.rsplit("~", 1)[-1]
+        run_id = layout.parse_runs_index_key(key)
         if run_id in out:
             continue
         try:
             rec = read_record(store, run_id)
         except NotFound:
             continue
-        ctl = read_control(store, run_id)
-        out[run_id] = {"run_id": run_id, "name": rec.name, "status": str(ctl.status), "submitted_at": rec.submitted_at,
-                       "finished_at": ctl.finished_at, "reason": ctl.reason}
+        except InvalidInput:
+            continue  # an index entry no valid run id could have written
+        except CorruptRecord as exc:
+            out[run_id] = {"run_id": run_id, "name": None, "status": CORRUPT, "submitted_at": 0.0,
+                           "finished_at": None, "reason": str(exc), "corrupt": exc.key}
+            continue
+        try:
+            ctl = read_control(store, run_id)
+        except NotFound:
+            continue
+        except CorruptRecord as exc:
+            out[run_id] = {"run_id": run_id, "name": rec.name, "status": CORRUPT, "submitted_at": rec.submitted_at,
+                           "finished_at": None, "reason": str(exc), "corrupt": exc.key}
+            continue
+        note = marked.get(run_id)
+        out[run_id] = {"run_id": run_id, "name": rec.name, "status": CORRUPT if note else str(ctl.status),
+                       "submitted_at": rec.submitted_at, "finished_at": ctl.finished_at,
+                       "reason": str(CorruptRecord(note.key, note.detail)) if note else ctl.reason,
+                       "corrupt": note.key if note else None}
     runs = sorted(out.values(), key=lambda r: r["submitted_at"], reverse=True)
     if status:
         runs = [r for r in runs if r["status"] == status]
@@ -116,7 +185,7 @@ def _reindex(store: Store, run_id: str) -> None:
 def cancel(store: Store, run_id: str, reason: str = "cancelled by user") -> str:
     """Ask every worker to stop the run: running steps are signalled, nothing new starts.
     Returns the run status after the request."""
-    view = LocalView(store, run_id, detail=True)
+    view = LocalView(store, run_id, detail=True, persist=ONCE)
     for _ in range(5):
         if view.control.status in RUN_FINISHED or view.control.status == "cancelling":
             return view.control.status
@@ -129,7 +198,8 @@ def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False) -> 
     """Make an interrupted run continuable. Succeeded steps are never reset. With
     ``retry_failed``, failed steps and the steps skipped or cancelled because of them go back
     to pending. Returns the run status afterwards."""
-    view = LocalView(store, run_id, detail=True)
+    view = LocalView(store, run_id, detail=True, persist=ONCE)
+    _clear_corrupt(view)
     status = view.control.status
     resettable = {StepStatus.CANCELLED} | ({StepStatus.FAILED} if retry_failed else set())
     if status == "succeeded":
@@ -150,10 +220,22 @@ def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False) -> 
     return view.control.status
 
 
+def _clear_corrupt(view: LocalView) -> None:
+    """A run is reopened only once every record of it reads (raises CorruptRecord otherwise,
+    before any worker starts); then a corrupt mark it had is removed. Costs one LIST and one
+    GET per step: resume and retry are rare, and a worker pool started on an unreadable run
+    would only fail."""
+    view.full_resync()
+    key = layout.corrupt_note(view.run_id)
+    if view.store.get(key) is not None:
+        view.store.delete(key)
+
+
 def retry_from(store: Store, run_id: str, step: str) -> list[str]:
     """Reset ``step`` (a concrete id, or a template id meaning all its instances) and every
     step downstream of it to pending; earlier attempts' traces and history are kept."""
-    view = LocalView(store, run_id, detail=True)
+    view = LocalView(store, run_id, detail=True, persist=ONCE)
+    _clear_corrupt(view)
     roots = [s for s in view.steps if s == step or (view.steps[s].template_id == step and not view.state(s).parent)]
     if not roots:
         raise NotFound(f"step {step!r} not found in run {run_id!r}")
@@ -174,7 +256,7 @@ def retry_from(store: Store, run_id: str, step: str) -> list[str]:
 
 def request_rollback(store: Store, run_id: str) -> str:
     """Start compensation of a finished run's succeeded steps (reverse topological order)."""
-    view = LocalView(store, run_id, detail=True)
+    view = LocalView(store, run_id, detail=True, persist=ONCE)
     if view.control.status not in RUN_FINISHED:
         raise InvalidInput(f"run {run_id!r} is {view.control.status}; cancel it before rolling back")
     if view.control.status == "rolled_back":
@@ -186,11 +268,12 @@ def request_rollback(store: Store, run_id: str) -> str:
 
 
 def latest_attempt(store: Store, run_id: str, step: str) -> int:
-    got = store.get(layout.step_state(run_id, step))
+    key = layout.step_state(run_id, step)
+    got = store.get(key)
     if got is None:
         read_record(store, run_id)
         raise NotFound(f"step {step!r} not found in run {run_id!r}")
-    st = load_state(got[0])
+    st = load_state(got[0], key, store.url)
     if st.attempt == 0:
         raise NotFound(f"step {step!r} of run {run_id!r} has not started")
     return st.attempt
@@ -218,7 +301,7 @@ def follow_log(store: Store, run_id: str, step: str, attempt: int | None = None,
             yield got[0][sent:]
             sent = len(got[0])
         st = store.get(layout.step_state(run_id, step))
-        state = load_state(st[0]) if st else None
+        state = load_state(st[0], layout.step_state(run_id, step), store.url) if st else None
         if state is None or not (state.status == "running" and state.attempt == n):
             got = store.get(f"{layout.attempt_prefix(run_id, step, n)}/stdout.log")
             if got is not None and len(got[0]) > sent:

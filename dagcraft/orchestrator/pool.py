@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dagcraft.errors import Interrupted
+from dagcraft.errors import EXIT_FAILED, DagcraftError, Interrupted
+from dagcraft.orchestrator import ops
 from dagcraft.orchestrator.model import RUN_FINISHED
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives.store import Store
@@ -66,6 +67,8 @@ class Pool:
     def check(self, run_finished: bool) -> None:
         """Restart workers that died while the run still needs them."""
         for i, p in enumerate(self.procs):
+            if p.poll() is not None and not run_finished and p.returncode == EXIT_FAILED:
+                ops.raise_if_corrupt(self.store, self.run_id)  # restarting could never help
             if p.poll() is not None and not run_finished and self.restarts < MAX_RESTARTS:
                 self.restarts += 1
                 self.procs[i] = self._spawn()
@@ -115,6 +118,9 @@ def drive(store: Store, store_url: str, run_id: str, opts: PoolOptions,
     except KeyboardInterrupt:
         pool.stop(signal.SIGINT)
         raise Interrupted(f"interrupted; resume with: dagcraft resume {run_id}") from None
+    except DagcraftError:  # the run turned unreadable or the store failed: never orphan workers
+        pool.stop(signal.SIGINT)
+        raise
     view.refresh()
     if on_update is not None:
         on_update(view)

@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from dagcraft.errors import Conflict, InvalidInput
+from dagcraft.errors import Conflict, DagcraftError, InvalidInput
 from dagcraft.orchestrator import journal, layout
 from dagcraft.orchestrator.model import Control, RunRecord, StepState, dump
 from dagcraft.orchestrator.view import secret_env_name
-from dagcraft.primitives.keys import validate_segment
+from dagcraft.primitives.keys import validate_run_id
 from dagcraft.primitives.store import Store
 from dagcraft.primitives.ulid import new_ulid
 from dagcraft.workflows import CompiledWorkflow, compile_workflow, load_spec, parse_params
@@ -35,7 +35,7 @@ def identity() -> str:
 
 def new_run_id(name: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    return f"{name}-{stamp}-{secrets.token_hex(2)}"
+    return f"{name[:100]}-{stamp}-{secrets.token_hex(2)}"  # always a valid run id
 
 
 def redacted_workflow(wf: Any) -> dict[str, Any]:
@@ -82,11 +82,13 @@ def submit(
     spec_dir: str | None = None,
     submitted_by: str | None = None,
 ) -> str:
-    """Write a run: the immutable run record, one pending state per step, run control, an
-    index entry. Guarantee: a run id is taken at most once (If-None-Match on ``run.json``);
-    a submit interrupted half-way leaves a run whose missing step states read as pending.
+    """Write a run: the immutable run record, one pending state per step, run control, a
+    journal entry, and last the index entry. Guarantee: a run id is taken at most once
+    (If-None-Match on ``run.json``). A run is visible (listed, served, resumable) only once
+    its control is written; a submit that fails (store unavailable, disk full) removes what it
+    wrote — best effort, and what a killed submit leaves reads as "not found" — then raises.
     """
-    run_id = validate_segment(run_id or new_run_id(wf.name), "run id")
+    run_id = validate_run_id(run_id or new_run_id(wf.name))
     data = redacted_workflow(wf)
     record = RunRecord(
         run_id=run_id,
@@ -104,16 +106,35 @@ def submit(
         store.put(layout.run_record(run_id), dump(record), if_none_match=True)
     except Conflict:
         raise Conflict(f"run id {run_id!r} already exists in {store.url}") from None
+    written: list[str] = []  # list.append is atomic: safe from the pool's threads
+
     def write_state(step_id: str) -> None:
+        key = layout.step_state(run_id, step_id)
         try:
-            store.put(layout.step_state(run_id, step_id), StepState(step_id=step_id).dump(), if_none_match=True)
+            store.put(key, StepState(step_id=step_id).dump(), if_none_match=True)
+            written.append(key)
         except Conflict:
             pass  # written by an earlier, interrupted submit of this run
 
-    # independent writes: in parallel, so submitting a large DAG to S3 takes round trips / 16
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(write_state, wf.steps))
-    store.put(layout.control(run_id), dump(Control(updated_at=store.now())), if_none_match=True)
-    store.put(layout.runs_index_entry(new_ulid(), run_id), b"", if_none_match=True)
-    journal.append(store, run_id, layout.CONTROL_MARK)
+    try:
+        # independent writes: in parallel, so submitting a large DAG to S3 takes round trips / 16
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(write_state, wf.steps))
+        store.put(layout.control(run_id), dump(Control(updated_at=store.now())), if_none_match=True)
+        written.append(layout.control(run_id))
+        written.append(journal.append(store, run_id, layout.CONTROL_MARK))
+        store.put(layout.runs_index_entry(new_ulid(), run_id), b"", if_none_match=True)
+    except BaseException:
+        _undo(store, [*written, layout.run_record(run_id)])
+        raise
     return run_id
+
+
+def _undo(store: Store, keys: list[str]) -> None:
+    """Remove a failed submit's writes in order (``keys`` ends with run.json, so the id is
+    free again only when nothing else of it is left)."""
+    for key in keys:
+        try:
+            store.delete(key)
+        except DagcraftError:
+            return  # the store is gone: what is left has no control, so it reads as not found

@@ -16,7 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
-from dagcraft.errors import InvalidInput, NotFound
+from pydantic import ValidationError
+
+from dagcraft.errors import CorruptRecord, InvalidInput, NotFound
 from dagcraft.orchestrator import layout
 from dagcraft.orchestrator.journal import JournalReader
 from dagcraft.orchestrator.model import (
@@ -30,6 +32,7 @@ from dagcraft.orchestrator.model import (
     StepState,
     StepStatus,
     load_control,
+    load_record,
     load_state,
 )
 from dagcraft.primitives.persist import Persistence
@@ -123,10 +126,11 @@ def missing_secrets(wf: CompiledWorkflow, step: ConcreteStep, *, rollback: bool 
 def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
     """The run record and its workflow, with secret params taken from this process's
     environment (``DAGCRAFT_PARAM_<NAME>``); secrets are never read from the store."""
-    got = store.get(layout.run_record(run_id))
+    key = layout.run_record(run_id)
+    got = store.get(key)
     if got is None:
         raise NotFound(f"run {run_id!r} not found in {store.url}")
-    record = RunRecord.model_validate_json(got[0])
+    record = load_record(RunRecord, got[0], key, store.url)
     data = dict(record.workflow)
     params = dict(data.get("params", {}))
     for name in record.secret_params:
@@ -136,7 +140,10 @@ def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
     steps = data.get("steps", {})
     if record.order and set(record.order) == set(steps):
         data["steps"] = {sid: steps[sid] for sid in record.order}
-    return record, CompiledWorkflow.model_validate(data)
+    try:
+        return record, CompiledWorkflow.model_validate(data)
+    except ValidationError as exc:
+        raise CorruptRecord(key, f"workflow is not valid ({exc.error_count()} error(s))", store.url) from None
 
 
 class LocalView:
@@ -172,6 +179,10 @@ class LocalView:
         self.changes = 0  # bumps on every observed change; lets callers skip needless work
         self._ctx_cache: tuple[int, dict[str, dict[str, Any]]] | None = None
         self.refresh()
+        if self.control_etag is None:  # no control entry in the journal: read it to be sure
+            self.refresh_control()
+            if self.control_etag is None:
+                raise NotFound(f"run {run_id!r} not found in {store.url} (its submit did not complete)")
 
     # -- reading -------------------------------------------------------------------------
     def refresh(self) -> list[str]:
@@ -233,9 +244,10 @@ class LocalView:
             self.apply_record(key.split("/")[-2], rec)
 
     def refresh_control(self) -> None:
-        got = self.store.get(layout.control(self.run_id))
+        key = layout.control(self.run_id)
+        got = self.store.get(key)
         if got is not None:
-            self.control, self.control_etag = load_control(got[0]), got[1]
+            self.control, self.control_etag = load_control(got[0], key, self.store.url), got[1]
             self.changes += 1
 
     def refresh_step(self, step_id: str) -> StepState:
@@ -248,7 +260,7 @@ class LocalView:
         if got is None:
             state, etag = StepState(step_id=step_id), None
         else:
-            state, etag = load_state(got[0]), got[1]
+            state, etag = load_state(got[0], layout.step_state(self.run_id, step_id), self.store.url), got[1]
         self.apply(state, etag)
         return state
 
@@ -262,8 +274,13 @@ class LocalView:
             self.stale.discard(state.step_id)
         if state.definition is not None and self._defs.get(state.step_id) != state.definition:
             # a foreach child: new, or revived by a re-expansion with a different item
+            try:
+                step = ConcreteStep.model_validate(state.definition)
+            except ValidationError:
+                raise CorruptRecord(layout.step_state(self.run_id, state.step_id),
+                                    "its step definition is not valid", self.store.url) from None
             self._defs[state.step_id] = state.definition
-            self.steps[state.step_id] = ConcreteStep.model_validate(state.definition)
+            self.steps[state.step_id] = step
             parent_rank = self.order.get(state.parent or "", len(self.order))
             self.order[state.step_id] = parent_rank  # children sort with their parent
         for child in state.children:

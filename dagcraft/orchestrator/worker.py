@@ -12,7 +12,10 @@ for the next worker, without counting as failures).
 
 Exit code of :meth:`Worker.run`: 0, except for a worker serving one run with
 ``exit_when_idle``, which exits with that run's code: 0 succeeded, 1 failed (or cancelled,
-rolled back), 130 interrupted before the run finished.
+rolled back, or its records are corrupt), 130 interrupted before the run finished.
+
+Corruption is contained: a run with a record that cannot be parsed (``CorruptRecord``) is
+reported once with the bad key and no longer served; every other run keeps being served.
 """
 
 from __future__ import annotations
@@ -26,8 +29,18 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from dagcraft.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Conflict, NotFound, StoreUnavailable
-from dagcraft.orchestrator import layout
+from dagcraft.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    Conflict,
+    CorruptRecord,
+    DagcraftError,
+    InvalidInput,
+    NotFound,
+    StoreUnavailable,
+)
+from dagcraft.orchestrator import layout, ops
 from dagcraft.orchestrator.attempt import Attempt, WorkerConfig
 from dagcraft.orchestrator.journal import KeyFeed
 from dagcraft.orchestrator.model import RUN_FINISHED, AttemptStatus, RunStatus, StepState
@@ -71,6 +84,8 @@ class Worker:
         self.log = log or (lambda _msg: None)
         self.drivers: dict[str, RunDriver] = {}
         self.finished_runs: dict[str, RunStatus] = {}
+        #: runs not served because a record of theirs is unreadable: run id -> the bad key
+        self.corrupt: dict[str, str] = {}
         self.running: dict[Future[StepState] | int, tuple[str, Attempt]] = {}
         self.pool = None if inline else ThreadPoolExecutor(max_workers=self.concurrency,
                                                            thread_name_prefix="dagcraft-step")
@@ -111,15 +126,32 @@ class Worker:
             driver = RunDriver(self.cfg, run_id)
         except NotFound:
             return
+        except (CorruptRecord, InvalidInput) as exc:
+            self._not_serving(run_id, exc)
+            return
+        self.corrupt.pop(run_id, None)
         if driver.finished and run_id != self.only_run:
             self.finished_runs[run_id] = driver.view.control.status
             return
         self.finished_runs.pop(run_id, None)
         self.drivers[run_id] = driver
 
+    def _not_serving(self, run_id: str, exc: DagcraftError) -> None:
+        """Contain a run whose records cannot be read: report it once (the bad key), mark it
+        ``corrupt/<run>`` for ``runs``, and stop serving it — every other run is unaffected.
+        A later index entry for it (a resume) makes this worker try it again."""
+        self.drivers.pop(run_id, None)
+        if run_id in self.corrupt:
+            return
+        self.corrupt[run_id] = getattr(exc, "key", str(exc))
+        log.error("%s: not serving this run: %s", run_id, exc)
+        if isinstance(exc, CorruptRecord):
+            ops.note_corrupt(self.cfg.store, run_id, exc, self.cfg.worker_id)
+
     def _discover(self) -> None:
         if self.only_run is not None:
-            if self.only_run not in self.drivers and self.only_run not in self.finished_runs:
+            if (self.only_run not in self.drivers and self.only_run not in self.finished_runs
+                    and self.only_run not in self.corrupt):
                 self._serve(self.only_run)
             return
         now = time.monotonic()
@@ -127,7 +159,7 @@ class Worker:
             return
         self._index_next = now + 2.0
         for key in self._index.poll():
-            self._serve(key.rsplit("~", 1)[-1])
+            self._serve(layout.parse_runs_index_key(key))
 
     # -- execution -------------------------------------------------------------------------------
     def _on_change(self, run_id: str) -> Callable[[StepState, str, str | None], None]:
@@ -163,7 +195,11 @@ class Worker:
                 break
             self.log(f"{run_id}: {state.step_id} {state.status}" + (f" ({state.reason})" if state.reason else ""))
             if run_id in self.drivers:
-                self.drivers[run_id].view.apply(state, etag)
+                try:
+                    self.drivers[run_id].view.apply(state, etag)
+                except CorruptRecord as exc:  # a foreach child it lists is unreadable
+                    self._not_serving(run_id, exc)
+                    continue
                 if journal_key:
                     self.drivers[run_id].view.journal.mark_seen(journal_key)
 
@@ -187,6 +223,13 @@ class Worker:
                 if capacity > 0:
                     for item in driver.scheduler.decide(capacity):
                         self._start(run_id, item)
+        except CorruptRecord as exc:
+            try:
+                driver.supervisor.release()
+            except DagcraftError:
+                pass  # the supervisor lease expires after its TTL
+            self._not_serving(run_id, exc)
+            return True
         except (StoreUnavailable, Conflict) as exc:
             # a store outage (already ridden out for a while) or a lost race must not kill a
             # long-running worker: running attempts keep their heartbeats; try again later
@@ -213,7 +256,7 @@ class Worker:
         if not self.exit_when_idle:
             return False
         if self.only_run is not None:
-            return self.only_run in self.finished_runs
+            return self.only_run in self.finished_runs or self.only_run in self.corrupt
         return not self.drivers
 
     def exit_code(self) -> int:
@@ -221,6 +264,8 @@ class Worker:
         if self.only_run is None or not self.exit_when_idle:
             return EXIT_OK
         status = self.finished_runs.get(self.only_run)
+        if self.only_run in self.corrupt:
+            return EXIT_FAILED
         if status is None:
             return EXIT_INTERRUPTED
         return EXIT_OK if status == RunStatus.SUCCEEDED else EXIT_FAILED

@@ -8,6 +8,7 @@ Invalid input raises :class:`~dagcraft.errors.InvalidInput` with a one-line mess
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from dagcraft.errors import InvalidInput
@@ -45,6 +46,26 @@ def validate_segment(value: object, what: str = "name") -> str:
     bad = _bad_char(value)
     if bad:
         raise InvalidInput(f"invalid {what} {value!r}: must not contain {bad}")
+    return value
+
+
+MAX_RUN_ID = 128
+_RUN_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def validate_run_id(value: object) -> str:
+    """Return ``value`` if it is a valid run id, else raise InvalidInput (exit 2).
+
+    The one rule for run ids: 1-128 characters of ASCII letters, digits, ``_``, ``-`` and
+    ``.``, starting with a letter, digit or ``_``. So a run id is always one key segment,
+    never contains the ``~`` that separates the ULID in ``runs-index/`` entries, never looks
+    like a command-line flag, and prints safely in a terminal or HTML report."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"invalid run id {value!r}: must be a string")
+    if not value or len(value) > MAX_RUN_ID or not _RUN_ID_RE.fullmatch(value):
+        shown = repr(value) if len(value) <= 60 else repr(value[:40]) + "..."
+        raise InvalidInput(f"invalid run id {shown}: use 1-{MAX_RUN_ID} letters, digits, '_', '-' and '.', "
+                           "starting with a letter, digit or '_'")
     return value
 
 

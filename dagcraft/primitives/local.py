@@ -33,13 +33,13 @@ Not guaranteed: correctness on NFS or other network filesystems without working 
 from __future__ import annotations
 
 import builtins
-import errno
+import contextlib
 import fcntl
 import hashlib
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -67,7 +67,10 @@ class LocalStore:
     """Store on a local directory. See the module docstring for guarantees."""
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, create: bool = True) -> None:
+        """Open the store at ``root``, creating it unless ``create`` is False: then a
+        directory that is not a store raises NotFound ("no store at ROOT") and nothing is
+        created (read-only commands: a mistyped path must not leave a store behind)."""
         self.root = Path(root).absolute()
         self.url = str(self.root)
         self.stats: Counter[str] = Counter()
@@ -76,11 +79,25 @@ class LocalStore:
         self._objects = self.root / "objects"
         self._tmp = self.root / "tmp"
         self._locks = self.root / "locks"
-        try:
+        with self._io("open", "(store root)"):
+            if not create:
+                if not self._objects.is_dir():
+                    raise NotFound(f"no store at {self.root}")
+                return
             for d in (self._objects, self._tmp, self._locks):
-                d.mkdir(parents=True, exist_ok=True)
+                if not d.is_dir():  # an existing store on a read-only filesystem still opens
+                    d.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def _io(self, op: str, key: str) -> Iterator[None]:
+        """The one place filesystem errors become store errors: any OSError a protocol call
+        does not handle itself (EACCES, EROFS, ENOSPC, EDQUOT, EIO, a root removed under us)
+        is StoreUnavailable naming the store, the operation and the key."""
+        try:
+            yield
         except OSError as exc:
-            raise StoreUnavailable(f"local store {self.root}: cannot create directory: {exc.strerror}") from None
+            why = exc.strerror or type(exc).__name__
+            raise StoreUnavailable(f"local store {self.root}: {op} {key}: {why}") from None
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -99,7 +116,11 @@ class LocalStore:
         """Write a complete temp file (fsynced) and return (path, etag)."""
         tmp = self._tmp / f"{new_ulid()}-{os.getpid()}"
         h = hashlib.sha256()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileNotFoundError:  # opened with create=False, or tmp/ removed
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             if src is None:
                 assert data is not None
@@ -154,12 +175,13 @@ class LocalStore:
     def get(self, key: str) -> tuple[bytes, str] | None:
         path = self._path(key)
         self.stats["get"] += 1
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except NotADirectoryError:
-            return None
+        with self._io("get", key):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                return None
+            except NotADirectoryError:
+                return None
         return data, _etag_of(data)
 
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
@@ -167,17 +189,18 @@ class LocalStore:
             raise InvalidInput(f"put {key!r}: data must be bytes")
         path = self._path(key)
         self.stats["put"] += 1
-        tmp, etag = self._write_temp(bytes(data))
-        return self._commit(key, path, tmp, etag, if_none_match, if_match)
+        with self._io("put", key):
+            tmp, etag = self._write_temp(bytes(data))
+            return self._commit(key, path, tmp, etag, if_none_match, if_match)
 
     def put_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
         target = self._path(key)
         self.stats["put"] += 1
-        try:
+        if not Path(path).is_file():
+            raise NotFound(f"no such file: {path}")
+        with self._io("put", key):
             tmp, etag = self._write_temp(src=Path(path))
-        except FileNotFoundError:
-            raise NotFound(f"no such file: {path}") from None
-        return self._commit(key, target, tmp, etag, if_none_match, None)
+            return self._commit(key, target, tmp, etag, if_none_match, None)
 
     def _commit(self, key: str, path: Path, tmp: Path, etag: str, if_none_match: bool,
                 if_match: str | None) -> str:
@@ -226,7 +249,8 @@ class LocalStore:
         cut = prefix.rfind("/")
         dir_key = prefix[: cut + 1] if cut >= 0 else ""
         base = self._objects.joinpath(*(_esc(p) for p in dir_key.split("/") if p))
-        self._walk(base, dir_key, prefix, start_after, limit, out)
+        with self._io("list", prefix or "(all)"):
+            self._walk(base, dir_key, prefix, start_after, limit, out)
         return out
 
     def _walk(self, d: Path, dir_key: str, prefix: str, start_after: str | None,
@@ -275,13 +299,14 @@ class LocalStore:
     def delete(self, key: str) -> None:
         path = self._path(key)
         self.stats["delete"] += 1
-        fd = self._lock(key)
-        try:
-            path.unlink(missing_ok=True)
-        except NotADirectoryError:
-            pass
-        finally:
-            self._unlock(fd)
+        with self._io("delete", key):
+            fd = self._lock(key)
+            try:
+                path.unlink(missing_ok=True)
+            except NotADirectoryError:
+                pass
+            finally:
+                self._unlock(fd)
 
     def now(self) -> float:
         return self._clock()
@@ -290,19 +315,17 @@ class LocalStore:
         """Etag of ``key`` or None (counted as one 'head'); cheap existence check for blobs."""
         path = self._path(key)
         self.stats["head"] += 1
-        try:
-            return self._current_etag(path)
-        except NotADirectoryError:
-            return None
+        with self._io("head", key):
+            try:
+                return self._current_etag(path)
+            except NotADirectoryError:
+                return None
 
     def open_read(self, key: str) -> BinaryIO:
         path = self._path(key)
         self.stats["get"] += 1
-        try:
-            return open(path, "rb")
-        except (FileNotFoundError, NotADirectoryError):
-            raise NotFound(f"{key}: not found") from None
-        except OSError as exc:
-            if exc.errno == errno.EACCES:
-                raise StoreUnavailable(f"local store {self.root}: permission denied") from None
-            raise
+        with self._io("get", key):
+            try:
+                return open(path, "rb")
+            except (FileNotFoundError, NotADirectoryError):
+                raise NotFound(f"{key}: not found") from None

@@ -222,30 +222,45 @@ class S3Store:
             wait=tenacity.wait_random_exponential(multiplier=0.05, max=self.max_wait),
             reraise=True,
         )
+        # every StoreUnavailable names the store, the operation and the key (never a secret)
+        where = f"{self.where}: {self._what(op, kw)}"
         try:
             return retrying(once)
         except bex.ClientError as exc:
             code = _code(exc)
             if code == "NoSuchBucket":
-                raise StoreUnavailable(f"{self.where}: bucket {self.bucket!r} does not exist") from None
+                raise StoreUnavailable(f"{where}: bucket {self.bucket!r} does not exist") from None
             if code in _AUTH:
-                raise StoreUnavailable(f"{self.where}: access denied ({code})") from None
+                raise StoreUnavailable(f"{where}: access denied ({code})") from None
             if _transient(exc):
-                raise StoreUnavailable(f"{self.where}: server error {code or _status(exc)} after "
+                raise StoreUnavailable(f"{where}: server error {code or _status(exc)} after "
                                        f"{self.attempts} attempts") from None
             raise
         except bex.NoCredentialsError:
-            raise StoreUnavailable(f"{self.where}: no AWS credentials found") from None
+            raise StoreUnavailable(f"{where}: no AWS credentials found") from None
         except (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ConnectTimeoutError,
                 bex.ReadTimeoutError) as exc:
-            raise StoreUnavailable(f"{self.where}: cannot reach endpoint ({type(exc).__name__})") from None
+            raise StoreUnavailable(f"{where}: cannot reach endpoint ({type(exc).__name__})") from None
         except _BODY_ERRORS as exc:
-            raise StoreUnavailable(f"{self.where}: connection lost while reading a response "
+            raise StoreUnavailable(f"{where}: connection lost while reading a response "
                                    f"({type(exc).__name__}) after {self.attempts} attempts") from None
         except bex.ParamValidationError as exc:
-            raise InvalidInput(f"{self.where}: invalid request: {exc}") from None
+            raise InvalidInput(f"{where}: invalid request: {exc}") from None
         except bex.BotoCoreError as exc:
-            raise StoreUnavailable(f"{self.where}: {type(exc).__name__}") from None
+            raise StoreUnavailable(f"{where}: {type(exc).__name__}") from None
+
+    _OPS = {"get_and_read": "get", "get_object": "get", "put_object": "put", "head_object": "head",
+            "list_objects_v2": "list", "delete_object": "delete", "head_bucket": "check bucket",
+            "create_multipart_upload": "put", "upload_part": "put", "complete_multipart_upload": "put",
+            "abort_multipart_upload": "put"}
+
+    def _what(self, op: Any, kw: dict[str, Any]) -> str:
+        """``<operation> <key>`` of a client call, in the Store protocol's terms."""
+        name = op if isinstance(op, str) else getattr(op, "__name__", "request")
+        key = kw.get("Key", kw.get("Prefix", ""))
+        if isinstance(key, str) and self.prefix and key.startswith(self.prefix + "/"):
+            key = key[len(self.prefix) + 1:]
+        return f"{self._OPS.get(name, name)} {key}".rstrip() if key else self._OPS.get(name, name)
 
     # -- protocol ------------------------------------------------------------------------
     def get(self, key: str) -> tuple[bytes, str] | None:
@@ -305,11 +320,11 @@ class S3Store:
 
     def _call_reopen(self, reopen: Any, tries: list[int], kw: dict[str, Any]) -> Any:
         # A streamed body must be rewound on each try: open the file anew per attempt.
-        def op(**kw2: Any) -> Any:
+        def put_object(**kw2: Any) -> Any:
             with reopen() as f:
                 return self.client.put_object(Body=f, **kw2)
 
-        return self._call(op, tries, **kw)
+        return self._call(put_object, tries, **kw)
 
     def _landed(self, k: str, write_id: str) -> str | None:
         """After a retried conditional put got Conflict: did our first try land?"""

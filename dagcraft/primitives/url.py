@@ -34,9 +34,11 @@ def s3_url(bucket: str, prefix: str = "", endpoint: str | None = None, **params:
     return base + (("?" + urlencode(q)) if q else "")
 
 
-def open_store(url: str | None = None) -> Store:
+def open_store(url: str | None = None, *, create: bool = True) -> Store:
     """Open the store named by ``url`` (see module docstring). Raises InvalidInput for a
-    malformed URL; S3 connectivity problems surface as StoreUnavailable on first use."""
+    malformed URL; S3 connectivity problems surface as StoreUnavailable on first use. With
+    ``create=False`` (read-only commands) a local path that holds no store raises NotFound
+    ("no store at PATH") and nothing is created; an S3 store is never created either way."""
     url = resolve_store_url(url)
     if "\x00" in url:
         raise InvalidInput("invalid store URL: contains NUL")
@@ -63,4 +65,4 @@ def open_store(url: str | None = None) -> Store:
         path = url
     from dagcraft.primitives.local import LocalStore
 
-    return LocalStore(path)
+    return LocalStore(path, create=create)
