@@ -111,9 +111,9 @@ class Scheduler:
         view = self.view
         ctl = view.control.status
         if ctl == RunStatus.ROLLING_BACK:
-            claims = self._claim_compensations(capacity)
-            if claims or view.pending_compensations():
-                return claims
+            compensations = self._claim_compensations(capacity)
+            if compensations or view.pending_compensations():
+                return compensations
             # the compensations are done: the finally steps run now, after the rollback
         elif ctl != RunStatus.RUNNING:
             return []
