@@ -169,7 +169,9 @@ class Scheduler:
         if step.is_finally and step.when.replace(" ", "") == "${{success()}}":
             ok = True  # finally steps run whatever happened before them
         if not ok:
-            transitions.skip(view, sid, "when condition is false")
+            # say which needs made an implicit success() false, not only that it was false
+            bad = [f"{n} {ns}" for n, ns in view.needs_status(sid).items() if ns != "succeeded"]
+            transitions.skip(view, sid, "when condition is false" + (f" ({', '.join(bad)})" if bad else ""))
             return False
         if step.foreach and not st.children:
             self._expand(sid)
