@@ -150,9 +150,11 @@ def stderr_tail(path: Path, lines: int = STDERR_TAIL_LINES, limit: int = STDERR_
     if size > limit and b"\n" in data[:-1]:
         data = data[data.index(b"\n") + 1:]  # drop the cut first line
     text = data.decode("utf-8", "replace").rstrip()
-    if not text.strip():
-        return None
-    return "\n".join(text.splitlines()[-lines:])
+    kept = text.splitlines()[-lines:]
+    while len(kept) > 1 and len("\n".join(kept).encode()) > limit:
+        kept.pop(0)  # replacement characters can make the decoded text longer than the bytes
+    tail = "\n".join(kept)
+    return tail if tail.strip() else None
 
 
 def parse_outputs(path: Path) -> dict[str, Any]:
