@@ -93,7 +93,7 @@ def _jinja() -> Environment:
 
 def status_class(status: str | None) -> str:
     s = (status or "").lower()
-    for key, cls in (("rollback", "rollback"), ("timeout", "failed"), ("timed", "failed"), ("fail", "failed"),
+    for key, cls in (("rollback", "rollback"), ("rolled", "rollback"), ("timeout", "failed"), ("timed", "failed"), ("fail", "failed"),
                      ("fenced", "failed"), ("lost", "failed"), ("error", "failed"), ("cancel", "cancelled"),
                      ("skip", "skipped"), ("retry", "retry"), ("pending", "pending"), ("running", "running"),
                      ("open", "running"), ("succeed", "ok"), ("success", "ok"), ("finished", "ok"), ("ok", "ok")):
