@@ -104,10 +104,16 @@ def _drive_and_report(store: Any, url: str, run_id: str, opts: Any, report: str 
         status = drive(store, url, run_id, opts, on_update=progress.update)
     st = run_status(store, run_id)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(st["counts"].items()))
-    click.echo(f"run {run_id}: {status} in {time.time() - t0:.1f}s ({counts})")
+    # one duration everywhere (first claim → finish, every session of the run): run_status's
+    session = f"; this session {time.time() - t0:.1f}s" if st["generation"] else ""
+    click.echo(f"run {run_id}: {status} in {_secs(st['duration_s'])} ({counts}{session})")
     for s in st["steps"]:
-        if s["status"] == "failed":
-            click.echo(f"  failed: {s['step']} (attempt {s['attempt']}): {s['reason']}")
+        if s.get("children_counts"):
+            click.echo(f"  {s['step']}: {_children(s)}")
+    for s in st["steps"]:
+        if s["status"] == "failed" and not s.get("children"):
+            for line in _failure_lines(s):
+                click.echo(line)
     if not no_report:
         try:
             path = write_report(store, run_id, Path(report) if report else None)
@@ -252,11 +258,13 @@ def register(cli: click.Group) -> None:
     @click.argument("step")
     @click.option("--store", "store_url", help=STORE_HELP)
     @click.option("--attempt", type=click.IntRange(1), help="attempt number (default: latest)")
-    @click.option("--stream", type=click.Choice(["stdout", "stderr"]), default="stdout", show_default=True)
+    @click.option("--stream", type=click.Choice(["stdout", "stderr"]),
+                  help="which log (default: stdout; of a failed attempt whose stdout is empty, stderr)")
     @click.option("--follow", "-f", is_flag=True, help="keep printing while the attempt runs")
-    def logs(run_id: str, step: str, store_url: str | None, attempt: int | None, stream: str, follow: bool) -> None:
+    def logs(run_id: str, step: str, store_url: str | None, attempt: int | None, stream: str | None,
+             follow: bool) -> None:
         """Print a step attempt's output log."""
-        from dagcraft.orchestrator.ops import follow_log, read_log
+        from dagcraft.orchestrator.ops import follow_log, read_log, read_log_or_stderr
 
         store, _ = _store(store_url, create=False)
         out = sys.stdout.buffer
@@ -265,7 +273,13 @@ def register(cli: click.Group) -> None:
                 out.write(chunk)
                 out.flush()
             return
-        out.write(read_log(store, run_id, step, attempt, stream))
+        if stream is None:
+            data, note = read_log_or_stderr(store, run_id, step, attempt)
+            if note:
+                click.echo(f"dagcraft: {note}", err=True)
+        else:
+            data = read_log(store, run_id, step, attempt, stream)
+        out.write(data)
         out.flush()
 
     @cli.command()
@@ -355,18 +369,52 @@ def _resume_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("DAGCRAFT_PARAM_")}
 
 
+def _secs(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f}s"
+
+
+def _children(s: dict[str, Any]) -> str:
+    cc = s["children_counts"]
+    n = sum(cc.values())
+    rest = ", ".join(f"{v} {k}" for k, v in sorted(cc.items()) if k != "succeeded")
+    return f"{cc.get('succeeded', 0)} of {n} succeeded" + (f" ({rest})" if rest else "") + \
+        f" in {_secs(s['duration_s'])}"
+
+
+def _failure_lines(s: dict[str, Any], indent: str = "  ") -> list[str]:
+    """A failed step explained: the reason in words, its stderr's last lines, where to see more."""
+    lines = [f"{indent}failed: {s['step']} (attempt {s['attempt']}): {s['reason']}"]
+    if s.get("stderr_tail"):
+        lines.append(f"{indent}  stderr (last lines):")
+        lines += [f"{indent}  | {ln}" for ln in s["stderr_tail"].splitlines()]
+    if s.get("more"):
+        lines.append(f"{indent}  more: {s['more']}")
+    return lines
+
+
 def _print_status(st: dict[str, Any]) -> None:
-    click.echo(f"run {st['run_id']} ({st['name']}): {st['status']}" + (f" — {st['reason']}" if st["reason"] else ""))
+    click.echo(f"run {st['run_id']} ({st['name']}): {st['status']} in {_secs(st['duration_s'])}"
+               + (f" — {st['reason']}" if st["reason"] else ""))
     for s in st["steps"]:
         indent = "    " if s.get("parent") else "  "
         extra = []
         if s["attempt"]:
             extra.append(f"attempt {s['attempt']}")
+        if s.get("children_counts"):
+            extra.append(_children(s))
         if s["cached_from"]:
             extra.append(f"cached from {s['cached_from']}")
         if s["reason"] and s["status"] not in ("succeeded",):
             extra.append(s["reason"])
-        click.echo(f"{indent}{s['step']:<40} {s['status']:<12} {'; '.join(extra)}")
+        dur = _secs(s["duration_s"]) if s["duration_s"] is not None else ""
+        worker = (s["worker"] or "")[-24:]
+        click.echo(f"{indent}{s['step']:<40} {s['status']:<12} {dur:>7} {worker:<24} {'; '.join(extra)}".rstrip())
+    failed = [s for s in st["steps"] if s["status"] == "failed" and not s.get("children")]
+    if failed:
+        click.echo("")
+    for s in failed:
+        for line in _failure_lines(s):
+            click.echo(line)
 
 
 __all__ = ["Failed", "register"]

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -38,7 +39,16 @@ from typing import Any
 
 from dagcraft.errors import Conflict, DagcraftError, Fenced, InvalidInput, StoreUnavailable
 from dagcraft.orchestrator import context, layout, transitions
-from dagcraft.orchestrator.model import AttemptInfo, AttemptKind, AttemptStatus, StepState, StepStatus
+from dagcraft.orchestrator.model import (
+    STDERR_TAIL_BYTES,
+    STDERR_TAIL_LINES,
+    AttemptInfo,
+    AttemptKind,
+    AttemptStatus,
+    ReasonKind,
+    StepState,
+    StepStatus,
+)
 from dagcraft.orchestrator.outbox import Outbox, private_dir
 from dagcraft.orchestrator.retry import backoff_delay, should_retry
 from dagcraft.orchestrator.scheduler import WorkItem
@@ -47,7 +57,7 @@ from dagcraft.primitives import artifacts
 from dagcraft.primitives.keys import validate_relpath
 from dagcraft.primitives.persist import Persistence
 from dagcraft.primitives.store import Store
-from dagcraft.tracing import Redactor, TraceWriter, traced_exec
+from dagcraft.tracing import ExecResult, Redactor, TraceWriter, traced_exec
 from dagcraft.tracing.seal import Signer
 from dagcraft.workflows import RenderedCommand, render_command, render_rollback
 
@@ -87,6 +97,7 @@ class Outcome:
 
     status: AttemptStatus
     reason: str | None = None
+    kind: ReasonKind | None = None
     exit_code: int | None = None
     signal: int | None = None
     timed_out: bool = False
@@ -108,6 +119,54 @@ def _nul_free(name: str, value: Any) -> None:
         for k, v in value.items():
             _nul_free(name, k)
             _nul_free(name, v)
+
+
+def classify_exec(res: ExecResult, argv0: str, timeout_s: float | None) -> tuple[ReasonKind, str] | None:
+    """Why a finished command failed, as (kind, text in words), or None when it succeeded.
+    The one place exec outcomes are classified; a shell's conventional 127/126 count as
+    command not found / not executable too (the shell's own message is in the stderr tail)."""
+    if res.timed_out:
+        return ReasonKind.TIMED_OUT, f"timed out after {timeout_s:g}s" if timeout_s else "timed out"
+    if res.exit_code == 0:
+        if res.log_error:
+            return ReasonKind.LOG_ERROR, f"could not write the log: {res.log_error}"
+        return None
+    if res.signal is not None:
+        try:
+            name = f" ({signal.Signals(res.signal).name})"
+        except ValueError:
+            name = ""
+        return ReasonKind.KILLED, f"killed by signal {res.signal}{name}"
+    if res.exit_code == 127:
+        if res.error:
+            return ReasonKind.COMMAND_NOT_FOUND, f"command not found: {argv0!r} (exit code 127)"
+        return ReasonKind.COMMAND_NOT_FOUND, "exit code 127: command not found (see its stderr)"
+    if res.exit_code == 126:
+        if res.error:
+            return ReasonKind.NOT_EXECUTABLE, f"{res.error} (exit code 126)"
+        return ReasonKind.NOT_EXECUTABLE, "exit code 126: command not executable (see its stderr)"
+    return ReasonKind.EXIT_CODE, f"exit code {res.exit_code}"
+
+
+def stderr_tail(path: Path, lines: int = STDERR_TAIL_LINES, limit: int = STDERR_TAIL_BYTES) -> str | None:
+    """The last ``lines`` lines of a log, at most ``limit`` bytes (cut at a line start when it
+    can be), or None for a missing or blank log."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            data = f.read(limit)
+    except OSError:
+        return None
+    if size > limit and b"\n" in data[:-1]:
+        data = data[data.index(b"\n") + 1:]  # drop the cut first line
+    text = data.decode("utf-8", "replace").rstrip()
+    kept = text.splitlines()[-lines:]
+    while len(kept) > 1 and len("\n".join(kept).encode()) > limit:
+        kept.pop(0)  # replacement characters can make the decoded text longer than the bytes
+    tail = "\n".join(kept)
+    return tail if tail.strip() else None
 
 
 def parse_outputs(path: Path) -> dict[str, Any]:
@@ -283,7 +342,7 @@ class Attempt:
         except Exception as exc:  # an engine or store error: the attempt fails, the worker lives
             log.exception("%s/%s: internal error", self.w.run_id, self.label)
             outcome = Outcome(AttemptStatus.FAILED, reason=f"internal error: {type(exc).__name__}: {exc}",
-                              retryable=True)
+                              kind=ReasonKind.INTERNAL_ERROR, retryable=True)
         finally:
             self._stop_hb.set()
             hb.join()
@@ -305,7 +364,7 @@ class Attempt:
                 cmd = render_command(self.w.wf, step, ctx)
         except (DagcraftError, FileNotFoundError) as exc:
             self.trace.append("error", {"step": step.id, "message": str(exc)})
-            return Outcome(AttemptStatus.FAILED, reason=str(exc))
+            return Outcome(AttemptStatus.FAILED, reason=str(exc), kind=ReasonKind.BAD_INPUT)
         cache_key = None
         if step.cache and self.kind is AttemptKind.RUN:
             cache_key = self._cache_key(cmd, input_digests)
@@ -324,7 +383,7 @@ class Attempt:
         step = self.w.step
         missing = missing_secrets(self.w.wf, step, rollback=self.kind is AttemptKind.ROLLBACK)
         if missing:  # the placeholder would run in its place; retrying here cannot help
-            return Outcome(AttemptStatus.FAILED, retryable=False,
+            return Outcome(AttemptStatus.FAILED, retryable=False, kind=ReasonKind.MISSING_SECRET,
                            reason=f"secret parameter {missing[0]!r} is not set on worker {self.cfg.worker_id}: "
                                   f"give it {secret_env_name(missing[0])}, --secret-file or --secret-stdin")
         out_file = self.dir / "outputs"
@@ -357,18 +416,12 @@ class Attempt:
                                 "logs": logs}
         if res.cancelled or self.cancel.is_set():
             why = self.cancel_reason or AttemptStatus.CANCELLED
-            return Outcome(why, reason=str(why), **base)
-        if res.timed_out:
-            return Outcome(AttemptStatus.FAILED, reason=f"timed out after {step.timeout_s:g}s", retryable=True, **base)
-        if res.exit_code != 0:
-            failed = f"exit code {res.exit_code}" if res.signal is None else f"killed by signal {res.signal}"
-            if res.error:
-                failed += f": {res.error}"
-            return Outcome(AttemptStatus.FAILED, reason=failed, retryable=True, **base)
-        log_error = getattr(res, "log_error", None)
-        if log_error:
-            return Outcome(AttemptStatus.FAILED, reason=f"could not write the log: {log_error}", retryable=True,
-                           **base)
+            kind = {AttemptStatus.LOST: ReasonKind.LOST_WORKER,
+                    AttemptStatus.INTERRUPTED: ReasonKind.INTERRUPTED}.get(why, ReasonKind.CANCELLED)
+            return Outcome(why, reason=str(why), kind=kind, **base)
+        failed = classify_exec(res, cmd.argv[0] if cmd.argv else "", step.timeout_s)
+        if failed is not None:
+            return Outcome(AttemptStatus.FAILED, kind=failed[0], reason=failed[1], retryable=True, **base)
         return Outcome(AttemptStatus.SUCCEEDED, **base)
 
     def _results(self, workdir: Path, ok: Outcome) -> Outcome:
@@ -384,16 +437,16 @@ class Attempt:
             found, missing_art = collect_artifacts(workdir, step.outputs_artifacts)
         except InvalidInput as exc:
             self.trace.append("error", {"step": step.id, "message": str(exc)})
-            return Outcome(AttemptStatus.FAILED, reason=str(exc), retryable=False, **base)
+            return Outcome(AttemptStatus.FAILED, reason=str(exc), kind=ReasonKind.BAD_INPUT, retryable=False, **base)
         for name, value in outputs.items():
             self.trace.append("output.set", {"name": name, "value": value})
         missing_out = [k for k in step.outputs_values if k not in outputs]
         if missing_out:
             return Outcome(AttemptStatus.FAILED, reason=f"missing declared output {missing_out[0]!r}",
-                           retryable=True, **base)
+                           kind=ReasonKind.MISSING_OUTPUT, retryable=True, **base)
         if missing_art:
             return Outcome(AttemptStatus.FAILED, reason=f"missing declared artifact {missing_art[0]!r}",
-                           retryable=True, **base)
+                           kind=ReasonKind.MISSING_OUTPUT, retryable=True, **base)
         arts: dict[str, dict[str, Any]] = {}
         scope = layout.step_scope(self.w.run_id, step.id)
         for name, path in found:
@@ -515,6 +568,7 @@ class Attempt:
                                                     "exit_code": outcome.exit_code})
         self.trace.append("run.finished", {"status": status, "step": step.id, "attempt": self.n,
                                            "exit_code": outcome.exit_code, "reason": outcome.reason,
+                                           "reason_kind": None if outcome.kind is None else str(outcome.kind),
                                            "redactions": self.trace.redactor.count if self.trace.redactor else 0})
 
     def _finish(self, outcome: Outcome) -> StepState:
@@ -529,10 +583,13 @@ class Attempt:
         if outcome.status is not AttemptStatus.LOST:
             transition, status, retry_in = self._decide(outcome)
             self._close_trace(outcome, str(status), retry_in)
+            # the stderr tail rides in the commit, so every viewer shows it without a log read
+            tail = None if outcome.status is AttemptStatus.SUCCEEDED else stderr_tail(self.dir / "stderr.log")
             info = AttemptInfo(attempt=self.n, status=outcome.status, kind=self.kind, worker=self.cfg.worker_id,
                                started_at=self.hold.state.started_at if self.kind is AttemptKind.RUN else self.started_at,
                                finished_at=self.store.now(), exit_code=outcome.exit_code, signal=outcome.signal,
-                               reason=self._redact(outcome.reason), trace_head=self.trace.head())
+                               reason=self._redact(outcome.reason), reason_kind=outcome.kind,
+                               stderr_tail=self._redact(tail), trace_head=self.trace.head())
             ending = transitions.Ending(attempt=info, outputs=outcome.outputs, artifacts=outcome.artifacts,
                                         cached_from=outcome.cached_from, retry_in=retry_in)
             try:

@@ -90,6 +90,38 @@ class AttemptStatus(_Name):
     FENCED = "fenced"  # it finished, but its lease had been taken over: result discarded
 
 
+class ReasonKind(_Name):
+    """Why an attempt (or a step that never started) ended as it did: the one word every
+    viewer (run summary, ``status``, the report, the UI) shows next to the reason's text.
+    Exec outcomes are classified in one place, ``attempt.classify_exec``."""
+
+    COMMAND_NOT_FOUND = "command_not_found"  # the executable is not on PATH (exit code 127)
+    NOT_EXECUTABLE = "not_executable"  # found but not runnable (exit code 126)
+    EXIT_CODE = "exit_code"  # the command exited non-zero
+    KILLED = "killed_by_signal"  # the command died of a signal it did not ask for
+    TIMED_OUT = "timed_out"  # the step's timeout killed it
+    MISSING_OUTPUT = "missing_output"  # exited 0 without a declared output or artifact
+    MISSING_SECRET = "missing_secret"  # a secret param its templates use is not on this worker
+    BAD_INPUT = "bad_input"  # its templates, workdir or input artifacts could not be prepared
+    CONDITION_ERROR = "condition_error"  # its `when` or `foreach` could not be evaluated
+    LOG_ERROR = "log_error"  # its output could not be logged (disk full …)
+    INTERNAL_ERROR = "internal_error"  # a dagcraft or store error while running it
+    LOST_WORKER = "lost_worker"  # its worker vanished (lease expired)
+    CANCELLED = "cancelled"  # the run was cancelled
+    INTERRUPTED = "interrupted"  # its worker handed it back (Ctrl-C)
+
+    @property
+    def words(self) -> str:
+        """The kind in plain words (``command not found``)."""
+        return str(self.value).replace("_", " ")
+
+
+#: the last lines of a failed attempt's stderr kept in its committed AttemptInfo, so every
+#: viewer shows them without reading the log: at most this many lines and bytes
+STDERR_TAIL_LINES = 10
+STDERR_TAIL_BYTES = 2048
+
+
 class RunRecord(BaseModel):
     """The immutable submitted run: compiled spec snapshot (secret params redacted)."""
 
@@ -144,6 +176,10 @@ class AttemptInfo(BaseModel):
     exit_code: int | None = None
     signal: int | None = None
     reason: str | None = None
+    reason_kind: ReasonKind | None = None
+    #: the last lines of its stderr (redacted; at most STDERR_TAIL_LINES / _BYTES) when it did
+    #: not succeed; the whole log is at ``attempts/<name>/stderr.log``
+    stderr_tail: str | None = None
     #: SHA-256 of the trace's last line, written by the CAS that commits the attempt: the
     #: trace is complete (``run.finished`` included) before that commit, so this pins its head
     trace_head: str | None = None
@@ -166,6 +202,7 @@ class StepState(BaseModel):
     lost_attempts: int = 0  # attempts whose worker vanished
     not_before: float | None = None
     reason: str | None = None
+    reason_kind: ReasonKind | None = None
     exit_code: int | None = None
     started_at: float | None = None
     finished_at: float | None = None
@@ -209,6 +246,32 @@ def seal_material(run_id: str, status: RunStatus, generation: int, states: Itera
         steps.append([st.step_id, str(st.status), result,
                       [[h.name, str(h.status), h.trace_head] for h in st.history]])
     return {"version": 1, "run_id": run_id, "status": str(status), "generation": generation, "steps": steps}
+
+
+class RunTiming(BaseModel):
+    """A run's duration, defined once for every viewer (run summary, ``status``, report, UI):
+    from its first claim to its finish (to ``now`` while it is open), across every
+    generation — a resumed run's duration covers its earlier sessions too. The time from
+    submission to the first claim (worker start-up, waiting for a worker) is ``queued_s``."""
+
+    submitted_at: float
+    first_claim_at: float | None = None
+    finished_at: float | None = None
+    duration_s: float | None = None
+    queued_s: float | None = None
+
+
+def run_timing(record: RunRecord, control: Control, states: Iterable[StepState], now: float) -> RunTiming:
+    """:class:`RunTiming` of a run from its records (no store reads)."""
+    starts = [t for st in states
+              for t in [st.started_at if st.status in ACTIVE else None, *(h.started_at for h in st.history)]
+              if t is not None]
+    first = min(starts) if starts else None
+    end = control.finished_at if control.status in RUN_FINISHED and control.finished_at else now
+    return RunTiming(submitted_at=record.submitted_at, first_claim_at=first,
+                     finished_at=control.finished_at if control.status in RUN_FINISHED else None,
+                     duration_s=None if first is None else max(0.0, end - first),
+                     queued_s=None if first is None else max(0.0, first - record.submitted_at))
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -9,14 +9,17 @@ ridden out like a worker's writes.
 from __future__ import annotations
 
 import json
+import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from dagcraft.errors import Conflict, CorruptRecord, DagcraftError, InvalidInput, NotFound
 from dagcraft.orchestrator import layout, transitions
 from dagcraft.orchestrator.model import (
     RUN_FINISHED,
+    TERMINAL,
+    AttemptStatus,
     Control,
     CorruptNote,
     RunRecord,
@@ -27,6 +30,7 @@ from dagcraft.orchestrator.model import (
     load_control,
     load_record,
     load_state,
+    run_timing,
 )
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives.persist import ONCE
@@ -82,21 +86,69 @@ def ordered_states(rec: RunRecord, states: dict[str, StepState]) -> list[tuple[S
     return out
 
 
+def logs_command(store: Store, run_id: str, step: str, attempt: int | str, stream: str = "stderr") -> str:
+    """The exact command that prints an attempt's whole log (quoted for a POSIX shell)."""
+    return " ".join(shlex.quote(str(a)) for a in ("dagcraft", "logs", run_id, step, "--attempt", attempt,
+                                                   "--stream", stream, "--store", store.url))
+
+
+def step_span(st: StepState, children: Sequence[StepState] = ()) -> tuple[float | None, float | None]:
+    """(start, end) of a step as every viewer shows it: its current attempt's claim to its
+    finish; a foreach parent's span is its children's (first claim to last finish)."""
+    if st.children:
+        starts = [c.started_at for c in children if c.started_at is not None]
+        ends = [c.finished_at for c in children if c.finished_at is not None]
+        done = bool(children) and len(ends) == len(children)
+        return (min(starts) if starts else None), (max(ends) if done else None)
+    return st.started_at, st.finished_at if st.status in TERMINAL else None
+
+
 def run_status(store: Store, run_id: str) -> dict[str, Any]:
-    """Run record summary, control, and every step's state (reads each step once)."""
+    """Run record summary, control, timing (:class:`RunTiming`) and every step's state (reads
+    each step once). ``counts`` counts the steps that were submitted (foreach children are
+    counted in their parent's ``children_counts``), so it adds up to the number ``run`` printed
+    at submission. A step that did not succeed carries ``reason_kind`` and, when its last
+    attempt failed, that attempt's ``stderr_tail`` and ``more`` (the command that prints the
+    whole log)."""
     rec = read_record(store, run_id)
     ctl = read_control(store, run_id)
-    steps = [{
-        "step": st.step_id, "status": str(st.status), "attempt": st.attempt, "worker": st.worker,
-        "started_at": st.started_at, "finished_at": st.finished_at, "reason": st.reason,
-        "exit_code": st.exit_code, "outputs": st.outputs, "artifacts": sorted(st.artifacts),
-        "cached_from": st.cached_from, "parent": parent, "children": st.children,
-    } for st, parent in ordered_states(rec, load_states(store, run_id))]
+    states = load_states(store, run_id)
+    now = store.now()
+    steps = []
+    for st, parent in ordered_states(rec, states):
+        kids = [states[c] for c in st.children if c in states]
+        start, end = step_span(st, kids)
+        last = st.history[-1] if st.history else None
+        failed_attempt = (last is not None and last.status is not AttemptStatus.SUCCEEDED
+                          and st.status in (StepStatus.FAILED, StepStatus.RETRYING, StepStatus.CANCELLED))
+        item: dict[str, Any] = {
+            "step": st.step_id, "status": str(st.status), "attempt": st.attempt,
+            # the worker of the current attempt, else of the last one
+            "worker": st.worker or (last.worker if last else None),
+            "started_at": start, "finished_at": end,
+            "duration_s": None if start is None else round(max(0.0, (end or now) - start), 3),
+            "reason": st.reason, "reason_kind": None if st.reason_kind is None else str(st.reason_kind),
+            "exit_code": st.exit_code, "outputs": st.outputs, "artifacts": sorted(st.artifacts),
+            "cached_from": st.cached_from, "parent": parent, "children": st.children,
+            "stderr_tail": last.stderr_tail if failed_attempt and last is not None else None,
+            "more": logs_command(store, run_id, st.step_id, last.name) if failed_attempt and last is not None
+            else None,
+        }
+        if st.children:
+            cc: dict[str, int] = {}
+            for k in kids:
+                cc[str(k.status)] = cc.get(str(k.status), 0) + 1
+            item["children_counts"] = cc
+        steps.append(item)
     counts: dict[str, int] = {}
     for s in steps:
-        counts[str(s["status"])] = counts.get(str(s["status"]), 0) + 1
+        if not s["parent"]:
+            counts[str(s["status"])] = counts.get(str(s["status"]), 0) + 1
+    timing = run_timing(rec, ctl, states.values(), now)
     return {"run_id": run_id, "name": rec.name, "status": str(ctl.status), "reason": ctl.reason,
             "submitted_at": rec.submitted_at, "submitted_by": rec.submitted_by, "finished_at": ctl.finished_at,
+            "duration_s": None if timing.duration_s is None else round(timing.duration_s, 3),
+            "timing": timing.model_dump(mode="json"), "generation": ctl.generation,
             "spec_hash": rec.spec_hash, "params": rec.params, "counts": counts, "steps": steps}
 
 
@@ -287,6 +339,26 @@ def read_log(store: Store, run_id: str, step: str, attempt: int | None = None, s
     if got is None:
         raise NotFound(f"no {stream} log for {run_id}/{step} attempt {n} (yet)")
     return got[0]
+
+
+def read_log_or_stderr(store: Store, run_id: str, step: str, attempt: int | None = None) -> tuple[bytes, str | None]:
+    """What plain ``logs RUN STEP`` prints: the attempt's stdout — or, when that is empty and
+    the attempt did not succeed, its stderr, with a note saying so (None: no note). A failed
+    step's cause is usually on stderr; printing nothing there would hide it."""
+    n = attempt or latest_attempt(store, run_id, step)
+    out = read_log(store, run_id, step, n, "stdout")
+    if out:
+        return out, None
+    got = store.get(layout.step_state(run_id, step))
+    st = load_state(got[0]) if got else None
+    info = next((h for h in reversed(st.history) if h.attempt == n and h.kind == "run"), None) if st else None
+    if info is None or info.status == "succeeded":
+        return out, None
+    err = read_log(store, run_id, step, n, "stderr")
+    if not err:
+        return out, f"attempt {n} {info.status} ({info.reason}) with empty stdout and stderr"
+    return err, (f"attempt {n} {info.status} ({info.reason}); its stdout is empty, showing its stderr "
+                 f"(--stream stdout or --stream stderr to choose)")
 
 
 def follow_log(store: Store, run_id: str, step: str, attempt: int | None = None,

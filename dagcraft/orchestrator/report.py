@@ -11,14 +11,25 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dagcraft.errors import DagcraftError, NotFound
 from dagcraft.orchestrator import layout
 from dagcraft.orchestrator.model import (
+    ACTIVE,
     RUN_FINISHED,
     AttemptInfo,
     AttemptStatus,
     Control,
     StepState,
+    StepStatus,
+    run_timing,
     seal_material,
 )
-from dagcraft.orchestrator.ops import load_states, ordered_states, read_control, read_record, run_status
+from dagcraft.orchestrator.ops import (
+    load_states,
+    logs_command,
+    ordered_states,
+    read_control,
+    read_record,
+    run_status,
+    step_span,
+)
 from dagcraft.primitives.store import Store
 from dagcraft.tracing import RunVerifyReport, TraceStatus, VerifyReport, read_trace, seal, verify
 
@@ -77,21 +88,24 @@ def _ms(t: float | None) -> int | None:
 
 
 def report_view(store: Store, run_id: str) -> Any:
-    """The run as ``tracing.RunView``: steps, attempts (with their trace events), status.
-    Reads the run record, control and each step state once, and each attempt's trace once."""
+    """The run as ``tracing.RunView``: steps (spans, reasons, foreach parents and children),
+    attempts (with their trace events, reasons and stderr tails), status, and the run's
+    :class:`RunTiming`. Reads the run record, control and each step state once, and each
+    attempt's trace once."""
     from dagcraft.tracing.render import AttemptView, RunView, StepView
 
     rec = read_record(store, run_id)
     ctl = read_control(store, run_id)
     compiled = rec.workflow.get("steps", {})
+    states = load_states(store, run_id)
+    now = store.now()
     steps = []
     with tempfile.TemporaryDirectory() as tmp:
-        for st, _parent in ordered_states(rec, load_states(store, run_id)):
+        for st, parent in ordered_states(rec, states):
             attempts = []
             for h in st.history:
-                name = str(h.attempt) if h.kind == "run" else f"rollback-{h.attempt}"
                 events = []
-                raw = store.get(f"{layout.attempt_prefix(run_id, st.step_id, name)}/trace.jsonl")
+                raw = store.get(f"{layout.attempt_prefix(run_id, st.step_id, h.name)}/trace.jsonl")
                 if raw is not None:
                     p = Path(tmp) / "trace.jsonl"
                     p.write_bytes(raw[0])
@@ -101,16 +115,34 @@ def report_view(store: Store, run_id: str) -> Any:
                         events = []
                 attempts.append(AttemptView(attempt=h.attempt, status=h.status if h.kind == "run" else f"rollback {h.status}",
                                             worker=h.worker, started_ms=_ms(h.started_at), finished_ms=_ms(h.finished_at),
-                                            exit_code=h.exit_code, reason=h.reason, events=events))
-            if st.status == "running":
-                attempts.append(AttemptView(attempt=st.attempt, status="running", worker=st.worker,
-                                            started_ms=_ms(st.started_at), finished_ms=None, exit_code=None,
-                                            reason=None, events=[]))
+                                            exit_code=h.exit_code, reason=h.reason,
+                                            reason_kind=None if h.reason_kind is None else str(h.reason_kind),
+                                            stderr_tail=h.stderr_tail, events=events))
+            if st.status in ACTIVE:
+                rolling = st.status == StepStatus.ROLLING_BACK
+                attempts.append(AttemptView(attempt=st.rollback_attempt if rolling else st.attempt,
+                                            status="rollback running" if rolling else "running", worker=st.worker,
+                                            started_ms=_ms(st.lease.acquired_at if rolling and st.lease else st.started_at),
+                                            finished_ms=None, exit_code=None, reason=None, events=[]))
             definition = st.definition or compiled.get(st.step_id, {})
+            start, end = step_span(st, [states[c] for c in st.children if c in states])
+            last = st.history[-1] if st.history else None
+            more = (logs_command(store, run_id, st.step_id, last.name)
+                    if st.status == StepStatus.FAILED and last is not None and last.status != AttemptStatus.SUCCEEDED
+                    else None)
             steps.append(StepView(step_id=st.step_id, status=st.status, attempts=attempts,
-                                  needs=list(definition.get("needs", []))))
-    return RunView(run_id=run_id, name=rec.name, status=ctl.status, created_ms=int(rec.submitted_at * 1000),
-                   finished_ms=_ms(ctl.finished_at), params=rec.params, steps=steps)
+                                  needs=list(definition.get("needs", [])), reason=st.reason,
+                                  reason_kind=None if st.reason_kind is None else str(st.reason_kind),
+                                  started_ms=_ms(start), finished_ms=_ms(end), agent=definition.get("agent"),
+                                  parent=parent, children=list(st.children), more=more))
+    timing = run_timing(rec, ctl, states.values(), now)
+    return RunView(run_id=run_id, name=rec.name, status=ctl.status, reason=ctl.reason,
+                   created_ms=int(rec.submitted_at * 1000), finished_ms=_ms(timing.finished_at), params=rec.params,
+                   steps=steps, first_claim_ms=_ms(timing.first_claim_at),
+                   duration_ms=None if timing.duration_s is None else int(timing.duration_s * 1000),
+                   queued_ms=None if timing.queued_s is None else int(timing.queued_s * 1000),
+                   # DAG picture slot: inline SVG of the run's graph (workflows.graph_render.to_svg), when wired
+                   dag_svg=None)
 
 
 def write_report(store: Store, run_id: str, out: Path | None = None) -> Path:

@@ -111,8 +111,11 @@ class Scheduler:
         view = self.view
         ctl = view.control.status
         if ctl == RunStatus.ROLLING_BACK:
-            return self._claim_compensations(capacity)
-        if ctl != RunStatus.RUNNING:
+            compensations = self._claim_compensations(capacity)
+            if compensations or view.pending_compensations():
+                return compensations
+            # the compensations are done: the finally steps run now, after the rollback
+        elif ctl != RunStatus.RUNNING:
             return []
         self.settle_parents()
         claims: list[WorkItem] = []
@@ -124,7 +127,12 @@ class Scheduler:
         if len(ready) > 1:
             k = self._rng.randrange(len(ready))
             ready = ready[k:] + ready[:k]
+        rollback_due: bool | None = None  # computed once, only when a finally step is ready
         for sid in ready:
+            if view.steps[sid].is_finally and ctl == RunStatus.RUNNING:
+                rollback_due = view.rollback_due() if rollback_due is None else rollback_due
+                if rollback_due:
+                    continue  # finally steps run after the rollback's compensations
             if not self._decide_one(sid, failing):
                 continue
             if len(claims) >= capacity:
@@ -161,7 +169,9 @@ class Scheduler:
         if step.is_finally and step.when.replace(" ", "") == "${{success()}}":
             ok = True  # finally steps run whatever happened before them
         if not ok:
-            transitions.skip(view, sid, "when condition is false")
+            # say which needs made an implicit success() false, not only that it was false
+            bad = [f"{n} {ns}" for n, ns in view.needs_status(sid).items() if ns != "succeeded"]
+            transitions.skip(view, sid, "when condition is false" + (f" ({', '.join(bad)})" if bad else ""))
             return False
         if step.foreach and not st.children:
             self._expand(sid)

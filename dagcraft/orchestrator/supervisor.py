@@ -117,10 +117,10 @@ class Supervisor:
                     for c in st.children)):
                 transitions.cancel_unstarted(view, sid, "run cancelled")
 
-    def pending_compensations(self) -> list[str]:
+    def _main_finished(self) -> bool:
+        """Every step but the finally steps is terminal (asked only while a rollback is due)."""
         view = self.view
-        return [sid for sid in view.all_ids()
-                if view.steps[sid].rollback and view.status(sid) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)]
+        return all(view.is_terminal(s) for s in view.steps if not view.steps[s].is_finally)
 
     def _finish(self, status: RunStatus, reason: str | None) -> None:
         """The final run status, sealed (and signed, with a key) by the same CAS."""
@@ -138,21 +138,27 @@ class Supervisor:
                 self._finish(RunStatus.CANCELLED, view.control.reason)
             return
         if ctl == RunStatus.ROLLING_BACK:
-            if not any(view.status(s) == StepStatus.RUNNING for s in view.active_ids) \
-                    and not self.pending_compensations():
+            # finished once the compensations and then the finally steps (which run after
+            # them, seeing the rolled-back statuses) are done
+            if not view.pending_compensations() and view.finished():
                 failed = [s for s in view.all_ids() if view.state(s).compensation == "failed"]
                 if failed:
                     self._finish(RunStatus.FAILED, f"compensation of {failed[0]!r} failed")
                 else:
                     self._finish(RunStatus.ROLLED_BACK, view.control.reason)
             return
-        if ctl != RunStatus.RUNNING or not view.finished():
+        if ctl != RunStatus.RUNNING:
+            return
+        if view.rollback_due() and self._main_finished():
+            # before the finally steps: they run once the compensations are done
+            failed = view.ids(view.failed_ids)
+            transitions.set_control(view, RunStatus.ROLLING_BACK, f"step {failed[0]!r} failed")
+            return
+        if not view.finished():
             return
         failed = view.ids(view.failed_ids)
         if not failed:
             self._finish(RunStatus.SUCCEEDED, None)
-        elif view.wf.on_failure == "rollback" and self.pending_compensations():
-            transitions.set_control(view, RunStatus.ROLLING_BACK, f"step {failed[0]!r} failed")
         elif view.wf.on_failure == "rollback":
             self._finish(RunStatus.ROLLED_BACK, f"step {failed[0]!r} failed")
         else:

@@ -50,6 +50,7 @@ from dagcraft.orchestrator.model import (
     AttemptInfo,
     AttemptKind,
     AttemptStatus,
+    ReasonKind,
     RunSeal,
     RunStatus,
     StepState,
@@ -170,7 +171,7 @@ def _take(view: LocalView, sid: str, holder: str, ttl: float, kind: AttemptKind,
             s.attempt += 1
             s.started_at = now
             s.not_before = None
-            s.reason = None
+            s.reason = s.reason_kind = None
         else:
             s.status = StepStatus.ROLLING_BACK
             s.rollback_attempt += 1
@@ -195,10 +196,11 @@ def compensate(view: LocalView, sid: str, holder: str, ttl: float) -> Hold | Non
 
 
 # -- scheduler, supervisor and operations transitions ---------------------------------------------
-def _end_unstarted(status: StepStatus, reason: str, now: float) -> Change:
+def _end_unstarted(status: StepStatus, reason: str, now: float, kind: ReasonKind | None = None) -> Change:
     def change(s: StepState) -> None:
         s.status = status
         s.reason = reason
+        s.reason_kind = kind
         s.finished_at = now
     return change
 
@@ -211,13 +213,15 @@ def skip(view: LocalView, sid: str, reason: str) -> bool:
 
 def fail_unstarted(view: LocalView, sid: str, reason: str) -> bool:
     """pending → failed: the step could not even be started (its condition or fan-out failed)."""
-    return _transition(view, sid, _end_unstarted(StepStatus.FAILED, reason, view.store.now()),
+    return _transition(view, sid, _end_unstarted(StepStatus.FAILED, reason, view.store.now(),
+                                                 ReasonKind.CONDITION_ERROR),
                        allowed=frozenset({StepStatus.PENDING})) is not None
 
 
 def cancel_unstarted(view: LocalView, sid: str, reason: str) -> bool:
     """pending | retrying | expanded → cancelled (the run is being cancelled)."""
-    return _transition(view, sid, _end_unstarted(StepStatus.CANCELLED, reason, view.store.now()),
+    return _transition(view, sid, _end_unstarted(StepStatus.CANCELLED, reason, view.store.now(),
+                                                 ReasonKind.CANCELLED),
                        allowed=OPEN | {StepStatus.EXPANDED}) is not None
 
 
@@ -281,12 +285,12 @@ def lost(view: LocalView, sid: str, *, grace: float, lost_retries: int) -> bool:
         s.history.append(AttemptInfo(attempt=s.attempt if kind is AttemptKind.RUN else s.rollback_attempt,
                                      status=AttemptStatus.LOST, kind=kind, worker=s.lease.holder,
                                      started_at=s.started_at if kind is AttemptKind.RUN else s.lease.acquired_at,
-                                     finished_at=now, reason="lost worker"))
+                                     finished_at=now, reason="lost worker", reason_kind=ReasonKind.LOST_WORKER))
         s.lease = leases.released(s.lease, now)
         if kind is AttemptKind.ROLLBACK:
             s.status = StepStatus.SUCCEEDED
             return
-        s.reason = "lost worker"
+        s.reason, s.reason_kind = "lost worker", ReasonKind.LOST_WORKER
         s.lost_attempts += 1
         if cancelling:
             s.status, s.finished_at = StepStatus.CANCELLED, now
@@ -306,6 +310,7 @@ def lost(view: LocalView, sid: str, *, grace: float, lost_retries: int) -> bool:
 def _clear(s: StepState, reason: str) -> None:
     s.status = StepStatus.PENDING
     s.reason = reason
+    s.reason_kind = None
     s.outputs, s.artifacts = {}, {}
     s.failures = s.lost_attempts = 0
     s.not_before = s.finished_at = None
@@ -342,7 +347,7 @@ def retire(view: LocalView, sid: str, reason: str) -> None:
         if s.lease is not None and not s.lease.released:
             s.lease = leases.released(s.lease, s.lease.expires_at)
         s.status = StepStatus.SKIPPED
-        s.reason = reason
+        s.reason, s.reason_kind = reason, None
 
     _retrying(view, sid, change, "retire")
 
@@ -378,6 +383,7 @@ def _release_and_record(s: StepState, ending: Ending, now: float) -> None:
     s.history.append(ending.attempt)
     s.exit_code = ending.attempt.exit_code
     s.reason = ending.attempt.reason
+    s.reason_kind = ending.attempt.reason_kind
 
 
 def succeed(hold: Hold, ending: Ending) -> StepState:

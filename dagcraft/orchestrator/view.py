@@ -352,6 +352,19 @@ class LocalView:
             out[st] = out.get(st, 0) + 1
         return out
 
+    def pending_compensations(self) -> list[str]:
+        """Steps whose compensation a rollback still has to run (or is running): succeeded,
+        or compensating, with a ``rollback`` command. Finally steps are not among them: they
+        run after the rollback."""
+        return [sid for sid in self.all_ids()
+                if self.steps[sid].rollback and not self.steps[sid].is_finally
+                and self.status(sid) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)]
+
+    def rollback_due(self) -> bool:
+        """A step failed for good under ``on_failure: rollback`` and compensations remain:
+        finally steps wait for them (they report the rolled-back statuses)."""
+        return self.wf.on_failure == "rollback" and self.failing() and bool(self.pending_compensations())
+
     def dependents(self) -> dict[str, set[str]]:
         deps: dict[str, set[str]] = {s: set() for s in self.steps}
         for sid, step in self.steps.items():
