@@ -26,6 +26,11 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+function setKids(node, ...children) {
+  // replaceChildren() would print a null as "null": optional parts are simply left out
+  node.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+}
+
 function fmtDur(s) {
   if (s === null || s === undefined) return "—";
   if (s < 10) return s.toFixed(1) + "s";
@@ -93,14 +98,14 @@ function runsPage(main) {
   const body = el("tbody", {id: "runs"});
   const empty = el("p", {class: "muted", hidden: true,
                          text: "No runs in this store yet: start one with dagcraft run SPEC."});
-  main.replaceChildren(el("h1", {text: "Runs"}), el("table", {class: "grid"},
+  setKids(main, el("h1", {text: "Runs"}), el("table", {class: "grid"},
     el("thead", {}, el("tr", {}, ["Run", "Workflow", "Status", "Age", "Duration", "Reason"].map(
       (h) => el("th", {text: h})))), body), empty);
   poller(async () => {
     const data = await getJSON("/api/runs");
     document.getElementById("store").textContent = data.store;
     empty.hidden = data.runs.length > 0;
-    body.replaceChildren(...data.runs.map((r) => el("tr", {"data-run": r.run_id, class: "st-" + r.status},
+    setKids(body, ...data.runs.map((r) => el("tr", {"data-run": r.run_id, class: "st-" + r.status},
       el("td", {}, el("a", {href: "/runs/" + encodeURIComponent(r.run_id), text: r.run_id})),
       el("td", {text: r.name}),
       el("td", {}, badge(r.status)),
@@ -123,7 +128,7 @@ function runPage(main, runId) {
   const timeline = el("div", {class: "timeline", id: "timeline"});
   const steps = el("tbody", {id: "steps"});
   const detail = el("section", {class: "detail", id: "detail", hidden: true});
-  main.replaceChildren(
+  setKids(main,
     el("p", {class: "crumbs"}, el("a", {href: "/", text: "← all runs"})),
     head, actions, message,
     el("h2", {text: "Graph"}), dag,
@@ -169,7 +174,7 @@ function runPage(main, runId) {
       if (wanted === state.selected) renderDetail(s);
     } catch (err) {
       detail.hidden = false;
-      detail.replaceChildren(el("p", {class: "error", text: err.message}));
+      setKids(detail, el("p", {class: "error", text: err.message}));
     }
     const live = state.run && !FINISHED.has(state.run.status);
     state.stepTimer = setTimeout(stepPoll, live ? POLL_MS : POLL_DONE_MS);
@@ -204,7 +209,7 @@ function runPage(main, runId) {
       el("p", {class: "muted", text: "(no trace yet: it is uploaded when the attempt ends)"});
     const more = s.trace.total > s.trace.events.length ?
       el("p", {class: "muted", text: "first " + s.trace.events.length + " of " + s.trace.total + " events"}) : null;
-    detail.replaceChildren(
+    setKids(detail,
       el("h2", {}, "Step ", el("code", {text: s.step}), " ", badge(s.status, "detail-status")),
       s.reason ? el("p", {class: "reason", text: s.reason}) : null,
       el("div", {class: "cols"},
@@ -217,14 +222,14 @@ function runPage(main, runId) {
 
   function renderHead(r) {
     const queue = r.timeline.queue_s;
-    head.replaceChildren(
+    setKids(head,
       el("h1", {}, el("code", {text: r.run_id}), " ", badge(r.status, "run-status")),
       el("p", {class: "muted"},
         r.name + " · submitted " + fmtAge(r.age_s) + " by " + r.submitted_by +
         " · duration " + fmtDur(r.duration_s) + (queue !== null ? " · waited " + fmtDur(queue) + " for a worker" : "")),
       r.reason ? el("p", {class: "reason", id: "run-reason", text: r.reason}) : null,
       r.ui_workers ? el("p", {class: "muted", text: "workers started by this UI: " + r.ui_workers}) : null);
-    actions.replaceChildren(...actionButtons(r.actions, null));
+    setKids(actions, ...actionButtons(r.actions, null));
   }
 
   function renderDag(r) {
@@ -242,16 +247,14 @@ function runPage(main, runId) {
   function renderTimeline(r) {
     const t = r.timeline;
     if (!t.bars.length) {
-      timeline.replaceChildren(el("p", {class: "muted", text: "No step has started yet."}));
+      setKids(timeline, el("p", {class: "muted", text: "No step has started yet."}));
       return;
     }
     const span = Math.max(t.span_s, 0.001);
     const rows = t.bars.map((b) => {
-      const left = (100 * b.offset_s / span).toFixed(3);
-      const width = Math.max(0.4, 100 * b.duration_s / span).toFixed(3);
       return el("div", {class: "trow", "data-step": b.step},
         el("div", {class: "tlabel", title: b.step + " attempt " + b.attempt, text: b.step + (b.attempt !== "1" ? " #" + b.attempt : "")}),
-        el("div", {class: "track"}, el("div", {class: "bar st-" + b.status, style: null,
+        el("div", {class: "track"}, el("div", {class: "bar st-" + b.status,
           title: b.step + " · " + b.status + " · " + fmtDur(b.duration_s)})),
         el("div", {class: "tdur", text: fmtDur(b.duration_s)}));
     });
@@ -261,13 +264,13 @@ function runPage(main, runId) {
       bar.style.left = (100 * t.bars[i].offset_s / span) + "%";
       bar.style.width = Math.max(0.4, 100 * t.bars[i].duration_s / span) + "%";
     });
-    timeline.replaceChildren(
+    setKids(timeline,
       el("div", {class: "tscale"}, el("span", {text: "first claim " + fmtTime(t.first_claim)}),
          el("span", {text: "+" + fmtDur(t.span_s)})), ...rows);
   }
 
   function renderSteps(r) {
-    steps.replaceChildren(...r.steps.map((s) => el("tr", {"data-step": s.step,
+    setKids(steps, ...r.steps.map((s) => el("tr", {"data-step": s.step,
         class: "st-" + s.status + (s.parent ? " child" : "") + (s.step === state.selected ? " sel" : ""),
         onclick: (e) => { if (e.target.tagName !== "BUTTON") select(s.step); }},
       el("td", {}, el("code", {text: s.step})),
@@ -289,7 +292,7 @@ function runPage(main, runId) {
       const g = e.target.closest("g[data-step]");
       if (g) select(g.dataset.step);
     });
-    dag.replaceChildren(svg);
+    setKids(dag, svg);
     dagLoaded = true;
   }
 
