@@ -143,7 +143,7 @@ def _events(store: Store, key: str) -> dict[str, Any]:
     got = store.get(key)
     if got is None:
         return {"events": [], "total": 0}
-    events = []
+    events: list[dict[str, Any]] = []
     total = 0
     for line in got[0].decode("utf-8", "replace").splitlines():
         try:

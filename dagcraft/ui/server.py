@@ -275,7 +275,8 @@ async def _error(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"{what}: {request.url.path}"}, status_code=exc.status_code)
     if isinstance(exc, _Refused):
         return JSONResponse({"error": str(exc)}, status_code=403)
-    assert isinstance(exc, DagcraftError)
+    if not isinstance(exc, DagcraftError):  # a bug: uvicorn logs its traceback; the page gets one line
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
     return JSONResponse({"error": str(exc)}, status_code=_HTTP_STATUS.get(exc.exit_code, 500))
 
 
@@ -300,7 +301,7 @@ def create_app(store: Store, opts: UiOptions) -> Starlette:
         Route("/api/runs/{run_id}/steps/{step}/artifacts/{name:path}", ui.artifact),
         Route("/api/runs/{run_id}/actions/{action}", ui.action, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={DagcraftError: _error, HTTPException: _error},
+    app = Starlette(routes=routes, exception_handlers={DagcraftError: _error, HTTPException: _error, Exception: _error},
                     middleware=[Middleware(_SecurityHeaders),
                                 Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(opts.host))])
     app.state.ui = ui

@@ -251,3 +251,26 @@ def test_cli_busy_port_is_one_line_exit_2(local_store: Any) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and f"127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_unreachable_store_is_exit_5() -> None:
+    proc = cli("ui", "--store", "s3://nobucket/x?endpoint=http://127.0.0.1:9", "--port", "0", timeout=120)
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.startswith("dagcraft: ") and proc.stderr.strip().count("\n") == 0
+
+
+def test_resume_without_the_runs_secret_is_refused(local_store: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("DAGCRAFT_PARAM_TOKEN", "s3cr3t-" + "value-1234")
+    rid = submit_spec(local_store, write_spec(tmp_path, """
+        name: needs-secret
+        params:
+          token: {type: string, secret: true}
+        steps:
+          - id: use
+            run: "echo ${{ params.token }}"
+    """), params={"token": "s3cr3t-" + "value-1234"})
+    monkeypatch.delenv("DAGCRAFT_PARAM_TOKEN")  # the UI's environment lacks it
+    with client_for(local_store) as c:
+        r = post(c, rid, "resume")
+        assert r.status_code == 400 and "DAGCRAFT_PARAM_TOKEN" in r.json()["error"], r.text
+        assert rid not in c.app.state.ui.drivers  # no worker started without it

@@ -230,6 +230,12 @@ function runPage(main, runId) {
       r.reason ? el("p", {class: "reason", id: "run-reason", text: r.reason}) : null,
       r.ui_workers ? el("p", {class: "muted", text: "workers started by this UI: " + r.ui_workers}) : null);
     setKids(actions, ...actionButtons(r.actions, null));
+    // on a run still open, "resume" starts workers here for it (one whose workers are gone)
+    const resume = actions.querySelector('button[data-action="resume"]');
+    if (resume && !FINISHED.has(r.status)) {
+      resume.textContent = "Start workers here";
+      resume.title = "start " + "local workers for this run (for a run nobody serves any more)";
+    }
   }
 
   function renderDag(r) {
