@@ -12,7 +12,8 @@ Guarantees:
   origin. Every page carries a CSP that allows nothing but this origin.
 - Resume and retry start workers for the run with the orchestrator's pool (:func:`drive`, in a
   background thread of this process: ordinary ``dagcraft worker --run R --exit-when-idle``
-  processes, restarted if they die). They finish the run even if the UI stops.
+  processes, restarted if they die). Ctrl-C in the UI's terminal reaches them too (they hand
+  their steps back: the run stays resumable); otherwise they finish the run if the UI stops.
 """
 
 from __future__ import annotations

@@ -58,8 +58,19 @@ def raw_post(url: str, headers: dict[str, str]) -> int:
         return int(exc.code)
 
 
-def test_live_run_updates_and_cancels(browser: Any, local_store: Any, tmp_path: Path, ui_process: Any) -> None:
-    store_url = str(local_store.root)
+@pytest.fixture(params=["local", "s3server"])
+def live_store(request: Any) -> tuple[Any, str]:
+    """(store, URL for the processes): the UI serves a local directory or an S3 bucket alike."""
+    if request.param == "local":
+        store = request.getfixturevalue("local_store")
+        return store, str(store.root)
+    store = request.getfixturevalue("s3_server_store")
+    return store, store.url
+
+
+def test_live_run_updates_and_cancels(browser: Any, live_store: tuple[Any, str], tmp_path: Path,
+                                      ui_process: Any) -> None:
+    local_store, store_url = live_store
     gate = tmp_path / "gate"
     rid = "ui-live-1"
     spec = write_spec(tmp_path, LIVE)
@@ -149,6 +160,36 @@ def test_failed_run_page_shows_why(browser: Any, local_store: Any, tmp_path: Pat
         assert page.locator('#steps tr[data-step="parse"] button[data-action="retry"]').count() == 1
         assert json.loads(page.evaluate("JSON.stringify([...document.querySelectorAll('#timeline .trow')]"
                                         ".map(r => r.dataset.step))")) == ["fetch", "parse"]
+    finally:
+        page.close()
+    assert errors == []
+
+
+def test_fanout_parent_summarized(browser: Any, local_store: Any, tmp_path: Path, ui_process: Any) -> None:
+    from tests.orchestrator.helpers import run_spec
+
+    rid, st = run_spec(local_store, tmp_path, """
+        name: fan
+        steps:
+          - id: plan
+            run: "echo 'items=[\\"a\\", \\"b\\", \\"c\\"]' >> $DAGCRAFT_OUTPUT"
+            outputs: {values: [items]}
+          - id: work
+            needs: [plan]
+            foreach: "${{ steps.plan.outputs.items }}"
+            run: "test ${{ item }} != b"
+        on_failure: continue
+    """)
+    by = {s["step"]: s for s in st["steps"]}
+    assert len(by["work"]["children"]) == 3, st
+    ui = ui_process(str(local_store.root))
+    page = browser.new_page()
+    errors = watch_console(page)
+    try:
+        page.goto(f"{ui.url}/runs/{rid}")
+        page.wait_for_selector("#steps tr.child")
+        assert page.text_content('#dag g[data-step="work"] .dc-sub') == "3/3 done · 1 failed"
+        assert page.locator("#steps tr.child").count() == 3
     finally:
         page.close()
     assert errors == []

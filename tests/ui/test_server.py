@@ -274,3 +274,17 @@ def test_resume_without_the_runs_secret_is_refused(local_store: Any, tmp_path: P
         r = post(c, rid, "resume")
         assert r.status_code == 400 and "DAGCRAFT_PARAM_TOKEN" in r.json()["error"], r.text
         assert rid not in c.app.state.ui.drivers  # no worker started without it
+
+
+def test_cli_ctrl_c_is_exit_130(local_store: Any) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "dagcraft.cli.main", "ui", "--store", str(local_store.root),
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith("dagcraft ui: http://127.0.0.1:")  # listening
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 130
+    assert proc.stderr.read().strip() == "dagcraft: interrupted"

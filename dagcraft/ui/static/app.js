@@ -245,8 +245,17 @@ function runPage(main, runId) {
       for (const c of [...g.classList]) if (c.startsWith("st-")) g.classList.remove(c);
       g.classList.add("st-" + s.status);
       const sub = g.querySelector(".dc-sub");
-      if (sub) sub.textContent = s.status + (s.attempt > 1 ? " · attempt " + s.attempt : "") +
-        (s.duration_s !== null ? " · " + fmtDur(s.duration_s) : "");
+      if (!sub) continue;
+      if (s.children && s.children.length) {
+        // a fan-out parent: its children run in its place, so say how far they are
+        const kids = r.steps.filter((c) => c.parent === s.step);
+        const done = kids.filter((c) => FINISHED.has(c.status) || c.status === "skipped").length;
+        const failed = kids.filter((c) => c.status === "failed").length;
+        sub.textContent = done + "/" + kids.length + " done" + (failed ? " · " + failed + " failed" : "");
+      } else {
+        sub.textContent = s.status + (s.attempt > 1 ? " · attempt " + s.attempt : "") +
+          (s.duration_s !== null ? " · " + fmtDur(s.duration_s) : "");
+      }
     }
   }
 
