@@ -140,7 +140,11 @@ def test_failed_run_page_shows_why(browser: Any, local_store: Any, tmp_path: Pat
             run: "echo fetched"
           - id: parse
             needs: [fetch]
-            run: "echo 'parse error: line 3: unexpected token' >&2; exit 2"
+            run: |
+              echo 'parse error: line 3: unexpected token' >&2
+              echo '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>' >&2
+              echo '<b onmouseover=alert(1)>bold</b>'
+              exit 2
           - id: publish
             needs: [parse]
             run: "echo never"
@@ -156,6 +160,11 @@ def test_failed_run_page_shows_why(browser: Any, local_store: Any, tmp_path: Pat
         # the failed step is opened by itself, its stderr shown
         page.wait_for_selector("#detail pre.stderr", timeout=30_000)
         assert "parse error: line 3" in page.inner_text("#detail pre.stderr")
+        # what a step printed is shown as text, never run as markup
+        assert '<img src=x onerror="window.__pwned=1">' in page.inner_text("#detail pre.stderr")
+        assert "<b onmouseover" in page.inner_text("#detail pre.stdout")
+        assert page.evaluate("window.__pwned === undefined") is True
+        assert page.locator("#main img, #main script, #main b").count() == 0
         assert "run.finished" in page.inner_text("#detail table.events")
         assert page.locator('#steps tr[data-step="parse"] button[data-action="retry"]').count() == 1
         assert json.loads(page.evaluate("JSON.stringify([...document.querySelectorAll('#timeline .trow')]"
