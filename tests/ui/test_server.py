@@ -288,3 +288,32 @@ def test_cli_ctrl_c_is_exit_130(local_store: Any) -> None:
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 130
     assert proc.stderr.read().strip() == "dagcraft: interrupted"
+
+
+def test_requests_per_poll_as_documented(tmp_path: Path) -> None:
+    """docs/ui.md: a run page poll is 2 LISTs + 2 GETs per step + 2; the step panel up to 4
+    GETs; the run list 1 LIST + 2 GETs per run; many tabs within CACHE_S cost one poll."""
+    from collections import Counter
+
+    from dagcraft.primitives.local import LocalStore
+    from dagcraft.ui import data
+
+    store = LocalStore(tmp_path / "store", fsync=False)
+    n = 10
+    spec = "name: counts\nsteps:\n" + "".join(f"  - id: s{i}\n    run: ['echo', 'x']\n" for i in range(n))
+    rid, st = run_spec(store, tmp_path, spec)
+    assert st["status"] == "succeeded"
+
+    def cost(fn: Any) -> dict[str, int]:
+        before = Counter(store.stats)
+        fn()
+        after = Counter(store.stats)
+        after.subtract(before)
+        return {k: v for k, v in after.items() if v}
+
+    assert cost(lambda: data.run_json(store, rid)) == {"list": 2, "get": 2 * n + 2}
+    assert cost(lambda: data.step_json(store, rid, "s3")) == {"get": 4}
+    assert cost(lambda: data.runs_json(store)) == {"list": 1, "get": 2}
+    with client_for(store) as c:
+        polls = cost(lambda: [c.get(f"/api/runs/{rid}") for _ in range(5)])
+    assert polls == {"list": 2, "get": 2 * n + 2}  # five tabs, one read of the store
