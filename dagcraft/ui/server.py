@@ -285,7 +285,8 @@ def allowed_hosts(host: str) -> list[str]:
     """Host header values served: loopback names, and the bound address (any, for 0.0.0.0/::)."""
     if host in ("0.0.0.0", "::", ""):
         return ["*"]
-    return sorted({"127.0.0.1", "localhost", "[::1]", "::1", host})
+    # an IPv6 literal comes bracketed in a Host header
+    return sorted({"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host})
 
 
 def create_app(store: Store, opts: UiOptions) -> Starlette:

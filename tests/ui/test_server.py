@@ -152,6 +152,10 @@ def test_refuses_other_hosts(local_store: Any) -> None:
     with client_for(local_store) as c:
         assert c.get("/api/runs", headers={"Host": "evil.example:8765"}).status_code == 400
         assert c.get("/api/runs", headers={"Host": "localhost:8765"}).status_code == 200
+        assert c.get("/api/runs", headers={"Host": "[::1]:8765"}).status_code == 200
+    with client_for(local_store, host="fd00::5") as c:
+        assert c.get("/api/runs", headers={"Host": "[fd00::5]:8765"}).status_code == 200
+        assert c.get("/api/runs", headers={"Host": "[fd00::6]:8765"}).status_code == 400
 
 
 def test_post_needs_token_and_same_origin(local_store: Any, tmp_path: Path) -> None:
