@@ -312,7 +312,7 @@ def create_app(store: Store, opts: UiOptions) -> Starlette:
 
 def serve(store: Store, opts: UiOptions, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until interrupted. The socket is bound first (port 0 picks a free one), so a busy
-    port is an InvalidInput naming it, and ``on_ready`` gets the real URL."""
+    port is an InvalidInput naming it; ``on_ready`` gets the real URL once requests are served."""
     import uvicorn
 
     family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
@@ -326,8 +326,14 @@ def serve(store: Store, opts: UiOptions, on_ready: Callable[[str], None] | None 
     port = sock.getsockname()[1]
     opts.port = port
     app = create_app(store, opts)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
     shown = f"[{opts.host}]" if ":" in opts.host else opts.host
-    if on_ready is not None:
-        on_ready(f"http://{'127.0.0.1' if opts.host in ('0.0.0.0', '') else shown}:{port}/")
-    server.run(sockets=[sock])
+    link = f"http://{'127.0.0.1' if opts.host in ('0.0.0.0', '') else shown}:{port}/"
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            # only now: serving, and Ctrl-C handled by uvicorn (a graceful stop, then exit 130)
+            if self.started and on_ready is not None:
+                on_ready(link)
+
+    _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")).run(sockets=[sock])
