@@ -35,6 +35,8 @@ def _register() -> None:
 
     for mod in (store_cmds, agent_cmds, spec_cmds, trace_cmds, run_cmds):
         mod.register(cli)
+    from dagcraft.cli import ui_cmds  # the web UI (issue 11)
+    ui_cmds.register(cli)
 
 
 _register()

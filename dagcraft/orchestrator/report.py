@@ -30,8 +30,10 @@ from dagcraft.orchestrator.ops import (
     run_status,
     step_span,
 )
+from dagcraft.orchestrator.view import workflow_of
 from dagcraft.primitives.store import Store
 from dagcraft.tracing import RunVerifyReport, TraceStatus, VerifyReport, read_trace, seal, verify
+from dagcraft.workflows.graph_render import to_svg
 
 
 def _attempt_dirs(store: Store, run_id: str, step: str) -> list[str]:
@@ -141,8 +143,8 @@ def report_view(store: Store, run_id: str) -> Any:
                    steps=steps, first_claim_ms=_ms(timing.first_claim_at),
                    duration_ms=None if timing.duration_s is None else int(timing.duration_s * 1000),
                    queued_ms=None if timing.queued_s is None else int(timing.queued_s * 1000),
-                   # DAG picture slot: inline SVG of the run's graph (workflows.graph_render.to_svg), when wired
-                   dag_svg=None)
+                   dag_svg=to_svg(workflow_of(rec, store.url, with_secrets=False),
+                                  {sid: str(st.status) for sid, st in states.items()}))
 
 
 def write_report(store: Store, run_id: str, out: Path | None = None) -> Path:

@@ -131,9 +131,16 @@ def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
     if got is None:
         raise NotFound(f"run {run_id!r} not found in {store.url}")
     record = load_record(RunRecord, got[0], key, store.url)
+    return record, workflow_of(record, store.url)
+
+
+def workflow_of(record: RunRecord, store_url: str, *, with_secrets: bool = True) -> CompiledWorkflow:
+    """The compiled workflow of a run record, steps in submission order; with ``with_secrets``
+    the secret params this process was given replace their ``[redacted]`` placeholders.
+    CorruptRecord (naming the record's key) if the stored workflow is not valid."""
     data = dict(record.workflow)
     params = dict(data.get("params", {}))
-    for name in record.secret_params:
+    for name in record.secret_params if with_secrets else ():
         if secret_env_name(name) in os.environ:
             params[name] = os.environ[secret_env_name(name)]
     data["params"] = params
@@ -141,9 +148,10 @@ def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
     if record.order and set(record.order) == set(steps):
         data["steps"] = {sid: steps[sid] for sid in record.order}
     try:
-        return record, CompiledWorkflow.model_validate(data)
+        return CompiledWorkflow.model_validate(data)
     except ValidationError as exc:
-        raise CorruptRecord(key, f"workflow is not valid ({exc.error_count()} error(s))", store.url) from None
+        key = layout.run_record(record.run_id)
+        raise CorruptRecord(key, f"workflow is not valid ({exc.error_count()} error(s))", store_url) from None
 
 
 class LocalView:
