@@ -35,10 +35,14 @@ from dagcraft.workflows.spec import (
     RetrySpec,
     Spec,
     StepSpec,
+    check_relpath,
 )
 from dagcraft.workflows.template import (
+    EVAL_ERRORS,
     MAX_FANOUT,
     STATUS_FUNCTIONS,
+    EvaluationLimit,
+    check_shell,
     check_syntax,
     evaluate_expression,
     split_expression,
@@ -180,7 +184,7 @@ class _Compiler:
             else:
                 check_syntax(raw)
                 refs = template_refs(raw)
-        except TemplateError as exc:
+        except (TemplateError, EvaluationLimit) as exc:
             msg = getattr(exc, "message", None) or str(exc)
             raise self.err(path, f"bad template: {msg}") from None
         ancestors = nx.ancestors(self.graph, step.id) if step is not None else set()
@@ -200,6 +204,27 @@ class _Compiler:
                 raise self.err(path, f"unknown matrix key {head!r}{_hint(head, step.matrix or {})}")
             if name == "steps" and isinstance(head, str) and step is not None:
                 self._check_step_ref(path, step, ancestors, chain)
+
+    def check_workdir(self, path: tuple, raw: str) -> None:
+        """A static relative workdir must stay inside the spec's directory (a templated one is
+        checked when rendered)."""
+        if "${{" in raw or raw.startswith("/"):
+            return
+        try:
+            check_relpath(raw.rstrip("/") or ".", "workdir")
+        except ValueError as exc:
+            raise self.err(path, f"{exc} (it is relative to the spec's directory and may not leave it)") from None
+
+    def check_shell_string(self, path: tuple, raw: str) -> None:
+        """A ``run``/``rollback`` string: every ``${{ }}`` must sit where a reference is safe."""
+        if "${{" not in raw:
+            return
+        refused = check_shell(raw)
+        if refused is not None:
+            why, offset = refused
+            line = raw.count("\n", 0, offset) + 1
+            col = offset - (raw.rfind("\n", 0, offset) + 1) + 1
+            raise self.err(path, f"{why} (script line {line}, column {col})")
 
     def _why(self, name: str, step: StepSpec | None) -> str:
         if name == "matrix":
@@ -253,6 +278,7 @@ class _Compiler:
             self.check_template(("defaults", "env", k), v, allow=base)
         if self.spec.defaults.workdir:
             self.check_template(("defaults", "workdir"), self.spec.defaults.workdir, allow=base)
+            self.check_workdir(("defaults", "workdir"), self.spec.defaults.workdir)
         for name, agent in self.spec.agents.items():
             for i, item in enumerate(agent.command):
                 self.check_template(("agents", name, "command", i), item, allow=base | {"prompt"})
@@ -272,11 +298,13 @@ class _Compiler:
                 allow.add("item")
             if isinstance(s.run, str):
                 self.check_template(path + ("run",), s.run, step=s, allow=allow)
+                self.check_shell_string(path + ("run",), s.run)
             elif isinstance(s.run, list):
                 for i, item in enumerate(s.run):
                     self.check_template(path + ("run", i), item, step=s, allow=allow)
             if isinstance(s.rollback, str):
                 self.check_template(path + ("rollback",), s.rollback, step=s, allow=allow)
+                self.check_shell_string(path + ("rollback",), s.rollback)
             elif isinstance(s.rollback, list):
                 for i, item in enumerate(s.rollback):
                     self.check_template(path + ("rollback", i), item, step=s, allow=allow)
@@ -286,6 +314,7 @@ class _Compiler:
                 self.check_template(path + ("env", k), v, step=s, allow=allow)
             if s.workdir:
                 self.check_template(path + ("workdir",), s.workdir, step=s, allow=allow)
+                self.check_workdir(path + ("workdir",), s.workdir)
             if s.when is not None:
                 self.check_template(path + ("when",), s.when, step=s, allow=allow | set(STATUS_FUNCTIONS), expression=True)
 
@@ -300,7 +329,7 @@ class _Compiler:
             if isinstance(raw, str):
                 try:
                     values = evaluate_expression(raw, variables)
-                except (TemplateError, TypeError, ValueError) as exc:
+                except (*EVAL_ERRORS, EvaluationLimit) as exc:
                     raise self.err(where, f"cannot evaluate: {getattr(exc, 'message', None) or exc}") from None
                 if isinstance(values, str):
                     try:
