@@ -42,8 +42,10 @@ from dagcraft.workflows.template import (
     MAX_FANOUT,
     STATUS_FUNCTIONS,
     EvaluationLimit,
+    check_bounds,
     check_shell,
     check_syntax,
+    expressions,
     evaluate_expression,
     split_expression,
     template_refs,
@@ -105,6 +107,7 @@ class _Compiler:
             (("steps", i), s, False) for i, s in enumerate(spec.steps)
         ] + [(("finally", i), s, True) for i, s in enumerate(spec.finally_)]
         self.by_id: dict[str, tuple[tuple, StepSpec, bool]] = {}
+        self.params: dict[str, Any] = {}
 
     def err(self, path: tuple, msg: str, *, key: bool = False) -> SpecError:
         return error_at(self.source, self.pos, path, msg, at=self.keypos.get(path) if key else None)
@@ -204,6 +207,18 @@ class _Compiler:
                 raise self.err(path, f"unknown matrix key {head!r}{_hint(head, step.matrix or {})}")
             if name == "steps" and isinstance(head, str) and step is not None:
                 self._check_step_ref(path, step, ancestors, chain)
+        self.check_static_bounds(path, raw if expr is None else expr, expression=expr is not None)
+
+    def check_static_bounds(self, path: tuple, raw: str, *, expression: bool) -> None:
+        """Expressions that depend only on params and Jinja's globals are evaluated now, so one
+        that would exceed an evaluation bound (``9 ** 999999999``) is refused by ``validate``."""
+        for e in expressions(raw, expression=expression):
+            names = {name for name, _ in template_refs(e, expression=True)}
+            if names <= _JINJA_GLOBALS | {"params"}:
+                try:
+                    check_bounds(e, {"params": self.params})
+                except EvaluationLimit as exc:
+                    raise self.err(path, str(exc)) from None
 
     def check_workdir(self, path: tuple, raw: str) -> None:
         """A static relative workdir must stay inside the spec's directory (a templated one is
@@ -387,6 +402,7 @@ class _Compiler:
         graph = self.check_ids_and_needs()
         self.check_agents()
         params = self.resolve_params()
+        self.params = params
         self.check_templates()
         order_index = {s.id: n for n, (_, s, _) in enumerate(self.templates)}
         topo = list(nx.lexicographical_topological_sort(graph, key=lambda t: f"{order_index[t]:08d}"))

@@ -409,6 +409,26 @@ def check_syntax(source: str, *, expression: bool = False) -> None:
             _compiled(source)
 
 
+def expressions(raw: str, *, expression: bool = False) -> list[str]:
+    """The sources of the ``${{ }}`` expressions of ``raw`` (``raw`` itself for an expression)."""
+    if expression:
+        return [raw]
+    return _split(raw)[1]
+
+
+def check_bounds(expr: str, variables: dict[str, Any]) -> None:
+    """Evaluate ``expr`` (whose names are all in ``variables`` or Jinja's globals) now and raise
+    :class:`EvaluationLimit` if it exceeds a bound; any other error is left to run time, where
+    the expression may never be reached (a ``when`` may skip the step)."""
+    try:
+        with bounded():
+            _compiled_expr(expr)(**variables)
+    except EvaluationLimit:
+        raise
+    except Exception:  # noqa: BLE001 - reported at run time, where it matters
+        pass
+
+
 def render_text(source: str, variables: dict[str, Any]) -> str:
     """Render a template string (bounded, see :func:`bounded`). TemplateError/undefined errors
     and :class:`EvaluationLimit` propagate (callers add context)."""
