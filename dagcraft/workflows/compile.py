@@ -45,13 +45,14 @@ from dagcraft.workflows.template import (
     check_bounds,
     check_shell,
     check_syntax,
-    expressions,
     evaluate_expression,
+    expressions,
     split_expression,
     template_refs,
     to_text,
 )
 
+_EVAL_OR_LIMIT: tuple[type[BaseException], ...] = (*EVAL_ERRORS, EvaluationLimit)
 MAX_STEPS = 10_000  # concrete steps in one compiled workflow
 _JINJA_GLOBALS = {"range", "dict", "lipsum", "cycler", "joiner", "namespace", "true", "false", "none",
                   "True", "False", "None"}
@@ -344,7 +345,7 @@ class _Compiler:
             if isinstance(raw, str):
                 try:
                     values = evaluate_expression(raw, variables)
-                except (*EVAL_ERRORS, EvaluationLimit) as exc:
+                except _EVAL_OR_LIMIT as exc:
                     raise self.err(where, f"cannot evaluate: {getattr(exc, 'message', None) or exc}") from None
                 if isinstance(values, str):
                     try:

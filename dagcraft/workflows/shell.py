@@ -103,6 +103,7 @@ class _Word:
     value_slots: set[int] = field(default_factory=set)  # slots after the `=` of NAME=
     assign: str | None = None  # NAME when the word has the NAME= form
     redirect: bool = False  # a redirection target (never a command or its argument)
+    raw: str = ""  # the word as written
 
 
 @dataclass
@@ -364,7 +365,8 @@ class _Lexer:
                 self.i += 1
                 if self.peek() == "(":
                     self.i += 1
-                    self.skip_balanced(self.i - 1, "(", ")", "a compound (array) assignment")
+                    # `[sub]=v` keys of an array literal are arithmetic
+                    self.arith.append(self.skip_balanced(self.i - 1, "(", ")", "a compound (array) assignment"))
                     w.dynamic = True
                 continue
             if c == "=" and w.assign is None and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\[.*\]\+?", w.text):
@@ -374,6 +376,7 @@ class _Lexer:
             w.text += c
             self.i += 1
         self.word = None
+        w.raw = self.s[w.start:self.i]
         return w
 
     def skip_blank(self) -> None:
@@ -450,6 +453,7 @@ class _Lexer:
         start = self.i
         cmd = _Cmd()
         mode = "cmd"  # cmd | for-name | for-words | case-word | case-in | case-pattern | cond
+        for_name = ""
         case_depth: list[str] = []
         while True:
             self.skip_blank()
@@ -564,11 +568,14 @@ class _Lexer:
             if mode == "for-name":
                 if w.slots:
                     raise self.refuse("as a loop variable name", w.slots[0][1])
+                for_name = w.text
                 mode = "for-words"
                 continue
             if mode == "for-words":
                 if literal == "do":
                     mode = "cmd"
+                elif w.slots:  # the loop variable holds the value
+                    self.assigns.append((for_name, "", [idx for idx, _ in w.slots]))
                 continue
             if not self.has_command(cmd):
                 if literal == "esac" and case_depth:
@@ -601,7 +608,7 @@ class _Lexer:
         return any(w.assign is None and not w.redirect for w in cmd.words)
 
     def end_cond(self, cmd: _Cmd) -> None:
-        words = [w.text for w in cmd.words]
+        words = [w.raw for w in cmd.words]
         slots = [p for w in cmd.words for _, p in w.slots]
         if any(t in _ARITH_COND for t in words):
             self.arith.append(" ".join(words))
@@ -615,6 +622,7 @@ class _Lexer:
         for w in words:
             if w.assign is not None and not w.redirect:
                 self.record_assign(w)
+        fed = [idx for w in words if w.redirect for idx, _ in w.slots]  # e.g. `read n <<< value`
         words = [w for w in words if not w.redirect]
         k = 0
         while k < len(words) and words[k].assign is not None:
@@ -631,14 +639,18 @@ class _Lexer:
             return
         name = name_w.text if not name_w.dynamic else ""
         base = name.rsplit("/", 1)[-1]
+        if fed and base in ("read", "mapfile", "readarray"):
+            for w in args:
+                if not w.text.startswith("-") and _IDENT.fullmatch(w.text):
+                    self.assigns.append((w.text, "", fed))
         literals = {w.text for w in args if not w.slots and not w.dynamic}
         if not slots:
             if base in _DECLARE and any(w.text.startswith("-") and set(w.text) & set("inaA") for w in args):
                 for w in args:
                     if not w.text.startswith("-"):
-                        self.arith.append(w.text.split("=", 1)[0])
+                        self.arith.append(w.raw.split("=", 1)[0])
             if base == "let":
-                self.arith.append(" ".join(w.text for w in args))
+                self.arith.append(" ".join(w.raw for w in args))
             return
         first = slots[0]
         if base in _CODE:
@@ -665,7 +677,7 @@ class _Lexer:
 
     def record_assign(self, w: _Word) -> None:
         assert w.assign is not None
-        self.assigns.append((w.assign, w.text, [idx for idx, _ in w.slots]))
+        self.assigns.append((w.assign, w.raw.partition("=")[2], [idx for idx, _ in w.slots]))
 
 
 def analyze(pieces: list[str], spans: list[tuple[int, int]]) -> list[Slot]:

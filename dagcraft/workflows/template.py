@@ -529,7 +529,7 @@ def _variables(wf: CompiledWorkflow | None, step: ConcreteStep, ctx: RenderConte
     }
 
 
-_CAUGHT = (*EVAL_ERRORS, EvaluationLimit)
+_CAUGHT: tuple[type[BaseException], ...] = (*EVAL_ERRORS, EvaluationLimit)
 
 
 def _fail(step: ConcreteStep, field: str, exc: BaseException) -> SpecError:
