@@ -316,12 +316,18 @@ PLAIN_ENV = _make_env()
 
 @functools.lru_cache(maxsize=1024)
 def _compiled(source: str) -> Any:
-    return PLAIN_ENV.from_string(source)
+    try:
+        return PLAIN_ENV.from_string(source)
+    except (RecursionError, SyntaxError, MemoryError):  # Jinja's parser, its compiler and Python's recurse
+        raise EvaluationLimit("the template is nested too deeply") from None
 
 
 @functools.lru_cache(maxsize=1024)
 def _compiled_expr(source: str) -> Any:
-    return PLAIN_ENV.compile_expression(source, undefined_to_none=False)
+    try:
+        return PLAIN_ENV.compile_expression(source, undefined_to_none=False)
+    except (RecursionError, SyntaxError, MemoryError):
+        raise EvaluationLimit("the expression is nested too deeply") from None
 
 
 @dataclass(frozen=True)
@@ -472,12 +478,12 @@ def template_refs(source: str, *, expression: bool = False) -> list[tuple[str, l
     """Every variable reference as ``(root name, [attr/const-key chain])``; ``None`` in the chain
     marks a dynamic subscript. ``steps.plan.outputs['x']`` → ``("steps", ["plan", "outputs", "x"])``."""
     env = PLAIN_ENV
-    if expression:
-        tree: nodes.Node = env.parse("${{ " + source + " }}")
-    else:
-        tree = env.parse(source)
     out: list[tuple[str, list[Any]]] = []
-    _walk(tree, out)
+    try:
+        tree: nodes.Node = env.parse("${{ " + source + " }}" if expression else source)
+        _walk(tree, out)
+    except RecursionError:
+        raise EvaluationLimit("the template is nested too deeply") from None
     return out
 
 
