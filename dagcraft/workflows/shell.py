@@ -486,7 +486,10 @@ class _Lexer:
                 if c in "()<>&|!":
                     self.i += 1
                     continue
-                cmd.words.append(self.read_word())
+                w = self.read_word()
+                if self.i == w.start:
+                    raise self.refuse(f"unexpected {c!r} inside [[ ]]", self.i)
+                cmd.words.append(w)
                 continue
             if c == ")":
                 if case_depth and mode == "case-pattern":
