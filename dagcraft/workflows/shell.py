@@ -92,6 +92,8 @@ _NAME_BUILTINS = {"unset", "read", "mapfile", "readarray", "getopts"}
 _DECLARE = {"declare", "typeset", "local", "export", "readonly"}
 _FIND_EXEC = {"-exec", "-execdir", "-ok", "-okdir"}
 _ARITH_COND = {"-eq", "-ne", "-lt", "-le", "-gt", "-ge", "-v", "-R"}
+#: read a program from stdin when given no script argument
+_INTERPRETERS = {"python", "python3", "python2", "perl", "ruby", "node", "php", "lua", "tclsh", "Rscript", "osascript"}
 
 
 @dataclass
@@ -109,6 +111,9 @@ class _Word:
 @dataclass
 class _Cmd:
     words: list[_Word] = field(default_factory=list)
+    danger: str | None = None  # why anything fed to this command may run as code
+    slot_pos: list[int] = field(default_factory=list)  # every ${{ }} in it (arguments, redirects, $( ))
+    pipeline: list[_Cmd] = field(default_factory=list)  # the pipeline it is part of (shared)
 
 
 class _Lexer:
@@ -121,7 +126,7 @@ class _Lexer:
         self.sentinel_pos = [k for k, c in enumerate(s) if c == SENTINEL]
         self.slot_of = {p: k for k, p in enumerate(self.sentinel_pos)}
         self.contexts: dict[int, ShellContext] = {}
-        self.pending_heredocs: list[tuple[str, bool, bool, int]] = []
+        self.pending_heredocs: list[tuple[str, bool, bool, int, _Cmd]] = []
         self.arith: list[str] = []  # text of arithmetic contexts (for the data-flow check)
         self.assigns: list[tuple[str, str, list[int]]] = []  # (name, value text, slots in it)
         self.word: _Word | None = None
@@ -139,6 +144,9 @@ class _Lexer:
         if pos in self.slot_of:
             return ShellRefused(f"${{{{ }}}} {why}", self.offsets[self.slot_of[pos]])
         return ShellRefused(why, self.orig(pos))
+
+    def slots_in(self, start: int, end: int) -> list[tuple[int, int]]:
+        return [(self.slot_of[p], p) for p in self.sentinel_pos if start <= p < end]
 
     def refuse_inside(self, start: int, end: int, what: str) -> None:
         for p in self.sentinel_pos:
@@ -252,6 +260,11 @@ class _Lexer:
             self.word = None
             self.parse_list(end=")")
             self.word = saved
+            if saved is not None:  # the output of $( ) becomes part of the enclosing word
+                for idx, p in self.slots_in(start, self.i):
+                    saved.slots.append((idx, p))
+                    if saved.assign is not None:
+                        saved.value_slots.add(idx)
             return
         if nxt == "{":
             self.i += 2
@@ -400,7 +413,7 @@ class _Lexer:
                 return op
         return None
 
-    def heredoc_delim(self, strip: bool) -> None:
+    def heredoc_delim(self, strip: bool, cmd: _Cmd) -> None:
         self.skip_blank()
         start = self.i
         w = self.read_word()
@@ -410,10 +423,10 @@ class _Lexer:
         if not raw:
             raise self.refuse("a heredoc without a delimiter", start)
         quoted = any(q in raw for q in "'\"\\")
-        self.pending_heredocs.append((w.text, quoted, strip, start))
+        self.pending_heredocs.append((w.text, quoted, strip, start, cmd))
 
     def heredoc_bodies(self) -> None:
-        for delim, quoted, strip, start in self.pending_heredocs:
+        for delim, quoted, strip, start, cmd in self.pending_heredocs:
             body_start = self.i
             while True:
                 if self.i >= self.n:
@@ -429,6 +442,9 @@ class _Lexer:
             if quoted:
                 self.refuse_inside(body_start, body_end, f"a quoted-delimiter heredoc (<<'{delim}'), which expands nothing")
                 continue
+            for c in cmd.pipeline or [cmd]:
+                if c.danger:
+                    self.refuse_inside(body_start, body_end, f"a heredoc fed to a command where {c.danger}")
             saved_i, saved_n = self.i, self.n
             self.i, self.n = body_start, body_end
             while self.i < self.n:
@@ -452,6 +468,17 @@ class _Lexer:
         """Commands until ``end`` (``)``) or the end of input."""
         start = self.i
         cmd = _Cmd()
+        pipeline: list[_Cmd] = []
+
+        def finish(c: _Cmd, piped: bool = False) -> None:
+            nonlocal pipeline
+            self.end_command(c)
+            c.pipeline = pipeline
+            pipeline.append(c)
+            if not piped:
+                self.check_pipeline(pipeline)
+                pipeline = []
+
         mode = "cmd"  # cmd | for-name | for-words | case-word | case-in | case-pattern | cond
         for_name = ""
         case_depth: list[str] = []
@@ -460,7 +487,7 @@ class _Lexer:
             if self.i >= self.n:
                 if end is not None:
                     raise self.refuse("unterminated '$(' or '('", start)
-                self.end_command(cmd)
+                finish(cmd)
                 if self.pending_heredocs:
                     raise self.refuse("unterminated heredoc", self.pending_heredocs[0][3])
                 return
@@ -469,7 +496,7 @@ class _Lexer:
                 self.comment()
                 continue
             if c == "\n":
-                self.end_command(cmd)
+                finish(cmd)
                 cmd = _Cmd()
                 self.i += 1
                 if self.pending_heredocs:
@@ -497,12 +524,12 @@ class _Lexer:
                     mode = "cmd"
                     continue
                 if end == ")":
-                    self.end_command(cmd)
+                    finish(cmd)
                     self.i += 1
                     return
                 raise self.refuse("unbalanced ')'", self.i)
             if c in ";&|" and not self.s.startswith("&>", self.i):
-                self.end_command(cmd)
+                finish(cmd, piped=c == "|" and not self.s.startswith("||", self.i))
                 cmd = _Cmd()
                 if case_depth and (self.s.startswith(";;", self.i) or self.s.startswith(";&", self.i)):
                     self.i += 3 if self.s.startswith(";;&", self.i) else 2
@@ -516,7 +543,7 @@ class _Lexer:
             if op is not None:
                 self.i += len(op)
                 if op in ("<<", "<<-"):
-                    self.heredoc_delim(strip=op == "<<-")
+                    self.heredoc_delim(strip=op == "<<-", cmd=cmd)
                 else:
                     self.skip_blank()
                     w = self.read_word()
@@ -524,8 +551,12 @@ class _Lexer:
                     cmd.words.append(w)
                 continue
             if c in "<>" and self.peek(1) == "(":
+                st = self.i
                 self.i += 2
                 self.parse_list(end=")")
+                # a process substitution is an argument whose content the command may read
+                cmd.words.append(_Word(start=st, dynamic=True, raw=self.s[st:self.i],
+                                       slots=self.slots_in(st, self.i)))
                 continue
             if c == "(":
                 if (not self.has_command(cmd) or mode == "for-name") and self.peek(1) == "(":
@@ -618,14 +649,39 @@ class _Lexer:
             if slots:
                 raise self.refuse("inside [[ ]] with an arithmetic or -v operator (evaluated as code)", slots[0])
 
+    def check_pipeline(self, pipeline: list[_Cmd]) -> None:
+        """A value anywhere upstream of a command that runs its input as code would be run."""
+        for k, c in enumerate(pipeline):
+            if k and c.danger:
+                earlier = [p for d in pipeline[:k] for p in d.slot_pos]
+                if earlier:
+                    raise self.refuse(f"piped into a command where {c.danger}", earlier[0])
+
+    @staticmethod
+    def danger_of(base: str, args: list[_Word]) -> str | None:
+        literals = {w.text for w in args if not w.slots and not w.dynamic}
+        if base in _CODE:
+            return f"{base!r} runs its arguments as shell code"
+        if base in _SHELLS or literals & _SHELLS or "eval" in literals:
+            return f"a shell ({base or 'sh'!r} ...) may run its arguments or input as code"
+        if base in _WRAPPERS:
+            return f"{base!r} may run its arguments as a command"
+        if base == "find" and literals & _FIND_EXEC:
+            return "'find -exec' may run its arguments"
+        if base in _INTERPRETERS and (all(w.text.startswith("-") for w in args) or "-" in literals):
+            return f"{base!r} reads its program from stdin"
+        return None
+
     def end_command(self, cmd: _Cmd) -> None:
         words = cmd.words
         if not words:
             return
+        cmd.slot_pos = [p for w in words for _, p in w.slots]
         for w in words:
             if w.assign is not None and not w.redirect:
                 self.record_assign(w)
         fed = [idx for w in words if w.redirect for idx, _ in w.slots]  # e.g. `read n <<< value`
+        fed_pos = [p for w in words if w.redirect for _, p in w.slots]
         words = [w for w in words if not w.redirect]
         k = 0
         while k < len(words) and words[k].assign is not None:
@@ -642,11 +698,21 @@ class _Lexer:
             return
         name = name_w.text if not name_w.dynamic else ""
         base = name.rsplit("/", 1)[-1]
+        cmd.danger = self.danger_of(base, args)
         if fed and base in ("read", "mapfile", "readarray"):
             for w in args:
                 if not w.text.startswith("-") and _IDENT.fullmatch(w.text):
                     self.assigns.append((w.text, "", fed))
-        literals = {w.text for w in args if not w.slots and not w.dynamic}
+        if cmd.danger and (slots or fed_pos):
+            first = (slots or fed_pos)[0]
+            if base in _CODE:
+                raise self.refuse(f"in the arguments of {base!r}, which runs them as shell code", first)
+            if cmd.danger.startswith("a shell"):
+                raise self.refuse(f"in a command that runs a shell ({base or 'sh'!r} ...): its arguments and input "
+                                  "may be run as code", first)
+            if base in _WRAPPERS:
+                raise self.refuse(f"in the arguments of {base!r}, which may run them as a command", first)
+            raise self.refuse(f"in a command where {cmd.danger}", first)
         if not slots:
             if base in _DECLARE and any(w.text.startswith("-") and set(w.text) & set("inaA") for w in args):
                 for w in args:
@@ -656,18 +722,11 @@ class _Lexer:
                 self.arith.append(" ".join(w.raw for w in args))
             return
         first = slots[0]
-        if base in _CODE:
-            raise self.refuse(f"in the arguments of {base!r}, which runs them as shell code", first)
-        if base in _SHELLS or literals & _SHELLS or "eval" in literals:
-            raise self.refuse(f"in a command that runs a shell ({base or 'sh'!r} ...): its arguments may be run as code", first)
-        if base in _WRAPPERS:
-            raise self.refuse(f"in the arguments of {base!r}, which may run them as a command", first)
-        if base == "find" and literals & _FIND_EXEC:
-            raise self.refuse("in a 'find -exec' command, which may run its arguments", first)
         if base in _NAME_BUILTINS:
             raise self.refuse(f"in the arguments of {base!r}, which takes variable names (a subscript would be evaluated)", first)
         if base == "printf" and any(w.text.startswith("-v") for w in args):
             raise self.refuse("in 'printf -v' (a variable name; a subscript would be evaluated)", first)
+        literals = {w.text for w in args if not w.slots and not w.dynamic}
         if base in ("test", "[") and literals & {"-v", "-R"}:
             raise self.refuse(f"in '{base} -v' (a variable name; a subscript would be evaluated)", first)
         if base in _DECLARE:
