@@ -98,8 +98,10 @@ _INTERPRETERS = {"python", "python3", "python2", "perl", "ruby", "node", "php", 
 
 @dataclass
 class _Word:
+    """One shell word as lexed: enough to tell a command name, an assignment or an option."""
+
     start: int
-    text: str = ""  # literal text with slots as SENTINEL; None-like parts marked by `dynamic`
+    text: str = ""  # its literal characters (quotes removed, slots as SENTINEL, expansions dropped)
     dynamic: bool = False  # contains an expansion of its own ($x, $(...), ...)
     slots: list[tuple[int, int]] = field(default_factory=list)  # (slot index, position in s)
     value_slots: set[int] = field(default_factory=set)  # slots after the `=` of NAME=
@@ -110,6 +112,8 @@ class _Word:
 
 @dataclass
 class _Cmd:
+    """One simple command: its words, and what the checks learnt about it."""
+
     words: list[_Word] = field(default_factory=list)
     danger: str | None = None  # why anything fed to this command may run as code
     slot_pos: list[int] = field(default_factory=list)  # every ${{ }} in it (arguments, redirects, $( ))
@@ -117,6 +121,9 @@ class _Cmd:
 
 
 class _Lexer:
+    """Recursive descent over the script with every ``${{ }}`` replaced by SENTINEL; records
+    the context of each SENTINEL, raises ShellRefused for an unsafe or unknown one."""
+
     def __init__(self, s: str, spans: list[tuple[int, int]]) -> None:
         self.s = s
         self.n = len(s)
@@ -442,9 +449,9 @@ class _Lexer:
             if quoted:
                 self.refuse_inside(body_start, body_end, f"a quoted-delimiter heredoc (<<'{delim}'), which expands nothing")
                 continue
-            for c in cmd.pipeline or [cmd]:
-                if c.danger:
-                    self.refuse_inside(body_start, body_end, f"a heredoc fed to a command where {c.danger}")
+            for fed_cmd in cmd.pipeline or [cmd]:
+                if fed_cmd.danger:
+                    self.refuse_inside(body_start, body_end, f"a heredoc fed to a command where {fed_cmd.danger}")
             saved_i, saved_n = self.i, self.n
             self.i, self.n = body_start, body_end
             while self.i < self.n:
@@ -479,7 +486,7 @@ class _Lexer:
                 self.check_pipeline(pipeline)
                 pipeline = []
 
-        mode = "cmd"  # cmd | for-name | for-words | case-word | case-in | case-pattern | cond
+        mode = "cmd"  # cmd | for-name | for-words | case-word | case-pattern | cond
         for_name = ""
         case_depth: list[str] = []
         while True:
