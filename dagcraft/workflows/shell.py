@@ -136,6 +136,7 @@ class _Lexer:
         self.pending_heredocs: list[tuple[str, bool, bool, int, _Cmd]] = []
         self.arith: list[str] = []  # text of arithmetic contexts (for the data-flow check)
         self.assigns: list[tuple[str, str, list[int]]] = []  # (name, value text, slots in it)
+        self.code: list[str] = []  # text that a command runs as code (for the data-flow check)
         self.word: _Word | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -278,8 +279,8 @@ class _Lexer:
             body = self.skip_balanced(start, "{", "}", "parameter expansion ${...}")
             m = re.match(r"[#!]?([A-Za-z_][A-Za-z0-9_]*|[0-9]+|[@*#?$!-])", body)
             rest = body[m.end():] if m else body
-            if rest:
-                self.arith.append(rest)
+            if rest or body.startswith("!"):  # operators, subscripts; ${!x} looks up x's value as a name
+                self.arith.append(body)
             if VAR_PREFIX in body:
                 raise self.refuse(f"{VAR_PREFIX}* variables are reserved for template values", start)
             return
@@ -451,6 +452,7 @@ class _Lexer:
                 continue
             for fed_cmd in cmd.pipeline or [cmd]:
                 if fed_cmd.danger:
+                    self.code.append(self.s[body_start:body_end])
                     self.refuse_inside(body_start, body_end, f"a heredoc fed to a command where {fed_cmd.danger}")
             saved_i, saved_n = self.i, self.n
             self.i, self.n = body_start, body_end
@@ -660,6 +662,7 @@ class _Lexer:
         """A value anywhere upstream of a command that runs its input as code would be run."""
         for k, c in enumerate(pipeline):
             if k and c.danger:
+                self.code.extend(w.raw for d in pipeline[:k] for w in d.words)
                 earlier = [p for d in pipeline[:k] for p in d.slot_pos]
                 if earlier:
                     raise self.refuse(f"piped into a command where {c.danger}", earlier[0])
@@ -701,11 +704,16 @@ class _Lexer:
         if name_w.slots:
             raise self.refuse("as the command name (the value would be run as a command); pass it as an "
                               "argument, or through the step's env", name_w.slots[0][1])
+        if name_w.dynamic and (slots or fed_pos):  # `$cmd ${{ x }}`: cmd may be eval
+            raise self.refuse("in the arguments of a command whose name is computed (it could be eval)",
+                              (slots or fed_pos)[0])
         if name_w.text == "[[":
             return
         name = name_w.text if not name_w.dynamic else ""
         base = name.rsplit("/", 1)[-1]
         cmd.danger = self.danger_of(base, args)
+        if cmd.danger or name_w.dynamic:
+            self.code.extend(w.raw for w in cmd.words[k:])
         if fed and base in ("read", "mapfile", "readarray"):
             for w in args:
                 if not w.text.startswith("-") and _IDENT.fullmatch(w.text):
@@ -785,9 +793,18 @@ def _check_flow(lx: _Lexer) -> None:
                 src = next(t for t in tainted if re.search(rf"\b{re.escape(t)}\b", value))
                 tainted[name] = tainted[src]
                 changed = True
+    if lx.offsets:
+        for text in lx.code:
+            if re.search(r"\$(\{?[0-9@*]|\{?#)", text):
+                raise ShellRefused(f"${{{{ }}}} in a script where {text.strip()[:40]!r} runs positional parameters "
+                                   "as code (a function argument could carry a template value)", lx.offsets[0])
     for name, slot in tainted.items():
+        for text in lx.code:
+            if re.search(rf"\b{re.escape(name)}\b", text):
+                raise ShellRefused(f"${{{{ }}}} assigned to {name}, which is run as code ({text.strip()[:40]!r})",
+                                   lx.offsets[slot])
         for text in lx.arith:
             if re.search(rf"\b{re.escape(name)}\b", text):
-                raise ShellRefused(f"${{{{ }}}} assigned to {name}, which is used in arithmetic "
+                raise ShellRefused(f"${{{{ }}}} assigned to {name}, which is used in arithmetic or as a variable name "
                                    f"({text.strip()[:40]!r}): bash would evaluate the value as code",
                                    lx.offsets[slot])
