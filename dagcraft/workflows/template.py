@@ -378,7 +378,7 @@ def shell_plan(source: str) -> ShellPlan:
 
 def check_shell(source: str) -> tuple[str, int] | None:
     """None if every ``${{ }}`` of shell string ``source`` can be referenced safely, else
-    ``(why, line:col offset)`` of the first that cannot. TemplateError on bad syntax."""
+    ``(why, offset in source)`` of the first that cannot. TemplateError on bad syntax."""
     try:
         shell_plan(source)
     except _shell.ShellRefused as exc:
