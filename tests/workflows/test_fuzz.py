@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 
 from dagcraft.cli.main import cli
 from dagcraft.errors import DagcraftError
-from dagcraft.workflows import RenderContext, compile_workflow, parse_spec, render_command, render_rollback
+from dagcraft.workflows import (
+    RenderContext,
+    compile_workflow,
+    evaluate_when,
+    parse_spec,
+    render_command,
+    render_rollback,
+)
 
 YAML_BITS = ["name: x\n", "steps:\n", "  - id: a\n", "    run: ", "echo hi\n", "[", "]", "{", "}", ": ", "- ",
              "&a ", "*a ", "<<: *a\n", "!!binary ", "!!python/object ", "'", '"', "\n", "  ", "#", "99999999999999999999",
@@ -85,6 +92,10 @@ def test_compile_and_render_never_traceback_and_accepted_scripts_never_run_value
         return
     step = wf.steps["s"]
     ctx = RenderContext(steps={"up": {"outputs": {"o": HOSTILE}, "status": "succeeded"}})
+    try:
+        evaluate_when(step, ctx, {"up": "succeeded"})
+    except DagcraftError as e:
+        assert e.exit_code == 2
     try:
         cmds = [render_command(wf, step, ctx), render_rollback(wf, step, ctx)]
     except DagcraftError as e:
