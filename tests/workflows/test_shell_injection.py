@@ -18,7 +18,7 @@ import pytest
 
 from dagcraft.errors import SpecError
 from dagcraft.workflows import RenderContext, render_command, render_rollback
-from tests.orchestrator.helpers import cli, run_spec, steps
+from tests.orchestrator.helpers import cli
 from tests.workflows.helpers import compile_text
 
 HOSTILE = [
@@ -137,34 +137,41 @@ def test_values_from_upstream_outputs_and_foreach_items(tmp_path: Path):
         assert (cwd / "out").read_text() == f"{value}|{value}"
 
 
-def test_run_with_a_hostile_upstream_output(local_store, tmp_path: Path):
-    """End to end: an upstream step writes a hostile output; the downstream shell string,
-    run by the real engine, receives it as data."""
+def test_dagcraft_run_with_a_hostile_upstream_output(tmp_path: Path):
+    """End to end through ``dagcraft run``: an upstream step writes hostile outputs; the
+    downstream shell strings (a plain step and foreach children) receive them as data."""
+    value = '"; touch PWNED; "$(touch PWNED)`touch PWNED`\nEOF\ntouch PWNED'
     producer = tmp_path / "produce.py"
     producer.write_text("import json, os\n"
-                        "open(os.environ['DAGCRAFT_OUTPUT'], 'w').write(json.dumps("
-                        "{'v': '\"; touch PWNED; \"$(touch PWNED)`touch PWNED`'}))\n")
-    marker_dir = tmp_path / "wd"
-    marker_dir.mkdir()
-    _, st = run_spec(local_store, tmp_path, f"""
-        name: hostile
-        steps:
-          - {{id: up, run: ["{sys.executable}", "{producer}"], outputs: {{values: [v]}}}}
-          - id: down
-            needs: [up]
-            workdir: wd
-            run: |
-              echo "got: ${{{{ steps.up.outputs.v }}}}" > got.txt
-              cat > heredoc.txt <<EOF
-              ${{{{ steps.up.outputs.v }}}}
-              EOF
-    """)
-    assert steps(st)["down"]["status"] == "succeeded", steps(st)["down"]
-    assert not (marker_dir / "PWNED").exists()
-    assert not (tmp_path / "PWNED").exists()
-    value = '"; touch PWNED; "$(touch PWNED)`touch PWNED`'
-    assert (marker_dir / "got.txt").read_text() == f"got: {value}\n"
-    assert (marker_dir / "heredoc.txt").read_text() == f"{value}\n"
+                        f"v = {value!r}\n"
+                        "open(os.environ['DAGCRAFT_OUTPUT'], 'w').write(json.dumps({'v': v, 'items': [v, '$(touch PWNED)']}))\n")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    spec = tmp_path / "pipeline.yaml"
+    spec.write_text(f"""
+name: hostile
+steps:
+  - {{id: up, run: ["{sys.executable}", "{producer}"], outputs: {{values: [v, items]}}}}
+  - id: down
+    needs: [up]
+    workdir: wd
+    run: |
+      echo "got: ${{{{ steps.up.outputs.v }}}}" > got.txt
+      cat > heredoc.txt <<EOF
+      ${{{{ steps.up.outputs.v }}}}
+      EOF
+  - id: each
+    needs: [up]
+    workdir: wd
+    foreach: "${{{{ steps.up.outputs.items }}}}"
+    run: printf '%s\\n' '${{{{ item }}}}' >> items.txt
+""")
+    r = cli("run", str(spec), "--store", str(tmp_path / "store"), "--no-report", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not (wd / "PWNED").exists() and not (tmp_path / "PWNED").exists()
+    assert (wd / "got.txt").read_text() == f"got: {value}\n"
+    assert (wd / "heredoc.txt").read_text() == f"{value}\n"
+    assert sorted((wd / "items.txt").read_text().split("\n")[:-1]) == sorted([*value.split("\n"), "$(touch PWNED)"])
 
 
 def test_the_issue_reproduction_creates_no_file(tmp_path: Path):
