@@ -1,4 +1,4 @@
-"""Templating: Jinja2 ``SandboxedEnvironment`` with ``${{ … }}`` delimiters and ``StrictUndefined``.
+"""Templating: Jinja2 ``ImmutableSandboxedEnvironment`` with ``${{ … }}`` delimiters and ``StrictUndefined``.
 
 Guarantees:
 - an undefined name or attribute is an error, never an empty string;
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError, Undefined, nodes
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import _PassArg
 
 from dagcraft.errors import Interrupted, SpecError, TimedOut
@@ -169,32 +170,75 @@ def _check_args(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
                                   f"exceeds the limit of {MAX_INT_ARG}")
 
 
+def _size(v: Any) -> int:
+    """Characters ``v`` contributes when rendered (cheap: containers count their items' size)."""
+    if isinstance(v, str):
+        return len(v)
+    if isinstance(v, (list, tuple)):
+        return sum(_size(x) for x in v) + len(v)
+    if isinstance(v, Mapping):
+        return sum(_size(k) + _size(x) for k, x in v.items()) + len(v)
+    return 24
+
+
+def _too_big(what: str, est: int) -> None:
+    if est > MAX_OUTPUT:
+        raise EvaluationLimit(f"{what} would build about {est} characters (limit {MAX_OUTPUT})")
+
+
+#: filters and str methods whose result is never much bigger than their inputs
+_NON_EXPANDING = {
+    "abs", "attr", "batch", "capitalize", "casefold", "count", "d", "default", "dictsort", "e", "endswith",
+    "escape", "filesizeformat", "find", "first", "float", "forceescape", "groupby", "index", "int", "isalnum",
+    "isalpha", "isdigit", "islower", "isspace", "istitle", "isupper", "items", "join", "keys", "last", "length",
+    "list", "lower", "lstrip", "map", "max", "min", "partition", "pprint", "random", "reject", "rejectattr",
+    "removeprefix", "removesuffix", "reverse", "rfind", "rindex", "round", "rpartition", "rsplit", "rstrip",
+    "safe", "select", "selectattr", "slice", "sort", "split", "splitlines", "startswith", "string", "strip",
+    "striptags", "sum", "swapcase", "title", "tojson", "trim", "truncate", "unique", "upper", "urlencode",
+    "values", "wordcount", "xmlattr", "center", "ljust", "rjust", "zfill", "get", "format", "format_map",
+    "replace", "indent", "expandtabs", "wordwrap",
+}
+
+
 def _precheck(name: str, value: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-    """Size checks that must happen *before* an expanding string operation runs."""
+    """Size checks that must happen *before* an expanding operation runs (a single C-level
+    call cannot be interrupted, so its result size is estimated from its inputs)."""
+    others = [*args, *kwargs.values()]
+    if name == "join":
+        if isinstance(value, str) and args and isinstance(args[0], (list, tuple)):  # sep.join(items)
+            _too_big("join", _size(args[0]) + len(value) * len(args[0]))
+        elif isinstance(value, (list, tuple)):  # items | join(sep)
+            sep = args[0] if args else kwargs.get("d", "")
+            _too_big("join", _size(value) + (len(sep) if isinstance(sep, str) else 0) * len(value))
+        return
     if not isinstance(value, str):
         return
     if name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
         hits = len(value) + 1 if not args[0] else value.count(args[0])
-        if len(value) + hits * len(args[1]) > MAX_OUTPUT:
-            raise EvaluationLimit(f"replace would build more than {MAX_OUTPUT} characters")
+        _too_big("replace", len(value) + hits * len(args[1]))
     elif name == "indent":
         width = args[0] if args else kwargs.get("width", 4)
-        w = len(width) if isinstance(width, str) else int(width) if isinstance(width, int) else 0
-        if len(value) + (value.count("\n") + 1) * w > MAX_OUTPUT:
-            raise EvaluationLimit(f"indent would build more than {MAX_OUTPUT} characters")
+        w = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+        _too_big("indent", len(value) + (value.count("\n") + 1) * w)
     elif name == "expandtabs":
         size = args[0] if args else kwargs.get("tabsize", 8)
-        if isinstance(size, int) and len(value) + value.count("\t") * size > MAX_OUTPUT:
-            raise EvaluationLimit(f"expandtabs would build more than {MAX_OUTPUT} characters")
-    elif name == "join" and args:
-        items = args[0]
-        if isinstance(items, (list, tuple)) and len(value) * len(items) > MAX_OUTPUT:
-            raise EvaluationLimit(f"join would build more than {MAX_OUTPUT} characters")
-    elif name in ("format", "format_map"):
+        if isinstance(size, int):
+            _too_big("expandtabs", len(value) + value.count("\t") * size)
+    elif name == "wordwrap":
+        width = args[0] if args else kwargs.get("width", 79)
+        wrap = args[2] if len(args) > 2 else kwargs.get("wrapstring", "\n")
+        if isinstance(width, int) and width > 0:
+            _too_big("wordwrap", len(value) + (len(value) // width + 1) * (_size(wrap) + 1))
+    elif name in ("format", "format_map") or name == "%":
         _check_format(value)
+        specs = value.count("%") + value.count("{")
+        _too_big("formatting", len(value) + specs * max((_size(a) for a in others), default=0))
+    elif name not in _NON_EXPANDING and others:  # e.g. urlize(target=...), translate(table)
+        _too_big(name or "the call", len(value) + (len(value) + 1) * max(_size(a) for a in others))
 
 
 def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` with the budget checked and its arguments and result size bounded."""
     pass_arg = _PassArg.from_obj(func)
 
     @functools.wraps(func)
@@ -204,13 +248,7 @@ def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
         _check_args(args, kwargs)
         k = 1 if pass_arg is not None else 0  # skip the injected context/environment
         if len(args) > k:
-            value = args[k]
-            if name == "join" and isinstance(value, (list, tuple)) and args[k + 1:]:
-                sep = args[k + 1]
-                if isinstance(sep, str) and len(sep) * len(value) > MAX_OUTPUT:
-                    raise EvaluationLimit(f"join would build more than {MAX_OUTPUT} characters")
-            else:
-                _precheck(name, value, args[k + 1:], kwargs)
+            _precheck(name, args[k], args[k + 1:], kwargs)
         return b.charge(func(*args, **kwargs))
 
     if pass_arg is not None:
@@ -234,10 +272,23 @@ def _int_pow_ok(left: Any, right: Any) -> bool:
     return right * abs(left).bit_length() <= MAX_INT_BITS
 
 
-class _Env(SandboxedEnvironment):
-    """Mapping keys win over methods: ``outputs.items`` is the output named ``items``, not dict.items.
-    Every operator, call, filter and attribute access checks the evaluation budget."""
+class _CodeGen(CodeGenerator):
+    """``a ~ b ~ …`` goes through :meth:`_Env.bounded_concat`, so its size is checked first."""
 
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.bounded_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _Env(ImmutableSandboxedEnvironment):
+    """Mapping keys win over methods: ``outputs.items`` is the output named ``items``, not dict.items.
+    Every operator, call, filter and attribute access checks the evaluation budget; nothing a
+    template sees can be modified (``list.append``, ``dict.update`` are refused)."""
+
+    code_generator_class = _CodeGen
     intercepted_binops = frozenset({"+", "-", "*", "/", "//", "%", "**"})
     intercepted_unops = frozenset({"-", "+"})
 
@@ -245,6 +296,23 @@ class _Env(SandboxedEnvironment):
         super().__init__(**kwargs)
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
         self.globals["lipsum"] = _lipsum
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        fmt, name = value.__self__, value.__name__
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            _precheck(name, fmt, args, kwargs)
+            return str(_budget().charge(wrapped(*args, **kwargs)))
+
+        return checked
+
+    def bounded_concat(self, items: tuple[Any, ...]) -> str:
+        parts = [str(x) for x in items]
+        _too_big("concatenation", sum(len(p) for p in parts))
+        return str(_budget().charge("".join(parts)))
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         _budget().check()
@@ -270,7 +338,7 @@ class _Env(SandboxedEnvironment):
                     left.bit_length() + right.bit_length() > MAX_INT_BITS + 1:
                 raise EvaluationLimit(f"the product is too large (more than {MAX_INT_BITS} bits)")
         if operator == "%" and isinstance(left, str):
-            _check_format(left)
+            _precheck("%", left, right if isinstance(right, tuple) else (right,), {})
         return b.charge(self.binop_table[operator](left, right))
 
     def call_unop(self, context: Any, operator: str, arg: Any) -> Any:
@@ -283,9 +351,9 @@ class _Env(SandboxedEnvironment):
         _check_args(args, kwargs)
         owner = getattr(__obj, "__self__", None)
         name = getattr(__obj, "__name__", "")
-        if isinstance(owner, str):
+        if isinstance(owner, (str, list, tuple)):
             _precheck(name, owner, args, kwargs)
-        return b.charge(SandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs))
+        return b.charge(ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs))
 
 
 def _short(v: Any) -> str:
@@ -295,7 +363,7 @@ def _short(v: Any) -> str:
     return r if len(r) <= 30 else r[:27] + "..."
 
 
-def _make_env() -> SandboxedEnvironment:
+def _make_env() -> _Env:
     return _Env(
         variable_start_string="${{",
         variable_end_string="}}",
@@ -307,7 +375,7 @@ def _make_env() -> SandboxedEnvironment:
         undefined=StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
-        finalize=to_text,
+        finalize=lambda v: _budget().charge(to_text(v)),  # every output counts towards the budget
     )
 
 
@@ -394,7 +462,7 @@ def render_shell(source: str, variables: dict[str, Any]) -> tuple[str, dict[str,
     with bounded():
         for slot, expr, after in zip(plan.slots, plan.exprs, plan.pieces[1:], strict=True):
             value = _compiled_expr(expr)(**variables)
-            text = to_text(value)
+            text = _budget().charge(to_text(value))
             if "\x00" in text:
                 raise ValueError(f"the value of ${{{{{expr}}}}} contains a NUL byte, which cannot be passed to a command")
             if len(text.encode("utf-8", "surrogateescape")) > MAX_SHELL_VALUE:

@@ -118,6 +118,13 @@ BOMBS = [
     "${{ range(100000) | join('x' * 1000) }}",
     "${{ (range(100000) | map('string') | join) * 100 }}",
     "${{ range(100000) | map('center', 1000) | join | length }}",
+    "${{ ('y' * 400000) ~ ('y' * 400000) ~ ('y' * 400000) }}",
+    "${{ (['y' * 400000] * 100) | join }}",
+    "${{ '{0}{0}{0}{0}'.format('y' * 400000) }}",
+    "${{ ('%s' * 100) | format(*(['y' * 400000] * 100)) }}",
+    "${{ ('a' * 1000).translate({97: 'y' * 400000}) }}",
+    "${{ ('a ' * 1000) | wordwrap(1, wrapstring='y' * 400000) }}",
+    "${{ ('http://a ' * 100) | urlize(target='y' * 400000) }}",
 ]
 
 
@@ -136,6 +143,21 @@ def test_exponent_from_a_param_is_refused_by_validate(tmp_path: Path):
     code, err = _validate(tmp_path, spec, "n=999999999")
     assert code == 2 and "too large" in err
     assert _validate(tmp_path, spec, "n=3")[0] == 0
+
+
+def test_templates_cannot_modify_what_they_see():
+    wf = compile_text("""
+    name: x
+    steps:
+      - {id: a, run: [echo]}
+      - {id: b, needs: [a], run: [echo, "${{ steps.a.outputs.update({'o': 'forged'}) }}"]}
+    """)
+    outputs = {"o": "real"}
+    with pytest.raises(SpecError, match="unsafe"):
+        render_command(wf, wf.steps["b"], RenderContext(steps={"a": {"outputs": outputs, "status": "succeeded"}}))
+    assert outputs == {"o": "real"}
+    with pytest.raises(Exception, match="unsafe"):
+        evaluate_expression("${{ [1].append(2) }}", {})
 
 
 def test_ordinary_expressions_still_work():
