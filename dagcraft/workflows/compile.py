@@ -37,6 +37,7 @@ from dagcraft.workflows.spec import (
     StepSpec,
     check_relpath,
 )
+from dagcraft.workflows.shell import SPECIAL_VARS
 from dagcraft.workflows.template import (
     EVAL_ERRORS,
     MAX_FANOUT,
@@ -221,6 +222,17 @@ class _Compiler:
                 except EvaluationLimit as exc:
                     raise self.err(path, str(exc)) from None
 
+    def check_env(self, path: tuple, env: dict[str, str]) -> None:
+        """A variable that bash (or what it starts) uses to run or find code (``BASH_ENV``,
+        ``PS4``, ``PATH``, ``LD_PRELOAD`` …) may not get a template value, except from the
+        worker's own environment or run fields."""
+        for key, value in env.items():
+            if key in SPECIAL_VARS and "${{" in value:
+                names = {n for n, _ in template_refs(value)}
+                if not names <= {"env", "run"}:
+                    raise self.err(path + (key,), f"{key} is used by bash or the programs it starts to run or "
+                                   "find code: it may only use env.* and run.* in templates", key=True)
+
     def check_workdir(self, path: tuple, raw: str) -> None:
         """A static relative workdir must stay inside the spec's directory (a templated one is
         checked when rendered)."""
@@ -292,6 +304,7 @@ class _Compiler:
         base = {"params", "run", "env"}
         for k, v in self.spec.defaults.env.items():
             self.check_template(("defaults", "env", k), v, allow=base)
+        self.check_env(("defaults", "env"), self.spec.defaults.env)
         if self.spec.defaults.workdir:
             self.check_template(("defaults", "workdir"), self.spec.defaults.workdir, allow=base)
             self.check_workdir(("defaults", "workdir"), self.spec.defaults.workdir)
@@ -300,6 +313,7 @@ class _Compiler:
                 self.check_template(("agents", name, "command", i), item, allow=base | {"prompt"})
             for k, v in agent.env.items():
                 self.check_template(("agents", name, "env", k), v, allow=base)
+            self.check_env(("agents", name, "env"), agent.env)
         for path, s, _ in self.templates:
             allow = base | {"steps"}
             if s.matrix is not None:
@@ -328,6 +342,7 @@ class _Compiler:
                 self.check_template(path + ("prompt",), s.prompt, step=s, allow=allow)
             for k, v in s.env.items():
                 self.check_template(path + ("env", k), v, step=s, allow=allow)
+            self.check_env(path + ("env",), s.env)
             if s.workdir:
                 self.check_template(path + ("workdir",), s.workdir, step=s, allow=allow)
                 self.check_workdir(path + ("workdir",), s.workdir)

@@ -93,6 +93,9 @@ _DECLARE = {"declare", "typeset", "local", "export", "readonly"}
 _FIND_EXEC = {"-exec", "-execdir", "-ok", "-okdir"}
 _ARITH_COND = {"-eq", "-ne", "-lt", "-le", "-gt", "-ge", "-v", "-R"}
 #: read a program from stdin when given no script argument
+#: variables whose value bash (or a program it starts) runs or uses to find code
+SPECIAL_VARS = {"PS1", "PS2", "PS3", "PS4", "PROMPT_COMMAND", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PATH",
+                "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "BASH_LOADABLES_PATH", "BASH_XTRACEFD", "IFS"}
 _INTERPRETERS = {"python", "python3", "python2", "perl", "ruby", "node", "php", "lua", "tclsh", "Rscript", "osascript"}
 
 
@@ -116,6 +119,7 @@ class _Cmd:
 
     words: list[_Word] = field(default_factory=list)
     danger: str | None = None  # why anything fed to this command may run as code
+    base: str = ""  # the command's name without its directory
     slot_pos: list[int] = field(default_factory=list)  # every ${{ }} in it (arguments, redirects, $( ))
     pipeline: list[_Cmd] = field(default_factory=list)  # the pipeline it is part of (shared)
 
@@ -137,6 +141,9 @@ class _Lexer:
         self.arith: list[str] = []  # text of arithmetic contexts (for the data-flow check)
         self.assigns: list[tuple[str, str, list[int]]] = []  # (name, value text, slots in it)
         self.code: list[str] = []  # text that a command runs as code (for the data-flow check)
+        self.names: list[str] = []  # words used as variable names (`read "$x"`, `unset "$x"`)
+        self.written: set[str] = set()  # files the script writes with a redirection
+        self.runs_written = False  # ... and then runs as code (source f, bash f)
         self.word: _Word | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -558,6 +565,8 @@ class _Lexer:
                     w = self.read_word()
                     w.redirect = True
                     cmd.words.append(w)
+                    if op in (">", ">>", ">|", "&>", "&>>") and not w.dynamic and not w.slots:
+                        self.written.add(w.text.removeprefix("./"))
                 continue
             if c in "<>" and self.peek(1) == "(":
                 st = self.i
@@ -661,6 +670,14 @@ class _Lexer:
     def check_pipeline(self, pipeline: list[_Cmd]) -> None:
         """A value anywhere upstream of a command that runs its input as code would be run."""
         for k, c in enumerate(pipeline):
+            if k and c.base in ("read", "mapfile", "readarray"):  # `… | while read l`: l holds the input
+                fed = [self.slot_of[p] for d in pipeline[:k] for p in d.slot_pos]
+                for w in c.words[1:]:
+                    if fed and not w.text.startswith("-") and _IDENT.fullmatch(w.text):
+                        self.assigns.append((w.text, "", fed))
+                if not fed:
+                    for w in c.words[1:]:
+                        self.assigns.append((w.text, " ".join(x.raw for d in pipeline[:k] for x in d.words), []))
             if k and c.danger:
                 self.code.extend(w.raw for d in pipeline[:k] for w in d.words)
                 earlier = [p for d in pipeline[:k] for p in d.slot_pos]
@@ -712,6 +729,13 @@ class _Lexer:
         name = name_w.text if not name_w.dynamic else ""
         base = name.rsplit("/", 1)[-1]
         cmd.danger = self.danger_of(base, args)
+        cmd.base = base
+        if cmd.danger and any(w.text.removeprefix("./") in self.written for w in args if not w.dynamic):
+            self.runs_written = True
+        if base in _NAME_BUILTINS or base in _DECLARE or (base == "printf" and any(w.text.startswith("-v") for w in args)) \
+                or (base in ("test", "[") and any(w.text in ("-v", "-R") for w in args)):
+            # variable names: a value used as one has its subscript evaluated
+            self.names.extend(w.raw.split("=", 1)[0] for w in args)
         if cmd.danger or name_w.dynamic:
             self.code.extend(w.raw for w in cmd.words[k:])
         if fed and base in ("read", "mapfile", "readarray"):
@@ -793,15 +817,26 @@ def _check_flow(lx: _Lexer) -> None:
                 src = next(t for t in tainted if re.search(rf"\b{re.escape(t)}\b", value))
                 tainted[name] = tainted[src]
                 changed = True
+    if lx.offsets and lx.runs_written:
+        raise ShellRefused("${{ }} in a script that writes a file and then runs it as code (source, sh, ...): "
+                           "a template value could reach it", lx.offsets[0])
     if lx.offsets:
         for text in lx.code:
             if re.search(r"\$(\{?[0-9@*]|\{?#)", text):
                 raise ShellRefused(f"${{{{ }}}} in a script where {text.strip()[:40]!r} runs positional parameters "
                                    "as code (a function argument could carry a template value)", lx.offsets[0])
     for name, slot in tainted.items():
+        if name in SPECIAL_VARS:
+            raise ShellRefused(f"${{{{ }}}} assigned to {name}, which bash or the programs it starts use to run "
+                               "or find code", lx.offsets[slot])
         for text in lx.code:
             if re.search(rf"\b{re.escape(name)}\b", text):
                 raise ShellRefused(f"${{{{ }}}} assigned to {name}, which is run as code ({text.strip()[:40]!r})",
+                                   lx.offsets[slot])
+        for text in lx.names:
+            if re.search(rf"\$\{{?{re.escape(name)}\b", text):
+                raise ShellRefused(f"${{{{ }}}} assigned to {name}, whose value is used as a variable name "
+                                   f"({text.strip()[:40]!r}): bash would evaluate a subscript in it as code",
                                    lx.offsets[slot])
         for text in lx.arith:
             if re.search(rf"\b{re.escape(name)}\b", text):

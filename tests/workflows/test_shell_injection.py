@@ -198,6 +198,22 @@ def test_nul_in_a_value_fails_the_render_cleanly():
         render_command(wf, wf.steps["s"], RenderContext())
 
 
+@pytest.mark.parametrize("key", ["BASH_ENV", "PS4", "PATH", "LD_PRELOAD"])
+def test_env_vars_that_run_code_cannot_take_template_values(key):
+    with pytest.raises(SpecError, match=rf"^t.yaml:\d+:\d+: steps\[0\].env.{key}: {key} is used by bash"):
+        compile_text(f"""
+        name: inj
+        params: {{v: {{type: string, default: x}}}}
+        steps:
+          - {{id: s, run: "set -x; echo", env: {{{key}: "${{{{ params.v }}}}"}}}}
+        """)
+    compile_text(f"""
+    name: ok
+    steps:
+      - {{id: s, run: "echo", env: {{{key}: "${{{{ env.HOME }}}}/x"}}}}
+    """)
+
+
 def test_step_env_cannot_shadow_a_template_value():
     with pytest.raises(SpecError, match="reserved"):
         compile_text("""
@@ -274,6 +290,16 @@ REFUSED = [
     ("function that evals its argument", 'f() {{ eval "$1"; }}; f {v}', "positional"),
     ("computed command name", "c=eval; $c {v}", "computed"),
     ("indirect expansion", "X={v}; echo ${{!X}}", "arithmetic"),
+    ("assigned to PS4", "x={v}; PS4=$x; set -x; echo", "PS4"),
+    ("prefix BASH_ENV", "BASH_ENV={v} bash -c :", "BASH_ENV"),
+    ("exported PATH", "export PATH={v}", "PATH"),
+    ("a file written then run", "cat <<EOF > x.sh\necho {v}\nEOF\nbash x.sh", "writes a file"),
+    ("a file written then sourced", "printf %s {v} > f; . ./f", "writes a file"),
+    ("piped into a read loop that evals", "echo {v} | while read l; do eval \"$l\"; done", "run as code"),
+    ("value used as a name by printf -v", "x={v}; printf -v \"$x\" 1", "variable name"),
+    ("value used as a name by read", "x={v}; read \"$x\" <<< 1", "variable name"),
+    ("value used as a name by test -v", "x={v}; test -v \"$x\"", "variable name"),
+    ("value used as a name by unset", "x={v}; unset \"$x\"", "variable name"),
     ("translated string", 'echo $"{v}"', '$"'),
     ("reserved variable", 'echo "$DAGCRAFT_V_1 {v}"', "reserved"),
     ("unterminated quote", "echo '{v}", "unterminated"),
