@@ -27,6 +27,7 @@ from jinja2 import TemplateError
 from dagcraft.errors import InvalidInput, SpecError
 from dagcraft.workflows.loader import error_at, format_path, load_spec
 from dagcraft.workflows.params import ParamError, resolve_params
+from dagcraft.workflows.shell import SPECIAL_VARS
 from dagcraft.workflows.spec import (
     CompiledWorkflow,
     ConcreteStep,
@@ -37,7 +38,6 @@ from dagcraft.workflows.spec import (
     StepSpec,
     check_relpath,
 )
-from dagcraft.workflows.shell import SPECIAL_VARS
 from dagcraft.workflows.template import (
     EVAL_ERRORS,
     MAX_FANOUT,
