@@ -730,6 +730,8 @@ class _Lexer:
         base = name.rsplit("/", 1)[-1]
         cmd.danger = self.danger_of(base, args)
         cmd.base = base
+        if base in ("tee", "cp", "mv", "install", "dd", "sponge"):  # commands that write files too
+            self.written.update(w.text.removeprefix("./") for w in args if not w.dynamic and not w.text.startswith("-"))
         if cmd.danger and any(w.text.removeprefix("./") in self.written for w in args if not w.dynamic):
             self.runs_written = True
         if base in _NAME_BUILTINS or base in _DECLARE or (base == "printf" and any(w.text.startswith("-v") for w in args)) \

@@ -295,6 +295,7 @@ REFUSED = [
     ("exported PATH", "export PATH={v}", "PATH"),
     ("a file written then run", "cat <<EOF > x.sh\necho {v}\nEOF\nbash x.sh", "writes a file"),
     ("a file written then sourced", "printf %s {v} > f; . ./f", "writes a file"),
+    ("a file teed then run", "x={v}; tee f <<< \"$x\"; bash f", "writes a file"),
     ("piped into a read loop that evals", "echo {v} | while read l; do eval \"$l\"; done", "run as code"),
     ("value used as a name by printf -v", "x={v}; printf -v \"$x\" 1", "variable name"),
     ("value used as a name by read", "x={v}; read \"$x\" <<< 1", "variable name"),
