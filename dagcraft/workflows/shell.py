@@ -14,8 +14,11 @@ Guarantees:
   ``$"…"``, right after ``\\`` or ``$``, the command name, the arguments of ``eval``, ``source``/
   ``.``, ``trap``, ``alias``, ``let``, shells (``sh -c``, ``bash -c``, …) and command-running
   wrappers (``exec``, ``env``, ``xargs``, ``sudo``, ``ssh``, ``find -exec`` …), builtins that
-  take variable names (``read``, ``unset``, ``printf -v``, ``declare -n/-i`` …), and a variable
-  assigned from a value that is later used in arithmetic;
+  take variable names (``read``, ``unset``, ``printf -v``, ``declare -n/-i`` …), a pipe or
+  here-string into a shell; and, following values through variables (assignments, loops,
+  ``read``): a variable later used in arithmetic, as a variable name or run as code, a special
+  variable (``PS4``, ``BASH_ENV``, ``PATH`` …), and any value in a script that writes a file and
+  then runs it;
 - it is conservative: syntax it does not understand (an unterminated quote, an unknown
   construct) is refused, never guessed;
 - a script without ``${{ }}`` is never analysed (nothing can be injected into it).
