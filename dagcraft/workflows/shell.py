@@ -86,7 +86,8 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\+?=")
 _META = set(" \t\n;&|()<>")
 _KEYWORDS = {"if", "then", "else", "elif", "fi", "do", "done", "while", "until", "!", "{", "}", "time", "esac"}
-_CODE = {"eval", "source", ".", "trap", "alias", "let", "coproc", "fc", "complete", "compgen", "bind", "enable"}
+_CODE = {"eval", "source", ".", "trap", "alias", "let", "coproc", "fc", "complete", "compgen", "bind", "enable",
+         "hash"}
 _SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "ash", "mksh", "busybox", "fish", "csh", "tcsh", "rbash", "yash", "posh"}
 _WRAPPERS = {"exec", "command", "builtin", "env", "nohup", "nice", "time", "timeout", "sudo", "doas", "su",
              "runuser", "xargs", "stdbuf", "chroot", "setsid", "watch", "parallel", "ssh", "nsenter", "unshare",
@@ -97,8 +98,13 @@ _FIND_EXEC = {"-exec", "-execdir", "-ok", "-okdir"}
 _ARITH_COND = {"-eq", "-ne", "-lt", "-le", "-gt", "-ge", "-v", "-R"}
 #: read a program from stdin when given no script argument
 #: variables whose value bash (or a program it starts) runs or uses to find code
-SPECIAL_VARS = {"PS1", "PS2", "PS3", "PS4", "PROMPT_COMMAND", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PATH",
-                "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "BASH_LOADABLES_PATH", "BASH_XTRACEFD", "IFS"}
+SPECIAL_VARS = {
+    "PS1", "PS2", "PS3", "PS4", "PROMPT_COMMAND", "BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PATH", "IFS",
+    "BASH_CMDS", "BASH_ALIASES", "BASH_LOADABLES_PATH", "BASH_XTRACEFD", "LD_PRELOAD", "LD_LIBRARY_PATH",
+    "LD_AUDIT", "NODE_OPTIONS", "PYTHONPATH", "PYTHONSTARTUP", "PERL5OPT", "PERL5LIB", "RUBYOPT",
+    "GIT_SSH_COMMAND", "GIT_SSH", "GIT_EXTERNAL_DIFF", "GIT_PAGER", "GIT_EDITOR", "GIT_ASKPASS",
+    "GIT_CONFIG_PARAMETERS", "PAGER", "EDITOR", "VISUAL", "LESSOPEN", "BROWSER", "SSH_ASKPASS", "SUDO_ASKPASS",
+}
 _INTERPRETERS = {"python", "python3", "python2", "perl", "ruby", "node", "php", "lua", "tclsh", "Rscript", "osascript"}
 
 
@@ -845,6 +851,6 @@ def _check_flow(lx: _Lexer) -> None:
                                    lx.offsets[slot])
         for text in lx.arith:
             if re.search(rf"\b{re.escape(name)}\b", text):
-                raise ShellRefused(f"${{{{ }}}} assigned to {name}, which is used in arithmetic or as a variable name "
+                raise ShellRefused(f"${{{{ }}}} assigned to {name}, which is used in arithmetic or an expansion operator "
                                    f"({text.strip()[:40]!r}): bash would evaluate the value as code",
                                    lx.offsets[slot])
