@@ -60,6 +60,7 @@ from dagcraft.primitives.store import Store
 from dagcraft.tracing import ExecResult, Redactor, TraceWriter, traced_exec
 from dagcraft.tracing.seal import Signer
 from dagcraft.workflows import RenderedCommand, render_command, render_rollback
+from dagcraft.workflows.template import RenderCancelled, RenderTimedOut
 
 GLOB_CHARS = set("*?[")
 log = logging.getLogger(__name__)
@@ -354,14 +355,23 @@ class Attempt:
         try:
             workdir = context.workdir(step, self.w.ctx, self.w.spec_dir, self.dir / "work")
             if self.kind is AttemptKind.ROLLBACK:
-                cmd = render_rollback(self.w.wf, step, self.w.ctx)
+                cmd = render_rollback(self.w.wf, step, self.w.ctx, timeout_s=step.timeout_s, cancel=self.cancel)
                 if cmd is None:
                     return Outcome(AttemptStatus.SUCCEEDED)
                 input_digests: list[str] = []
             else:
                 art_paths, input_digests = self._materialize(workdir)
                 ctx = context.with_artifact_paths(self.w.ctx, self.w.instances, art_paths)
-                cmd = render_command(self.w.wf, step, ctx)
+                # the step's timeout and cancel reach rendering: a render that runs too long fails
+                # the attempt as timed out, and cancel stops it
+                cmd = render_command(self.w.wf, step, ctx, timeout_s=step.timeout_s, cancel=self.cancel)
+        except RenderTimedOut as exc:
+            self.trace.append("error", {"step": step.id, "message": str(exc)})
+            return Outcome(AttemptStatus.FAILED, reason=f"timed out after {step.timeout_s:g}s: {exc}",
+                           timed_out=True, retryable=True)
+        except RenderCancelled:
+            why = self.cancel_reason or AttemptStatus.CANCELLED
+            return Outcome(why, reason=str(why))
         except (DagcraftError, FileNotFoundError) as exc:
             self.trace.append("error", {"step": step.id, "message": str(exc)})
             return Outcome(AttemptStatus.FAILED, reason=str(exc), kind=ReasonKind.BAD_INPUT)

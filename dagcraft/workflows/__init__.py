@@ -30,6 +30,9 @@ from dagcraft.workflows.spec import (
 )
 from dagcraft.workflows.template import (
     MAX_FANOUT,
+    EvaluationLimit,
+    RenderCancelled,
+    RenderTimedOut,
     evaluate_expression,
     evaluate_foreach,
     evaluate_when,
@@ -45,8 +48,11 @@ __all__ = [
     "AgentDef",
     "CompiledWorkflow",
     "ConcreteStep",
+    "EvaluationLimit",
     "InputDecl",
+    "RenderCancelled",
     "RenderContext",
+    "RenderTimedOut",
     "RenderedCommand",
     "RetryPolicy",
     "Spec",

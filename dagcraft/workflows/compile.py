@@ -27,6 +27,7 @@ from jinja2 import TemplateError
 from dagcraft.errors import InvalidInput, SpecError
 from dagcraft.workflows.loader import error_at, format_path, load_spec
 from dagcraft.workflows.params import ParamError, resolve_params
+from dagcraft.workflows.shell import SPECIAL_VARS
 from dagcraft.workflows.spec import (
     CompiledWorkflow,
     ConcreteStep,
@@ -35,17 +36,24 @@ from dagcraft.workflows.spec import (
     RetrySpec,
     Spec,
     StepSpec,
+    check_relpath,
 )
 from dagcraft.workflows.template import (
+    EVAL_ERRORS,
     MAX_FANOUT,
     STATUS_FUNCTIONS,
+    EvaluationLimit,
+    check_bounds,
+    check_shell,
     check_syntax,
     evaluate_expression,
+    expressions,
     split_expression,
     template_refs,
     to_text,
 )
 
+_EVAL_OR_LIMIT: tuple[type[BaseException], ...] = (*EVAL_ERRORS, EvaluationLimit)
 MAX_STEPS = 10_000  # concrete steps in one compiled workflow
 _JINJA_GLOBALS = {"range", "dict", "lipsum", "cycler", "joiner", "namespace", "true", "false", "none",
                   "True", "False", "None"}
@@ -101,6 +109,7 @@ class _Compiler:
             (("steps", i), s, False) for i, s in enumerate(spec.steps)
         ] + [(("finally", i), s, True) for i, s in enumerate(spec.finally_)]
         self.by_id: dict[str, tuple[tuple, StepSpec, bool]] = {}
+        self.params: dict[str, Any] = {}
 
     def err(self, path: tuple, msg: str, *, key: bool = False) -> SpecError:
         return error_at(self.source, self.pos, path, msg, at=self.keypos.get(path) if key else None)
@@ -180,7 +189,7 @@ class _Compiler:
             else:
                 check_syntax(raw)
                 refs = template_refs(raw)
-        except TemplateError as exc:
+        except (TemplateError, EvaluationLimit) as exc:
             msg = getattr(exc, "message", None) or str(exc)
             raise self.err(path, f"bad template: {msg}") from None
         ancestors = nx.ancestors(self.graph, step.id) if step is not None else set()
@@ -200,6 +209,50 @@ class _Compiler:
                 raise self.err(path, f"unknown matrix key {head!r}{_hint(head, step.matrix or {})}")
             if name == "steps" and isinstance(head, str) and step is not None:
                 self._check_step_ref(path, step, ancestors, chain)
+        self.check_static_bounds(path, raw if expr is None else expr, expression=expr is not None)
+
+    def check_static_bounds(self, path: tuple, raw: str, *, expression: bool) -> None:
+        """Expressions that depend only on params and Jinja's globals are evaluated now, so one
+        that would exceed an evaluation bound (``9 ** 999999999``) is refused by ``validate``."""
+        for e in expressions(raw, expression=expression):
+            names = {name for name, _ in template_refs(e, expression=True)}
+            if names <= _JINJA_GLOBALS | {"params"}:
+                try:
+                    check_bounds(e, {"params": self.params})
+                except EvaluationLimit as exc:
+                    raise self.err(path, str(exc)) from None
+
+    def check_env(self, path: tuple, env: dict[str, str]) -> None:
+        """A variable that bash (or what it starts) uses to run or find code (``BASH_ENV``,
+        ``PS4``, ``PATH``, ``LD_PRELOAD`` …) may not get a template value, except from the
+        worker's own environment or run fields."""
+        for key, value in env.items():
+            if key in SPECIAL_VARS and "${{" in value:
+                names = {n for n, _ in template_refs(value)}
+                if not names <= {"env", "run"}:
+                    raise self.err(path + (key,), f"{key} is used by bash or the programs it starts to run or "
+                                   "find code: it may only use env.* and run.* in templates", key=True)
+
+    def check_workdir(self, path: tuple, raw: str) -> None:
+        """A static relative workdir must stay inside the spec's directory (a templated one is
+        checked when rendered)."""
+        if "${{" in raw or raw.startswith("/"):
+            return
+        try:
+            check_relpath(raw.rstrip("/") or ".", "workdir")
+        except ValueError as exc:
+            raise self.err(path, f"{exc} (it is relative to the spec's directory and may not leave it)") from None
+
+    def check_shell_string(self, path: tuple, raw: str) -> None:
+        """A ``run``/``rollback`` string: every ``${{ }}`` must sit where a reference is safe."""
+        if "${{" not in raw:
+            return
+        refused = check_shell(raw)
+        if refused is not None:
+            why, offset = refused
+            line = raw.count("\n", 0, offset) + 1
+            col = offset - (raw.rfind("\n", 0, offset) + 1) + 1
+            raise self.err(path, f"{why} (script line {line}, column {col})")
 
     def _why(self, name: str, step: StepSpec | None) -> str:
         if name == "matrix":
@@ -251,13 +304,16 @@ class _Compiler:
         base = {"params", "run", "env"}
         for k, v in self.spec.defaults.env.items():
             self.check_template(("defaults", "env", k), v, allow=base)
+        self.check_env(("defaults", "env"), self.spec.defaults.env)
         if self.spec.defaults.workdir:
             self.check_template(("defaults", "workdir"), self.spec.defaults.workdir, allow=base)
+            self.check_workdir(("defaults", "workdir"), self.spec.defaults.workdir)
         for name, agent in self.spec.agents.items():
             for i, item in enumerate(agent.command):
                 self.check_template(("agents", name, "command", i), item, allow=base | {"prompt"})
             for k, v in agent.env.items():
                 self.check_template(("agents", name, "env", k), v, allow=base)
+            self.check_env(("agents", name, "env"), agent.env)
         for path, s, _ in self.templates:
             allow = base | {"steps"}
             if s.matrix is not None:
@@ -272,11 +328,13 @@ class _Compiler:
                 allow.add("item")
             if isinstance(s.run, str):
                 self.check_template(path + ("run",), s.run, step=s, allow=allow)
+                self.check_shell_string(path + ("run",), s.run)
             elif isinstance(s.run, list):
                 for i, item in enumerate(s.run):
                     self.check_template(path + ("run", i), item, step=s, allow=allow)
             if isinstance(s.rollback, str):
                 self.check_template(path + ("rollback",), s.rollback, step=s, allow=allow)
+                self.check_shell_string(path + ("rollback",), s.rollback)
             elif isinstance(s.rollback, list):
                 for i, item in enumerate(s.rollback):
                     self.check_template(path + ("rollback", i), item, step=s, allow=allow)
@@ -284,8 +342,10 @@ class _Compiler:
                 self.check_template(path + ("prompt",), s.prompt, step=s, allow=allow)
             for k, v in s.env.items():
                 self.check_template(path + ("env", k), v, step=s, allow=allow)
+            self.check_env(path + ("env",), s.env)
             if s.workdir:
                 self.check_template(path + ("workdir",), s.workdir, step=s, allow=allow)
+                self.check_workdir(path + ("workdir",), s.workdir)
             if s.when is not None:
                 self.check_template(path + ("when",), s.when, step=s, allow=allow | set(STATUS_FUNCTIONS), expression=True)
 
@@ -300,7 +360,7 @@ class _Compiler:
             if isinstance(raw, str):
                 try:
                     values = evaluate_expression(raw, variables)
-                except (TemplateError, TypeError, ValueError) as exc:
+                except _EVAL_OR_LIMIT as exc:
                     raise self.err(where, f"cannot evaluate: {getattr(exc, 'message', None) or exc}") from None
                 if isinstance(values, str):
                     try:
@@ -358,6 +418,7 @@ class _Compiler:
         graph = self.check_ids_and_needs()
         self.check_agents()
         params = self.resolve_params()
+        self.params = params
         self.check_templates()
         order_index = {s.id: n for n, (_, s, _) in enumerate(self.templates)}
         topo = list(nx.lexicographical_topological_sort(graph, key=lambda t: f"{order_index[t]:08d}"))

@@ -4,6 +4,11 @@ Guarantees: duplicate mapping keys are an error (never a silent override); every
 and sequence item gets a position, so any error ``loc`` maps back to the line and column where
 the offending value (or the nearest enclosing one) was written. Errors are raised as
 :class:`~dagcraft.errors.SpecError` with a one-line message.
+
+Loading is bounded, each bound a positioned SpecError checked before the data is built: at
+most ``MAX_SPEC_BYTES`` of text, no NUL (or other non-printable) characters, nesting at most
+``MAX_DEPTH`` deep, at most ``MAX_NODES`` values once aliases are expanded (so an alias bomb is
+refused after reading it once, never expanded), integers within 64 bits.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ from dagcraft.errors import SpecError
 from dagcraft.workflows.spec import Spec
 
 Pos = tuple[int, int]
+
+MAX_SPEC_BYTES = 1 << 20  # 1 MiB of spec text
+MAX_DEPTH = 64  # nested mappings/sequences
+MAX_NODES = 100_000  # values in the document, aliases expanded
+MAX_INT = 2**63 - 1  # integers in a spec fit in 64 bits
 
 
 class _Loader(yaml.SafeLoader):
@@ -47,8 +57,54 @@ def _mark(node: yaml.Node) -> Pos:
     return (node.start_mark.line + 1, node.start_mark.column + 1)
 
 
+def _prescan(text: str, source: str) -> None:
+    """Check depth and alias-expanded size on the event stream (iterative: a 10,000-deep
+    document cannot exhaust the stack; an alias counts as the size of what it names)."""
+    sizes: dict[str, int] = {}
+    stack: list[list[Any]] = []  # [expanded values so far, anchor]
+
+    def add(n: int, ev: yaml.Event) -> None:
+        if stack:
+            stack[-1][0] += n
+            if stack[-1][0] > MAX_NODES:
+                line, col = ev.start_mark.line + 1, ev.start_mark.column + 1
+                raise SpecError(f"{source}:{line}:{col}: more than {MAX_NODES} values once aliases are expanded "
+                                "(an alias bomb?)")
+
+    for ev in yaml.parse(text, Loader=_Loader):
+        if isinstance(ev, yaml.CollectionStartEvent):
+            stack.append([1, ev.anchor])
+            if len(stack) > MAX_DEPTH:
+                line, col = ev.start_mark.line + 1, ev.start_mark.column + 1
+                raise SpecError(f"{source}:{line}:{col}: nesting deeper than {MAX_DEPTH} levels")
+        elif isinstance(ev, yaml.CollectionEndEvent):
+            n, anchor = stack.pop()
+            if anchor:
+                sizes[anchor] = n
+            add(n, ev)
+        elif isinstance(ev, yaml.ScalarEvent):
+            if ev.anchor:
+                sizes[ev.anchor] = 1
+            add(1, ev)
+        elif isinstance(ev, yaml.AliasEvent):
+            add(sizes.get(ev.anchor or "", 1), ev)
+
+
+def _scalar(loader: _Loader, node: yaml.Node, path: tuple) -> Any:
+    where = f"{loader.name}:{_mark(node)[0]}:{_mark(node)[1]}: {format_path(path) or '<root>'}"
+    if node.tag == "tag:yaml.org,2002:int" and len(str(node.value)) > 40:
+        raise SpecError(f"{where}: integer out of range (at most 64 bits)")
+    try:
+        value = loader.construct_object(node, deep=True)
+    except (ValueError, OverflowError) as exc:
+        raise SpecError(f"{where}: invalid value: {exc}") from None
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise SpecError(f"{where}: integer out of range (at most 64 bits)")
+    return value
+
+
 def _build(loader: _Loader, node: yaml.Node, path: tuple, pos: _Positions, depth: int = 0) -> Any:
-    if depth > 100:
+    if depth > MAX_DEPTH:
         raise SpecError(f"{loader.name}:{_mark(node)[0]}:{_mark(node)[1]}: {format_path(path)}: nesting too deep")
     pos.value.setdefault(path, _mark(node))
     if isinstance(node, yaml.MappingNode):
@@ -56,7 +112,8 @@ def _build(loader: _Loader, node: yaml.Node, path: tuple, pos: _Positions, depth
         out: dict[Any, Any] = {}
         first: dict[Any, Pos] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            key = _scalar(loader, key_node, path) if isinstance(key_node, yaml.ScalarNode) else \
+                loader.construct_object(key_node, deep=True)
             if isinstance(key, (list, dict)):
                 line, col = _mark(key_node)
                 raise SpecError(f"{loader.name}:{line}:{col}: {format_path(path) or '<root>'}: mapping keys must be scalars")
@@ -75,7 +132,7 @@ def _build(loader: _Loader, node: yaml.Node, path: tuple, pos: _Positions, depth
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_build(loader, item, path + (i,), pos, depth + 1) for i, item in enumerate(node.value)]
-    value = loader.construct_object(node, deep=True)
+    value = _scalar(loader, node, path)
     if isinstance(value, (_dt.date, _dt.datetime)):
         return value.isoformat()  # keep the data JSON-able (spec hash); dates are just strings here
     if isinstance(value, bytes):
@@ -86,7 +143,22 @@ def _build(loader: _Loader, node: yaml.Node, path: tuple, pos: _Positions, depth
 def load_yaml(text: str, source: str) -> tuple[Any, _Positions]:
     """Parse one YAML document; return plain data and its positions. SpecError on any YAML problem."""
     pos = _Positions()
-    loader = _Loader(text)
+    if len(text) > MAX_SPEC_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
+        raise SpecError(f"{source}: the spec is larger than {MAX_SPEC_BYTES} bytes")
+    nul = text.find("\x00")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        col = nul - (text.rfind("\n", 0, nul) + 1) + 1
+        raise SpecError(f"{source}:{line}:{col}: NUL byte in the spec")
+    try:
+        _prescan(text, source)
+        loader = _Loader(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise SpecError(f"{source}:{line}:{col}: invalid YAML: {exc.problem or exc.context or 'invalid YAML'}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
     loader.name = source
     try:
         node = loader.get_single_node()
@@ -221,6 +293,8 @@ def load_spec(path: Path) -> Spec:
     """Load and validate a spec file. Errors: ``SpecError("file:line:col: field.path: message")``."""
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"{path}: the spec is larger than {MAX_SPEC_BYTES} bytes")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file") from None

@@ -14,7 +14,13 @@ from dagcraft.errors import InvalidInput
 if TYPE_CHECKING:
     from dagcraft.workflows.spec import ParamSpec
 
+MAX_INT = 2**63 - 1  # int params fit in 64 bits (and their text in a few dozen digits)
 _TRUE = {"true", "yes", "on", "1"}
+
+
+def _short(v: Any) -> str:
+    r = repr(v) if not (isinstance(v, int) and v.bit_length() > 64) else f"<{v.bit_length()}-bit int>"
+    return r if len(r) <= 60 else r[:57] + "..."
 _FALSE = {"false", "no", "off", "0"}
 
 
@@ -56,7 +62,9 @@ def check_type(value: Any, typ: str, what: str = "value") -> Any:
         "object": isinstance(value, dict),
     }[typ]
     if not ok:
-        raise ValueError(f"{what} {value!r} is not of type {typ}")
+        raise ValueError(f"{what} {_short(value)} is not of type {typ}")
+    if typ == "int" and abs(value) > MAX_INT:
+        raise ValueError(f"{what} is out of range (integers are at most 64 bits)")
     if typ == "float":
         value = float(value)
         if not math.isfinite(value):
@@ -70,10 +78,13 @@ def coerce(value: Any, typ: str) -> Any:
         return check_type(value, typ)
     s = value.strip()
     if typ == "int":
+        if len(s) > 25:
+            raise ValueError(f"{_short(value)} is out of range (integers are at most 64 bits)")
         try:
-            return int(s, 10)
+            number = int(s, 10)
         except ValueError:
-            raise ValueError(f"{value!r} is not an int") from None
+            raise ValueError(f"{_short(value)} is not an int") from None
+        return check_type(number, "int")
     if typ == "float":
         try:
             return check_type(float(s), "float")
@@ -87,11 +98,15 @@ def coerce(value: Any, typ: str) -> Any:
         raise ValueError(f"{value!r} is not a bool (use true/false)")
     try:
         parsed = json.loads(s)
+    except RecursionError:
+        raise ValueError("the value is nested too deeply") from None
     except ValueError:
         try:
             parsed = yaml.safe_load(s)
-        except yaml.YAMLError:
-            raise ValueError(f"{value!r} is not valid JSON or YAML") from None
+        except RecursionError:
+            raise ValueError("the value is nested too deeply") from None
+        except (yaml.YAMLError, ValueError, OverflowError):
+            raise ValueError(f"{_short(value)} is not valid JSON or YAML") from None
     return check_type(parsed, typ)
 
 

@@ -68,7 +68,7 @@ _DURATION_SCHEMA = {
 _COMMAND_SCHEMA = {
     "anyOf": [
         {"type": "array", "items": {"type": "string"}, "minItems": 1, "description": "argv, no shell"},
-        {"type": "string", "description": "shell string, run by sh -c (template values are shell-quoted)"},
+        {"type": "string", "description": "shell script, run by bash -c (template values are passed as env vars)"},
         {"type": "null"},
     ]
 }
@@ -76,11 +76,21 @@ Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DUR
 Command = Annotated[Any, WithJsonSchema(_COMMAND_SCHEMA)]
 
 
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def _str_map(value: Any) -> Any:
     # YAML turns `PORT: 8080` into an int; env values are strings, so scalars are accepted and stringified.
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
+            if not isinstance(k, str) or not ENV_NAME_RE.match(k):
+                raise ValueError(f"invalid environment variable name {k!r}: use letters, digits and '_', "
+                                 "not starting with a digit")
+            if k.startswith("DAGCRAFT_"):
+                raise ValueError(f"environment variable name {k!r}: the DAGCRAFT_ prefix is reserved")
+            if isinstance(v, str) and "\x00" in v:
+                raise ValueError(f"env.{k}: NUL bytes cannot be passed to a command")
             if isinstance(v, bool):
                 v = "true" if v else "false"
             elif isinstance(v, (int, float)):
@@ -107,7 +117,7 @@ def _command(value: Any, what: str) -> list[str] | str | None:
                 raise ValueError(f"{what}[{i}] must be a string, got {type(item).__name__}")
             out.append(item if isinstance(item, str) else str(item))
         return out
-    raise ValueError(f"{what} must be a list of strings (argv, no shell) or a string (run by sh -c)")
+    raise ValueError(f"{what} must be a list of strings (argv, no shell) or a string (run by bash -c)")
 
 
 class _Model(BaseModel):
@@ -461,7 +471,9 @@ class RenderContext(BaseModel):
 
 
 class RenderedCommand(BaseModel):
-    """A command ready to exec: ``argv`` is exec'd directly (``shell`` says it is ``sh -c``)."""
+    """A command ready to exec: ``argv`` is exec'd directly (``shell`` says it is ``bash -c``);
+    ``env`` is merged into the child's environment (for a shell script it carries the
+    ``DAGCRAFT_V_<n>`` template values the script refers to)."""
 
     argv: list[str]
     shell: bool

@@ -1,27 +1,42 @@
-"""Templating: Jinja2 ``SandboxedEnvironment`` with ``${{ … }}`` delimiters and ``StrictUndefined``.
+"""Templating: Jinja2 ``ImmutableSandboxedEnvironment`` with ``${{ … }}`` delimiters and ``StrictUndefined``.
 
 Guarantees:
 - an undefined name or attribute is an error, never an empty string;
-- in a shell string (``run: "…"``) every ``${{ … }}`` value is passed through ``shlex.quote``,
-  so a parameter can never inject shell syntax — it reaches the command as one literal word;
+- in a shell string (``run: "…"``, ``rollback: "…"``) no template value is ever part of the
+  script text: each ``${{ … }}`` value is passed to bash in an environment variable
+  (``DAGCRAFT_V_1`` …) and the script refers to it in the form right for the lexical context
+  (see :mod:`dagcraft.workflows.shell`); contexts where no reference can be made safe are
+  refused when the spec is compiled (:func:`check_shell`);
 - an argv item (``run: [...]``, agent ``command``) is rendered to exactly one argument, never split;
 - Jinja statements/comments (``{% %}``, ``{# #}``) are disabled, so shell text such as
-  ``${#arr[@]}`` or ``{%`` passes through untouched.
+  ``${#arr[@]}`` or ``{%`` passes through untouched;
+- evaluation is bounded: no constant folding of arithmetic at compile time; integer results
+  of at most ``MAX_INT_BITS`` bits, strings and lists of at most ``MAX_OUTPUT`` characters/items,
+  ``MAX_TOTAL`` characters produced per evaluation, at most ``MAX_EVAL_S`` seconds (each an
+  :class:`EvaluationLimit`, exit 2). A step's timeout and cancel reach rendering
+  (:func:`bounded`): :class:`RenderTimedOut` / :class:`RenderCancelled`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
 import re
-import shlex
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError, Undefined, nodes
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import _PassArg
 
-from dagcraft.errors import SpecError
+from dagcraft.errors import Interrupted, SpecError, TimedOut
+from dagcraft.workflows import shell as _shell
 from dagcraft.workflows.spec import (
     CompiledWorkflow,
     ConcreteStep,
@@ -32,6 +47,86 @@ from dagcraft.workflows.spec import (
 MAX_FANOUT = 1000  # most instances one matrix/foreach step may expand to
 STATUS_FUNCTIONS = ("success", "failure", "always", "cancelled")
 _SINGLE_EXPR = re.compile(r"^\s*\$\{\{(?P<expr>.*)\}\}\s*$", re.S)
+
+MAX_OUTPUT = 1 << 20  # characters of one rendered template / one value; items of one list
+MAX_TOTAL = 32 << 20  # characters produced by one evaluation, all intermediate results included
+MAX_INT_BITS = 4096  # an integer result larger than this is refused (2**4096 has 1234 digits)
+MAX_INT_ARG = 100_000  # an integer argument of a call or filter (widths, counts, ranges)
+MAX_EVAL_S = 2.0  # wall time of one evaluation
+MAX_SHELL_VALUE = 100_000  # bytes of one value passed to a shell script (an env var; the OS caps them)
+
+#: what evaluating a template may raise for a bad template or value (callers add context)
+EVAL_ERRORS: tuple[type[BaseException], ...] = (
+    TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError, RecursionError,
+)
+
+
+class EvaluationLimit(SpecError):
+    """A template evaluation went past one of the bounds (size, integer size, time)."""
+
+
+class RenderTimedOut(TimedOut):
+    """Rendering ran past the step's timeout."""
+
+
+class RenderCancelled(Interrupted):
+    """Rendering was stopped by the step's cancel event."""
+
+
+@dataclass
+class _Budget:
+    deadline: float  # monotonic; past it: EvaluationLimit
+    step_deadline: float | None  # monotonic; past it: RenderTimedOut
+    cancel: threading.Event | None
+    produced: int = 0
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise RenderCancelled("rendering cancelled")
+        now = time.monotonic()
+        if self.step_deadline is not None and now > self.step_deadline:
+            raise RenderTimedOut("timed out while rendering the step's templates")
+        if now > self.deadline:
+            raise EvaluationLimit(f"evaluation took longer than {MAX_EVAL_S:g}s")
+
+    def charge(self, value: Any) -> Any:
+        if isinstance(value, (str, list, tuple, dict)):
+            if len(value) > MAX_OUTPUT:
+                raise EvaluationLimit(f"a value of {len(value)} characters/items exceeds the limit of {MAX_OUTPUT}")
+            self.produced += len(value)
+            if self.produced > MAX_TOTAL:
+                raise EvaluationLimit(f"evaluation produced more than {MAX_TOTAL} characters")
+        elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
+            raise EvaluationLimit(f"an integer of more than {MAX_INT_BITS} bits")
+        self.check()
+        return value
+
+
+_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("dagcraft_template_budget", default=None)
+
+
+@contextlib.contextmanager
+def bounded(timeout_s: float | None = None, cancel: threading.Event | None = None) -> Iterator[None]:
+    """Evaluations inside share one budget: ``MAX_EVAL_S`` and the size limits, plus (at run
+    time) the step's remaining ``timeout_s`` and its ``cancel`` event, checked at every call,
+    filter, attribute access and operator. Nested uses keep the outermost budget."""
+    if _BUDGET.get() is not None:
+        yield
+        return
+    now = time.monotonic()
+    token = _BUDGET.set(_Budget(now + MAX_EVAL_S, None if timeout_s is None else now + timeout_s, cancel))
+    try:
+        _budget().check()
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
+def _budget() -> _Budget:
+    b = _BUDGET.get()
+    if b is None:  # outside `bounded` (e.g. constant folding while compiling): a fresh budget
+        b = _Budget(time.monotonic() + MAX_EVAL_S, None, None)
+    return b
 
 
 def to_text(value: Any) -> str:
@@ -52,16 +147,223 @@ def to_text(value: Any) -> str:
         return str(value)
 
 
-class _Env(SandboxedEnvironment):
-    """Mapping keys win over methods: ``outputs.items`` is the output named ``items``, not dict.items."""
+_PCT_SPEC = re.compile(r"%[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?")
+_BRACE_SPEC = re.compile(r"\{[^{}]*\}")
+
+
+def _check_format(fmt: str) -> None:
+    """Refuse format widths/precisions that would build huge strings (``'%999999999d'``)."""
+    for m in _PCT_SPEC.finditer(fmt):
+        for g in m.groups():
+            if g == "*" or (g and len(g) > 5) or (g and int(g) > MAX_INT_ARG):
+                raise EvaluationLimit(f"format width {m.group()!r} is too large")
+    for m in _BRACE_SPEC.finditer(fmt):
+        spec = m.group().partition(":")[2]
+        if any(int(d) > MAX_INT_ARG for d in re.findall(r"\d+", spec)):
+            raise EvaluationLimit(f"format width {m.group()!r} is too large")
+
+
+def _check_args(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_INT_ARG:
+            raise EvaluationLimit(f"argument {a if a.bit_length() < 64 else 'of ' + str(a.bit_length()) + ' bits'} "
+                                  f"exceeds the limit of {MAX_INT_ARG}")
+
+
+def _size(v: Any) -> int:
+    """Characters ``v`` contributes when rendered (cheap: containers count their items' size)."""
+    if isinstance(v, str):
+        return len(v)
+    if isinstance(v, (list, tuple)):
+        return sum(_size(x) for x in v) + len(v)
+    if isinstance(v, Mapping):
+        return sum(_size(k) + _size(x) for k, x in v.items()) + len(v)
+    return 24
+
+
+def _too_big(what: str, est: int) -> None:
+    if est > MAX_OUTPUT:
+        raise EvaluationLimit(f"{what} would build about {est} characters (limit {MAX_OUTPUT})")
+
+
+#: filters and str methods whose result is never much bigger than their inputs
+_NON_EXPANDING = {
+    "abs", "attr", "batch", "capitalize", "casefold", "count", "d", "default", "dictsort", "e", "endswith",
+    "escape", "filesizeformat", "find", "first", "float", "forceescape", "groupby", "index", "int", "isalnum",
+    "isalpha", "isdigit", "islower", "isspace", "istitle", "isupper", "items", "join", "keys", "last", "length",
+    "list", "lower", "lstrip", "map", "max", "min", "partition", "pprint", "random", "reject", "rejectattr",
+    "removeprefix", "removesuffix", "reverse", "rfind", "rindex", "round", "rpartition", "rsplit", "rstrip",
+    "safe", "select", "selectattr", "slice", "sort", "split", "splitlines", "startswith", "string", "strip",
+    "striptags", "sum", "swapcase", "title", "tojson", "trim", "truncate", "unique", "upper", "urlencode",
+    "values", "wordcount", "xmlattr", "center", "ljust", "rjust", "zfill", "get", "format", "format_map",
+    "replace", "indent", "expandtabs", "wordwrap",
+}
+
+
+def _precheck(name: str, value: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """Size checks that must happen *before* an expanding operation runs (a single C-level
+    call cannot be interrupted, so its result size is estimated from its inputs)."""
+    others = [*args, *kwargs.values()]
+    if name == "join":
+        if isinstance(value, str) and args and isinstance(args[0], (list, tuple)):  # sep.join(items)
+            _too_big("join", _size(args[0]) + len(value) * len(args[0]))
+        elif isinstance(value, (list, tuple)):  # items | join(sep)
+            sep = args[0] if args else kwargs.get("d", "")
+            _too_big("join", _size(value) + (len(sep) if isinstance(sep, str) else 0) * len(value))
+        return
+    if not isinstance(value, str):
+        return
+    if name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        hits = len(value) + 1 if not args[0] else value.count(args[0])
+        _too_big("replace", len(value) + hits * len(args[1]))
+    elif name == "indent":
+        width = args[0] if args else kwargs.get("width", 4)
+        w = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+        _too_big("indent", len(value) + (value.count("\n") + 1) * w)
+    elif name == "expandtabs":
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        if isinstance(size, int):
+            _too_big("expandtabs", len(value) + value.count("\t") * size)
+    elif name == "wordwrap":
+        width = args[0] if args else kwargs.get("width", 79)
+        wrap = args[2] if len(args) > 2 else kwargs.get("wrapstring", "\n")
+        if isinstance(width, int) and width > 0:
+            _too_big("wordwrap", len(value) + (len(value) // width + 1) * (_size(wrap) + 1))
+    elif name in ("format", "format_map") or name == "%":
+        _check_format(value)
+        specs = value.count("%") + value.count("{")
+        _too_big("formatting", len(value) + specs * max((_size(a) for a in others), default=0))
+    elif name not in _NON_EXPANDING and others:  # e.g. urlize(target=...), translate(table)
+        _too_big(name or "the call", len(value) + (len(value) + 1) * max(_size(a) for a in others))
+
+
+def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` with the budget checked and its arguments and result size bounded."""
+    pass_arg = _PassArg.from_obj(func)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        b = _budget()
+        b.check()
+        _check_args(args, kwargs)
+        k = 1 if pass_arg is not None else 0  # skip the injected context/environment
+        if len(args) > k:
+            _precheck(name, args[k], args[k + 1:], kwargs)
+        return b.charge(func(*args, **kwargs))
+
+    if pass_arg is not None:
+        wrapper.jinja_pass_arg = pass_arg  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> Any:  # noqa: A002
+    from jinja2.utils import generate_lorem_ipsum
+
+    if n * max > 20_000:
+        raise EvaluationLimit(f"lipsum(n={n}, max={max}) would build more than 20000 words")
+    return generate_lorem_ipsum(n=n, html=html, min=min, max=max)
+
+
+def _int_pow_ok(left: Any, right: Any) -> bool:
+    if not (isinstance(left, int) and isinstance(right, int)):
+        return True
+    if right < 0 or abs(left) <= 1:
+        return True
+    return right * abs(left).bit_length() <= MAX_INT_BITS
+
+
+class _CodeGen(CodeGenerator):
+    """``a ~ b ~ …`` goes through :meth:`_Env.bounded_concat`, so its size is checked first."""
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.bounded_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _Env(ImmutableSandboxedEnvironment):
+    """Mapping keys win over methods: ``outputs.items`` is the output named ``items``, not dict.items.
+    Every operator, call, filter and attribute access checks the evaluation budget; nothing a
+    template sees can be modified (``list.append``, ``dict.update`` are refused)."""
+
+    code_generator_class = _CodeGen
+    intercepted_binops = frozenset({"+", "-", "*", "/", "//", "%", "**"})
+    intercepted_unops = frozenset({"-", "+"})
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
+        self.globals["lipsum"] = _lipsum
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        fmt, name = value.__self__, value.__name__
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            _precheck(name, fmt, args, kwargs)
+            return str(_budget().charge(wrapped(*args, **kwargs)))
+
+        return checked
+
+    def bounded_concat(self, items: tuple[Any, ...]) -> str:
+        parts = [str(x) for x in items]
+        _too_big("concatenation", sum(len(p) for p in parts))
+        return str(_budget().charge("".join(parts)))
 
     def getattr(self, obj: Any, attribute: str) -> Any:
+        _budget().check()
         if isinstance(obj, Mapping) and isinstance(attribute, str) and attribute in obj:
             return obj[attribute]
         return super().getattr(obj, attribute)
 
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _budget().check()
+        return super().getitem(obj, argument)
 
-def _make_env(shell: bool) -> SandboxedEnvironment:
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        b = _budget()
+        b.check()
+        if operator == "**" and not _int_pow_ok(left, right):
+            raise EvaluationLimit(f"{_short(left)} ** {_short(right)} is too large (more than {MAX_INT_BITS} bits)")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_OUTPUT:
+                    raise EvaluationLimit(f"repetition would build {len(seq) * n} characters/items "
+                                          f"(limit {MAX_OUTPUT})")
+            if isinstance(left, int) and isinstance(right, int) and \
+                    left.bit_length() + right.bit_length() > MAX_INT_BITS + 1:
+                raise EvaluationLimit(f"the product is too large (more than {MAX_INT_BITS} bits)")
+        if operator == "%" and isinstance(left, str):
+            _precheck("%", left, right if isinstance(right, tuple) else (right,), {})
+        return b.charge(self.binop_table[operator](left, right))
+
+    def call_unop(self, context: Any, operator: str, arg: Any) -> Any:
+        _budget().check()
+        return self.unop_table[operator](arg)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        b = _budget()
+        b.check()
+        _check_args(args, kwargs)
+        owner = getattr(__obj, "__self__", None)
+        name = getattr(__obj, "__name__", "")
+        if isinstance(owner, (str, list, tuple)):
+            _precheck(name, owner, args, kwargs)
+        return b.charge(ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs))
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, int) and v.bit_length() > 64:
+        return f"<{v.bit_length()}-bit int>"
+    r = repr(v)
+    return r if len(r) <= 30 else r[:27] + "..."
+
+
+def _make_env() -> _Env:
     return _Env(
         variable_start_string="${{",
         variable_end_string="}}",
@@ -73,37 +375,144 @@ def _make_env(shell: bool) -> SandboxedEnvironment:
         undefined=StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
-        finalize=(lambda v: shlex.quote(to_text(v))) if shell else to_text,
+        finalize=lambda v: _budget().charge(to_text(v)),  # every output counts towards the budget
     )
 
 
-PLAIN_ENV = _make_env(shell=False)
-SHELL_ENV = _make_env(shell=True)
+PLAIN_ENV = _make_env()
 
 
 @functools.lru_cache(maxsize=1024)
-def _compiled(shell: bool, source: str):
-    return (SHELL_ENV if shell else PLAIN_ENV).from_string(source)
+def _compiled(source: str) -> Any:
+    try:
+        return PLAIN_ENV.from_string(source)
+    except (RecursionError, SyntaxError, MemoryError):  # Jinja's parser, its compiler and Python's recurse
+        raise EvaluationLimit("the template is nested too deeply") from None
 
 
 @functools.lru_cache(maxsize=1024)
-def _compiled_expr(source: str):
-    return PLAIN_ENV.compile_expression(source, undefined_to_none=False)
+def _compiled_expr(source: str) -> Any:
+    try:
+        return PLAIN_ENV.compile_expression(source, undefined_to_none=False)
+    except (RecursionError, SyntaxError, MemoryError):
+        raise EvaluationLimit("the expression is nested too deeply") from None
+
+
+@dataclass(frozen=True)
+class ShellPlan:
+    """A shell-string template taken apart: the literal ``pieces`` around its ``${{ }}``, the
+    ``exprs`` inside them, and where each sits (``slots``)."""
+
+    pieces: tuple[str, ...]
+    exprs: tuple[str, ...]
+    slots: tuple[_shell.Slot, ...]
+
+
+def _split(source: str) -> tuple[list[str], list[str], list[tuple[int, int]]]:
+    """Literal pieces, expression sources and (start, end) spans of each ``${{ … }}``, as
+    Jinja's own lexer sees them (so ``}}`` inside a string literal does not end an expression)."""
+    pieces, exprs, spans = [""], [], []
+    pos = 0
+    cur: list[str] | None = None
+    start = 0
+    for _, kind, value in PLAIN_ENV.lexer.tokeniter(source, None):
+        if kind == "variable_begin":
+            cur, start = [], pos
+        elif kind == "variable_end":
+            assert cur is not None
+            exprs.append("".join(cur))
+            spans.append((start, pos + len(value)))
+            pieces.append("")
+            cur = None
+        elif cur is not None:
+            cur.append(value)
+        else:
+            pieces[-1] += value
+        pos += len(value)
+    return pieces, exprs, spans
+
+
+@functools.lru_cache(maxsize=1024)
+def shell_plan(source: str) -> ShellPlan:
+    """Analyse a shell-string template. Raises TemplateError (bad syntax) or
+    :class:`~dagcraft.workflows.shell.ShellRefused` (an unsafe context, with its offset)."""
+    _compiled(source)  # syntax check first: a bad template is reported as such
+    pieces, exprs, spans = _split(source)
+    slots = _shell.analyze(pieces, spans) if exprs else []
+    for e in exprs:
+        _compiled_expr(e)
+    return ShellPlan(tuple(pieces), tuple(exprs), tuple(slots))
+
+
+def check_shell(source: str) -> tuple[str, int] | None:
+    """None if every ``${{ }}`` of shell string ``source`` can be referenced safely, else
+    ``(why, offset in source)`` of the first that cannot. TemplateError on bad syntax."""
+    try:
+        shell_plan(source)
+    except _shell.ShellRefused as exc:
+        return exc.message, exc.offset
+    return None
+
+
+def render_shell(source: str, variables: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """The script to run and the environment variables carrying its template values."""
+    plan = shell_plan(source)
+    env: dict[str, str] = {}
+    out = [plan.pieces[0]]
+    with bounded():
+        for slot, expr, after in zip(plan.slots, plan.exprs, plan.pieces[1:], strict=True):
+            value = _compiled_expr(expr)(**variables)
+            text = _budget().charge(to_text(value))
+            if "\x00" in text:
+                raise ValueError(f"the value of ${{{{{expr}}}}} contains a NUL byte, which cannot be passed to a command")
+            if len(text.encode("utf-8", "surrogateescape")) > MAX_SHELL_VALUE:
+                raise EvaluationLimit(f"the value of ${{{{{expr}}}}} is longer than {MAX_SHELL_VALUE} bytes")
+            name = _shell.var_name(slot.index)
+            env[name] = text
+            out.append(_shell.reference(slot.context, name))
+            out.append(after)
+    return "".join(out), env
 
 
 def check_syntax(source: str, *, expression: bool = False) -> None:
     """Raise TemplateError if ``source`` does not compile (syntax, unknown filter/test)."""
+    with bounded():
+        if expression:
+            _compiled_expr(source)
+        else:
+            _compiled(source)
+
+
+def expressions(raw: str, *, expression: bool = False) -> list[str]:
+    """The sources of the ``${{ }}`` expressions of ``raw`` (``raw`` itself for an expression)."""
     if expression:
-        _compiled_expr(source)
-    else:
-        _compiled(False, source)
+        return [raw]
+    return _split(raw)[1]
 
 
-def render_text(source: str, variables: dict[str, Any], *, shell: bool = False) -> str:
-    """Render a template string. TemplateError/undefined errors propagate (callers add context)."""
+def check_bounds(expr: str, variables: dict[str, Any]) -> None:
+    """Evaluate ``expr`` (whose names are all in ``variables`` or Jinja's globals) now and raise
+    :class:`EvaluationLimit` if it exceeds a bound; any other error is left to run time, where
+    the expression may never be reached (a ``when`` may skip the step)."""
+    try:
+        with bounded():
+            _compiled_expr(expr)(**variables)
+    except EvaluationLimit:
+        raise
+    except Exception:  # noqa: BLE001 - reported at run time, where it matters
+        pass
+
+
+def render_text(source: str, variables: dict[str, Any]) -> str:
+    """Render a template string (bounded, see :func:`bounded`). TemplateError/undefined errors
+    and :class:`EvaluationLimit` propagate (callers add context)."""
     if "${{" not in source:
         return source
-    return _compiled(shell, source).render(variables)
+    with bounded():
+        out: str = _compiled(source).render(variables)
+    if len(out) > MAX_OUTPUT:
+        raise EvaluationLimit(f"the rendered text is longer than {MAX_OUTPUT} characters")
+    return out
 
 
 def split_expression(raw: str) -> str | None:
@@ -123,7 +532,8 @@ def evaluate_expression(raw: str, variables: dict[str, Any], *, bare_is_expressi
         expr = raw.strip()
     if expr is None:
         return render_text(raw, variables)
-    value = _compiled_expr(expr)(**variables)
+    with bounded():
+        value = _compiled_expr(expr)(**variables)
     if isinstance(value, Undefined):
         str(value)  # raise with the hint naming what was undefined
     return value
@@ -136,12 +546,12 @@ def template_refs(source: str, *, expression: bool = False) -> list[tuple[str, l
     """Every variable reference as ``(root name, [attr/const-key chain])``; ``None`` in the chain
     marks a dynamic subscript. ``steps.plan.outputs['x']`` → ``("steps", ["plan", "outputs", "x"])``."""
     env = PLAIN_ENV
-    if expression:
-        tree: nodes.Node = env.parse("${{ " + source + " }}")
-    else:
-        tree = env.parse(source)
     out: list[tuple[str, list[Any]]] = []
-    _walk(tree, out)
+    try:
+        tree: nodes.Node = env.parse("${{ " + source + " }}" if expression else source)
+        _walk(tree, out)
+    except RecursionError:
+        raise EvaluationLimit("the template is nested too deeply") from None
     return out
 
 
@@ -193,46 +603,67 @@ def _variables(wf: CompiledWorkflow | None, step: ConcreteStep, ctx: RenderConte
     }
 
 
-def _fail(step: ConcreteStep, field: str, exc: Exception) -> SpecError:
+_CAUGHT: tuple[type[BaseException], ...] = (*EVAL_ERRORS, EvaluationLimit)
+
+
+def _fail(step: ConcreteStep, field: str, exc: BaseException) -> SpecError:
     msg = getattr(exc, "message", None) or str(exc)
     return SpecError(f"step {step.id!r}: {field}: {msg}")
 
 
-def _render_cmd(cmd: list[str] | str, variables: dict[str, Any], step: ConcreteStep, field: str) -> tuple[list[str], bool]:
+#: how a shell string runs: bash, so the script is analysed as the shell that runs it reads it
+SHELL_ARGV = ("bash", "-c")
+
+
+def _render_cmd(cmd: list[str] | str, variables: dict[str, Any], step: ConcreteStep,
+                field: str) -> tuple[list[str], bool, dict[str, str]]:
+    """argv, whether it is a shell script, and the env carrying the script's template values."""
     try:
         if isinstance(cmd, list):
-            return [render_text(a, variables) for a in cmd], False
-        return ["sh", "-c", render_text(cmd, variables, shell=True)], True
-    except (TemplateError, TypeError, ValueError) as exc:
+            return [render_text(a, variables) for a in cmd], False, {}
+        script, values = render_shell(cmd, variables)
+        return [*SHELL_ARGV, script], True, values
+    except _shell.ShellRefused as exc:
+        raise SpecError(f"step {step.id!r}: {field}: {exc.message}") from None
+    except _CAUGHT as exc:
         raise _fail(step, field, exc) from None
 
 
 def _render_env(env: dict[str, str], variables: dict[str, Any], step: ConcreteStep, field: str) -> dict[str, str]:
-    out = {}
+    out: dict[str, str] = {}
     for k, v in env.items():
         try:
             out[k] = render_text(v, variables)
-        except (TemplateError, TypeError, ValueError) as exc:
+        except _CAUGHT as exc:
             raise _fail(step, f"{field}.{k}", exc) from None
     return out
 
 
-def render_command(wf: CompiledWorkflow, step: ConcreteStep, ctx: RenderContext) -> RenderedCommand:
+def render_command(wf: CompiledWorkflow, step: ConcreteStep, ctx: RenderContext, *,
+                   timeout_s: float | None = None, cancel: threading.Event | None = None) -> RenderedCommand:
     """Render a step's command for exec.
 
     - agent step: the agent's ``command`` argv, each item rendered with the extra variable
       ``prompt`` (the rendered step prompt) — one item stays one argument;
     - ``run`` list: each item rendered, never split, no shell;
-    - ``run`` string: ``["sh", "-c", rendered]`` with every ``${{ }}`` value shell-quoted.
-    ``env`` is the agent's env overlaid by the step's, rendered (no DAGCRAFT_* variables: the
-    engine adds those). Raises SpecError naming the step and field if a template fails.
+    - ``run`` string: ``["bash", "-c", script]`` where each ``${{ }}`` became a reference to a
+      ``DAGCRAFT_V_<n>`` variable of ``env`` holding its value (the value is never script text).
+    ``env`` is the agent's env overlaid by the step's, rendered, then the template values (no
+    other DAGCRAFT_* variables: the engine adds those). Raises SpecError naming the step and
+    field if a template fails or exceeds a bound; RenderTimedOut past ``timeout_s`` seconds,
+    RenderCancelled once ``cancel`` is set.
     """
+    with bounded(timeout_s, cancel):
+        return _render_command(wf, step, ctx)
+
+
+def _render_command(wf: CompiledWorkflow, step: ConcreteStep, ctx: RenderContext) -> RenderedCommand:
     variables = _variables(wf, step, ctx)
     workdir = None
     if step.workdir:
         try:
             workdir = render_text(step.workdir, variables)
-        except (TemplateError, TypeError, ValueError) as exc:
+        except _CAUGHT as exc:
             raise _fail(step, "workdir", exc) from None
     if step.agent is not None:
         agent = wf.agents.get(step.agent)
@@ -240,29 +671,35 @@ def render_command(wf: CompiledWorkflow, step: ConcreteStep, ctx: RenderContext)
             raise SpecError(f"step {step.id!r}: unknown agent {step.agent!r}")
         try:
             prompt = render_text(step.prompt or "", variables)
-        except (TemplateError, TypeError, ValueError) as exc:
+        except _CAUGHT as exc:
             raise _fail(step, "prompt", exc) from None
-        argv, _ = _render_cmd(list(agent.command), {**variables, "prompt": prompt}, step, f"agents.{step.agent}.command")
+        argv, _, _ = _render_cmd(list(agent.command), {**variables, "prompt": prompt}, step,
+                                 f"agents.{step.agent}.command")
         env = _render_env(agent.env, variables, step, f"agents.{step.agent}.env")
         env.update(_render_env(step.env, variables, step, "env"))
         return RenderedCommand(argv=argv, shell=False, env=env, adapter=agent.adapter, workdir=workdir)
     if step.run is None:
         raise SpecError(f"step {step.id!r}: nothing to run")
-    argv, shell = _render_cmd(step.run, variables, step, "run")
+    argv, shell, values = _render_cmd(step.run, variables, step, "run")
     env = _render_env(step.env, variables, step, "env")
+    env.update(values)  # last: a step's env cannot shadow a template value
     return RenderedCommand(argv=argv, shell=shell, env=env, adapter="generic", workdir=workdir)
 
 
-def render_rollback(wf: CompiledWorkflow, step: ConcreteStep, ctx: RenderContext) -> RenderedCommand | None:
+def render_rollback(wf: CompiledWorkflow, step: ConcreteStep, ctx: RenderContext, *,
+                    timeout_s: float | None = None,
+                    cancel: threading.Event | None = None) -> RenderedCommand | None:
     """The step's compensation command rendered like ``run`` (None if it has none)."""
     if step.rollback is None:
         return None
-    variables = _variables(wf, step, ctx)
-    argv, shell = _render_cmd(step.rollback, variables, step, "rollback")
-    env = {}
-    if step.agent is not None and step.agent in wf.agents:
-        env = _render_env(wf.agents[step.agent].env, variables, step, f"agents.{step.agent}.env")
-    env.update(_render_env(step.env, variables, step, "env"))
+    with bounded(timeout_s, cancel):
+        variables = _variables(wf, step, ctx)
+        argv, shell, values = _render_cmd(step.rollback, variables, step, "rollback")
+        env: dict[str, str] = {}
+        if step.agent is not None and step.agent in wf.agents:
+            env = _render_env(wf.agents[step.agent].env, variables, step, f"agents.{step.agent}.env")
+        env.update(_render_env(step.env, variables, step, "env"))
+        env.update(values)
     return RenderedCommand(argv=argv, shell=shell, env=env, adapter="generic")
 
 
@@ -299,7 +736,7 @@ def evaluate_when(step: ConcreteStep, ctx: RenderContext, needs_status: dict[str
     try:
         value = evaluate_expression(raw, variables, bare_is_expression=True)
         implicit = not uses_status_function(raw)
-    except (TemplateError, TypeError, ValueError) as exc:
+    except _CAUGHT as exc:
         raise _fail(step, "when", exc) from None
     result = _truthy(value)
     if implicit:
@@ -320,7 +757,7 @@ def evaluate_foreach(step: ConcreteStep, ctx: RenderContext) -> list[Any]:
         raise SpecError(f"step {step.id!r}: not a foreach step")
     try:
         value = evaluate_expression(step.foreach, _variables(None, step, ctx))
-    except (TemplateError, TypeError, ValueError) as exc:
+    except _CAUGHT as exc:
         raise _fail(step, "foreach", exc) from None
     if isinstance(value, str):
         try:

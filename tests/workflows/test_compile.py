@@ -3,7 +3,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from click.testing import CliRunner
 
+from dagcraft.cli.main import cli
 from dagcraft.errors import InvalidInput, SpecError
 from dagcraft.workflows import (
     CompiledWorkflow,
@@ -219,3 +221,33 @@ def test_fanout_limit_configurable(monkeypatch):
         name: big
         steps: [{id: a, matrix: {i: [1, 2, 3, 4]}, run: [echo]}]
         """)
+
+
+# ----------------------------------------------------------------------------- issue 9, point 7
+@pytest.mark.parametrize("workdir", ["../..", "..", "a/../../b", "sub/..//x"])
+def test_static_workdir_escaping_the_spec_dir_is_refused(workdir):
+    with pytest.raises(SpecError, match=r"^t.yaml:3:\d+: steps\[0\].workdir: invalid workdir"):
+        compile_text(f"name: w\nsteps:\n  - {{id: a, run: [echo], workdir: '{workdir}'}}\n")
+    with pytest.raises(SpecError, match=r"^t.yaml:2:\d+: defaults.workdir: invalid workdir"):
+        compile_text(f"name: w\ndefaults: {{workdir: '{workdir}'}}\nsteps:\n  - {{id: a, run: [echo]}}\n")
+
+
+def test_workdirs_inside_the_spec_dir_or_absolute_or_templated_are_accepted():
+    for workdir in ("sub", "./sub", "sub/dir/", "/tmp", "${{ run.name }}"):
+        compile_text(f"name: w\nsteps:\n  - {{id: a, run: [echo], workdir: '{workdir}'}}\n")
+
+
+@pytest.mark.parametrize("key", ["A=B", "1X", "A B", "", "A-B", "DAGCRAFT_STEP", "é"])
+def test_env_keys_that_are_not_env_var_names_are_refused(key, tmp_path):
+    for where, text in [
+        ("steps[0].env", f"name: e\nsteps:\n  - id: a\n    run: [echo]\n    env: {{{json.dumps(key)}: x}}\n"),
+        ("defaults.env", f"name: e\ndefaults:\n  env: {{{json.dumps(key)}: x}}\nsteps:\n  - {{id: a, run: [echo]}}\n"),
+        ("agents.g.env", f"name: e\nagents:\n  g: {{command: [echo], env: {{{json.dumps(key)}: x}}}}\n"
+                         "steps:\n  - {id: a, agent: g, prompt: p}\n"),
+    ]:
+        spec = tmp_path / "p.yaml"
+        spec.write_text(text)
+        r = CliRunner().invoke(cli, ["validate", str(spec)])
+        assert r.exit_code == 2, r.output
+        assert r.output.startswith(f"dagcraft: {spec}:") and f": {where}: " in r.output, r.output
+        assert r.output.count("\n") == 1

@@ -23,8 +23,9 @@ EVIL = "$(touch {marker}); rm -rf ~ `touch {marker}2` && echo 'q\"uote' ; | > {m
 PRINT_ARGS = [sys.executable, "-c", "import json,sys; print(json.dumps(sys.argv[1:]))"]
 
 
-def _run(argv, cwd):
-    out = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=10, env={"PATH": "/usr/bin:/bin", "HOME": str(cwd)})
+def _run(argv, cwd, env=None):
+    out = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=10,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(cwd), **(env or {})})
     return out
 
 
@@ -53,9 +54,10 @@ def test_param_injection_arrives_as_one_literal_argument(tmp_path: Path, style: 
     cmd = render_command(wf, wf.steps["s"], RenderContext())
     assert cmd.shell == (style == "shell")
     if style == "shell":
-        assert cmd.argv[:2] == ["sh", "-c"]
+        assert cmd.argv[:2] == ["bash", "-c"]
+        assert evil not in cmd.argv[2]  # the value is never script text
     (tmp_path / "home").mkdir()
-    out = _run(cmd.argv, tmp_path / "home")
+    out = _run(cmd.argv, tmp_path / "home", cmd.env)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [evil]  # exactly one argument, byte for byte
     assert not marker.exists() and not Path(f"{marker}2").exists() and not Path(f"{marker}3").exists()
@@ -71,7 +73,7 @@ def test_spec_injection_example_value(tmp_path: Path):
       - {id: s, run: "printf '%s\\n' ${{ params.v }} > out.txt"}
     """, {"v": "$(touch /tmp/pwned); rm -rf ~"})
     cmd = render_command(wf, wf.steps["s"], RenderContext())
-    out = _run(cmd.argv, tmp_path)
+    out = _run(cmd.argv, tmp_path, cmd.env)
     assert out.returncode == 0
     assert (tmp_path / "out.txt").read_text() == "$(touch /tmp/pwned); rm -rf ~\n"
     assert not Path("/tmp/pwned").exists()
@@ -153,7 +155,8 @@ def test_rollback_rendering():
       - {id: b, run: [echo]}
     """)
     rb = render_rollback(wf, wf.steps["a"], RenderContext())
-    assert rb.argv == ["sh", "-c", "undo 'a b'"] and rb.shell
+    assert rb.argv == ["bash", "-c", 'undo "${DAGCRAFT_V_1}"'] and rb.shell
+    assert rb.env["DAGCRAFT_V_1"] == "a b"
     assert render_rollback(wf, wf.steps["b"], RenderContext()) is None
 
 
