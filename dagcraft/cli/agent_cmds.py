@@ -1,4 +1,4 @@
-"""Agent-facing commands: memory, send/inbox, artifact, claim/renew/release, wait-for.
+"""Agent-facing commands (`dagcraft agent …`): memory, send/inbox, artifact, claim/renew/release, wait-for.
 
 Context for every command:
 - store: ``--store`` → ``$DAGCRAFT_STORE`` → ``.dagcraft``
@@ -6,7 +6,7 @@ Context for every command:
 - identity: ``--as`` → ``$DAGCRAFT_AGENT`` → ``$DAGCRAFT_STEP`` → ``user@host:<ppid>`` (the pid of
   the calling shell, so successive commands of one script share an identity)
 Exit codes: 0 ok, 1 failed upstream, 2 bad input, 3 conflict, 4 not found, 5 store, 124 timeout.
-Imports are lazy: ``dagcraft memory get`` on a local store never loads boto3.
+Imports are lazy: ``dagcraft agent memory get`` on a local store never loads boto3.
 """
 
 from __future__ import annotations
@@ -106,8 +106,10 @@ def register(cli: click.Group) -> None:
 
     @cli.group("agent")
     def agent() -> None:
-        """The commands steps call: memory, send, inbox, artifact, claim, renew, release,
-        wait-for. Scoped to the step's run ($DAGCRAFT_RUN_ID), else shared."""
+        """Commands steps call: memory, messages, artifacts, claims, wait-for.
+
+        Scoped to the step's run ($DAGCRAFT_RUN_ID, or --run RUN; RUN may be @latest), else to
+        the store's shared scope. The old top-level spellings (`dagcraft memory …`) still work."""
 
     _register_agent(agent)
     for name, cmd in agent.commands.items():

@@ -16,7 +16,6 @@ import click
 
 from dagcraft.cli.common import (
     RunStatusChoice,
-    console,
     echo_json,
     json_option,
     parse_address,
@@ -110,7 +109,7 @@ def _drive_and_report(store: Any, url: str, run_id: str, opts: Any, report: str 
     from dagcraft.orchestrator import drive, run_status, write_report
 
     t0 = time.time()
-    with Progress(console()) as progress:
+    with Progress() as progress:
         status = drive(store, url, run_id, opts, on_update=progress.update)
     st = run_status(store, run_id)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(st["counts"].items()))
@@ -184,8 +183,8 @@ def register(cli: click.Group) -> None:
     def run(spec: str, params: tuple[str, ...], store_url: str | None, workers: int | None, run_id: str | None,
             lease_ttl: float, report: str | None, no_report: bool, keep_workdirs: bool, signing_key: str | None,
             secret_files: tuple[str, ...], secret_stdin: str | None, as_json: bool) -> None:
-        """Submit SPEC and run it with a local worker pool, showing live progress. Exit 1 if the
-        run does not succeed."""
+        """Submit SPEC and run it on a local worker pool, with live progress. Exit 1 if the run
+        does not succeed."""
         from dagcraft.orchestrator import submit
 
         # a bad spec stops here: exit 2, nothing written
@@ -265,7 +264,7 @@ def register(cli: click.Group) -> None:
     @json_option
     @click.option("--watch", is_flag=True, help="refresh until the run finishes")
     def status(run_id: str, store_url: str | None, as_json: bool, watch: bool) -> None:
-        """Show RUN's status (RUN may be @latest) and its steps. Exit 1 if the run failed."""
+        """Show RUN's status and its steps. Exit 1 if the run failed."""
         from dagcraft.orchestrator import run_status
 
         store, _ = _store(store_url, create=False)
@@ -313,8 +312,8 @@ def register(cli: click.Group) -> None:
     @click.option("--follow", "-f", is_flag=True, help="keep printing while the attempt runs")
     def logs(address: tuple[str, ...], store_url: str | None, attempt: int | None, stream: str,
              follow: bool) -> None:
-        """Print the output log of the step RUN/STEP[/ATTEMPT] (or RUN STEP [ATTEMPT]; RUN may be
-        @latest), by default of its latest attempt."""
+        """Print a step's output log. The step is RUN/STEP[/ATTEMPT] (or RUN STEP [ATTEMPT]);
+        without an attempt, its latest."""
         from dagcraft.orchestrator.ops import follow_log, read_log
 
         store, _ = _store(store_url, create=False)
@@ -351,7 +350,7 @@ def register(cli: click.Group) -> None:
     def resume(run_id: str, store_url: str | None, workers: int | None, retry_failed: bool, lease_ttl: float,
                report: str | None, no_report: bool, signing_key: str | None, secret_files: tuple[str, ...],
                secret_stdin: str | None, as_json: bool) -> None:
-        """Continue the interrupted run RUN (or @latest); succeeded steps never run again."""
+        """Continue the interrupted run RUN; succeeded steps never run again."""
         from dagcraft.orchestrator import prepare_resume
         from dagcraft.tracing.seal import load_signer
 
@@ -385,8 +384,8 @@ def register(cli: click.Group) -> None:
     def retry(address: str, from_step: str | None, store_url: str | None, workers: int | None, lease_ttl: float,
               detach: bool, no_report: bool, secret_files: tuple[str, ...], secret_stdin: str | None,
               as_json: bool) -> None:
-        """Reset a step and everything downstream, keeping earlier attempts, and run them.
-        RUN[/STEP] names the step as RUN/STEP, or RUN with --from STEP (RUN may be @latest)."""
+        """Re-run a step and everything downstream (earlier attempts are kept). RUN[/STEP]
+        names the step as RUN/STEP, or RUN with --from STEP."""
         from dagcraft.orchestrator import retry_from
 
         store, url = _store(store_url)
@@ -412,7 +411,7 @@ def register(cli: click.Group) -> None:
     @click.option("--store", "store_url", help=STORE_HELP)
     @json_option
     def cancel(run_id: str, store_url: str | None, as_json: bool) -> None:
-        """Cancel RUN (or @latest): running steps are signalled, nothing new starts."""
+        """Cancel RUN: running steps are signalled, nothing new starts."""
         from dagcraft.orchestrator import cancel as cancel_run
 
         store, _ = _store(store_url)
@@ -433,8 +432,7 @@ def register(cli: click.Group) -> None:
     @json_option
     def rollback(run_id: str, store_url: str | None, workers: int | None, lease_ttl: float, detach: bool,
                  secret_files: tuple[str, ...], secret_stdin: str | None, as_json: bool) -> None:
-        """Run the compensations of the finished run RUN's (or @latest's) succeeded steps, in
-        reverse order."""
+        """Run the compensations of RUN's succeeded steps, in reverse order (RUN finished)."""
         from dagcraft.orchestrator import request_rollback
 
         store, url = _store(store_url)

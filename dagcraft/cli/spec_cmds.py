@@ -28,8 +28,8 @@ def register(cli: click.Group) -> None:
     @json_option
     def validate(spec: str, params: tuple[str, ...], secret_files: tuple[str, ...], secret_stdin: str | None,
                  as_json: bool) -> None:
-        """Check the workflow spec SPEC (exit 0 if valid, 2 with file:line:col: field: message if
-        not; with --json the verdict is also a JSON object on stdout)."""
+        """Check the workflow spec SPEC. Exit 0 if valid, 2 with file:line:col: field: message if
+        not (with --json the verdict is also a JSON object on stdout)."""
         try:
             wf = compile_with_secrets(spec, params, secret_files, secret_stdin)
         except DagcraftError as exc:
@@ -51,8 +51,8 @@ def register(cli: click.Group) -> None:
     @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Set a parameter.")
     @json_option
     def graph(spec: str, fmt: str, params: tuple[str, ...], as_json: bool) -> None:
-        """Draw SPEC's compiled step DAG (text layers, Mermaid flowchart or Graphviz DOT); with
-        --json, its nodes and edges (an edge [a, b] means b needs a)."""
+        """Draw SPEC's step DAG (text, Mermaid or DOT). Text lists layers, Mermaid is a flowchart,
+        DOT is for Graphviz; --json gives nodes and edges (an edge [a, b] means b needs a)."""
         from dagcraft.workflows.graph_render import render
 
         wf = _compile(spec, params)

@@ -109,7 +109,7 @@ def register(cli: click.Group) -> None:
 
     @cli.group("trace")
     def trace() -> None:
-        """Audit step traces: summarize, inspect, verify, render, catalog, check policy, export.
+        """Audit step traces: summary, inspect, verify, render, ledger, policy, export.
 
         TARGET is a trace file, or RUN, RUN/STEP or RUN/STEP/ATTEMPT in the store (also spelled
         RUN STEP [ATTEMPT]; RUN may be @latest)."""

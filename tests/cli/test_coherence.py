@@ -281,3 +281,18 @@ def test_docs_use_the_agent_group():
     for text in texts:
         for c in AGENT_CMDS:
             assert f"dagcraft {c} " not in text and f"`dagcraft {c}`" not in text, c
+
+
+def test_json_on_rollback_and_trace_outputs(done_run, tmp_path):
+    s = ("--store", done_run)
+    code, out, _ = invoke("rollback", "r0", "--detach", "--json", *s)
+    assert code == 0 and json.loads(out) == {"run_id": "r0", "status": "rolling_back"}
+    code, out, _ = invoke("trace", "render", "@latest", "--html", str(tmp_path / "r.html"), "--json", *s)
+    assert code == 0 and json.loads(out) == {"path": str(tmp_path / "r.html")} and (tmp_path / "r.html").exists()
+    code, out, _ = invoke("trace", "export", "r1", "b", "--otlp-json", str(tmp_path / "o.json"), "--json", *s)
+    assert code == 0 and json.loads(out) == {"path": str(tmp_path / "o.json")}
+    code, out, _ = invoke("trace", "keygen", "--out", str(tmp_path / "k"), "--json")
+    got = json.loads(out)
+    assert code == 0 and got["public"] == str(tmp_path / "k.pub") and got["key_id"]
+    code, out, _ = invoke("trace", "ledger", "@latest", "--json", *s)
+    assert code == 0 and sorted(e["step"] for e in json.loads(out)) == ["a", "b"]
