@@ -133,18 +133,18 @@ def _drive_and_report(store: Any, url: str, run_id: str, opts: Any, report: str 
         sys.exit(1)
 
 
-def _drive(store: Any, url: str, run_id: str, opts: Any, report: str | None, no_report: bool,
-           as_json: bool, extra: dict[str, Any] | None = None) -> None:
-    """Drive the run and report it: the human summary on stdout, or with ``as_json`` on
-    stderr while stdout gets one JSON object (``status --json``'s, plus ``extra``). The exit
-    code is the same either way."""
+def _drive(as_json: bool, store: Any, url: str, run_id: str, *args: Any,
+           extra: dict[str, Any] | None = None, **kw: Any) -> None:
+    """``_drive_and_report(store, url, run_id, *args, **kw)``: the human summary on stdout, or
+    with ``as_json`` on stderr while stdout gets one JSON object (``status --json``'s, plus
+    ``extra``). The exit code is the same either way."""
     if not as_json:
-        _drive_and_report(store, url, run_id, opts, report, no_report)
+        _drive_and_report(store, url, run_id, *args, **kw)
         return
     code: Any = 0
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            _drive_and_report(store, url, run_id, opts, report, no_report)
+            _drive_and_report(store, url, run_id, *args, **kw)
         except SystemExit as exc:
             code = exc.code
     _print_result(store, run_id, extra)
@@ -193,7 +193,7 @@ def register(cli: click.Group) -> None:
         store, url = _store(store_url)
         rid = submit(store, wf, run_id=run_id, spec_dir=str(Path(spec).resolve().parent))
         click.echo(f"run {rid} submitted ({len(wf.steps)} steps) to {url}", err=as_json)
-        _drive(store, url, rid, opts, report, no_report, as_json)
+        _drive(as_json, store, url, rid, opts, report, no_report)
 
     @cli.command("submit")
     @click.argument("spec", type=click.Path(dir_okay=False))
@@ -369,7 +369,7 @@ def register(cli: click.Group) -> None:
             return
         opts = _resume_opts(store, run_id, workers, lease_ttl, secret_files, secret_stdin, signing_key)
         click.echo(f"resuming run {run_id}", err=as_json)
-        _drive(store, url, run_id, opts, report, no_report, as_json)
+        _drive(as_json, store, url, run_id, opts, report, no_report)
 
     @cli.command()
     @click.argument("address", metavar="RUN[/STEP]")
@@ -404,7 +404,7 @@ def register(cli: click.Group) -> None:
             return
         click.echo(f"reset {len(reset)} step(s): {', '.join(reset)}", err=as_json)
         if opts is not None:
-            _drive(store, url, run_id, opts, None, no_report, as_json, {"reset": reset})
+            _drive(as_json, store, url, run_id, opts, None, no_report, extra={"reset": reset})
 
     @cli.command()
     @click.argument("run_id", metavar="RUN")
@@ -444,7 +444,7 @@ def register(cli: click.Group) -> None:
             return
         click.echo(f"run {run_id}: {status}", err=as_json)
         if opts is not None and status == "rolling_back":
-            _drive(store, url, run_id, opts, None, True, as_json)
+            _drive(as_json, store, url, run_id, opts, None, True)
 
 
 def _resume_env() -> dict[str, str]:

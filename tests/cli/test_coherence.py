@@ -152,6 +152,7 @@ def test_latest_names_the_newest_run_everywhere(done_run):
     assert code == 0 and json.loads(out)["total"]["run_id"] == "r1"
     assert invoke("trace", "verify", "@latest/b", *s)[0] == 0
     assert invoke("agent", "wait-for", "a", "b", "--run", "@latest", *s)[0] == 0
+    assert invoke("worker", "--run", "@latest", "--exit-when-idle", "--quiet", *s)[0] == 0  # r1 succeeded
     code, out, _ = invoke("cancel", "@latest", "--json", *s)
     assert code == 0 and json.loads(out) == {"run_id": "r1", "status": "succeeded"}  # finished: unchanged
 
