@@ -10,6 +10,7 @@ Step ids never contain ``/``, so the two forms cannot be confused.
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -20,9 +21,6 @@ from dagcraft.errors import InvalidInput
 F = TypeVar("F", bound=Callable[..., Any])
 
 LATEST = "@latest"  # never a run id: run ids cannot start with "@"
-
-RUN_HELP = f"RUN is a run id, or {LATEST} for the run most recently submitted."
-STEP_HELP = f"A step is RUN/STEP (or RUN STEP); RUN may be {LATEST}."
 
 
 class Address(NamedTuple):
@@ -102,6 +100,12 @@ def json_option(f: F) -> F:
     errors stay on stderr). One definition for every command."""
     return click.option("--json", "as_json", is_flag=True,
                         help="print the result as JSON on stdout (progress and warnings go to stderr)")(f)
+
+
+def command_hint(*argv: str) -> str:
+    """A command line the user can paste: every word shell-quoted (a store URL's ``?`` and
+    ``&`` would otherwise glob and background)."""
+    return shlex.join(argv)
 
 
 def echo_json(obj: Any, *, indent: int | None = 2) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ import click
 
 from dagcraft.cli.common import (
     RunStatusChoice,
+    command_hint,
     echo_json,
     json_option,
     parse_address,
@@ -128,7 +128,7 @@ def _drive_and_report(store: Any, url: str, run_id: str, opts: Any, report: str 
             if isinstance(exc, OSError):
                 why = f"{report or 'local copy'}: {exc.strerror or type(exc).__name__}"
             click.echo(f"dagcraft: warning: report not written: {why}", err=True)
-    click.echo("traces: " + shlex.join(["dagcraft", "trace", "summary", run_id, "--store", url]))
+    click.echo("traces: " + command_hint("dagcraft", "trace", "summary", run_id, "--store", url))
     if status != "succeeded":
         sys.exit(1)
 

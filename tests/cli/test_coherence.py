@@ -227,12 +227,16 @@ def test_plain_output_does_not_wrap_through_a_pipe(tmp_path):
         name: wide
         steps:
           - id: {long_id}
-            run: "true"
+            run: "echo to-the-log"
+          - id: bad
+            run: "exit 3"
     """)
     p = subprocess.run(DAGCRAFT + ["run", str(spec), "--store", str(tmp_path / "s"), "--workers", "1",
-                                   "--no-report"], capture_output=True, text=True, timeout=120,
+                                   "--no-report", "--json"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "COLUMNS": "80"})
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 1, p.stderr  # a failed run: exit 1, and still its JSON
+    got = json.loads(p.stdout)  # real worker processes wrote nothing else to stdout
+    assert got["status"] == "failed" and got["counts"] == {"failed": 1, "succeeded": 1}
     assert any(line.endswith(f"{long_id}: succeeded attempt 1") for line in p.stderr.splitlines()), p.stderr
 
 
