@@ -301,3 +301,21 @@ def test_json_on_rollback_and_trace_outputs(done_run, tmp_path):
     assert code == 0 and got["public"] == str(tmp_path / "k.pub") and got["key_id"]
     code, out, _ = invoke("trace", "ledger", "@latest", "--json", *s)
     assert code == 0 and sorted(e["step"] for e in json.loads(out)) == ["a", "b"]
+
+
+def test_latest_is_the_newest_submission_and_survives_a_reopen(store, tmp_path):
+    from dagcraft.errors import NotFound
+    from dagcraft.orchestrator import retry_from
+    from dagcraft.orchestrator.ops import latest_run_id
+    from tests.orchestrator.helpers import submit_spec
+
+    with pytest.raises(NotFound):
+        latest_run_id(store)
+    spec = write_spec(tmp_path, "name: l\nsteps:\n  - id: a\n    run: 'true'\n")
+    submit_spec(store, spec, run_id="old")
+    assert latest_run_id(store) == "old"
+    submit_spec(store, spec, run_id="new")
+    assert latest_run_id(store) == "new"
+    drive_inline(store, "old", tmp_path)
+    retry_from(store, "old", "a")  # reopened: a fresh index entry, but not a newer submission
+    assert latest_run_id(store) == "new"
