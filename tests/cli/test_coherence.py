@@ -229,6 +229,7 @@ def test_plain_output_does_not_wrap_through_a_pipe(tmp_path):
           - id: {long_id}
             run: "echo to-the-log"
           - id: bad
+            needs: [{long_id}]
             run: "exit 3"
     """)
     p = subprocess.run(DAGCRAFT + ["run", str(spec), "--store", str(tmp_path / "s"), "--workers", "1",
