@@ -2,7 +2,7 @@
 
     python bench/bench_primitives.py [--n 2000] [--cold 10] [--no-s3]
 
-1. Cold CLI start: ``dagcraft memory get`` on a local store (subprocess wall time), and whether
+1. Cold CLI start: ``dagcraft agent memory get`` on a local store (subprocess wall time), and whether
    boto3 was imported (``python -X importtime``).
 2. Local-store claim+commit in-process: lease.acquire + fenced commit of a result + release,
    median/p90 per operation, with and without fsync.
@@ -39,7 +39,7 @@ def cold_start(n: int) -> None:
     d = tempfile.mkdtemp()
     env = {**os.environ, "DAGCRAFT_STORE": str(Path(d) / "st")}
     memory.set(LocalStore(Path(d) / "st"), "shared", "k", "v", writer="bench")
-    exe = [sys.executable, "-m", "dagcraft.cli.main", "memory", "get", "k"]
+    exe = [sys.executable, "-m", "dagcraft.cli.main", "agent", "memory", "get", "k"]
     subprocess.run(exe, env=env, capture_output=True)  # warm the page cache
     times = []
     for _ in range(n):
@@ -53,7 +53,7 @@ def cold_start(n: int) -> None:
              if ln.startswith("import time:") and ln.split("|")[1].strip().isdigit()]
     top = max(total, key=lambda ln: int(ln.split("|")[1])) if total else ""
     all_imports = sum(int(ln.split("|")[0].split(":")[1]) for ln in total) / 1000
-    print(f"cold `dagcraft memory get` (local, {n} runs): {ms(times)}; all imports {all_imports:.1f} ms")
+    print(f"cold `dagcraft agent memory get` (local, {n} runs): {ms(times)}; all imports {all_imports:.1f} ms")
     print(f"  boto3/botocore imported: {'YES' if boto else 'no'}; largest import: {top.split('|')[-1].strip()} "
           f"{int(top.split('|')[1]) / 1000:.1f} ms cumulative" if top else "")
 

@@ -1,4 +1,4 @@
-"""Agent-facing commands: memory, send/inbox, artifact, claim/renew/release, wait-for.
+"""Agent-facing commands (`dagcraft agent …`): memory, send/inbox, artifact, claim/renew/release, wait-for.
 
 Context for every command:
 - store: ``--store`` → ``$DAGCRAFT_STORE`` → ``.dagcraft``
@@ -6,11 +6,12 @@ Context for every command:
 - identity: ``--as`` → ``$DAGCRAFT_AGENT`` → ``$DAGCRAFT_STEP`` → ``user@host:<ppid>`` (the pid of
   the calling shell, so successive commands of one script share an identity)
 Exit codes: 0 ok, 1 failed upstream, 2 bad input, 3 conflict, 4 not found, 5 store, 124 timeout.
-Imports are lazy: ``dagcraft memory get`` on a local store never loads boto3.
+Imports are lazy: ``dagcraft agent memory get`` on a local store never loads boto3.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import getpass
 import json
@@ -27,11 +28,15 @@ from dagcraft.errors import DagcraftError, Failed, InvalidInput, NotFound
 
 class Ctx:
     def __init__(self, store: str | None, run: str | None, as_: str | None, step: str | None = None) -> None:
+        from dagcraft.cli.common import LATEST, resolve_run
         from dagcraft.primitives.keys import validate_run_id, validate_segment
 
         self.store_url = store
+        self._store: Any = None
         self.run = run or os.environ.get("DAGCRAFT_RUN_ID") or None
-        if self.run:
+        if self.run == LATEST:
+            self.run = resolve_run(self.store, self.run)
+        elif self.run:
             validate_run_id(self.run)
         self.step = step or os.environ.get("DAGCRAFT_STEP") or None
         if self.step:
@@ -44,7 +49,6 @@ class Ctx:
                 user = "user"
             ident = f"{user}@{socket.gethostname()}:{os.getppid()}"
         self.identity = validate_segment(ident, "identity")
-        self._store: Any = None
 
     @property
     def store(self) -> Any:
@@ -69,7 +73,7 @@ def _opts(f: Callable[..., Any]) -> Callable[..., Any]:
     """Common context options + OSError guard; passes ``ctx: Ctx`` to the command."""
 
     @click.option("--store", "store_url", default=None, help="Store URL (default $DAGCRAFT_STORE, else .dagcraft).")
-    @click.option("--run", "run", default=None, help="Run id scope (default $DAGCRAFT_RUN_ID, else shared).")
+    @click.option("--run", "run", default=None, help="Run id scope, or @latest (default $DAGCRAFT_RUN_ID, else shared).")
     @click.option("--as", "as_", default=None, help="Identity (default $DAGCRAFT_AGENT, $DAGCRAFT_STEP, user@host:ppid).")
     @functools.wraps(f)
     def wrapper(store_url: str | None, run: str | None, as_: str | None, **kw: Any) -> Any:
@@ -96,7 +100,25 @@ def _show_value(value: Any) -> str:
 
 
 def register(cli: click.Group) -> None:
-    """Add this module's commands to the root group."""
+    """Add the ``agent`` group to the root group, and its commands as hidden top-level
+    aliases (``dagcraft memory get`` = ``dagcraft agent memory get``): scripts written for
+    the old spelling keep working, while ``dagcraft --help`` lists only ``agent``."""
+
+    @cli.group("agent")
+    def agent() -> None:
+        """Commands steps call: memory, messages, artifacts, claims, wait-for.
+
+        Scoped to the step's run ($DAGCRAFT_RUN_ID, or --run RUN; RUN may be @latest), else to
+        the store's shared scope. The old top-level spellings (`dagcraft memory …`) still work."""
+
+    _register_agent(agent)
+    for name, cmd in agent.commands.items():
+        alias = copy.copy(cmd)
+        alias.hidden = True
+        cli.add_command(alias, name)
+
+
+def _register_agent(cli: click.Group) -> None:
 
     # -- memory ----------------------------------------------------------------------------
     @cli.group("memory")
@@ -159,7 +181,7 @@ def register(cli: click.Group) -> None:
 
     @memory_group.command("history")
     @click.argument("key")
-    @click.option("--limit", type=click.IntRange(min=1), default=None)
+    @click.option("--limit", type=click.IntRange(min=1), default=None, help="Show only the last N versions.")
     @_json_opt
     @_opts
     def memory_history(ctx: Ctx, key: str, limit: int | None, as_json: bool) -> None:
@@ -191,7 +213,7 @@ def register(cli: click.Group) -> None:
 
     @cli.command("inbox")
     @click.option("--ack", is_flag=True, help="Acknowledge the messages printed (they will not be shown again).")
-    @click.option("--limit", type=click.IntRange(min=1), default=None)
+    @click.option("--limit", type=click.IntRange(min=1), default=None, help="Print at most N messages.")
     @_json_opt
     @_opts
     def inbox(ctx: Ctx, ack: bool, limit: int | None, as_json: bool) -> None:
@@ -217,7 +239,7 @@ def register(cli: click.Group) -> None:
     @artifact_group.command("put")
     @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
     @click.option("--name", default=None, help="Artifact name (default: the file name).")
-    @click.option("--content-type", default=None)
+    @click.option("--content-type", default=None, help="MIME type recorded with the artifact.")
     @step_opt
     @_json_opt
     @_opts

@@ -26,7 +26,11 @@ class DagcraftGroup(click.Group):
 @click.group(cls=DagcraftGroup)
 @click.version_option(package_name="dagcraft")
 def cli() -> None:
-    """dagcraft: run multi-agent pipelines as DAGs on a shared store."""
+    """dagcraft: run multi-agent pipelines as DAGs on a shared store.
+
+    RUN is a run id, or @latest for the run most recently submitted. A step is RUN/STEP (or
+    RUN STEP), an attempt RUN/STEP/ATTEMPT. Every command that prints a result takes --json
+    (one JSON document on stdout; progress and warnings go to stderr)."""
 
 
 def _register() -> None:

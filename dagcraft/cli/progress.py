@@ -11,6 +11,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from dagcraft.cli.common import console as plain_console
+
 STYLE = {"succeeded": "green", "failed": "bold red", "running": "cyan", "retrying": "yellow",
          "skipped": "dim", "cancelled": "magenta", "pending": "white", "expanded": "cyan",
          "rolling_back": "yellow", "rolled_back": "magenta"}
@@ -26,7 +28,7 @@ def _dur(st: Any, now: float) -> str:
 
 class Progress:
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True)
+        self.console = console or plain_console()  # wraps only on a terminal
         self.tty = self.console.is_terminal
         self.live: Live | None = None
         self.seen: dict[str, tuple[str, int]] = {}

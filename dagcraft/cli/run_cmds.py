@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -12,7 +13,15 @@ from typing import Any, TypeVar
 
 import click
 
-from dagcraft.errors import DagcraftError, Failed
+from dagcraft.cli.common import (
+    RunStatusChoice,
+    command_hint,
+    echo_json,
+    json_option,
+    parse_address,
+    resolve_run,
+)
+from dagcraft.errors import DagcraftError, Failed, InvalidInput
 
 KEEP_HELP = "keep each attempt's scratch directory (private, 0700) instead of removing it afterwards"
 SIGNING_HELP = ("Ed25519 private key (PEM) that signs the seal of the runs it finishes "
@@ -125,9 +134,41 @@ def _drive_and_report(store: Any, url: str, run_id: str, opts: Any, report: str 
             if isinstance(exc, OSError):
                 why = f"{report or 'local copy'}: {exc.strerror or type(exc).__name__}"
             click.echo(f"dagcraft: warning: report not written: {why}", err=True)
-    click.echo(f"traces: dagcraft trace summary {run_id} --store {url}")
+    click.echo("traces: " + command_hint("dagcraft", "trace", "summary", run_id, "--store", url))
     if status != "succeeded":
         sys.exit(1)
+
+
+def _drive(as_json: bool, store: Any, url: str, run_id: str, *args: Any,
+           extra: dict[str, Any] | None = None, **kw: Any) -> None:
+    """``_drive_and_report(store, url, run_id, *args, **kw)``: the human summary on stdout, or
+    with ``as_json`` on stderr while stdout gets one JSON object (``status --json``'s, plus
+    ``extra``). The exit code is the same either way."""
+    if not as_json:
+        _drive_and_report(store, url, run_id, *args, **kw)
+        return
+    code: Any = 0
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            _drive_and_report(store, url, run_id, *args, **kw)
+        except SystemExit as exc:
+            code = exc.code
+    _print_result(store, run_id, extra)
+    if code:
+        sys.exit(code)
+
+
+def _print_result(store: Any, run_id: str, extra: dict[str, Any] | None = None) -> None:
+    from dagcraft.orchestrator import run_status
+
+    echo_json({**run_status(store, run_id), **(extra or {})})
+
+
+def _worker_run(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``worker --run``: a run id or ``@latest`` (resolved when the worker starts)."""
+    from dagcraft.cli.common import LATEST
+
+    return value if value == LATEST else _check_run_id(ctx, param, value)
 
 
 def register(cli: click.Group) -> None:
@@ -144,10 +185,12 @@ def register(cli: click.Group) -> None:
     @click.option("--keep-workdirs", is_flag=True, help=KEEP_HELP)
     @click.option("--signing-key", type=click.Path(dir_okay=False), help=SIGNING_HELP)
     @secret_options
+    @json_option
     def run(spec: str, params: tuple[str, ...], store_url: str | None, workers: int | None, run_id: str | None,
             lease_ttl: float, report: str | None, no_report: bool, keep_workdirs: bool, signing_key: str | None,
-            secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
-        """Submit SPEC and run it with a local worker pool, showing live progress."""
+            secret_files: tuple[str, ...], secret_stdin: str | None, as_json: bool) -> None:
+        """Submit SPEC and run it on a local worker pool, with live progress. Exit 1 if the run
+        does not succeed."""
         from dagcraft.orchestrator import submit
 
         # a bad spec stops here: exit 2, nothing written
@@ -155,36 +198,43 @@ def register(cli: click.Group) -> None:
         opts = _pool_opts(workers, lease_ttl, _secret_env(wf), keep_workdirs, signing_key)  # so does a bad key
         store, url = _store(store_url)
         rid = submit(store, wf, run_id=run_id, spec_dir=str(Path(spec).resolve().parent))
-        click.echo(f"run {rid} submitted ({len(wf.steps)} steps) to {url}")
-        _drive_and_report(store, url, rid, opts, report, no_report)
+        click.echo(f"run {rid} submitted ({len(wf.steps)} steps) to {url}", err=as_json)
+        _drive(as_json, store, url, rid, opts, report, no_report)
 
     @cli.command("submit")
     @click.argument("spec", type=click.Path(dir_okay=False))
-    @click.option("-p", "--param", "params", multiple=True, metavar="K=V")
+    @click.option("-p", "--param", "params", multiple=True, metavar="K=V", help="set a parameter")
     @click.option("--store", "store_url", help=STORE_HELP)
-    @click.option("--run-id", callback=_check_run_id, help="run id")
+    @click.option("--run-id", callback=_check_run_id, help="run id (default: <name>-<utc time>-<random>)")
     @secret_options
+    @json_option
     def submit_cmd(spec: str, params: tuple[str, ...], store_url: str | None, run_id: str | None,
-                   secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
+                   secret_files: tuple[str, ...], secret_stdin: str | None, as_json: bool) -> None:
         """Submit SPEC without running it; prints the run id. Workers pick it up (secret params
         never reach the store: give them to the workers)."""
         from dagcraft.orchestrator import submit
 
         wf = compile_with_secrets(spec, params, secret_files, secret_stdin)
-        store, _ = _store(store_url)
-        click.echo(submit(store, wf, run_id=run_id, spec_dir=str(Path(spec).resolve().parent)))
+        store, url = _store(store_url)
+        rid = submit(store, wf, run_id=run_id, spec_dir=str(Path(spec).resolve().parent))
+        if as_json:
+            echo_json({"run_id": rid, "name": wf.name, "steps": len(wf.steps), "store": url})
+        else:
+            click.echo(rid)
 
     @cli.command()
     @click.option("--store", "store_url", help=STORE_HELP)
-    @click.option("--run", "run_id", callback=_check_run_id,
-                  help="serve only this run (default: every run in the store)")
-    @click.option("--concurrency", type=click.IntRange(1, 256), default=1, show_default=True)
+    @click.option("--run", "run_id", callback=_worker_run,
+                  help="serve only this run, or @latest (default: every run in the store)")
+    @click.option("--concurrency", type=click.IntRange(1, 256), default=1, show_default=True,
+                  help="steps this worker runs at once")
     @click.option("--exit-when-idle", is_flag=True, help="exit when the served runs have finished")
-    @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
+    @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
+                  help="step lease TTL in seconds; heartbeat every third of it")
     @click.option("--poll-max", type=click.FloatRange(0.01, 60), default=1.0, show_default=True,
                   help="longest wait between journal polls when idle")
     @click.option("--echo", is_flag=True, help="stream step output to this terminal")
-    @click.option("--quiet", is_flag=True)
+    @click.option("--quiet", is_flag=True, help="do not log claims and results to stderr")
     @click.option("--keep-workdirs", is_flag=True, help=KEEP_HELP)
     @click.option("--signing-key", type=click.Path(dir_okay=False), help=SIGNING_HELP)
     @secret_options
@@ -200,6 +250,8 @@ def register(cli: click.Group) -> None:
         # the worker reads secrets from its environment (load_run); its steps never see them
         os.environ.update(secret_env(read_secret_options(secret_files, secret_stdin)))
         store, url = _store(store_url)
+        if run_id is not None:
+            run_id = resolve_run(store, run_id)
         cfg = WorkerConfig(store=store, store_url=url, worker_id=identity(), lease_ttl=lease_ttl, echo=echo,
                            keep_workdirs=keep_workdirs, signer=signer)
         def log(msg: str) -> None:
@@ -213,15 +265,16 @@ def register(cli: click.Group) -> None:
         sys.exit(w.run())
 
     @cli.command()
-    @click.argument("run_id")
+    @click.argument("run_id", metavar="RUN")
     @click.option("--store", "store_url", help=STORE_HELP)
-    @click.option("--json", "as_json", is_flag=True)
+    @json_option
     @click.option("--watch", is_flag=True, help="refresh until the run finishes")
     def status(run_id: str, store_url: str | None, as_json: bool, watch: bool) -> None:
-        """Show a run's status and its steps. Exit 1 if the run failed."""
+        """Show RUN's status and its steps. Exit 1 if the run failed."""
         from dagcraft.orchestrator import run_status
 
         store, _ = _store(store_url, create=False)
+        run_id = parse_address(run_id, store, step="forbidden").run
         while True:
             st = run_status(store, run_id)
             if as_json:
@@ -237,16 +290,19 @@ def register(cli: click.Group) -> None:
 
     @cli.command()
     @click.option("--store", "store_url", help=STORE_HELP)
-    @click.option("--status", "status_filter", help="only runs with this status")
-    @click.option("--json", "as_json", is_flag=True)
+    @click.option("--status", "status_filter", type=RunStatusChoice(), help="only runs with this status")
+    @json_option
     def runs(store_url: str | None, status_filter: str | None, as_json: bool) -> None:
         """List runs, newest first."""
         from dagcraft.orchestrator import list_runs
 
-        store, _ = _store(store_url, create=False)
+        store, url = _store(store_url, create=False)
         items = list_runs(store, status_filter)
         if as_json:
             click.echo(json.dumps(items, indent=2, default=str))
+            return
+        if not items:
+            click.echo(f"no {status_filter + ' ' if status_filter else ''}runs in {url}")
             return
         for r in items:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["submitted_at"])) if r["submitted_at"] else "-"
@@ -254,19 +310,23 @@ def register(cli: click.Group) -> None:
             click.echo(f"{r['run_id']:<48} {r['status']:<12} {when}  {tail}")
 
     @cli.command()
-    @click.argument("run_id")
-    @click.argument("step")
+    @click.argument("address", nargs=-1, required=True, metavar="RUN/STEP[/ATTEMPT]")
     @click.option("--store", "store_url", help=STORE_HELP)
     @click.option("--attempt", type=click.IntRange(1), help="attempt number (default: latest)")
     @click.option("--stream", type=click.Choice(["stdout", "stderr"]),
                   help="which log (default: stdout; of a failed attempt whose stdout is empty, stderr)")
     @click.option("--follow", "-f", is_flag=True, help="keep printing while the attempt runs")
-    def logs(run_id: str, step: str, store_url: str | None, attempt: int | None, stream: str | None,
+    def logs(address: tuple[str, ...], store_url: str | None, attempt: int | None, stream: str | None,
              follow: bool) -> None:
-        """Print a step attempt's output log."""
+        """Print a step's output log. The step is RUN/STEP[/ATTEMPT] (or RUN STEP [ATTEMPT]);
+        without an attempt, its latest."""
         from dagcraft.orchestrator.ops import follow_log, read_log, read_log_or_stderr
 
         store, _ = _store(store_url, create=False)
+        addr = parse_address(address, store, step="required", attempt=True)
+        if addr.attempt is not None and attempt is not None and addr.attempt != attempt:
+            raise InvalidInput(f"{addr.label()} and --attempt {attempt} name different attempts")
+        run_id, step, attempt = addr.run, addr.step or "", addr.attempt or attempt
         out = sys.stdout.buffer
         if follow:
             for chunk in follow_log(store, run_id, step, attempt):
@@ -282,86 +342,121 @@ def register(cli: click.Group) -> None:
         out.write(data)
         out.flush()
 
+    workers_opt = click.option("--workers", type=click.IntRange(1, 256),
+                               help="local worker processes (default: CPU count)")
+    ttl_opt = click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
+                           help="step lease TTL in seconds; heartbeat every third of it")
+    no_report_opt = click.option("--no-report", is_flag=True, help="do not render the HTML report")
+
     @cli.command()
-    @click.argument("run_id")
+    @click.argument("run_id", metavar="RUN")
     @click.option("--store", "store_url", help=STORE_HELP)
-    @click.option("--workers", type=click.IntRange(1, 256))
+    @workers_opt
     @click.option("--retry-failed", is_flag=True, help="also re-run failed steps (and those skipped because of them)")
-    @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
-    @click.option("--report", type=click.Path(dir_okay=False))
-    @click.option("--no-report", is_flag=True)
+    @ttl_opt
+    @click.option("--report", type=click.Path(dir_okay=False), help="where to write the HTML report")
+    @no_report_opt
     @click.option("--signing-key", type=click.Path(dir_okay=False), help=SIGNING_HELP)
     @secret_options
+    @json_option
     def resume(run_id: str, store_url: str | None, workers: int | None, retry_failed: bool, lease_ttl: float,
                report: str | None, no_report: bool, signing_key: str | None, secret_files: tuple[str, ...],
-               secret_stdin: str | None) -> None:
-        """Continue an interrupted run; succeeded steps never run again."""
+               secret_stdin: str | None, as_json: bool) -> None:
+        """Continue the interrupted run RUN; succeeded steps never run again."""
         from dagcraft.orchestrator import prepare_resume
         from dagcraft.tracing.seal import load_signer
 
         load_signer(signing_key)  # a bad key: exit 2, nothing reopened
         store, url = _store(store_url)
+        run_id = parse_address(run_id, store, step="forbidden").run
         status = prepare_resume(store, run_id, retry_failed=retry_failed)
         if status in ("succeeded",) or (status in ("failed", "rolled_back") and not retry_failed):
             click.echo(f"run {run_id} already {status}" + ("" if status == "succeeded" else
-                                                           "; use --retry-failed to re-run failed steps"))
+                                                           "; use --retry-failed to re-run failed steps"),
+                       err=as_json)
+            if as_json:
+                _print_result(store, run_id)
             if status != "succeeded":
                 sys.exit(1)
             return
         opts = _resume_opts(store, run_id, workers, lease_ttl, secret_files, secret_stdin, signing_key)
-        click.echo(f"resuming run {run_id}")
-        _drive_and_report(store, url, run_id, opts, report, no_report)
+        click.echo(f"resuming run {run_id}", err=as_json)
+        _drive(as_json, store, url, run_id, opts, report, no_report)
 
     @cli.command()
-    @click.argument("run_id")
-    @click.option("--from", "from_step", required=True, help="step to re-run, with everything downstream")
+    @click.argument("address", metavar="RUN[/STEP]")
+    @click.option("--from", "from_step", help="step to re-run, with everything downstream (or give RUN/STEP)")
     @click.option("--store", "store_url", help=STORE_HELP)
-    @click.option("--workers", type=click.IntRange(1, 256))
-    @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
+    @workers_opt
+    @ttl_opt
     @click.option("--detach", is_flag=True, help="only reset; let running workers pick it up")
-    @click.option("--no-report", is_flag=True)
+    @no_report_opt
     @secret_options
-    def retry(run_id: str, from_step: str, store_url: str | None, workers: int | None, lease_ttl: float,
-              detach: bool, no_report: bool, secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
-        """Reset STEP and everything downstream, keeping earlier attempts, and run them."""
+    @json_option
+    def retry(address: str, from_step: str | None, store_url: str | None, workers: int | None, lease_ttl: float,
+              detach: bool, no_report: bool, secret_files: tuple[str, ...], secret_stdin: str | None,
+              as_json: bool) -> None:
+        """Re-run a step and everything downstream (earlier attempts are kept). RUN[/STEP]
+        names the step as RUN/STEP, or RUN with --from STEP."""
         from dagcraft.orchestrator import retry_from
 
         store, url = _store(store_url)
+        addr = parse_address(address, store)
+        if addr.step and from_step and addr.step != from_step:
+            raise InvalidInput(f"{addr.label()} and --from {from_step} name different steps")
+        step = addr.step or from_step
+        if not step:
+            raise InvalidInput(f"retry {address}: name the step as RUN/STEP or with --from STEP")
+        run_id = addr.run
         # checked before the reset: a missing secret leaves the run as it was
         opts = None if detach else _resume_opts(store, run_id, workers, lease_ttl, secret_files, secret_stdin)
-        reset = retry_from(store, run_id, from_step)
-        click.echo(f"reset {len(reset)} step(s): {', '.join(reset)}")
+        reset = retry_from(store, run_id, step)
+        if as_json and opts is None:
+            echo_json({"run_id": run_id, "reset": reset})
+            return
+        click.echo(f"reset {len(reset)} step(s): {', '.join(reset)}", err=as_json)
         if opts is not None:
-            _drive_and_report(store, url, run_id, opts, None, no_report)
+            _drive(as_json, store, url, run_id, opts, None, no_report, extra={"reset": reset})
 
     @cli.command()
-    @click.argument("run_id")
+    @click.argument("run_id", metavar="RUN")
     @click.option("--store", "store_url", help=STORE_HELP)
-    def cancel(run_id: str, store_url: str | None) -> None:
-        """Cancel a run: running steps are signalled, nothing new starts."""
+    @json_option
+    def cancel(run_id: str, store_url: str | None, as_json: bool) -> None:
+        """Cancel RUN: running steps are signalled, nothing new starts."""
         from dagcraft.orchestrator import cancel as cancel_run
 
         store, _ = _store(store_url)
-        click.echo(f"run {run_id}: {cancel_run(store, run_id)}")
+        run_id = parse_address(run_id, store, step="forbidden").run
+        status = str(cancel_run(store, run_id))
+        if as_json:
+            echo_json({"run_id": run_id, "status": status})
+        else:
+            click.echo(f"run {run_id}: {status}")
 
     @cli.command()
-    @click.argument("run_id")
+    @click.argument("run_id", metavar="RUN")
     @click.option("--store", "store_url", help=STORE_HELP)
-    @click.option("--workers", type=click.IntRange(1, 256))
-    @click.option("--lease-ttl", type=click.FloatRange(1, 3600), default=30.0, show_default=True)
+    @workers_opt
+    @ttl_opt
     @click.option("--detach", is_flag=True, help="only request it; let running workers do it")
     @secret_options
+    @json_option
     def rollback(run_id: str, store_url: str | None, workers: int | None, lease_ttl: float, detach: bool,
-                 secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
-        """Run the compensations of a finished run's succeeded steps, in reverse order."""
+                 secret_files: tuple[str, ...], secret_stdin: str | None, as_json: bool) -> None:
+        """Run the compensations of RUN's succeeded steps, in reverse order (RUN finished)."""
         from dagcraft.orchestrator import request_rollback
 
         store, url = _store(store_url)
+        run_id = parse_address(run_id, store, step="forbidden").run
         opts = None if detach else _resume_opts(store, run_id, workers, lease_ttl, secret_files, secret_stdin)
-        status = request_rollback(store, run_id)
-        click.echo(f"run {run_id}: {status}")
+        status = str(request_rollback(store, run_id))
+        if as_json and (opts is None or status != "rolling_back"):
+            echo_json({"run_id": run_id, "status": status})
+            return
+        click.echo(f"run {run_id}: {status}", err=as_json)
         if opts is not None and status == "rolling_back":
-            _drive_and_report(store, url, run_id, opts, None, True)
+            _drive(as_json, store, url, run_id, opts, None, True)
 
 
 def _resume_env() -> dict[str, str]:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
+from dagcraft.cli.common import echo_json, json_option
 from dagcraft.cli.run_cmds import compile_with_secrets, secret_options
+from dagcraft.errors import DagcraftError
 
 
 def _compile(spec: str, params: tuple[str, ...]):
@@ -23,22 +25,45 @@ def register(cli: click.Group) -> None:
     @click.argument("spec", type=click.Path(dir_okay=False))
     @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Set a parameter.")
     @secret_options
-    def validate(spec: str, params: tuple[str, ...], secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
-        """Check a workflow spec (exit 0 if valid, 2 with file:line:col: field: message if not)."""
-        wf = compile_with_secrets(spec, params, secret_files, secret_stdin)
+    @json_option
+    def validate(spec: str, params: tuple[str, ...], secret_files: tuple[str, ...], secret_stdin: str | None,
+                 as_json: bool) -> None:
+        """Check the workflow spec SPEC. Exit 0 if valid, 2 with file:line:col: field: message if
+        not (with --json the verdict is also a JSON object on stdout)."""
+        try:
+            wf = compile_with_secrets(spec, params, secret_files, secret_stdin)
+        except DagcraftError as exc:
+            if as_json:
+                echo_json({"ok": False, "spec": spec, "error": str(exc)})
+            raise
         n_fan = sum(1 for s in wf.steps.values() if s.foreach)
+        if as_json:
+            echo_json({"ok": True, "spec": spec, "name": wf.name, "steps": len(wf.steps), "foreach": n_fan,
+                       "spec_hash": wf.spec_hash})
+            return
         extra = f", {n_fan} foreach" if n_fan else ""
         click.echo(f"ok: {wf.name}: {len(wf.steps)} steps{extra}, spec hash {wf.spec_hash[:12]}")
 
     @cli.command("graph")
     @click.argument("spec", type=click.Path(dir_okay=False))
-    @click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot"]), default="text", show_default=True)
+    @click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot"]), default="text", show_default=True,
+                  help="Drawing format.")
     @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Set a parameter.")
-    def graph(spec: str, fmt: str, params: tuple[str, ...]) -> None:
-        """Draw the compiled step DAG (text layers, Mermaid flowchart or Graphviz DOT)."""
+    @json_option
+    def graph(spec: str, fmt: str, params: tuple[str, ...], as_json: bool) -> None:
+        """Draw SPEC's step DAG (text, Mermaid or DOT). Text lists layers, Mermaid is a flowchart,
+        DOT is for Graphviz; --json gives nodes and edges (an edge [a, b] means b needs a)."""
         from dagcraft.workflows.graph_render import render
 
-        click.echo(render(_compile(spec, params), fmt), nl=False)
+        wf = _compile(spec, params)
+        if as_json:
+            order = {sid: i for i, sid in enumerate(wf.steps)}
+            edges = sorted(([a, b] for a, b in wf.graph().edges), key=lambda e: (order[e[1]], order[e[0]]))
+            echo_json({"name": wf.name, "edges": edges, "nodes": [
+                {"id": sid, "needs": list(st.needs), "agent": st.agent, "foreach": st.foreach,
+                 "finally": st.is_finally, "rollback": st.rollback is not None} for sid, st in wf.steps.items()]})
+            return
+        click.echo(render(wf, fmt), nl=False)
 
     @cli.command("schema")
     def schema() -> None:

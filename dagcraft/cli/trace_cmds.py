@@ -3,6 +3,7 @@ export. Thin: parsing and printing only; the work is in :mod:`dagcraft.tracing`.
 
 TARGET is a trace file; when it is not an existing path it names ``RUN``, ``RUN/STEP`` or
 ``RUN/STEP/ATTEMPT`` in the store (``--store``, else ``$DAGCRAFT_STORE``, else ``.dagcraft``),
+also spelled ``RUN STEP [ATTEMPT]``, with ``@latest`` for RUN (``dagcraft.cli.common``), and is
 looked up through ``dagcraft.orchestrator.report`` (imported lazily: CLI start-up stays fast).
 """
 
@@ -22,6 +23,22 @@ import click
 from dagcraft.errors import DagcraftError, Failed, InvalidInput, NotFound
 
 STORE_HELP = "Store URL for RUN[/STEP] targets (default $DAGCRAFT_STORE, else .dagcraft)."
+
+
+def _target_arg(f: Any) -> Any:
+    return click.argument("target_parts", nargs=-1, required=True, metavar="TARGET")(f)
+
+
+def _target(parts: tuple[str, ...], store_url: str | None) -> str:
+    """A trace file path as given, or the canonical ``RUN[/STEP[/ATTEMPT]]`` it addresses
+    (``@latest`` resolved): the one addressing rule of every command, see cli.common."""
+    if len(parts) == 1:
+        t = parts[0]
+        if _is_file_target(t) or t.endswith(".jsonl") or os.sep in t and t.startswith((".", os.sep)):
+            return t
+    from dagcraft.cli.common import parse_address
+
+    return parse_address(parts, _store(store_url), attempt=True).label()
 
 
 def _report():
@@ -92,49 +109,60 @@ def register(cli: click.Group) -> None:
 
     @cli.group("trace")
     def trace() -> None:
-        """Audit step traces: summarize, inspect, verify, render, catalog, check policy, export."""
+        """Audit step traces: summary, inspect, verify, render, ledger, policy, export.
+
+        TARGET is a trace file, or RUN, RUN/STEP or RUN/STEP/ATTEMPT in the store (also spelled
+        RUN STEP [ATTEMPT]; RUN may be @latest)."""
 
     @trace.command("summary")
-    @click.argument("target")
+    @_target_arg
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @click.option("--store", "store_url", default=None, help=STORE_HELP)
-    def summary_cmd(target: str, as_json: bool, store_url: str | None) -> None:
-        """Run id, status, events, model calls, tokens, cost, tool calls, failures, errors, duration."""
-        from dagcraft.tracing.summary import fmt_dur, summarize
+    def summary_cmd(target_parts: tuple[str, ...], as_json: bool, store_url: str | None) -> None:
+        """Run id, status, events, model calls, tokens, cost, tool calls, failures, errors, duration
+        of TARGET's traces, and their total when there are several (a run's attempts; with
+        --json {"traces": [...], "total": {...}}). TARGET: see `dagcraft trace --help`."""
+        from dagcraft.tracing.summary import fmt_dur, summarize, summarize_total
 
         results = []
-        with _traces(target, store_url) as traces:
+        with _traces(_target(target_parts, store_url), store_url) as traces:
             for label, p in traces:
                 s = summarize(_load(p))
                 s["path"] = label
                 results.append(s)
+        total = summarize_total(results) if len(results) > 1 else None
         if as_json:
-            _dump(results[0] if len(results) == 1 else results)
+            _dump(results[0] if total is None else {"traces": results, "total": total})
             return
-        for s in results:
-            if len(results) > 1:
-                click.echo(f"== {s['path']}")
+        for s in results + ([total] if total else []):
+            if total is not None:
+                click.echo(f"== {s.get('path', 'total')}")
             cost = f"${s['cost_usd']:.4f}" if s["cost_usd"] is not None else "—"
-            rows = [("run", s["run_id"]), ("status", s["status"]), ("events", s["events"]),
-                    ("model calls", s["model_calls"]), ("tokens", f"{s['tokens_in']} in / {s['tokens_out']} out"),
-                    ("cost", cost), ("tool calls", s["tool_calls"]), ("failures", s["failures"]),
-                    ("errors", s["errors"]), ("redactions", s["redactions"]), ("duration", fmt_dur(s["duration_ms"]))]
+            rows = [("run", s["run_id"])]
+            if s is total:
+                rows += [("traces", s["traces"]), ("statuses", ", ".join(f"{n} {k}" for k, n in s["statuses"].items()))]
+            else:
+                rows.append(("status", s["status"]))
+            rows += [("events", s["events"]),
+                     ("model calls", s["model_calls"]), ("tokens", f"{s['tokens_in']} in / {s['tokens_out']} out"),
+                     ("cost", cost), ("tool calls", s["tool_calls"]), ("failures", s["failures"]),
+                     ("errors", s["errors"]), ("redactions", s["redactions"]), ("duration", fmt_dur(s["duration_ms"]))]
             for k, v in rows:
                 click.echo(f"{k:<12} {v}")
 
     @trace.command("inspect")
-    @click.argument("target")
+    @_target_arg
     @click.option("--kind", "kinds", multiple=True, help="Only these kinds (repeatable; 'tool' matches tool.*).")
     @click.option("--json", "as_json", is_flag=True, help="Print the events as JSON lines.")
     @click.option("--store", "store_url", default=None, help=STORE_HELP)
-    def inspect_cmd(target: str, kinds: tuple[str, ...], as_json: bool, store_url: str | None) -> None:
-        """One aligned line per event."""
+    def inspect_cmd(target_parts: tuple[str, ...], kinds: tuple[str, ...], as_json: bool, store_url: str | None) -> None:
+        """One aligned line per event of TARGET's traces (see `dagcraft trace --help`)."""
         from dagcraft.tracing.summary import describe, fmt_dur
 
         def want(k: str) -> bool:
             return not kinds or any(k == x or k.startswith(x.rstrip(".") + ".") for x in kinds)
 
-        with _traces(target, store_url) as traces:
+        with _traces(_target(target_parts, store_url), store_url) as traces:
             loaded = [(label, _load(p)) for label, p in traces]
         for label, evs in loaded:
             if len(loaded) > 1 and not as_json:
@@ -150,21 +178,22 @@ def register(cli: click.Group) -> None:
                     click.echo(f"{e.seq:>6}  {'+' + fmt_dur(e.ts_ms - t0):>10}  {e.kind:<22} {desc}")
 
     @trace.command("verify")
-    @click.argument("target")
+    @_target_arg
     @click.option("--allow-open", is_flag=True,
                   help="Accept a trace without run.finished, or a run not finished (still running).")
     @click.option("--public-key", "public_key", type=click.Path(dir_okay=False), default=None,
                   help="Ed25519 public key (PEM): the run's seal must carry a valid signature by it.")
     @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
     @click.option("--store", "store_url", default=None, help=STORE_HELP)
-    def verify_cmd(target: str, allow_open: bool, public_key: str | None, as_json: bool,
+    def verify_cmd(target_parts: tuple[str, ...], allow_open: bool, public_key: str | None, as_json: bool,
                    store_url: str | None) -> None:
-        """Check a trace file's hash chain, or a run's traces against the heads their commits
-        pinned and the run's seal (and signature, with --public-key). Exit 0 ok, 1 any failure
-        (the status says which: see docs/traces.md), 2 bad input, 4 not found."""
+        """Check TARGET: a trace file's hash chain, or a run's traces against the heads their
+        commits pinned and the run's seal (and signature, with --public-key). Exit 0 ok, 1 any
+        failure (the status says which: see docs/traces.md), 2 bad input, 4 not found."""
         from dagcraft.tracing import verify
         from dagcraft.tracing.seal import load_public_key
 
+        target = _target(target_parts, store_url)
         if _is_file_target(target) or target.endswith(".jsonl"):
             if public_key is not None:
                 raise InvalidInput("--public-key checks a run's seal: pass RUN[/STEP[/ATTEMPT]], not a file")
@@ -193,25 +222,32 @@ def register(cli: click.Group) -> None:
     @trace.command("keygen")
     @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
                   help="Private key file to create (mode 0600); the public key goes to OUT.pub.")
-    def keygen_cmd(out: Path) -> None:
+    @click.option("--json", "as_json", is_flag=True, help="Print the key id and both paths as JSON.")
+    def keygen_cmd(out: Path, as_json: bool) -> None:
         """Create an Ed25519 key pair for signing run seals (`run --signing-key OUT`,
         `trace verify --public-key OUT.pub`)."""
         from dagcraft.tracing.seal import generate_key
 
         pub = out.with_name(out.name + ".pub")
         kid = generate_key(out, pub)
+        if as_json:
+            _dump({"key_id": kid, "private": str(out), "public": str(pub)})
+            return
         click.echo(f"key {kid}: private {out} (keep it off the store), public {pub}")
 
     @trace.command("render")
-    @click.argument("target")
+    @_target_arg
     @click.option("--html", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
                   help="Output HTML file.")
     @click.option("--title", default=None, help="Page title (single trace).")
     @click.option("--store", "store_url", default=None, help=STORE_HELP)
-    def render_cmd(target: str, out: Path, title: str | None, store_url: str | None) -> None:
-        """Write a self-contained HTML report of a trace file, or of RUN[/STEP] in the store."""
+    @click.option("--json", "as_json", is_flag=True, help="Print {\"path\": OUT} as JSON.")
+    def render_cmd(target_parts: tuple[str, ...], out: Path, title: str | None, store_url: str | None,
+                   as_json: bool) -> None:
+        """Write a self-contained HTML report of TARGET: a trace file, or RUN[/STEP] in the store."""
         from dagcraft.tracing.render import render_run_html, render_trace_html
 
+        target = _target(target_parts, store_url)
         if _is_file_target(target):
             html = render_trace_html(_load(Path(target)), title=title or Path(target).name)
         else:
@@ -221,7 +257,7 @@ def register(cli: click.Group) -> None:
             out.write_text(html, encoding="utf-8")
         except OSError as exc:
             raise InvalidInput(f"cannot write {out}: {exc.strerror}") from None
-        click.echo(str(out))
+        _dump({"path": str(out)}) if as_json else click.echo(str(out))
 
     @trace.command("ledger")
     @click.argument("directory", required=False)
@@ -235,13 +271,15 @@ def register(cli: click.Group) -> None:
     @click.option("--all-runs", is_flag=True, help="Catalog every run in the store.")
     def ledger_cmd(directory: str | None, status: str | None, since: str | None, step: str | None,
                    text: str | None, rebuild: bool, as_json: bool, store_url: str | None, all_runs: bool) -> None:
-        """Catalog the traces in DIRECTORY (recursively), of RUN in the store, or of every run
-        in the store (--all-runs)."""
+        """Catalog the traces in DIRECTORY (recursively), of a RUN in the store given in its
+        place (RUN may be @latest), or of every run in the store (--all-runs)."""
         from dagcraft.tracing.ledger import build_ledger, filter_entries, parse_since
         from dagcraft.tracing.summary import fmt_dur
 
         since_ms = parse_since(since) if since else None
         target = "@all" if all_runs else (directory or ".")
+        if not all_runs and not Path(target).exists():
+            target = _target((target,), store_url)
         root = Path(target)
         with contextlib.ExitStack() as stack:
             save = True
@@ -267,19 +305,20 @@ def register(cli: click.Group) -> None:
                        f"{e.events:>6}  {dur:>9}  {e.integrity}")
 
     @trace.command("policy-check")
-    @click.argument("target")
+    @_target_arg
     @click.option("--sensitive", multiple=True, help="Capability needing a recorded allow (repeatable).")
     @click.option("--no-defaults", is_flag=True, help="Do not include the default sensitive capabilities.")
     @click.option("--json", "as_json", is_flag=True, help="Print violations as JSON.")
     @click.option("--store", "store_url", default=None, help=STORE_HELP)
-    def policy_cmd(target: str, sensitive: tuple[str, ...], no_defaults: bool, as_json: bool,
+    def policy_cmd(target_parts: tuple[str, ...], sensitive: tuple[str, ...], no_defaults: bool, as_json: bool,
                    store_url: str | None) -> None:
-        """Unresolved permission denies and sensitive capabilities used without an allow (exit 1)."""
+        """Unresolved permission denies and sensitive capabilities used without an allow in
+        TARGET's traces (exit 1). TARGET: see `dagcraft trace --help`."""
         from dagcraft.tracing.policy import DEFAULT_SENSITIVE, check
 
         caps = list(sensitive) + ([] if no_defaults else list(DEFAULT_SENSITIVE))
         violations = []
-        with _traces(target, store_url) as traces:
+        with _traces(_target(target_parts, store_url), store_url) as traces:
             for label, p in traces:
                 violations += check(_load(p), caps, source=label)
         if as_json:
@@ -316,8 +355,10 @@ def register(cli: click.Group) -> None:
     @click.option("--timeout", type=float, default=None, help="Seconds before the process group is stopped.")
     @click.option("--grace", type=float, default=5.0, show_default=True, help="Seconds between TERM and KILL.")
     @click.option("--shell", is_flag=True, help="Run CMD as one shell string (sh -c).")
-    @click.option("--stdout-log", type=click.Path(dir_okay=False, path_type=Path), default=None)
-    @click.option("--stderr-log", type=click.Path(dir_okay=False, path_type=Path), default=None)
+    @click.option("--stdout-log", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Full stdout log file (default: next to the trace, .stdout.log).")
+    @click.option("--stderr-log", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Full stderr log file (default: next to the trace, .stderr.log).")
     @click.option("--secret-env", multiple=True, help="Redact the value of this environment variable (repeatable).")
     @click.option("--quiet", is_flag=True, help="Do not echo the command's output.")
     @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -349,14 +390,17 @@ def register(cli: click.Group) -> None:
         sys.exit(res.shell_exit_code)
 
     @trace.command("export")
-    @click.argument("target")
+    @_target_arg
     @click.option("--otlp-json", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
                   help="Write OpenTelemetry spans (OTLP/JSON) here ('-' for stdout).")
     @click.option("--store", "store_url", default=None, help=STORE_HELP)
-    def export_cmd(target: str, out: Path, store_url: str | None) -> None:
-        """Export as OpenTelemetry spans: run → step → attempt → tool call."""
+    @click.option("--json", "as_json", is_flag=True, help="Print {\"path\": OUT} as JSON (with --otlp-json FILE).")
+    def export_cmd(target_parts: tuple[str, ...], out: Path, store_url: str | None, as_json: bool) -> None:
+        """Export TARGET as OpenTelemetry spans: run → step → attempt → tool call. TARGET: see
+        `dagcraft trace --help`."""
         from dagcraft.tracing.export import export_run_otlp, export_trace_otlp
 
+        target = _target(target_parts, store_url)
         if _is_file_target(target):
             doc = export_trace_otlp(_load(Path(target)))
         else:
@@ -369,7 +413,7 @@ def register(cli: click.Group) -> None:
             out.write_text(text + "\n")
         except OSError as exc:
             raise InvalidInput(f"cannot write {out}: {exc.strerror}") from None
-        click.echo(str(out))
+        _dump({"path": str(out)}) if as_json else click.echo(str(out))
 
 
 def _existing_run_id(path: Path) -> str | None:

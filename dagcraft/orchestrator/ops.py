@@ -88,7 +88,7 @@ def ordered_states(rec: RunRecord, states: dict[str, StepState]) -> list[tuple[S
 
 def logs_command(store: Store, run_id: str, step: str, attempt: int | str, stream: str = "stderr") -> str:
     """The exact command that prints an attempt's whole log (quoted for a POSIX shell)."""
-    return " ".join(shlex.quote(str(a)) for a in ("dagcraft", "logs", run_id, step, "--attempt", attempt,
+    return " ".join(shlex.quote(str(a)) for a in ("dagcraft", "logs", f"{run_id}/{step}", "--attempt", attempt,
                                                    "--stream", stream, "--store", store.url))
 
 
@@ -227,6 +227,21 @@ def list_runs(store: Store, status: str | None = None) -> list[dict[str, Any]]:
     if status:
         runs = [r for r in runs if r["status"] == status]
     return runs
+
+
+def latest_run_id(store: Store) -> str:
+    """The id of the run most recently submitted to ``store`` (the first row of ``runs``),
+    from the ``runs-index/`` alone: one LIST, no record read. A run reopened by resume or
+    retry keeps its place (its first index entry counts). NotFound on a store without runs."""
+    first: dict[str, str] = {}
+    for key in store.list(layout.RUNS_INDEX):
+        ulid = key.rsplit("/", 1)[-1].partition("~")[0]
+        run_id = layout.parse_runs_index_key(key)
+        if run_id and (run_id not in first or ulid < first[run_id]):
+            first[run_id] = ulid  # ULIDs sort by creation time
+    if not first:
+        raise NotFound(f"no runs in {store.url}")
+    return max(first, key=lambda r: first[r])
 
 
 def _reindex(store: Store, run_id: str) -> None:

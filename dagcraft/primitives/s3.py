@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import email.utils
 import os
+import shlex
 import threading
 import time
 from collections import Counter
@@ -229,7 +230,7 @@ class S3Store:
         except bex.ClientError as exc:
             code = _code(exc)
             if code == "NoSuchBucket":
-                raise StoreUnavailable(f"{where}: bucket {self.bucket!r} does not exist") from None
+                raise StoreUnavailable(f"{where}: {self._missing_bucket()}") from None
             if code in _AUTH:
                 raise StoreUnavailable(f"{where}: access denied ({code})") from None
             if _transient(exc):
@@ -431,13 +432,21 @@ class S3Store:
                 return None
             raise
 
+    def _missing_bucket(self) -> str:
+        """Why a missing bucket fails, with the command that creates it (dagcraft never
+        creates buckets: where and how is the operator's choice)."""
+        mb = ["aws", "s3", "mb", f"s3://{self.bucket}"]
+        if self.endpoint_url:
+            mb += ["--endpoint-url", _safe_endpoint(self.endpoint_url)]
+        return f"bucket {self.bucket!r} does not exist; create it with: {shlex.join(mb)}"
+
     def check_bucket(self) -> None:
         """Raise StoreUnavailable unless the bucket is reachable (1 HEAD bucket)."""
         try:
             self._call("head_bucket", Bucket=self.bucket)
         except bex.ClientError as exc:
             if _status(exc) == 404 or _code(exc) in ("404", "NoSuchBucket"):
-                raise StoreUnavailable(f"{self.where}: bucket {self.bucket!r} does not exist") from None
+                raise StoreUnavailable(f"{self.where}: {self._missing_bucket()}") from None
             if _status(exc) == 403:
                 raise StoreUnavailable(f"{self.where}: access denied") from None
             raise

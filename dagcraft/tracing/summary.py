@@ -80,6 +80,25 @@ def summarize(events: Iterable[TraceEvent]) -> dict[str, Any]:
     }
 
 
+def summarize_total(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The total over several traces' :func:`summarize` results (a run's attempts): counts,
+    tokens and cost added up (cost None only if no trace reported one); ``statuses`` counts
+    the traces by status; ``duration_ms`` is wall-clock from the first event to the last
+    finish (attempts run in parallel, so it is not the sum), None while any trace is open."""
+    runs = sorted({str(s["run_id"]) for s in summaries if s.get("run_id")})
+    costs = [s["cost_usd"] for s in summaries if s.get("cost_usd") is not None]
+    starts = [s["started_ms"] for s in summaries if s.get("started_ms") is not None]
+    ends = [s["finished_ms"] for s in summaries]
+    done = bool(starts) and all(e is not None for e in ends)
+    out: dict[str, Any] = {"run_id": runs[0] if len(runs) == 1 else (runs or None), "traces": len(summaries),
+                           "statuses": dict(sorted(Counter(str(s["status"]) for s in summaries).items())),
+                           "cost_usd": round(sum(costs), 6) if costs else None,
+                           "duration_ms": (max(ends) - min(starts)) if done else None}
+    for k in ("events", "model_calls", "tokens_in", "tokens_out", "tool_calls", "failures", "errors", "redactions"):
+        out[k] = sum(int(s.get(k) or 0) for s in summaries)
+    return out
+
+
 def _int(v: Any) -> int:
     try:
         return int(v or 0)

@@ -305,15 +305,15 @@ def test_retry_from_reexpands_foreach_with_new_items(local_store, tmp_path):
 
 
 def test_steps_coordinate_through_the_agent_cli(local_store, tmp_path):
-    """Inside a step, DAGCRAFT_* scope `dagcraft memory|send|inbox|artifact` to the run."""
+    """Inside a step, DAGCRAFT_* scope `dagcraft agent memory|send|inbox|artifact` to the run."""
     rid, st = run_spec(local_store, tmp_path, """
         name: talk
         steps:
           - id: writer
-            run: "dagcraft memory set plan '\\"ship it\\"' && dagcraft send reader hello && echo note > n.txt && dagcraft artifact put n.txt"
+            run: "dagcraft agent memory set plan '\\"ship it\\"' && dagcraft agent send reader hello && echo note > n.txt && dagcraft agent artifact put n.txt"
           - id: reader
             needs: [writer]
-            run: "test \\"$(dagcraft memory get plan)\\" = 'ship it' && dagcraft inbox --json | grep -q hello && dagcraft artifact get n.txt got.txt --step writer && grep -q note got.txt"
+            run: "test \\"$(dagcraft agent memory get plan)\\" = 'ship it' && dagcraft agent inbox --json | grep -q hello && dagcraft agent artifact get n.txt got.txt --step writer && grep -q note got.txt"
     """)
     by = steps(st)
     assert by["writer"]["status"] == "succeeded", by["writer"]

@@ -40,7 +40,7 @@ def test_missing_agent_binary_is_command_not_found_with_stderr_tail(local_store,
     by = steps(st)
     assert by["ask"]["reason_kind"] == "command_not_found"
     assert "cannot execute 'no-such-agent-cli'" in by["ask"]["stderr_tail"]
-    assert by["ask"]["more"].startswith(f"dagcraft logs {rid} ask --attempt 1 --stream stderr")
+    assert by["ask"]["more"].startswith(f"dagcraft logs {rid}/ask --attempt 1 --stream stderr")
     assert by["after"]["status"] == "skipped" and "not started" in by["after"]["reason"]
     # the trace's closing event says it too
     fin = [e for e in read_trace_events(local_store, rid, "ask", 1) if e["kind"] == "run.finished"][-1]
@@ -88,11 +88,11 @@ def test_run_summary_and_status_explain_the_failure(local_store, tmp_path):
     out = r.stdout
     assert "failed: ask (attempt 1): command not found: 'no-such-agent-cli' (exit code 127)" in out
     assert "cannot execute 'no-such-agent-cli'" in out  # the stderr tail, not only in `logs --stream stderr`
-    assert f"more: dagcraft logs {rid} ask --attempt 1 --stream stderr --store {store_dir}" in out
+    assert f"more: dagcraft logs {rid}/ask --attempt 1 --stream stderr --store {store_dir}" in out
     s = cli("status", rid, "--store", store_dir)
     assert s.returncode == 1
     assert "command not found" in s.stdout and "cannot execute 'no-such-agent-cli'" in s.stdout
-    assert f"dagcraft logs {rid} ask --attempt 1 --stream stderr" in s.stdout
+    assert f"dagcraft logs {rid}/ask --attempt 1 --stream stderr" in s.stdout
     j = json.loads(cli("status", rid, "--store", store_dir, "--json").stdout)
     ask = next(x for x in j["steps"] if x["step"] == "ask")
     assert ask["reason_kind"] == "command_not_found" and "cannot execute" in ask["stderr_tail"]

@@ -153,7 +153,7 @@ def test_wait_for_cli_unknown_step_exits_4(tmp_path):
     store = tmp_path / "store"
     spec = write_spec(tmp_path, SPEC)
     assert cli("submit", str(spec), "--store", str(store), "--run-id", "w1").returncode == 0
-    proc = cli("wait-for", "nope", "--run", "w1", "--store", str(store), timeout=30)
+    proc = cli("agent", "wait-for", "nope", "--run", "w1", "--store", str(store), timeout=30)
     assert proc.returncode == 4 and "step 'nope' not found" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -57,7 +57,7 @@ def test_failed_run_report_explains_the_failure(local_store, tmp_path):
     failures = page[page.index('id="failures"'):page.index('class="cards"')]
     assert "review" in failures and "command not found: &#39;no-such-agent-cli&#39; (exit code 127)" in failures
     assert "cannot execute &#39;no-such-agent-cli&#39;" in failures
-    assert f"dagcraft logs {rid} review --attempt 1 --stream stderr" in htmllib.unescape(failures)
+    assert f"dagcraft logs {rid}/review --attempt 1 --stream stderr" in htmllib.unescape(failures)
     # the failed step's section is open, its stderr tail outside any collapsed payload
     section = re.search(r'<details class="step" id="step-review"([^>]*)>(.*?)</details>\s*(?=<details class="step"|</section>)',
                         page, re.S)
