@@ -276,7 +276,8 @@ def register(cli: click.Group) -> None:
                 out.write(chunk)
                 out.flush()
 
-            ended = follow_log(store, run_id, step, write, attempt, stream)
+            ended = follow_log(store, run_id, step, write, attempt, stream, on_wait=lambda: click.echo(
+                f"dagcraft: waiting for {run_id}/{step} to start", err=True))
             if ended != "succeeded":
                 click.echo(f"dagcraft: {run_id}/{step}: {ended}", err=True)
                 sys.exit(1)

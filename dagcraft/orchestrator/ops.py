@@ -362,12 +362,14 @@ FOLLOW_POLL_S_REMOTE = 1.0
 
 
 def follow_log(store: Store, run_id: str, step: str, write: Callable[[bytes], None], attempt: int | None = None,
-               stream: str = "stdout", *, poll_s: float | None = None, final_wait_s: float = 30.0) -> str:
+               stream: str = "stdout", *, poll_s: float | None = None, final_wait_s: float = 30.0,
+               on_wait: Callable[[], None] | None = None) -> str:
     """Stream an attempt's ``stream`` log to ``write`` as its worker uploads it, and return
     how the attempt ended (an ``AttemptStatus``: ``succeeded``, ``failed``, ``cancelled`` …),
     or the step's status when it ended without that attempt starting (``skipped``, ``cancelled``).
 
-    Waits for the step to start (the latest attempt, or attempt ``attempt``). The worker uploads
+    Waits for the step to start (the latest attempt, or attempt ``attempt``; ``on_wait`` is
+    called once when it has to wait). The worker uploads
     a grown log every 0.5 s on a local store and every 3 s on S3 (``attempt.log_snapshot_interval``);
     this polls every ``poll_s`` (0.2 s local, 1 s remote: 2 GETs per poll). Once the attempt has
     ended it waits (up to ``final_wait_s``) for the attempt's trace, which is uploaded after the
@@ -384,9 +386,13 @@ def follow_log(store: Store, run_id: str, step: str, write: Callable[[bytes], No
         return load_state(got[0], state_key, store.url)
 
     st = read_state()
+    waited = False
     while st.attempt < (attempt or 1):  # not started yet
         if st.status in TERMINAL or st.status == StepStatus.EXPANDED:
             return str(st.status)
+        if not waited and on_wait is not None:
+            on_wait()
+        waited = True
         time.sleep(poll)
         st = read_state()
     n = attempt or st.attempt

@@ -28,13 +28,12 @@ from enum import Enum
 from pydantic import BaseModel, Field
 
 from dagcraft.errors import CorruptRecord, DagcraftError
+from dagcraft.orchestrator import layout
 from dagcraft.orchestrator.model import RUN_FINISHED, dump, load_record
-from dagcraft.primitives.keys import validate_segment
 from dagcraft.primitives.store import Store
 
 log = logging.getLogger(__name__)
 
-PREFIX = "workers/"
 #: a record whose last beat is this many beats old (plus GRACE_S) belongs to a gone worker
 GONE_AFTER_BEATS = 3.0
 #: absorbs the store clock's granularity (S3's Date header: one second) and a slow PUT
@@ -49,10 +48,6 @@ def beat_interval(lease_ttl: float) -> float:
     """How often a worker with this lease TTL renews its registration: as often as it renews
     its step leases, but at least every 15 s and at most every second."""
     return min(15.0, max(1.0, lease_ttl / 3.0))
-
-
-def worker_key(worker_id: str) -> str:
-    return f"{PREFIX}{validate_segment(worker_id, 'worker id')}"
 
 
 class WorkerState(str, Enum):
@@ -100,7 +95,7 @@ class Registration:
     def __init__(self, store: Store, worker_id: str, beat_s: float, *, only_run: str | None = None,
                  snapshot: Callable[[], tuple[list[str], list[str]]] | None = None) -> None:
         self.store = store
-        self.key = worker_key(worker_id)
+        self.key = layout.worker_record(worker_id)
         self.beat_s = beat_s
         self.snapshot = snapshot or (lambda: ([], []))
         self.record = WorkerRecord(worker_id=worker_id, host=socket.gethostname(), pid=os.getpid(),
@@ -153,7 +148,7 @@ def list_workers(store: Store) -> list[tuple[WorkerRecord, WorkerState]]:
     A record that does not parse is skipped: it describes no worker anyone could reach."""
     now = store.now()
     out: list[tuple[WorkerRecord, WorkerState]] = []
-    for key in store.list(PREFIX):
+    for key in store.list(layout.WORKERS_PREFIX):
         got = store.get(key)
         if got is None:
             continue  # deleted by a clean exit meanwhile
@@ -171,7 +166,7 @@ def prune(store: Store, keep: str | None = None) -> int:
     n = 0
     try:
         for rec, _ in list_workers(store):
-            key = worker_key(rec.worker_id)
+            key = layout.worker_record(rec.worker_id)
             if key != keep and now - rec.beat_at > PRUNE_AFTER_S:
                 store.delete(key)
                 n += 1

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import threading
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,9 +44,9 @@ TWO_STEPS = """
 """
 
 
-def _worker(store_url: str, rid: str, *extra: str) -> subprocess.Popen[str]:
-    return spawn_cli("worker", "--store", store_url, "--run", rid, "--exit-when-idle", "--lease-ttl", "3",
-                     "--poll-max", "0.2", "--quiet", *extra)
+def _worker(store_url: str, rid: str, lease_ttl: str = "3") -> subprocess.Popen[str]:
+    return spawn_cli("worker", "--store", store_url, "--run", rid, "--exit-when-idle", "--lease-ttl", lease_ttl,
+                     "--poll-max", "0.2", "--quiet")
 
 
 def _workers_json(store_url: str) -> list[dict[str, Any]]:
@@ -73,7 +72,7 @@ def test_registration_costs_one_put_per_beat_and_one_delete_at_exit(local_store)
     used.subtract(before)
     assert used["put"] == reg.beats and reg.beats >= 4
     assert used["delete"] == 1 and used["get"] == 1 and used["list"] == 1
-    assert local_store.get(registry.worker_key("w1@host:1")) is None
+    assert local_store.get(layout.worker_record("w1@host:1")) is None
 
 
 def test_record_fields_and_liveness_on_the_store_clock(store):
@@ -97,7 +96,7 @@ def test_record_fields_and_liveness_on_the_store_clock(store):
 
 def test_long_gone_records_are_pruned_by_the_next_worker(local_store):
     old = registry.WorkerRecord(worker_id="dead@h:9", host="h", pid=9, started_at=1.0, beat_at=1.0, beat_s=10)
-    local_store.put(registry.worker_key("dead@h:9"), old.model_dump_json().encode())
+    local_store.put(layout.worker_record("dead@h:9"), old.model_dump_json().encode())
     reg = registry.Registration(local_store, "new@h:10", beat_s=10.0)
     reg.start()
     try:
@@ -238,10 +237,12 @@ def test_logs_follow_waits_for_the_start_and_streams_lines_as_they_come(tmp_path
     w = None
     try:
         lines = _lines(follower)
-        assert follower.poll() is None  # the step has not started: it waits instead of exiting 4
-        w = _worker(store_url, rid)
-        # the step is still running (it waits for `go`), so this line was streamed, not uploaded at the end
-        assert lines.get(timeout=60) == "ready\n"
+        assert follower.stderr is not None  # the step has not started: it waits instead of exiting 4
+        assert follower.stderr.readline() == f"dagcraft: waiting for {rid}/talk to start\n"
+        # a long lease: its heartbeat (every 200 s) is not what uploads the log
+        w = _worker(store_url, rid, lease_ttl="600")
+        # the step is still running (it waits for `go`): this line was streamed, not uploaded at the end
+        assert lines.get(timeout=30) == "ready\n"
         go.touch()
         assert lines.get(timeout=60) == "done\n"
         assert follower.wait(timeout=60) == 0
