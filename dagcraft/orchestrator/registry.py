@@ -1,6 +1,6 @@
 """Worker registration: which workers are serving runs right now, judged on the store's clock.
 
-Every worker process keeps one record, ``workers/<worker id>`` (:class:`WorkerRecord`): its
+Every worker process keeps one record, ``workers/<worker id>~<ulid>`` (:class:`WorkerRecord`): its
 host, pid, start time, the runs it serves and the steps it is running, and its last beat.
 
 Guarantees:
@@ -31,6 +31,7 @@ from dagcraft.errors import CorruptRecord, DagcraftError
 from dagcraft.orchestrator import layout
 from dagcraft.orchestrator.model import RUN_FINISHED, dump, load_record
 from dagcraft.primitives.store import Store
+from dagcraft.primitives.ulid import new_ulid
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class WorkerRecord(BaseModel):
     """``workers/<worker id>``: one worker process, as it last described itself."""
 
     worker_id: str
+    #: this process start (a ULID): part of the key
+    instance: str = ""
     host: str
     pid: int
     started_at: float
@@ -95,10 +98,11 @@ class Registration:
     def __init__(self, store: Store, worker_id: str, beat_s: float, *, only_run: str | None = None,
                  snapshot: Callable[[], tuple[list[str], list[str]]] | None = None) -> None:
         self.store = store
-        self.key = layout.worker_record(worker_id)
+        instance = new_ulid()
+        self.key = layout.worker_record(worker_id, instance)
         self.beat_s = beat_s
         self.snapshot = snapshot or (lambda: ([], []))
-        self.record = WorkerRecord(worker_id=worker_id, host=socket.gethostname(), pid=os.getpid(),
+        self.record = WorkerRecord(worker_id=worker_id, instance=instance, host=socket.gethostname(), pid=os.getpid(),
                                    started_at=0.0, beat_at=0.0, beat_s=beat_s, only_run=only_run)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -143,20 +147,25 @@ class Registration:
             log.warning("worker registration not removed: %s", exc)
 
 
-def list_workers(store: Store) -> list[tuple[WorkerRecord, WorkerState]]:
-    """Every registered worker and whether it is live, oldest first (1 LIST + 1 GET each).
-    A record that does not parse is skipped: it describes no worker anyone could reach."""
-    now = store.now()
-    out: list[tuple[WorkerRecord, WorkerState]] = []
+def _records(store: Store) -> list[tuple[str, WorkerRecord]]:
+    """(key, record) of every readable registration. A record that does not parse is skipped:
+    it describes no worker anyone could reach."""
+    out: list[tuple[str, WorkerRecord]] = []
     for key in store.list(layout.WORKERS_PREFIX):
         got = store.get(key)
         if got is None:
             continue  # deleted by a clean exit meanwhile
         try:
-            rec = load_record(WorkerRecord, got[0], key, store.url)
+            out.append((key, load_record(WorkerRecord, got[0], key, store.url)))
         except CorruptRecord:
             continue
-        out.append((rec, rec.state(now)))
+    return out
+
+
+def list_workers(store: Store) -> list[tuple[WorkerRecord, WorkerState]]:
+    """Every registered worker and whether it is live, oldest first (1 LIST + 1 GET each)."""
+    now = store.now()
+    out = [(rec, rec.state(now)) for _, rec in _records(store)]
     return sorted(out, key=lambda r: (r[0].started_at, r[0].worker_id))
 
 
@@ -165,8 +174,7 @@ def prune(store: Store, keep: str | None = None) -> int:
     now = store.now()
     n = 0
     try:
-        for rec, _ in list_workers(store):
-            key = layout.worker_record(rec.worker_id)
+        for key, rec in _records(store):
             if key != keep and now - rec.beat_at > PRUNE_AFTER_S:
                 store.delete(key)
                 n += 1

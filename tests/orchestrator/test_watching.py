@@ -72,7 +72,7 @@ def test_registration_costs_one_put_per_beat_and_one_delete_at_exit(local_store)
     used.subtract(before)
     assert used["put"] == reg.beats and reg.beats >= 4
     assert used["delete"] == 1 and used["get"] == 1 and used["list"] == 1
-    assert local_store.get(layout.worker_record("w1@host:1")) is None
+    assert local_store.get(reg.key) is None and local_store.list(layout.WORKERS_PREFIX) == []
 
 
 def test_record_fields_and_liveness_on_the_store_clock(store):
@@ -95,8 +95,9 @@ def test_record_fields_and_liveness_on_the_store_clock(store):
 
 
 def test_long_gone_records_are_pruned_by_the_next_worker(local_store):
-    old = registry.WorkerRecord(worker_id="dead@h:9", host="h", pid=9, started_at=1.0, beat_at=1.0, beat_s=10)
-    local_store.put(layout.worker_record("dead@h:9"), old.model_dump_json().encode())
+    old = registry.WorkerRecord(worker_id="dead@h:9", instance="X", host="h", pid=9, started_at=1.0, beat_at=1.0,
+                                beat_s=10)
+    local_store.put(layout.worker_record("dead@h:9", "X"), old.model_dump_json().encode())
     reg = registry.Registration(local_store, "new@h:10", beat_s=10.0)
     reg.start()
     try:
