@@ -367,3 +367,13 @@ def test_status_json_worker_and_stalled_fields(local_store, tmp_path):
     assert {r["run_id"]: r["stalled"] for r in list_runs(local_store)} == {rid: None, idle: registry.STALLED}
     assert local_store.get(layout.control(idle)) is not None
     drive_inline(local_store, idle, tmp_path)
+
+
+def test_workers_command_on_an_empty_and_a_missing_store(tmp_path):
+    store_url = str(tmp_path / "store")
+    open_store(store_url)  # created, nobody registered
+    res = cli("workers", "--store", store_url)
+    assert res.returncode == 0 and res.stdout == f"no workers registered in {tmp_path / 'store'}\n"
+    assert json.loads(cli("workers", "--store", store_url, "--json").stdout) == []
+    missing = cli("workers", "--store", str(tmp_path / "nope"))
+    assert missing.returncode == 4 and missing.stderr.count("\n") == 1 and not (tmp_path / "nope").exists()
