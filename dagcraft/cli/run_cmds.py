@@ -472,7 +472,6 @@ def register(cli: click.Group) -> None:
                        f"runs: {runs}  steps: {steps}")
 
     @cli.command()
-    @click.argument("run_id")
     @click.argument("run_id", metavar="RUN")
     @click.option("--store", "store_url", help=STORE_HELP)
     @workers_opt
