@@ -262,7 +262,10 @@ class _Compiler:
         worker's own environment or run fields."""
         for key, value in env.items():
             if key in SPECIAL_VARS and "${{" in value:
-                names = {n for n, _ in template_refs(value)}
+                try:
+                    names = {n for n, _ in template_refs(value)}
+                except (TemplateError, EvaluationLimit):
+                    continue  # bad syntax: check_template reports it
                 if not names <= {"env", "run"}:
                     raise self.err(path + (key,), f"{key} is used by bash or the programs it starts to run or "
                                    "find code: it may only use env.* and run.* in templates", key=True)
@@ -283,7 +286,10 @@ class _Compiler:
         """A ``run``/``rollback`` string: every ``${{ }}`` must sit where a reference is safe."""
         if "${{" not in raw:
             return
-        refused = check_shell(raw)
+        try:
+            refused = check_shell(raw)
+        except (TemplateError, EvaluationLimit):
+            return  # bad syntax: check_template reports it
         if refused is not None:
             why, offset = refused
             line = raw.count("\n", 0, offset) + 1

@@ -356,7 +356,8 @@ def _unknown_field(path: tuple) -> str:
         (m for m in _models(Spec) if key in _field_names(m)),
         key=lambda m: order.index(m.__name__) if m.__name__ in order else len(order))]
     if homes and here is not None:
-        return f"{key!r} is a {' or '.join(homes)} field, not a {_WHERE.get(here.__name__, here.__name__)} field"
+        homes_text = homes[0] if len(homes) == 1 else ", ".join(homes[:-1]) + " or " + homes[-1]
+        return f"{key!r} is a {homes_text} field, not a {_WHERE.get(here.__name__, here.__name__)} field"
     hint = difflib.get_close_matches(key, local, n=1)
     return f"unknown field {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
 
