@@ -22,8 +22,8 @@ import hashlib
 import itertools
 import json
 import re
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import networkx as nx

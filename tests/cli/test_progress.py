@@ -8,7 +8,6 @@ import io
 from rich.console import Console
 
 from dagcraft.cli.progress import Progress, snapshot
-from dagcraft.orchestrator import run_status
 from dagcraft.orchestrator.view import LocalView
 from tests.orchestrator.helpers import drive_inline, submit_spec, write_spec
 

@@ -93,7 +93,7 @@ def test_every_reference_error_is_reported_in_file_order(tmp_path):
         ":20:10: steps[5].run: ${{ }} in the arguments of 'eval'",
     ]
     assert len(lines) == len(want), r.stderr
-    for line, frag in zip(lines, want):
+    for line, frag in zip(lines, want, strict=True):
         assert line.startswith(f"dagcraft: {path}{frag}"), f"{frag}\n{r.stderr}"
 
 
@@ -116,12 +116,12 @@ def test_error_list_is_capped(tmp_path):
     assert r.exit_code == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == MAX_REPORTED + 1
-    assert lines[-1] == f"dagcraft: … and 7 more errors"
+    assert lines[-1] == "dagcraft: … and 7 more errors"
     doc = json.loads(_validate(path, "--json").stdout)
     assert len(doc["errors"]) == n  # --json gives them all
 
 
-def test_a_single_error_stays_one_line_and_the_library_raises_spec_error(tmp_path):
+def test_the_library_raises_one_spec_error_holding_every_error():
     with pytest.raises(SpecError) as info:
         compile_text(REFERENCE_ERRORS)
     assert len(info.value.errors) == 5
