@@ -539,6 +539,16 @@ class _Compiler:
         return wf
 
 
+def reference_errors(spec: Spec) -> list[SpecError]:
+    """Every structure and reference error of ``spec`` (ids, needs, cycles, agents, every
+    template), checked without param values: what ``validate`` adds to a spec's field errors."""
+    c = _Compiler(spec, {}, spec._source)
+    c.check_ids_and_needs()
+    c.check_agents()
+    c.check_templates()
+    return c.errors
+
+
 def compile_workflow(spec: Spec, params: dict[str, Any], *, source: str = "<spec>") -> CompiledWorkflow:
     """Apply ``params`` (``-p`` strings are coerced to the declared types; typed values are
     checked), expand matrices, check every template statically, and build the DAG.

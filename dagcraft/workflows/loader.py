@@ -200,7 +200,7 @@ def error_at(source: str, pos_value: dict[tuple, Pos], path: tuple, message: str
     prefix = f"{source}:{where[0]}:{where[1]}" if where else source
     field = format_path(path)
     err = SpecError(f"{prefix}: {field}: {message}" if field else f"{prefix}: {message}")
-    err.source, err.field, err.detail = source, field, message  # type: ignore[attr-defined]
+    err.source, err.field, err.detail, err.path = source, field, message, tuple(path)  # type: ignore[attr-defined]
     err.line, err.col = where if where else (None, None)  # type: ignore[attr-defined]
     return err
 
@@ -406,12 +406,89 @@ def parse_spec(text: str, source: str = "<spec>", spec_dir: str | None = None) -
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc, data, source, pos) from None
+        errors = validation_errors(exc, data, source, pos)
+        errors += _reference_errors(data, errors, source, pos, spec_dir)
+        raise_all(errors)
+        raise validation_error(exc, data, source, pos) from None  # not reached: pydantic reported errors
     spec._positions = pos.value
     spec._key_positions = pos.key
     spec._source = source
     spec._spec_dir = spec_dir
     return spec
+
+
+_PLACEHOLDER = "_invalid_step_{}_{}"
+
+
+def _reference_errors(data: dict[str, Any], errors: list[SpecError], source: str, pos: _Positions,
+                      spec_dir: str | None) -> list[SpecError]:
+    """The compiler's structure and reference errors of a spec whose only field errors are
+    inside ``steps``/``finally`` items, so one ``validate`` reports both kinds: each faulty
+    item is checked as a stand-in that keeps its valid ``id``, ``needs`` and ``outputs``.
+    Errors its lost fields could make wrong are left out (those naming a stand-in without its
+    id or outputs; "not upstream" ones once a stand-in lost its needs); [] when the field
+    errors are elsewhere (params, agents, ... feed every reference check)."""
+    from dagcraft.workflows.compile import reference_errors  # compile imports this module
+    from dagcraft.workflows.spec import ID_RE, OutputsSpec, StepSpec
+
+    bad: dict[tuple[str, int], set[str]] = {}  # faulty item -> its faulty fields
+    for e in errors:
+        path = getattr(e, "path", ())
+        if len(path) < 2 or path[0] not in ("steps", "finally") or not isinstance(path[1], int):
+            return []
+        fields = bad.setdefault((path[0], path[1]), set())
+        if len(path) > 2 and isinstance(path[2], str):
+            fields.add(path[2])
+    salvaged = dict(data)
+    lossy: set[str] = set()  # stand-ins without their own id or outputs
+    lost_needs = False
+    lost_scope: set[tuple[str, int]] = set()  # stand-ins that lost matrix/foreach/agent
+    for (section, i), fields in sorted(bad.items()):
+        items = list(salvaged[section])
+        item = items[i] if isinstance(items[i], dict) else {}
+        sid = item.get("id")
+        good_id = isinstance(sid, str) and ID_RE.match(sid) is not None and "id" not in fields
+        # first the item without its faulty fields (its templates are still checked), else
+        # only its id, needs and outputs
+        stand_in = {k: v for k, v in item.items() if k not in fields}
+        stand_in["id"] = sid if good_id else _PLACEHOLDER.format(section, i)
+        if "run" not in stand_in and "agent" not in stand_in:
+            stand_in["run"] = ["true"]
+        try:
+            StepSpec.model_validate(stand_in)
+        except ValidationError:
+            stand_in = {"id": stand_in["id"], "run": ["true"]}
+            needs = item.get("needs")
+            if "needs" not in fields and (isinstance(needs, str) or (
+                    isinstance(needs, list) and all(isinstance(n, str) for n in needs))):
+                stand_in["needs"] = needs
+            try:
+                stand_in["outputs"] = OutputsSpec.model_validate(item.get("outputs", {})).model_dump()
+            except ValidationError:
+                lossy.add(stand_in["id"])
+        lost = {k for k in item if k not in stand_in}
+        lost_needs = lost_needs or "needs" in lost
+        if lost & {"outputs"} or stand_in["id"] != sid:
+            lossy.add(stand_in["id"])
+        if lost & {"matrix", "foreach", "agent", "prompt"}:
+            lost_scope.add((section, i))
+        items[i] = stand_in
+        salvaged[section] = items
+    try:
+        spec = Spec.model_validate(salvaged)
+    except ValidationError:
+        return []
+    spec._positions, spec._key_positions, spec._source, spec._spec_dir = pos.value, pos.key, source, spec_dir
+    out = []
+    for e in reference_errors(spec):
+        where = tuple(getattr(e, "path", ()))[:2]
+        text = str(e)
+        if (where not in bad and any(f"{n!r}" in text for n in lossy)) \
+                or (lost_needs and "is not upstream of" in text) \
+                or (where in lost_scope and "is not available here" in text):
+            continue  # a stand-in's lost fields could make this wrong
+        out.append(e)
+    return out
 
 
 def load_spec(path: Path) -> Spec:

@@ -278,3 +278,35 @@ def test_graph_svg(tmp_path):
     assert doc.documentElement.tagName == "svg"
     assert {g.getAttribute("data-step") for g in doc.getElementsByTagName("g")} == {"a", "b"}
     assert len(doc.getElementsByTagName("path")) >= 2  # the arrow head and the a -> b edge
+
+
+def test_field_and_reference_errors_are_reported_together(tmp_path):
+    path = _write(tmp_path, """
+        name: both
+        steps:
+          - id: a
+            timeout: forever
+            outputs: {values: [x]}
+            run: [echo]
+          - id: b
+            needs: [a, nope]
+            run: [echo, "${{ steps.a.outputs.y }}"]
+          - id: "bad id"
+            run: [echo, "${{ params.nope }}"]
+          - id: c
+            needs: ["bad id"]
+            run: [echo]
+    """)
+    r = _validate(path)
+    assert r.exit_code == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert [ln.split(": ")[1:3] for ln in lines] == [
+        [f"{path}:4:14", "steps[0].timeout"],
+        [f"{path}:8:16", "steps[1].needs[1]"],
+        [f"{path}:9:17", "steps[1].run[1]"],
+        [f"{path}:10:9", "steps[2].id"],
+        [f"{path}:11:17", "steps[2].run[1]"],  # a faulty step's templates are checked too
+        [f"{path}:13:13", "steps[3].needs[0]"],
+    ], r.stderr
+    assert "declares no output 'y'" in lines[2] and "unknown step 'nope'" in lines[1]
+    assert "unknown param 'nope'" in lines[4] and "unknown step 'bad id'" in lines[5]
