@@ -310,3 +310,19 @@ def test_field_and_reference_errors_are_reported_together(tmp_path):
     ], r.stderr
     assert "declares no output 'y'" in lines[2] and "unknown step 'nope'" in lines[1]
     assert "unknown param 'nope'" in lines[4] and "unknown step 'bad id'" in lines[5]
+
+
+def test_a_run_says_the_unset_env_var_in_words(local_store, tmp_path):
+    from tests.orchestrator.helpers import drive_inline, submit_spec, write_spec
+
+    spec = write_spec(tmp_path, """
+        name: envx
+        steps:
+          - id: a
+            run: "echo ${{ env.NOPE_NOT_SET_11 }}"
+    """)
+    st = drive_inline(local_store, submit_spec(local_store, spec), tmp_path)
+    step = next(s for s in st["steps"] if s["step"] == "a")
+    assert step["status"] == "failed"
+    assert "env.NOPE_NOT_SET_11 is not set in the worker's environment" in step["reason"]
+    assert "dict object" not in step["reason"]
