@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dagcraft.cli.common import console as plain_console
-from dagcraft.orchestrator.model import TERMINAL, run_timing
+from dagcraft.orchestrator.model import TERMINAL, StepState, run_timing
 from dagcraft.orchestrator.ops import step_span
 
 STYLE = {"succeeded": "green", "failed": "bold red", "running": "cyan", "retrying": "yellow",
@@ -43,6 +43,12 @@ def _children_text(kids: list[Any]) -> str:
     return f"{done}/{len(kids)} done" + (f" ({detail})" if detail else "")
 
 
+def _peek(view: Any, step_id: str) -> StepState:
+    # read-only: view.state() would index an unseen id as pending, which the scheduler reads
+    got = view.states.get(step_id)
+    return got[0] if got else StepState(step_id=step_id)
+
+
 def snapshot(view: Any) -> dict[str, Any]:
     """What the table shows, from a :class:`~dagcraft.orchestrator.view.LocalView`: ``rows``
     (submitted steps in order, each foreach parent followed by its children, marked
@@ -56,7 +62,7 @@ def snapshot(view: Any) -> dict[str, Any]:
         st = view.state(sid)
         if st.parent:
             continue  # listed under its parent below
-        kids = [view.state(c) for c in st.children]
+        kids = [_peek(view, c) for c in st.children]
         total += 1
         done += st.status in TERMINAL
         counts[str(st.status)] = counts.get(str(st.status), 0) + 1
