@@ -136,5 +136,7 @@ class Progress:
         else:
             when = f"{snap['duration_s']:.1f}s"
         head = Text(f"run {view.run_id}  [{view.control.status}]  {when}", style="bold")
-        return Group(head, table, ProgressBar(total=max(1, snap["total"]), completed=snap["done"], width=60),
+        foot = Table.grid(padding=(0, 2))  # the bar and its counts side by side, on their own line
+        foot.add_row(ProgressBar(total=max(1, snap["total"]), completed=snap["done"], width=40),
                      Text(f"{snap['done']} of {snap['total']} steps done  {summary}"))
+        return Group(head, table, foot)
