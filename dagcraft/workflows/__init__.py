@@ -11,10 +11,11 @@ from dagcraft.workflows.compile import (
     compile_file,
     compile_workflow,
     concrete_id,
+    executable_warnings,
     matrix_id_value,
     spec_hash_of,
 )
-from dagcraft.workflows.loader import format_path, load_spec, parse_spec
+from dagcraft.workflows.loader import SpecErrors, format_path, load_spec, parse_spec
 from dagcraft.workflows.params import coerce, parse_params, resolve_params
 from dagcraft.workflows.spec import (
     AgentDef,
@@ -56,12 +57,14 @@ __all__ = [
     "RenderedCommand",
     "RetryPolicy",
     "Spec",
+    "SpecErrors",
     "StepSpec",
     "coerce",
     "compile_file",
     "compile_workflow",
     "concrete_id",
     "evaluate_expression",
+    "executable_warnings",
     "evaluate_foreach",
     "evaluate_when",
     "expand_foreach",

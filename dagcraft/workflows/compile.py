@@ -3,7 +3,9 @@
 Guarantees:
 - every spec error (unknown/duplicate id, cycle, unknown template reference, reference to a step
   not upstream, bad input, fan-out over the limit, bad param) raises SpecError *before* anything
-  is written anywhere, naming ``file:line:col: field.path``;
+  is written anywhere, naming ``file:line:col: field.path``; the structure and reference checks
+  (ids, needs, agents, params, every template) all run first and their errors are raised
+  together (:class:`~dagcraft.workflows.loader.SpecErrors` when there are several);
 - the result is deterministic: same spec + params → same steps order, same JSON, same
   ``spec_hash`` (sha256 of the canonical JSON, secret values replaced by their sha256);
 - ``steps`` is in a topological order (spec order breaks ties), matrix templates are expanded to
@@ -12,20 +14,23 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
+import functools
 import hashlib
 import itertools
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import networkx as nx
 from jinja2 import TemplateError
 
 from dagcraft.errors import InvalidInput, SpecError
-from dagcraft.workflows.loader import error_at, format_path, load_spec
+from dagcraft.workflows.loader import error_at, format_path, load_spec, raise_all, spec_errors
 from dagcraft.workflows.params import ParamError, resolve_params
 from dagcraft.workflows.shell import SPECIAL_VARS
 from dagcraft.workflows.spec import (
@@ -92,6 +97,21 @@ def spec_hash_of(wf: CompiledWorkflow) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+_F = TypeVar("_F", bound=Callable[..., None])
+
+
+def _collects(method: _F) -> _F:
+    """A check whose SpecError is noted in ``self.errors`` (not raised), so one run of the
+    checks reports every independent problem of the spec."""
+
+    @functools.wraps(method)
+    def wrapper(self: _Compiler, *args: Any, **kwargs: Any) -> None:
+        with self.collect():
+            method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _hint(word: str, candidates: Any) -> str:
     m = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1)
     return f" (did you mean {m[0]!r}?)" if m else ""
@@ -110,6 +130,15 @@ class _Compiler:
         ] + [(("finally", i), s, True) for i, s in enumerate(spec.finally_)]
         self.by_id: dict[str, tuple[tuple, StepSpec, bool]] = {}
         self.params: dict[str, Any] = {}
+        self.errors: list[SpecError] = []  # noted by the checks; raised together after them
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        """Note a SpecError raised inside instead of raising it."""
+        try:
+            yield
+        except SpecError as exc:
+            self.errors.extend(spec_errors(exc))
 
     def err(self, path: tuple, msg: str, *, key: bool = False) -> SpecError:
         return error_at(self.source, self.pos, path, msg, at=self.keypos.get(path) if key else None)
@@ -119,19 +148,22 @@ class _Compiler:
         for path, s, fin in self.templates:
             if s.id in self.by_id:
                 first = format_path(self.by_id[s.id][0])
-                raise self.err(path + ("id",), f"duplicate step id {s.id!r} (first defined at {first})")
+                self.errors.append(self.err(path + ("id",), f"duplicate step id {s.id!r} (first defined at {first})"))
+                continue
             self.by_id[s.id] = (path, s, fin)
         g = nx.DiGraph()
         g.add_nodes_from(self.by_id)
         for path, s, fin in self.templates:
             for j, need in enumerate(s.needs):
                 if need == s.id:
-                    raise self.err(path + ("needs", j), f"step {s.id!r} cannot need itself")
-                if need not in self.by_id:
-                    raise self.err(path + ("needs", j), f"unknown step {need!r}{_hint(need, self.by_id)}")
-                if self.by_id[need][2] and not fin:
-                    raise self.err(path + ("needs", j), f"{need!r} is a finally step; only finally steps may need it")
-                g.add_edge(need, s.id)
+                    self.errors.append(self.err(path + ("needs", j), f"step {s.id!r} cannot need itself"))
+                elif need not in self.by_id:
+                    self.errors.append(self.err(path + ("needs", j), f"unknown step {need!r}{_hint(need, self.by_id)}"))
+                elif self.by_id[need][2] and not fin:
+                    self.errors.append(self.err(path + ("needs", j),
+                                                f"{need!r} is a finally step; only finally steps may need it"))
+                else:
+                    g.add_edge(need, s.id)
         try:
             cycle = nx.find_cycle(g)
         except nx.NetworkXNoCycle:
@@ -144,7 +176,7 @@ class _Compiler:
             ring = nodes_in[k:] + nodes_in[:k] + [first]
             path, s, _ = self.by_id[ring[1]]
             j = s.needs.index(first)
-            raise self.err(path + ("needs", j), "dependency cycle: " + " -> ".join(ring))
+            self.errors.append(self.err(path + ("needs", j), "dependency cycle: " + " -> ".join(ring)))
         # finally steps run after every main leaf, whatever happened.
         main = [t for t, (_, _, fin) in self.by_id.items() if not fin]
         leaves = [t for t in main if not any(not self.by_id[d][2] for d in g.successors(t))]
@@ -159,7 +191,7 @@ class _Compiler:
         for path, s, _ in self.templates:
             if s.agent is not None and s.agent not in self.spec.agents:
                 known = ", ".join(self.spec.agents) or "none defined"
-                raise self.err(path + ("agent",), f"unknown agent {s.agent!r}{_hint(s.agent, self.spec.agents)}; agents: {known}")
+                self.errors.append(self.err(path + ("agent",), f"unknown agent {s.agent!r}{_hint(s.agent, self.spec.agents)}; agents: {known}"))
 
     def resolve_params(self) -> dict[str, Any]:
         try:
@@ -170,6 +202,7 @@ class _Compiler:
             raise SpecError(f"{self.source}: {exc}") from None
 
     # ------------------------------------------------------------------ templates
+    @_collects
     def check_template(
         self,
         path: tuple,
@@ -222,17 +255,22 @@ class _Compiler:
                 except EvaluationLimit as exc:
                     raise self.err(path, str(exc)) from None
 
+    @_collects
     def check_env(self, path: tuple, env: dict[str, str]) -> None:
         """A variable that bash (or what it starts) uses to run or find code (``BASH_ENV``,
         ``PS4``, ``PATH``, ``LD_PRELOAD`` …) may not get a template value, except from the
         worker's own environment or run fields."""
         for key, value in env.items():
             if key in SPECIAL_VARS and "${{" in value:
-                names = {n for n, _ in template_refs(value)}
+                try:
+                    names = {n for n, _ in template_refs(value)}
+                except (TemplateError, EvaluationLimit):
+                    continue  # bad syntax: check_template reports it
                 if not names <= {"env", "run"}:
                     raise self.err(path + (key,), f"{key} is used by bash or the programs it starts to run or "
                                    "find code: it may only use env.* and run.* in templates", key=True)
 
+    @_collects
     def check_workdir(self, path: tuple, raw: str) -> None:
         """A static relative workdir must stay inside the spec's directory (a templated one is
         checked when rendered)."""
@@ -243,11 +281,15 @@ class _Compiler:
         except ValueError as exc:
             raise self.err(path, f"{exc} (it is relative to the spec's directory and may not leave it)") from None
 
+    @_collects
     def check_shell_string(self, path: tuple, raw: str) -> None:
         """A ``run``/``rollback`` string: every ``${{ }}`` must sit where a reference is safe."""
         if "${{" not in raw:
             return
-        refused = check_shell(raw)
+        try:
+            refused = check_shell(raw)
+        except (TemplateError, EvaluationLimit):
+            return  # bad syntax: check_template reports it
         if refused is not None:
             why, offset = refused
             line = raw.count("\n", 0, offset) + 1
@@ -417,9 +459,12 @@ class _Compiler:
     def compile(self) -> CompiledWorkflow:
         graph = self.check_ids_and_needs()
         self.check_agents()
-        params = self.resolve_params()
+        params: dict[str, Any] = {}
+        with self.collect():
+            params = self.resolve_params()
         self.params = params
         self.check_templates()
+        raise_all(self.errors)
         order_index = {s.id: n for n, (_, s, _) in enumerate(self.templates)}
         topo = list(nx.lexicographical_topological_sort(graph, key=lambda t: f"{order_index[t]:08d}"))
         d = self.spec.defaults
@@ -494,6 +539,16 @@ class _Compiler:
         return wf
 
 
+def reference_errors(spec: Spec) -> list[SpecError]:
+    """Every structure and reference error of ``spec`` (ids, needs, cycles, agents, every
+    template), checked without param values: what ``validate`` adds to a spec's field errors."""
+    c = _Compiler(spec, {}, spec._source)
+    c.check_ids_and_needs()
+    c.check_agents()
+    c.check_templates()
+    return c.errors
+
+
 def compile_workflow(spec: Spec, params: dict[str, Any], *, source: str = "<spec>") -> CompiledWorkflow:
     """Apply ``params`` (``-p`` strings are coerced to the declared types; typed values are
     checked), expand matrices, check every template statically, and build the DAG.
@@ -505,3 +560,27 @@ def compile_file(path: Path, params: dict[str, Any]) -> CompiledWorkflow:
     """:func:`load_spec` + :func:`compile_workflow`."""
     spec = load_spec(Path(path))
     return compile_workflow(spec, params, source=spec._source)
+
+
+def executable_warnings(spec: Spec, search_path: str | None = None) -> list[str]:
+    """``file:line:col: field: 'x' is not on PATH`` for each agent's ``command[0]`` and each
+    ``run``/``rollback`` argv[0] that is a bare name (no ``/``, no template) which
+    ``search_path`` (default: this process's PATH) does not find. Only a warning: the worker
+    that runs the step may have a different PATH."""
+    import shutil
+
+    found: list[str] = []
+    candidates: list[tuple[tuple, str]] = [(("agents", name, "command", 0), a.command[0])
+                                           for name, a in spec.agents.items()]
+    for i, s in enumerate(spec.steps):
+        candidates += [(("steps", i, f, 0), c[0]) for f, c in (("run", s.run), ("rollback", s.rollback))
+                       if isinstance(c, list)]
+    for i, s in enumerate(spec.finally_):
+        candidates += [(("finally", i, f, 0), c[0]) for f, c in (("run", s.run), ("rollback", s.rollback))
+                       if isinstance(c, list)]
+    for path, exe in candidates:
+        if "/" in exe or "${{" in exe or not exe.strip():
+            continue
+        if shutil.which(exe, path=search_path) is None:
+            found.append(str(error_at(spec._source, spec._positions, path, f"{exe!r} is not on PATH")))
+    return found
