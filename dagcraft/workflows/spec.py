@@ -120,6 +120,27 @@ def _command(value: Any, what: str) -> list[str] | str | None:
     raise ValueError(f"{what} must be a list of strings (argv, no shell) or a string (run by bash -c)")
 
 
+#: matrix keys that are not axes: they remove (``exclude``) or add/extend (``include``) combinations
+MATRIX_MODIFIERS = ("include", "exclude")
+
+
+def check_matrix_entries(value: Any, what: str) -> Any:
+    """A matrix ``include``/``exclude``: a list of non-empty mappings of ids to values, or a
+    ``${{ }}`` expression (checked once evaluated). ValueError naming the entry otherwise."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"matrix.{what} must be a list of mappings (matrix key: value)")
+    for j, entry in enumerate(value):
+        if not isinstance(entry, dict) or not entry:
+            raise ValueError(f"matrix.{what}[{j}] must be a non-empty mapping of matrix keys to values")
+        for key in entry:
+            if key in MATRIX_MODIFIERS:
+                raise ValueError(f"matrix.{what}[{j}]: {key!r} cannot be a matrix key")
+            check_id(key, "matrix key")
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -303,8 +324,12 @@ class StepSpec(_Model):
             raise ValueError("matrix must have at least one key")
         for k, vals in v.items():
             check_id(k, "matrix key")
-            if not isinstance(vals, (list, str)):
+            if k in MATRIX_MODIFIERS:
+                check_matrix_entries(vals, k)
+            elif not isinstance(vals, (list, str)):
                 raise ValueError(f"matrix.{k} must be a list or a '${{{{ ... }}}}' expression giving a list")
+        if all(k in MATRIX_MODIFIERS for k in v) and "include" not in v:
+            raise ValueError("matrix needs at least one axis or an 'include' list")
         return v
 
     @model_validator(mode="after")
