@@ -72,6 +72,29 @@ _COMMAND_SCHEMA = {
         {"type": "null"},
     ]
 }
+_MATRIX_ENTRIES_SCHEMA = {
+    "anyOf": [{"type": "array", "items": {"type": "object", "minProperties": 1}},
+              {"type": "string", "description": "a '${{ }}' expression giving such a list"}],
+}
+_MATRIX_SCHEMA = {
+    "anyOf": [
+        {
+            "type": "object",
+            "minProperties": 1,
+            "properties": {
+                "include": {**_MATRIX_ENTRIES_SCHEMA, "description": "combinations to add, or to extend "
+                            "the combinations whose axis values they match (as in GitHub Actions)"},
+                "exclude": {**_MATRIX_ENTRIES_SCHEMA, "description": "remove the combinations matching "
+                            "all the given keys"},
+            },
+            "additionalProperties": {
+                "anyOf": [{"type": "array", "minItems": 1}, {"type": "string"}],
+                "description": "an axis: its values, or a '${{ }}' expression giving them",
+            },
+        },
+        {"type": "null"},
+    ]
+}
 Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
 Command = Annotated[Any, WithJsonSchema(_COMMAND_SCHEMA)]
 
@@ -287,7 +310,7 @@ class StepSpec(_Model):
     timeout: Duration | None = None
     retries: RetrySpec | None = None
     when: str | None = None
-    matrix: dict[str, Any] | None = None
+    matrix: Annotated[dict[str, Any] | None, WithJsonSchema(_MATRIX_SCHEMA)] = None
     foreach: str | None = None
     outputs: OutputsSpec = OutputsSpec()
     inputs: list[InputSpec] = []

@@ -259,3 +259,16 @@ def test_unknown_matrix_key_reference_lists_included_keys():
             run: [echo, "${{ matrix.ccc }}"]
     """)
     assert "unknown matrix key 'ccc' (did you mean 'cc'?)" in msg
+
+
+def test_json_schema_knows_include_and_exclude():
+    jsonschema = pytest.importorskip("jsonschema")
+    from dagcraft.workflows.spec import spec_json_schema
+
+    schema = spec_json_schema()
+    step = {"id": "t", "run": ["echo"], "matrix": {"os": ["linux"], "exclude": [{"os": "mac"}],
+                                                   "include": [{"os": "linux", "cc": "clang"}]}}
+    jsonschema.validate({"name": "m", "steps": [step]}, schema)
+    step["matrix"]["include"] = {"os": "linux"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "m", "steps": [step]}, schema)
