@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from dagcraft.orchestrator import layout, list_runs, run_status
+from dagcraft.orchestrator.ops import read_log
 from dagcraft.primitives import open_store
 from tests.conftest import server_store_url
-from tests.orchestrator.helpers import cli, run_spec, steps, write_spec
+from tests.orchestrator.helpers import REPO, cli, run_spec, steps, write_spec
 
 
 @pytest.fixture(params=["local", "s3server"])
@@ -156,3 +157,13 @@ def test_instances_that_failed_are_visible_and_their_files_absent(local_store, t
     assert by["gen[name=b]"]["status"] == "failed"
     assert by["join"]["status"] == "succeeded", by["join"]
     assert by["join"]["outputs"] == {"st": "succeeded,failed,succeeded", "agg": "failed", "files": "a,c,"}
+
+
+def test_the_fan_in_example_in_docs_runs(local_store, tmp_path):
+    text = (REPO / "docs" / "spec.md").read_text()
+    block = text[text.index("## Fan-in"):].split("```yaml\n", 1)[1].split("```", 1)[0]
+    block = block.replace("review --as ${{ matrix.reviewer }}", "echo by ${{ matrix.reviewer }}")
+    rid, st = run_spec(local_store, tmp_path, "name: d\nsteps:\n" + block)
+    assert st["status"] == "succeeded", st
+    out = read_log(local_store, rid, "merge").decode()
+    assert "ok,ok\nby style\nreviewer=security reviewer=style\n" in out, out
