@@ -167,3 +167,24 @@ def test_the_fan_in_example_in_docs_runs(local_store, tmp_path):
     assert st["status"] == "succeeded", st
     out = read_log(local_store, rid, "merge").decode()
     assert "ok,ok\nby style\nreviewer=security reviewer=style\n" in out, out
+
+
+def test_matrix_include_and_exclude_reach_the_commands(local_store, tmp_path):
+    rid, st = run_spec(local_store, tmp_path, """
+        name: incl
+        steps:
+          - id: t
+            matrix:
+              os: [linux, mac]
+              exclude: [{os: mac}]
+              include: [{os: linux, cc: clang}, {os: win}]
+            run: "echo got=${{ matrix.os }}-${{ matrix.cc | default('none') }} >> $DAGCRAFT_OUTPUT"
+            outputs: {values: [got]}
+          - id: join
+            needs: t
+            run: "echo all=${{ steps.t.outputs | map(attribute='got') | join(',') }} >> $DAGCRAFT_OUTPUT"
+            outputs: {values: [all]}
+    """)
+    by = steps(st)
+    assert [s for s in by if s.startswith("t[")] == ["t[os=linux]", "t[os=win]"]
+    assert by["join"]["outputs"] == {"all": "linux-clang,win-none"}
