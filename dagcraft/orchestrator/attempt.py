@@ -60,7 +60,7 @@ from dagcraft.primitives.persist import Persistence
 from dagcraft.primitives.store import Store
 from dagcraft.tracing import ExecResult, Redactor, TraceWriter, traced_exec
 from dagcraft.tracing.seal import Signer
-from dagcraft.workflows import RenderedCommand, render_command, render_rollback
+from dagcraft.workflows import RenderedCommand, instance_key, render_command, render_rollback
 from dagcraft.workflows.template import RenderCancelled, RenderTimedOut
 
 GLOB_CHARS = set("*?[")
@@ -489,22 +489,33 @@ class Attempt:
 
     def _materialize(self, workdir: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
         """Download declared inputs, and upstream artifacts when templates mention them.
-        Returns local paths per upstream step and the digests read (for the cache key)."""
+        Returns local paths per upstream step and the digests read (for the cache key).
+
+        An input from a foreach step is every child's file, at ``<dest>/<instance key>/<name>``
+        (a matrix step's instances are separate declarations, laid out so by the compiler).
+        An instance that did not succeed may have no file: its place stays empty. A missing
+        file of any other step fails the attempt."""
         digests: list[str] = []
         paths: dict[str, dict[str, str]] = {}
+        statuses = {i["id"]: i["status"] for e in self.w.ctx.steps.values() for i in e.get("instances", [])}
         for inp in self.w.step.inputs:
-            ids = self.w.instances.get(inp.step, [inp.step])
             validate_relpath(inp.dest, "input destination")
-            for sid in ids:
+            src = self.w.wf.steps.get(inp.step)
+            if src is not None and src.foreach:
+                (workdir / inp.dest).mkdir(parents=True, exist_ok=True)
+                targets = [(sid, workdir / inp.dest / instance_key(sid, inp.step) / inp.artifact)
+                           for sid in self.w.instances.get(inp.step, [])]
+            else:
+                targets = [(inp.step, workdir / inp.dest)]
+            for sid, dest in targets:
                 ptr = self.w.upstream_artifacts.get(sid, {}).get(inp.artifact)
                 if ptr is None:
-                    if len(ids) > 1:
+                    if statuses.get(sid, StepStatus.SUCCEEDED) != StepStatus.SUCCEEDED:
                         continue
                     raise FileNotFoundError(f"input artifact {inp.artifact!r} of step {sid!r} not found")
-                dest = workdir / inp.dest if len(ids) == 1 else workdir / inp.dest / sid / Path(inp.artifact).name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 artifacts.get(self.store, scope=ptr["scope"], name=ptr["name"], dest=dest)
-                digests.append(f"{inp.step}:{inp.artifact}:{ptr['digest']}")
+                digests.append(f"{sid}:{inp.artifact}:{ptr['digest']}")
         text = json.dumps([self.w.step.run, self.w.step.prompt, self.w.step.env])
         if "artifacts" in text:
             for sid, ptrs in self.w.upstream_artifacts.items():

@@ -7,11 +7,13 @@ imports nothing from primitives, tracing or orchestrator.
 from __future__ import annotations
 
 from dagcraft.workflows.compile import (
+    INSTANCE_FIELDS,
     MAX_STEPS,
     compile_file,
     compile_workflow,
     concrete_id,
     executable_warnings,
+    instance_key,
     matrix_id_value,
     spec_hash_of,
 )
@@ -44,6 +46,7 @@ from dagcraft.workflows.template import (
 )
 
 __all__ = [
+    "INSTANCE_FIELDS",
     "MAX_FANOUT",
     "MAX_STEPS",
     "AgentDef",
@@ -69,6 +72,7 @@ __all__ = [
     "evaluate_when",
     "expand_foreach",
     "format_path",
+    "instance_key",
     "load_spec",
     "matrix_id_value",
     "parse_duration",

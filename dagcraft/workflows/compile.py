@@ -34,6 +34,7 @@ from dagcraft.workflows.loader import error_at, format_path, load_spec, raise_al
 from dagcraft.workflows.params import ParamError, resolve_params
 from dagcraft.workflows.shell import SPECIAL_VARS
 from dagcraft.workflows.spec import (
+    MATRIX_MODIFIERS,
     CompiledWorkflow,
     ConcreteStep,
     InputDecl,
@@ -41,6 +42,7 @@ from dagcraft.workflows.spec import (
     RetrySpec,
     Spec,
     StepSpec,
+    check_matrix_entries,
     check_relpath,
 )
 from dagcraft.workflows.template import (
@@ -86,6 +88,20 @@ def concrete_id(template_id: str, values: dict[str, Any]) -> str:
     return f"{template_id}[{inner}]"
 
 
+def instance_key(step_id: str, template_id: str) -> str:
+    """The key of one instance of a fan-out step: the bracketed part of its concrete id
+    (``reviewer=security`` of ``review[reviewer=security]``, ``2`` of foreach child
+    ``implement[2]``). One path segment, unique among the step's instances (concrete ids are
+    unique). A step that is not an instance is its own key."""
+    if step_id.startswith(template_id + "[") and step_id.endswith("]"):
+        return step_id[len(template_id) + 1 : -1]
+    return step_id
+
+
+#: what ``steps.X.instances[i]`` / ``steps.X.by_key[K]`` hold (see docs/spec.md "Fan-in")
+INSTANCE_FIELDS = ("id", "key", "matrix", "item", "outputs", "artifacts", "status")
+
+
 def spec_hash_of(wf: CompiledWorkflow) -> str:
     """sha256 of the canonical JSON (sorted keys) of ``wf`` without hash/location fields."""
     data = wf.model_dump(mode="json", exclude={"spec_hash", "spec_dir", "source"})
@@ -112,6 +128,20 @@ def _collects(method: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+def _matrix_keys(step: StepSpec) -> set[str] | None:
+    """The keys ``matrix.K`` may name in ``step``: its axes and the keys of its ``include``
+    entries (None: not known before run time, ``include`` is an expression)."""
+    if step.matrix is None:
+        return set()
+    keys = {k for k in step.matrix if k not in MATRIX_MODIFIERS}
+    include = step.matrix.get("include", [])
+    if isinstance(include, str):
+        return None
+    for entry in include:
+        keys.update(entry)
+    return keys
+
+
 def _hint(word: str, candidates: Any) -> str:
     m = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1)
     return f" (did you mean {m[0]!r}?)" if m else ""
@@ -131,6 +161,7 @@ class _Compiler:
         self.by_id: dict[str, tuple[tuple, StepSpec, bool]] = {}
         self.params: dict[str, Any] = {}
         self.errors: list[SpecError] = []  # noted by the checks; raised together after them
+        self._combos: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
 
     @contextlib.contextmanager
     def collect(self) -> Iterator[None]:
@@ -238,8 +269,10 @@ class _Compiler:
                 raise self.err(path, f"unknown param {head!r}{_hint(head, self.spec.params)}")
             if name == "run" and isinstance(head, str) and head not in _RUN_KEYS:
                 raise self.err(path, f"unknown run field {head!r}; available: {', '.join(_RUN_KEYS)}")
-            if name == "matrix" and isinstance(head, str) and step is not None and head not in (step.matrix or {}):
-                raise self.err(path, f"unknown matrix key {head!r}{_hint(head, step.matrix or {})}")
+            if name == "matrix" and isinstance(head, str) and step is not None:
+                keys = _matrix_keys(step)
+                if keys is not None and head not in keys:
+                    raise self.err(path, f"unknown matrix key {head!r}{_hint(head, sorted(keys))}")
             if name == "steps" and isinstance(head, str) and step is not None:
                 self._check_step_ref(path, step, ancestors, chain)
         self.check_static_bounds(path, raw if expr is None else expr, expression=expr is not None)
@@ -318,29 +351,73 @@ class _Compiler:
         if len(chain) < 2 or not isinstance(chain[1], str):
             return
         part = chain[1]
-        if part not in ("outputs", "artifacts", "status"):
-            raise self.err(path, f"steps.{ref}.{part}: use steps.{ref}.outputs, .artifacts or .status")
         src = self.by_id[ref][1]
         fanout = src.matrix is not None or src.foreach is not None
-        if len(chain) < 3 or not isinstance(chain[2], str):
+        if part in ("instances", "by_key") and not fanout:
+            raise self.err(path, f"steps.{ref}.{part}: step {ref!r} is not a fan-out step (no matrix or foreach); "
+                                 f"use steps.{ref}.outputs, .artifacts or .status")
+        if part not in ("outputs", "artifacts", "status", "instances", "by_key"):
+            more = ", .status, .instances or .by_key" if fanout else " or .status"
+            raise self.err(path, f"steps.{ref}.{part}: use steps.{ref}.outputs, .artifacts{more}")
+        if len(chain) < 3 or part == "status":
             return
+        if not fanout:
+            self._check_result(path, ref, src, part, chain[2])
+            return
+        sel = chain[2]
+        if part == "by_key" and isinstance(sel, str) and src.matrix is not None:
+            keys = self._instance_keys(ref)
+            if sel not in keys:
+                raise self.err(path, f"step {ref!r} has no instance {sel!r}{_hint(sel, keys)}; "
+                                     f"instances: {', '.join(keys)}")
+        if part in ("outputs", "artifacts") and isinstance(sel, str):
+            # one entry per instance: a name here would have to pick one of them
+            raise self.err(path, self._ambiguous(ref, src, part, sel))
+        if sel is None and part in ("outputs", "artifacts"):
+            return  # a dynamic index: checked when rendered
+        rest = chain[3:]
+        if part in ("outputs", "artifacts"):
+            if rest:
+                self._check_result(path, ref, src, part, rest[0])
+            return
+        if rest and isinstance(rest[0], str):
+            if rest[0] not in INSTANCE_FIELDS:
+                raise self.err(path, f"steps.{ref}.{part}[...].{rest[0]}: an instance has "
+                                     f"{', '.join(INSTANCE_FIELDS)}{_hint(rest[0], INSTANCE_FIELDS)}")
+            if rest[0] in ("outputs", "artifacts") and len(rest) > 1:
+                self._check_result(path, ref, src, rest[0], rest[1])
+
+    def _check_result(self, path: tuple, ref: str, src: StepSpec, part: str, name: Any) -> None:
+        """``name`` (a literal key; anything else is checked when rendered) must be one of the
+        declared output values, or match a declared artifact glob, of step ``ref``."""
+        if not isinstance(name, str):
+            return
+        if part == "outputs" and src.outputs.values and name not in src.outputs.values:
+            raise self.err(
+                path,
+                f"step {ref!r} declares no output {name!r}{_hint(name, src.outputs.values)}; "
+                f"declared: {', '.join(src.outputs.values)}",
+            )
+        if part == "artifacts" and not any(fnmatch.fnmatchcase(name, g) for g in src.outputs.artifacts):
+            declared = ", ".join(src.outputs.artifacts) or "none"
+            raise self.err(path, f"step {ref!r} declares no artifact matching {name!r}; declared: {declared}")
+
+    def _ambiguous(self, ref: str, src: StepSpec, part: str, name: str) -> str:
+        """What to write instead of ``steps.<ref>.<part>.<name>`` on fan-out step ``ref``."""
+        keys = self._instance_keys(ref) if src.matrix is not None else ["0"]
+        one = f"steps.{ref}.by_key['{keys[0]}'].{part}"
+        head = (f"steps.{ref}.{part} is a list (one entry per instance of fan-out step {ref!r}), "
+                f"so steps.{ref}.{part}[{name!r}] would be ambiguous; ")
         if part == "outputs":
-            if fanout:
-                raise self.err(
-                    path,
-                    f"steps.{ref}.outputs is a list (one entry per instance of fan-out step {ref!r}); "
-                    f"use e.g. steps.{ref}.outputs | map(attribute='{chain[2]}')",
-                )
-            if src.outputs.values and chain[2] not in src.outputs.values:
-                raise self.err(
-                    path,
-                    f"step {ref!r} declares no output {chain[2]!r}{_hint(chain[2], src.outputs.values)}; "
-                    f"declared: {', '.join(src.outputs.values)}",
-                )
-        if part == "artifacts" and not fanout:
-            if not any(fnmatch.fnmatchcase(chain[2], g) for g in src.outputs.artifacts):
-                declared = ", ".join(src.outputs.artifacts) or "none"
-                raise self.err(path, f"step {ref!r} declares no artifact matching {chain[2]!r}; declared: {declared}")
+            return (head + f"write steps.{ref}.outputs | map(attribute='{name}') | join(',') for every "
+                    f"instance's value, or {one}.{name} for one instance's")
+        return (head + f"take every instance's file with inputs: [{{from: {ref}, artifact: {name}}}] (one file "
+                f"per instance at {ref}/<instance key>/{name}), or one instance's with {one}[{name!r}]")
+
+    def _instance_keys(self, tid: str) -> list[str]:
+        """Instance keys of matrix step ``tid``, in instance order (evaluated with the params)."""
+        path, s, _ = self.by_id[tid]
+        return [instance_key(concrete_id(tid, idv), tid) for idv, _ in self.matrix_instances(path, s, self.params)]
 
     def check_templates(self) -> None:
         base = {"params", "run", "env"}
@@ -392,25 +469,23 @@ class _Compiler:
                 self.check_template(path + ("when",), s.when, step=s, allow=allow | set(STATUS_FUNCTIONS), expression=True)
 
     # ------------------------------------------------------------------ expansion
-    def matrix_instances(self, path: tuple, s: StepSpec, params: dict[str, Any]) -> list[dict[str, Any]]:
+    def matrix_instances(self, path: tuple, s: StepSpec, params: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """The instances of ``s`` as ``(id values, matrix values)``, in instance order: the
+        product of the axes in spec order, less the ``exclude`` matches, with ``include`` applied
+        as GitHub Actions does. An included entry whose axis values match no combination is
+        added; one that matches extends those combinations (its other keys are added or
+        overwrite earlier additions, never an axis value) and leaves their ids unchanged."""
         if s.matrix is None:
-            return [{}]
+            return [({}, {})]
+        cached = self._combos.get(s.id)
+        if cached is not None:
+            return cached
         axes: list[tuple[str, list[Any]]] = []
-        variables = {"params": params, "run": {"name": self.spec.name, "spec_dir": self.spec._spec_dir}}
         for key, raw in s.matrix.items():
+            if key in MATRIX_MODIFIERS:
+                continue
             where = path + ("matrix", key)
-            if isinstance(raw, str):
-                try:
-                    values = evaluate_expression(raw, variables)
-                except _EVAL_OR_LIMIT as exc:
-                    raise self.err(where, f"cannot evaluate: {getattr(exc, 'message', None) or exc}") from None
-                if isinstance(values, str):
-                    try:
-                        values = json.loads(values)
-                    except ValueError:
-                        pass
-            else:
-                values = raw
+            values = self._matrix_value(where, raw, params)
             if not isinstance(values, list):
                 raise self.err(where, f"must give a list, got {type(values).__name__} {to_text(values)[:40]!r}")
             if not values:
@@ -421,11 +496,70 @@ class _Compiler:
             total *= len(vals)
         if total > MAX_FANOUT:
             raise self.err(path + ("matrix",), f"{total} instances exceed the fan-out limit of {MAX_FANOUT}")
-        return [dict(zip([k for k, _ in axes], combo, strict=True)) for combo in itertools.product(*[v for _, v in axes])]
+        names = [k for k, _ in axes]
+        exclude = self._matrix_entries(path, s, "exclude", params)
+        include = self._matrix_entries(path, s, "include", params)
+        for j, entry in enumerate(exclude):
+            for key in entry:
+                if key not in names:
+                    raise self.err(path + ("matrix", "exclude", j, key),
+                                   f"{key!r} is not a matrix axis; axes: {', '.join(names) or 'none'}", key=True)
+        combos = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*[v for _, v in axes])] if axes else []
+        combos = [c for c in combos if not any(all(c[k] == v for k, v in e.items()) for e in exclude)]
+        if not combos and axes and not include:
+            raise self.err(path + ("matrix", "exclude"), "removes every combination")
+        out: list[tuple[dict[str, Any], dict[str, Any]]] = [(c, dict(c)) for c in combos]
+        for entry in include:
+            matched = False
+            for idv, values in out[: len(combos)]:
+                if all(idv[k] == v for k, v in entry.items() if k in idv):
+                    values.update(entry)
+                    matched = True
+            if not matched:
+                out.append((dict(entry), dict(entry)))
+        if len(out) > MAX_FANOUT:
+            raise self.err(path + ("matrix",), f"{len(out)} instances exceed the fan-out limit of {MAX_FANOUT}")
+        self._combos[s.id] = out
+        return out
+
+    def _matrix_value(self, where: tuple, raw: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(raw, str):
+            return raw
+        variables = {"params": params, "run": {"name": self.spec.name, "spec_dir": self.spec._spec_dir}}
+        try:
+            values = evaluate_expression(raw, variables)
+        except _EVAL_OR_LIMIT as exc:
+            raise self.err(where, f"cannot evaluate: {getattr(exc, 'message', None) or exc}") from None
+        if isinstance(values, str):
+            try:
+                values = json.loads(values)
+            except ValueError:
+                pass
+        return values
+
+    def _matrix_entries(self, path: tuple, s: StepSpec, what: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        assert s.matrix is not None
+        if what not in s.matrix:
+            return []
+        where = path + ("matrix", what)
+        value = self._matrix_value(where, s.matrix[what], params)
+        if isinstance(value, str):
+            raise self.err(where, f"must give a list of mappings, got str {value[:40]!r}")
+        try:
+            check_matrix_entries(value, what)
+        except ValueError as exc:
+            raise self.err(where, str(exc)) from None
+        return list(value)
 
     def inputs_for(self, path: tuple, s: StepSpec, instances: dict[str, list[str]]) -> list[InputDecl]:
+        """The input declarations of ``s``. From a fan-out step every instance's file is an input,
+        at ``<as>/<instance key>/<artifact>`` (``as`` defaults to the source step's id): one
+        declaration per instance of a matrix step; ONE for a foreach step, with ``dest`` the
+        directory (its children are known at run time only, the attempt lays them out)."""
         out: list[InputDecl] = []
-        seen: dict[str, int] = {}
+        files: dict[str, int] = {}  # destination -> index of the input that writes it
+        dirs: dict[str, int] = {}  # directories above those files
+        patterns: list[tuple[int, list[str | None]]] = []  # foreach inputs: None is any instance key
         ancestors = nx.ancestors(self.graph, s.id)
         for k, inp in enumerate(s.inputs):
             where = path + ("inputs", k)
@@ -435,25 +569,41 @@ class _Compiler:
             if src_id not in ancestors:
                 raise self.err(where + ("from",), f"step {src_id!r} is not upstream of {s.id!r} (add it to needs)")
             src = self.by_id[src_id][1]
-            if src.foreach is not None:
-                raise self.err(where + ("from",), f"step {src_id!r} is a foreach step; its artifacts cannot be inputs")
             if not any(fnmatch.fnmatchcase(inp.artifact, g) for g in src.outputs.artifacts):
                 declared = ", ".join(src.outputs.artifacts) or "none"
                 raise self.err(where + ("artifact",), f"step {src_id!r} declares no artifact matching {inp.artifact!r}; declared: {declared}")
-            dest = inp.as_ or inp.artifact
-            decls: list[InputDecl] = []
-            if src.matrix is not None:
-                # One file per instance: <as>/<instance key>/<artifact>, e.g. notes/topic=x/notes.md
-                for cid in instances[src_id]:
-                    key = cid[len(src_id) + 1 : -1]
-                    decls.append(InputDecl(step=cid, artifact=inp.artifact, dest=f"{dest}/{key}/{inp.artifact}"))
-            else:
-                decls.append(InputDecl(step=src_id, artifact=inp.artifact, dest=dest))
+            fanout = src.matrix is not None or src.foreach is not None
+            dest = inp.as_ or (src_id if fanout else inp.artifact)
+            if src.foreach is not None:
+                out.append(InputDecl(step=src_id, artifact=inp.artifact, dest=dest))
+                patterns.append((k, [*dest.split("/"), None, *inp.artifact.split("/")]))
+                continue
+            decls = [InputDecl(step=cid, artifact=inp.artifact, dest=f"{dest}/{instance_key(cid, src_id)}/{inp.artifact}")
+                     for cid in instances[src_id]] if src.matrix is not None else [
+                InputDecl(step=src_id, artifact=inp.artifact, dest=dest)]
             for d in decls:
-                if d.dest in seen:
-                    raise self.err(where, f"input destination {d.dest!r} is already used by inputs[{seen[d.dest]}]")
-                seen[d.dest] = k
+                if d.dest in files:
+                    raise self.err(where, f"input destination {d.dest!r} is already used by inputs[{files[d.dest]}]")
+                parts = d.dest.split("/")
+                above = ["/".join(parts[:n]) for n in range(1, len(parts))]
+                clash = dirs.get(d.dest)
+                if clash is None:
+                    clash = next((files[a] for a in above if a in files), None)
+                if clash is not None:
+                    raise self.err(where, f"input destination {d.dest!r} overlaps a destination of inputs[{clash}] "
+                                          "(one would be a file inside the other)")
+                files[d.dest] = k
+                for a in above:
+                    dirs.setdefault(a, k)
                 out.append(d)
+        for n, (k, pattern) in enumerate(patterns):
+            others = [(j, f.split("/")) for f, j in files.items()] + patterns[:n]
+            for j, parts in others:
+                if j != k and all(a is None or b is None or a == b for a, b in zip(pattern, parts, strict=False)):
+                    first, second = sorted((j, k))
+                    raise self.err(path + ("inputs", second), f"input destinations of inputs[{first}] and "
+                                   f"inputs[{second}] overlap (one fan-out input fills "
+                                   f"{'/'.join(p or '<instance key>' for p in pattern)})")
         return out
 
     def compile(self) -> CompiledWorkflow:
@@ -493,8 +643,8 @@ class _Compiler:
             ids: list[str] = []
             combos = self.matrix_instances(path, s, params)
             inputs = self.inputs_for(path, s, instances)
-            for values in combos:
-                cid = concrete_id(tid, values)
+            for idv, values in combos:
+                cid = concrete_id(tid, idv)
                 if cid in steps:
                     raise self.err(path + ("matrix",), f"two matrix instances get the same id {cid!r}")
                 steps[cid] = ConcreteStep(
