@@ -16,7 +16,8 @@ class DagcraftGroup(click.Group):
         try:
             return super().invoke(ctx)
         except DagcraftError as exc:
-            click.echo(f"dagcraft: {exc}", err=True)
+            for line in str(exc).splitlines() or [""]:  # several spec errors: one line each
+                click.echo(f"dagcraft: {line}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("dagcraft: interrupted", err=True)

@@ -1,4 +1,10 @@
-"""Live progress for ``dagcraft run``: a rich table on a TTY, plain lines otherwise."""
+"""Live progress for ``dagcraft run``: a rich table on a TTY, plain lines otherwise.
+
+The table counts what ``status`` and the final summary count: the submitted steps (a foreach
+parent is one step; its children are listed under it and summarised on its row), and shows
+the run's one duration (:class:`~dagcraft.orchestrator.model.RunTiming`: first claim to
+finish, every session of the run), so the last frame agrees with the summary printed after it.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +18,67 @@ from rich.table import Table
 from rich.text import Text
 
 from dagcraft.cli.common import console as plain_console
+from dagcraft.orchestrator.model import TERMINAL, StepState, run_timing
+from dagcraft.orchestrator.ops import step_span
 
 STYLE = {"succeeded": "green", "failed": "bold red", "running": "cyan", "retrying": "yellow",
          "skipped": "dim", "cancelled": "magenta", "pending": "white", "expanded": "cyan",
          "rolling_back": "yellow", "rolled_back": "magenta"}
-TERMINAL = {"succeeded", "failed", "skipped", "cancelled", "rolled_back"}
+MAX_ROWS = 40
 
 
-def _dur(st: Any, now: float) -> str:
-    if not st.started_at:
+def _dur(start: float | None, end: float | None, now: float) -> str:
+    if start is None:
         return ""
-    end = st.finished_at or now
-    return f"{max(0.0, end - st.started_at):.1f}s"
+    return f"{max(0.0, (end or now) - start):.1f}s"
+
+
+def _children_text(kids: list[Any]) -> str:
+    """``2/5 done`` plus the children's statuses, e.g. ``2/5 done (2 succeeded, 3 running)``."""
+    counts: dict[str, int] = {}
+    for k in kids:
+        counts[str(k.status)] = counts.get(str(k.status), 0) + 1
+    done = sum(1 for k in kids if k.status in TERMINAL)
+    detail = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    return f"{done}/{len(kids)} done" + (f" ({detail})" if detail else "")
+
+
+def _peek(view: Any, step_id: str) -> StepState:
+    # read-only: view.state() would index an unseen id as pending, which the scheduler reads
+    got = view.states.get(step_id)
+    return got[0] if got else StepState(step_id=step_id)
+
+
+def snapshot(view: Any) -> dict[str, Any]:
+    """What the table shows, from a :class:`~dagcraft.orchestrator.view.LocalView`: ``rows``
+    (submitted steps in order, each foreach parent followed by its children, marked
+    ``child``), ``counts`` and ``total``/``done`` of the submitted steps only, and the run's
+    ``duration_s`` (None before the first claim) and ``queued_s``."""
+    now = view.store.now()
+    rows: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    total = done = 0
+    for sid in view.all_ids():
+        st = view.state(sid)
+        if st.parent:
+            continue  # listed under its parent below
+        kids = [_peek(view, c) for c in st.children]
+        total += 1
+        done += st.status in TERMINAL
+        counts[str(st.status)] = counts.get(str(st.status), 0) + 1
+        start, end = step_span(st, kids)
+        rows.append({"step": sid, "status": str(st.status), "attempt": st.attempt, "child": False,
+                     "worker": st.worker or (st.history[-1].worker if st.history else None),
+                     "duration": _dur(start, end, now), "children": _children_text(kids) if kids else ""})
+        for k in kids:
+            kstart, kend = step_span(k)
+            rows.append({"step": k.step_id, "status": str(k.status), "attempt": k.attempt, "child": True,
+                         "worker": k.worker or (k.history[-1].worker if k.history else None),
+                         "duration": _dur(kstart, kend, now), "children": ""})
+    states = [view.state(s) for s in view.all_ids()]
+    timing = run_timing(view.record, view.control, states, now)
+    return {"rows": rows, "counts": counts, "total": total, "done": done,
+            "duration_s": timing.duration_s, "queued_s": timing.queued_s}
 
 
 class Progress:
@@ -32,7 +87,6 @@ class Progress:
         self.tty = self.console.is_terminal
         self.live: Live | None = None
         self.seen: dict[str, tuple[str, int]] = {}
-        self.t0 = time.time()
 
     def __enter__(self) -> Progress:
         if self.tty:
@@ -46,7 +100,7 @@ class Progress:
 
     def update(self, view: Any) -> None:
         if self.live is not None:
-            self.live.update(self._render(view))
+            self.live.update(self.render(view))
             return
         for sid in view.all_ids():
             st = view.state(sid)
@@ -60,21 +114,29 @@ class Progress:
                 self.console.print(f"[{time.strftime('%H:%M:%S')}] {sid}: {st.status}{extra}{why}",
                                    highlight=False, markup=False)
 
-    def _render(self, view: Any) -> Group:
-        now = view.store.now()
+    def render(self, view: Any) -> Group:
+        """One frame of the live table (see :func:`snapshot`)."""
+        snap = snapshot(view)
         table = Table(expand=False, show_edge=False, header_style="bold")
         for col in ("step", "status", "attempt", "worker", "duration"):
             table.add_column(col)
-        ids = view.all_ids()
-        for sid in ids[:40]:
-            st = view.state(sid)
+        rows = snap["rows"]
+        for row in rows[:MAX_ROWS]:
+            status = Text(row["status"], style=STYLE.get(row["status"], ""))
+            if row["children"]:
+                status.append(f" {row['children']}", style="dim")
             # Text, not markup: step ids like review[reviewer=security] look like rich tags
-            table.add_row(Text(sid), Text(st.status, style=STYLE.get(st.status, "")), str(st.attempt or ""),
-                          Text((st.worker or (st.history[-1].worker if st.history else None) or "")[-24:]), _dur(st, now))
-        if len(ids) > 40:
-            table.add_row(Text(f"… {len(ids) - 40} more"), "", "", "", "")
-        counts = view.counts()
-        done = sum(v for k, v in counts.items() if k in TERMINAL)
-        summary = "  ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-        head = Text(f"run {view.run_id}  [{view.control.status}]  {time.time() - self.t0:.1f}s", style="bold")
-        return Group(head, table, ProgressBar(total=max(1, len(ids)), completed=done, width=60), Text(summary))
+            table.add_row(Text(("  " if row["child"] else "") + row["step"]), status, str(row["attempt"] or ""),
+                          Text((row["worker"] or "")[-24:]), row["duration"])
+        if len(rows) > MAX_ROWS:
+            table.add_row(Text(f"… {len(rows) - MAX_ROWS} more"), "", "", "", "")
+        summary = "  ".join(f"{k}: {v}" for k, v in sorted(snap["counts"].items()))
+        if snap["duration_s"] is None:
+            when = "waiting for a worker"
+        else:
+            when = f"{snap['duration_s']:.1f}s"
+        head = Text(f"run {view.run_id}  [{view.control.status}]  {when}", style="bold")
+        foot = Table.grid(padding=(0, 2))  # the bar and its counts side by side, on their own line
+        foot.add_row(ProgressBar(total=max(1, snap["total"]), completed=snap["done"], width=40),
+                     Text(f"{snap['done']} of {snap['total']} steps done  {summary}"))
+        return Group(head, table, foot)

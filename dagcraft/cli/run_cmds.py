@@ -268,23 +268,32 @@ def register(cli: click.Group) -> None:
     @click.argument("run_id", metavar="RUN")
     @click.option("--store", "store_url", help=STORE_HELP)
     @json_option
-    @click.option("--watch", is_flag=True, help="refresh until the run finishes")
+    @click.option("--watch", is_flag=True,
+                  help="refresh every second until the run finishes (in place on a terminal)")
     def status(run_id: str, store_url: str | None, as_json: bool, watch: bool) -> None:
         """Show RUN's status and its steps. Exit 1 if the run failed."""
+        from dagcraft.cli.watch import watch as watch_status
         from dagcraft.orchestrator import run_status
 
         store, _ = _store(store_url, create=False)
         run_id = parse_address(run_id, store, step="forbidden").run
-        while True:
-            st = run_status(store, run_id)
+
+        def show(st: dict[str, Any]) -> None:
             if as_json:
                 click.echo(json.dumps(st, indent=2, sort_keys=True, default=str))
             else:
                 _print_status(st)
-            if not watch or st["status"] in ("succeeded", "failed", "cancelled", "rolled_back"):
-                break
-            time.sleep(1.0)
-            click.echo("")
+
+        if watch and not as_json:
+            st = watch_status(lambda: run_status(store, run_id), show)
+        else:
+            while True:
+                st = run_status(store, run_id)
+                show(st)
+                if not watch or st["status"] in ("succeeded", "failed", "cancelled", "rolled_back"):
+                    break
+                time.sleep(1.0)
+                click.echo("")
         if st["status"] in ("failed", "cancelled", "rolled_back"):
             sys.exit(1)
 
@@ -307,6 +316,7 @@ def register(cli: click.Group) -> None:
         for r in items:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["submitted_at"])) if r["submitted_at"] else "-"
             tail = f"{r['name'] or ''}" + (f"  ({r['corrupt']})" if r.get("corrupt") else "")
+            tail += f"  stalled: {r['stalled']}" if r.get("stalled") else ""
             click.echo(f"{r['run_id']:<48} {r['status']:<12} {when}  {tail}")
 
     @cli.command()
@@ -315,7 +325,8 @@ def register(cli: click.Group) -> None:
     @click.option("--attempt", type=click.IntRange(1), help="attempt number (default: latest)")
     @click.option("--stream", type=click.Choice(["stdout", "stderr"]),
                   help="which log (default: stdout; of a failed attempt whose stdout is empty, stderr)")
-    @click.option("--follow", "-f", is_flag=True, help="keep printing while the attempt runs")
+    @click.option("--follow", "-f", is_flag=True,
+                  help="wait for the attempt to start, stream it until it ends; exit 0 if it succeeded, else 1")
     def logs(address: tuple[str, ...], store_url: str | None, attempt: int | None, stream: str | None,
              follow: bool) -> None:
         """Print a step's output log. The step is RUN/STEP[/ATTEMPT] (or RUN STEP [ATTEMPT]);
@@ -329,9 +340,15 @@ def register(cli: click.Group) -> None:
         run_id, step, attempt = addr.run, addr.step or "", addr.attempt or attempt
         out = sys.stdout.buffer
         if follow:
-            for chunk in follow_log(store, run_id, step, attempt):
+            def write(chunk: bytes) -> None:
                 out.write(chunk)
                 out.flush()
+
+            ended = follow_log(store, run_id, step, write, attempt, stream or "stdout", on_wait=lambda: click.echo(
+                f"dagcraft: waiting for {run_id}/{step} to start", err=True))
+            if ended != "succeeded":
+                click.echo(f"dagcraft: {run_id}/{step}: {ended}", err=True)
+                sys.exit(1)
             return
         if stream is None:
             data, note = read_log_or_stderr(store, run_id, step, attempt)
@@ -435,6 +452,26 @@ def register(cli: click.Group) -> None:
             click.echo(f"run {run_id}: {status}")
 
     @cli.command()
+    @click.option("--store", "store_url", help=STORE_HELP)
+    @json_option
+    def workers(store_url: str | None, as_json: bool) -> None:
+        """List registered workers: live or gone, host, pid, runs served, steps running."""
+        from dagcraft.orchestrator.registry import describe_workers
+
+        store, url = _store(store_url, create=False)
+        items = describe_workers(store)
+        if as_json:
+            click.echo(json.dumps(items, indent=2, sort_keys=True))
+            return
+        if not items:
+            click.echo(f"no workers registered in {url}")
+        for w in items:
+            runs = ", ".join(w["runs"]) if w["runs"] else ("every run" if w["only_run"] is None else w["only_run"])
+            steps = ", ".join(w["steps"]) or "-"
+            click.echo(f"{w['state']:<5} {w['host']:<24} pid {w['pid']:<8} beat {w['beat_age_s']:>6.1f}s ago  "
+                       f"runs: {runs}  steps: {steps}")
+
+    @cli.command()
     @click.argument("run_id", metavar="RUN")
     @click.option("--store", "store_url", help=STORE_HELP)
     @workers_opt
@@ -490,6 +527,8 @@ def _failure_lines(s: dict[str, Any], indent: str = "  ") -> list[str]:
 def _print_status(st: dict[str, Any]) -> None:
     click.echo(f"run {st['run_id']} ({st['name']}): {st['status']} in {_secs(st['duration_s'])}"
                + (f" — {st['reason']}" if st["reason"] else ""))
+    if st.get("stalled"):
+        click.echo(f"  stalled: {st['stalled']} serves this run (start one: dagcraft worker --run {st['run_id']})")
     for s in st["steps"]:
         indent = "    " if s.get("parent") else "  "
         extra = []

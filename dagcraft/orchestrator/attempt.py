@@ -55,15 +55,26 @@ from dagcraft.orchestrator.scheduler import WorkItem
 from dagcraft.orchestrator.view import missing_secrets, secret_env_name, without_secret_env
 from dagcraft.primitives import artifacts
 from dagcraft.primitives.keys import validate_relpath
+from dagcraft.primitives.local import LocalStore
 from dagcraft.primitives.persist import Persistence
 from dagcraft.primitives.store import Store
 from dagcraft.tracing import ExecResult, Redactor, TraceWriter, traced_exec
 from dagcraft.tracing.seal import Signer
-from dagcraft.workflows import RenderedCommand, render_command, render_rollback
+from dagcraft.workflows import RenderedCommand, instance_key, render_command, render_rollback
 from dagcraft.workflows.template import RenderCancelled, RenderTimedOut
 
 GLOB_CHARS = set("*?[")
 log = logging.getLogger(__name__)
+
+
+#: how often a running attempt's grown logs are uploaded (``dagcraft logs --follow``): a local
+#: write is free; on S3 each costs a PUT, so at most one per log per 3 s while it grows
+LOG_SNAPSHOT_S_LOCAL = 0.5
+LOG_SNAPSHOT_S_REMOTE = 3.0
+
+
+def log_snapshot_interval(store: Store) -> float:
+    return LOG_SNAPSHOT_S_LOCAL if isinstance(store, LocalStore) else LOG_SNAPSHOT_S_REMOTE
 
 
 @dataclass
@@ -284,16 +295,23 @@ class Attempt:
                     return  # the attempt ended while the store was down: the commit takes over
                 self._lose(f"store unreachable for {self.cfg.outage_s:g}s")
                 return
-            self._snapshot_logs()
             for i, sem in enumerate(self.w.semaphores):
                 try:
                     self.w.semaphore_leases[i] = sem.renew(self.w.semaphore_leases[i])
                 except DagcraftError:
                     pass  # a lost slot only loosens the cap; the step's own lease matters
 
+    def _stream_logs(self) -> None:
+        """While the attempt runs, upload its logs every ``log_snapshot_interval`` (0.5 s on a
+        local store, 3 s on S3) when they grew, so ``dagcraft logs --follow`` streams them from
+        any host. Its own thread: a heartbeat riding out an outage never delays it."""
+        interval = log_snapshot_interval(self.store)
+        while not self._stop_hb.wait(interval):
+            self._snapshot_logs()
+
     def _snapshot_logs(self) -> None:
-        """Upload logs that grew since the last heartbeat, so ``dagcraft logs --follow`` works
-        from any host while the step runs (best effort; bounded: big logs wait for the end)."""
+        """Upload each log that grew since its last upload: one PUT per grown log, none when
+        nothing changed (best effort; bounded: logs over 8 MiB wait for the end)."""
         for name in ("stdout.log", "stderr.log"):
             p = self.dir / name
             try:
@@ -338,6 +356,8 @@ class Attempt:
             self.trace.append("rollback.started", {"step": step.id, "attempt": self.n})
         hb = threading.Thread(target=self._heartbeat, name=f"heartbeat-{step.id}", daemon=True)
         hb.start()
+        streamer = threading.Thread(target=self._stream_logs, name=f"logs-{step.id}", daemon=True)
+        streamer.start()
         try:
             outcome = self._execute()
         except Exception as exc:  # an engine or store error: the attempt fails, the worker lives
@@ -347,6 +367,7 @@ class Attempt:
         finally:
             self._stop_hb.set()
             hb.join()
+            streamer.join()
         return self._finish(outcome)
 
     def _execute(self) -> Outcome:
@@ -468,22 +489,33 @@ class Attempt:
 
     def _materialize(self, workdir: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
         """Download declared inputs, and upstream artifacts when templates mention them.
-        Returns local paths per upstream step and the digests read (for the cache key)."""
+        Returns local paths per upstream step and the digests read (for the cache key).
+
+        An input from a foreach step is every child's file, at ``<dest>/<instance key>/<name>``
+        (a matrix step's instances are separate declarations, laid out so by the compiler).
+        An instance that did not succeed may have no file: its place stays empty. A missing
+        file of any other step fails the attempt."""
         digests: list[str] = []
         paths: dict[str, dict[str, str]] = {}
+        statuses = {i["id"]: i["status"] for e in self.w.ctx.steps.values() for i in e.get("instances", [])}
         for inp in self.w.step.inputs:
-            ids = self.w.instances.get(inp.step, [inp.step])
             validate_relpath(inp.dest, "input destination")
-            for sid in ids:
+            src = self.w.wf.steps.get(inp.step)
+            if src is not None and src.foreach:
+                (workdir / inp.dest).mkdir(parents=True, exist_ok=True)
+                targets = [(sid, workdir / inp.dest / instance_key(sid, inp.step) / inp.artifact)
+                           for sid in self.w.instances.get(inp.step, [])]
+            else:
+                targets = [(inp.step, workdir / inp.dest)]
+            for sid, dest in targets:
                 ptr = self.w.upstream_artifacts.get(sid, {}).get(inp.artifact)
                 if ptr is None:
-                    if len(ids) > 1:
+                    if statuses.get(sid, StepStatus.SUCCEEDED) != StepStatus.SUCCEEDED:
                         continue
                     raise FileNotFoundError(f"input artifact {inp.artifact!r} of step {sid!r} not found")
-                dest = workdir / inp.dest if len(ids) == 1 else workdir / inp.dest / sid / Path(inp.artifact).name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 artifacts.get(self.store, scope=ptr["scope"], name=ptr["name"], dest=dest)
-                digests.append(f"{inp.step}:{inp.artifact}:{ptr['digest']}")
+                digests.append(f"{sid}:{inp.artifact}:{ptr['digest']}")
         text = json.dumps([self.w.step.run, self.w.step.prompt, self.w.step.env])
         if "artifacts" in text:
             for sid, ptrs in self.w.upstream_artifacts.items():

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dagcraft.errors import InvalidInput
-from dagcraft.orchestrator.view import LocalView, without_secret_env
+from dagcraft.orchestrator.view import LocalView, fan_in, without_secret_env
 from dagcraft.primitives.keys import validate_relpath
 from dagcraft.workflows import ConcreteStep, RenderContext, render_text
 
@@ -39,13 +39,20 @@ def for_step(view: LocalView, sid: str, *, with_steps: bool = True, include_self
 def with_artifact_paths(ctx: RenderContext, instances: dict[str, list[str]],
                         paths: dict[str, dict[str, str]]) -> RenderContext:
     """``ctx`` with ``steps.<id>.artifacts[name]`` resolved to the local paths of the copies
-    materialised for this attempt (``paths``: concrete step id → name → path)."""
+    materialised for this attempt (``paths``: concrete step id → name → path). For a fan-out
+    step each instance gets its own file, in every view of it (``artifacts[i]``,
+    ``instances[i].artifacts``, ``by_key[k].artifacts``): never one instance's file for all."""
     steps = copy.deepcopy(ctx.steps)
     for tid, ids in instances.items():
-        if tid in steps:
+        entry = steps.get(tid)
+        if entry is None:
+            continue
+        if "instances" in entry:
+            members = [{**i, "artifacts": {**i["artifacts"], **paths.get(i["id"], {})}} for i in entry["instances"]]
+            steps[tid] = fan_in(members, entry["status"])
+        else:
             for sid in ids:
-                for name, p in paths.get(sid, {}).items():
-                    steps[tid].setdefault("artifacts", {})[name] = p
+                entry["artifacts"] = {**entry.get("artifacts", {}), **paths.get(sid, {})}
     return ctx.model_copy(update={"steps": steps})
 
 

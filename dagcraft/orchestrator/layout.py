@@ -13,6 +13,7 @@ runs/<run>/semaphores/parallel/<i>                max_parallel slots
 shared/semaphores/agent-<name>/<i>                per-agent concurrency caps, across runs and hosts
 cache/<sha256>                                    step cache entries
 corrupt/<run>                                     a worker found a record of the run unreadable
+workers/<worker id>~<ulid>                        a running worker's registration (registry.py)
 ```
 """
 
@@ -120,3 +121,12 @@ def cache_entry(digest: str) -> str:
 
 def report(run_id: str) -> str:
     return f"{run_prefix(run_id)}/report.html"
+
+
+WORKERS_PREFIX = "workers/"
+
+
+def worker_record(worker_id: str, instance: str) -> str:
+    """A worker process's registration (``registry.WorkerRecord``), rewritten by its own beats
+    only. ``instance`` (a ULID per process start) keeps two processes that share an id apart."""
+    return f"{WORKERS_PREFIX}{validate_segment(worker_id + '~' + instance, 'worker id')}"

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dagcraft.errors import Conflict, CorruptRecord, DagcraftError, InvalidInput, NotFound
-from dagcraft.orchestrator import layout, transitions
+from dagcraft.orchestrator import layout, registry, transitions
 from dagcraft.orchestrator.model import (
     RUN_FINISHED,
     TERMINAL,
+    AttemptKind,
     AttemptStatus,
     Control,
     CorruptNote,
@@ -32,7 +33,10 @@ from dagcraft.orchestrator.model import (
     load_state,
     run_timing,
 )
+from dagcraft.orchestrator.submission import identity
+from dagcraft.orchestrator.supervisor import Supervisor
 from dagcraft.orchestrator.view import LocalView
+from dagcraft.primitives.local import LocalStore
 from dagcraft.primitives.persist import ONCE
 from dagcraft.primitives.store import Store
 from dagcraft.primitives.ulid import new_ulid
@@ -145,7 +149,10 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
         if not s["parent"]:
             counts[str(s["status"])] = counts.get(str(s["status"]), 0) + 1
     timing = run_timing(rec, ctl, states.values(), now)
+    workers = registry.list_workers(store) if ctl.status not in RUN_FINISHED else []
     return {"run_id": run_id, "name": rec.name, "status": str(ctl.status), "reason": ctl.reason,
+            "stalled": registry.stalled(workers, run_id, ctl.status),
+            "workers": [w.worker_id for w in registry.live_serving(workers, run_id)],
             "submitted_at": rec.submitted_at, "submitted_by": rec.submitted_by, "finished_at": ctl.finished_at,
             "duration_s": None if timing.duration_s is None else round(timing.duration_s, 3),
             "timing": timing.model_dump(mode="json"), "generation": ctl.generation,
@@ -191,11 +198,13 @@ def corrupt_runs(store: Store) -> dict[str, CorruptNote]:
 
 
 def list_runs(store: Store, status: str | None = None) -> list[dict[str, Any]]:
-    """Every run in the store, newest first (two GETs per run). A run whose record or control
+    """Every run in the store, newest first (two GETs per run, plus one read of the worker
+    registry when a run is unfinished: ``stalled`` as in :func:`run_status`). A run whose record or control
     cannot be parsed is listed with status ``corrupt`` and ``corrupt`` naming the bad key
     (``corrupt`` is None for every other run): one bad run never hides the others."""
     out: dict[str, dict[str, Any]] = {}
     marked = corrupt_runs(store)
+    workers: list[tuple[registry.WorkerRecord, registry.WorkerState]] | None = None
     for key in store.list(layout.RUNS_INDEX):
         run_id = layout.parse_runs_index_key(key)
         if run_id in out:
@@ -223,6 +232,10 @@ def list_runs(store: Store, status: str | None = None) -> list[dict[str, Any]]:
                        "submitted_at": rec.submitted_at, "finished_at": ctl.finished_at,
                        "reason": str(CorruptRecord(note.key, note.detail)) if note else ctl.reason,
                        "corrupt": note.key if note else None}
+    for r in out.values():
+        if r["status"] not in RUN_FINISHED and r["status"] != CORRUPT and workers is None:
+            workers = registry.list_workers(store)  # once, and only when some run is unfinished
+        r["stalled"] = registry.stalled(workers or [], r["run_id"], r["status"])
     runs = sorted(out.values(), key=lambda r: r["submitted_at"], reverse=True)
     if status:
         runs = [r for r in runs if r["status"] == status]
@@ -249,16 +262,51 @@ def _reindex(store: Store, run_id: str) -> None:
     store.put(layout.runs_index_entry(new_ulid(), run_id), b"", if_none_match=True)
 
 
-def cancel(store: Store, run_id: str, reason: str = "cancelled by user") -> str:
+def cancel(store: Store, run_id: str, reason: str = "cancelled by user", *, wait_s: float = 60.0) -> str:
     """Ask every worker to stop the run: running steps are signalled, nothing new starts.
-    Returns the run status after the request."""
+    Returns the run status after the request.
+
+    When no live worker serves the run (the registry, :mod:`.registry`), nobody else would
+    ever finish the cancellation, so this does it as the run's supervisor (the same lease and
+    transitions a worker's supervisor uses): unstarted steps become cancelled, steps held by
+    a vanished worker become cancelled once their lease has expired, and the run ends
+    ``cancelled``. It waits up to ``wait_s`` for such leases; still ``cancelling`` after that
+    (or as soon as a live worker appears, which then finishes it)."""
     view = LocalView(store, run_id, detail=True, persist=ONCE)
     for _ in range(5):
-        if view.control.status in RUN_FINISHED or view.control.status == "cancelling":
+        if view.control.status in RUN_FINISHED:
             return view.control.status
-        if transitions.set_control(view, RunStatus.CANCELLING, reason):
-            return "cancelling"
-    raise Conflict(f"run {run_id!r}: control kept changing; try again")
+        if view.control.status == RunStatus.CANCELLING or transitions.set_control(view, RunStatus.CANCELLING, reason):
+            break
+    else:
+        raise Conflict(f"run {run_id!r}: control kept changing; try again")
+    if registry.live_serving(registry.list_workers(store), run_id):
+        return str(RunStatus.CANCELLING)
+    return _finish_cancel(view, wait_s)
+
+
+#: how often an unserved cancellation re-checks its run (and, every few of them, the registry)
+_CANCEL_POLL_S = 0.25
+
+
+def _finish_cancel(view: LocalView, wait_s: float) -> str:
+    # a short TTL: this process holds the role only while it waits here
+    sup = Supervisor(view, f"cancel-{identity()}", lease_ttl=3.0)
+    deadline = time.monotonic() + wait_s
+    polls = 0
+    try:
+        while True:
+            view.refresh()
+            sup.tick()
+            if view.control.status in RUN_FINISHED or time.monotonic() >= deadline:
+                return str(view.control.status)
+            polls += 1
+            if polls % 8 == 0 and registry.live_serving(registry.list_workers(view.store), view.run_id):
+                return str(view.control.status)  # a worker arrived: its supervisor finishes it
+            # waiting on the store's clock (a vanished holder's lease expiry): nothing to await
+            time.sleep(_CANCEL_POLL_S)
+    finally:
+        sup.release()
 
 
 def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False) -> str:
@@ -376,25 +424,69 @@ def read_log_or_stderr(store: Store, run_id: str, step: str, attempt: int | None
                  f"(--stream stdout or --stream stderr to choose)")
 
 
-def follow_log(store: Store, run_id: str, step: str, attempt: int | None = None,
-               poll_s: float = 1.0) -> Iterator[bytes]:
-    """Yield new stdout bytes of an attempt as its worker uploads them (at each heartbeat and
-    at the end) until the attempt is over."""
+#: how often ``follow_log`` polls (2 GETs each: the log and the step state); a local read is free
+FOLLOW_POLL_S_LOCAL = 0.2
+FOLLOW_POLL_S_REMOTE = 1.0
+
+
+def follow_log(store: Store, run_id: str, step: str, write: Callable[[bytes], None], attempt: int | None = None,
+               stream: str = "stdout", *, poll_s: float | None = None, final_wait_s: float = 30.0,
+               on_wait: Callable[[], None] | None = None) -> str:
+    """Stream an attempt's ``stream`` log to ``write`` as its worker uploads it, and return
+    how the attempt ended (an ``AttemptStatus``: ``succeeded``, ``failed``, ``cancelled`` …),
+    or the step's status when it ended without that attempt starting (``skipped``, ``cancelled``).
+
+    Waits for the step to start (the latest attempt, or attempt ``attempt``; ``on_wait`` is
+    called once when it has to wait). The worker uploads
+    a grown log every 0.5 s on a local store and every 3 s on S3 (``attempt.log_snapshot_interval``);
+    this polls every ``poll_s`` (0.2 s local, 1 s remote: 2 GETs per poll). Once the attempt has
+    ended it waits (up to ``final_wait_s``) for the attempt's trace, which is uploaded after the
+    final logs, so the last lines are never cut off. NotFound (exit 4) when the run or step does not exist."""
+    poll = poll_s if poll_s is not None else (FOLLOW_POLL_S_LOCAL if isinstance(store, LocalStore)
+                                              else FOLLOW_POLL_S_REMOTE)
+    state_key = layout.step_state(run_id, step)
+
+    def read_state() -> StepState:
+        got = store.get(state_key)
+        if got is None:
+            read_record(store, run_id)
+            raise NotFound(f"step {step!r} not found in run {run_id!r}")
+        return load_state(got[0], state_key, store.url)
+
+    st = read_state()
+    waited = False
+    while st.attempt < (attempt or 1):  # not started yet
+        if st.status in TERMINAL or st.status == StepStatus.EXPANDED:
+            return str(st.status)
+        if not waited and on_wait is not None:
+            on_wait()
+        waited = True
+        time.sleep(poll)
+        st = read_state()
+    n = attempt or st.attempt
+    prefix = layout.attempt_prefix(run_id, step, n)
     sent = 0
-    while True:
-        n = attempt or latest_attempt(store, run_id, step)
-        got = store.get(f"{layout.attempt_prefix(run_id, step, n)}/stdout.log")
+
+    def pump() -> None:
+        nonlocal sent
+        got = store.get(f"{prefix}/{stream}.log")
         if got is not None and len(got[0]) > sent:
-            yield got[0][sent:]
+            write(got[0][sent:])
             sent = len(got[0])
-        st = store.get(layout.step_state(run_id, step))
-        state = load_state(st[0], layout.step_state(run_id, step), store.url) if st else None
-        if state is None or not (state.status == "running" and state.attempt == n):
-            got = store.get(f"{layout.attempt_prefix(run_id, step, n)}/stdout.log")
-            if got is not None and len(got[0]) > sent:
-                yield got[0][sent:]
-            return
-        time.sleep(poll_s)
+
+    while True:
+        pump()
+        if not (st.status == StepStatus.RUNNING and st.attempt == n):
+            break
+        time.sleep(poll)
+        st = read_state()
+    # ended: its final logs land before its trace (both after the commit)
+    deadline = time.monotonic() + final_wait_s
+    while store.get(f"{prefix}/trace.jsonl") is None and time.monotonic() < deadline:
+        time.sleep(poll)
+    pump()
+    ended = next((h for h in reversed(st.history) if h.attempt == n and h.kind == AttemptKind.RUN), None)
+    return str(ended.status) if ended is not None else str(st.status)
 
 
 def status_json(store: Store, run_id: str) -> str:

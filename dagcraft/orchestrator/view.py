@@ -38,7 +38,7 @@ from dagcraft.orchestrator.model import (
 from dagcraft.primitives.persist import Persistence
 from dagcraft.primitives.store import Store
 from dagcraft.tracing import REDACTED
-from dagcraft.workflows import CompiledWorkflow, ConcreteStep
+from dagcraft.workflows import CompiledWorkflow, ConcreteStep, instance_key
 
 #: how secret params reach a worker (never the store): ``DAGCRAFT_PARAM_<NAME>``
 SECRET_ENV_PREFIX = "DAGCRAFT_PARAM_"
@@ -152,6 +152,14 @@ def workflow_of(record: RunRecord, store_url: str, *, with_secrets: bool = True)
     except ValidationError as exc:
         key = layout.run_record(record.run_id)
         raise CorruptRecord(key, f"workflow is not valid ({exc.error_count()} error(s))", store_url) from None
+
+
+def fan_in(instances: list[dict[str, Any]], status: str) -> dict[str, Any]:
+    """``steps.<id>`` of a fan-out step from its ``instances`` (in instance order, each
+    ``{id, key, matrix, item, outputs, artifacts, status}``): ``outputs`` and ``artifacts`` are
+    lists with one entry per instance, ``by_key`` maps each instance key to its entry."""
+    return {"outputs": [i["outputs"] for i in instances], "artifacts": [i["artifacts"] for i in instances],
+            "status": status, "instances": instances, "by_key": {i["key"]: i for i in instances}}
 
 
 class LocalView:
@@ -424,9 +432,11 @@ class LocalView:
 
     def steps_context(self, artifact_paths: dict[str, dict[str, str]] | None = None,
                       only: set[str] | None = None) -> dict[str, dict[str, Any]]:
-        """``steps.<template_id>`` for templates: outputs/artifacts/status. Fan-out templates
-        (matrix instances or foreach children) give lists of their instances' outputs.
-        ``only`` restricts it to those step ids (a step's ancestors: cost follows them)."""
+        """``steps.<template_id>`` for templates: outputs/artifacts/status. A fan-out template
+        (matrix instances, foreach children) gives every instance, in instance order: lists
+        ``outputs`` and ``artifacts`` (one entry each), ``instances`` (see :func:`fan_in`) and
+        ``by_key``; its ``status`` is the aggregate. ``only`` restricts it to those step ids (a
+        step's ancestors: cost follows them)."""
         cacheable = artifact_paths is None and only is None
         if cacheable and self._ctx_cache is not None and self._ctx_cache[0] == self.changes:
             return self._ctx_cache[1]
@@ -439,32 +449,31 @@ class LocalView:
             groups.setdefault(step.template_id, []).append(sid)
         out: dict[str, dict[str, Any]] = {}
         for tid, ids in groups.items():
-            fan_out = len(ids) > 1 or bool(self.steps[ids[0]].matrix) or bool(self.steps[ids[0]].foreach)
-            instances: list[tuple[dict[str, Any], dict[str, str], str]] = []
+            first = self.steps[ids[0]]
+            if len(ids) == 1 and not first.matrix and not first.foreach:
+                st = self.state(ids[0])
+                out[tid] = {"outputs": st.outputs, "artifacts": self._artifact_view(ids[0], artifact_paths),
+                            "status": st.status}
+                continue
+            members: list[str] = []
             for sid in ids:
-                st = self.state(sid)
-                if st.children:
-                    for child in st.children:
-                        cst = self.state(child)
-                        instances.append((cst.outputs, self._artifact_view(child, artifact_paths), cst.status))
-                    if not fan_out:
-                        fan_out = True
-                else:
-                    instances.append((st.outputs, self._artifact_view(sid, artifact_paths), st.status))
-            statuses = [s for _, _, s in instances] or [self.status(ids[0])]
+                # a foreach parent stands for its children (none when skipped or given no items)
+                members.extend(self.state(sid).children if self.steps[sid].foreach else [sid])
+            entries = [self._instance(tid, sid, artifact_paths) for sid in members]
+            statuses = [e["status"] for e in entries] or [self.status(ids[0])]
             agg = "succeeded" if all(s in DONE_OK or s == "skipped" for s in statuses) else (
                 "failed" if any(s == "failed" for s in statuses) else statuses[0])
-            if fan_out:
-                arts: dict[str, str] = {}
-                for _, a, _ in instances:
-                    arts.update(a)
-                out[tid] = {"outputs": [o for o, _, _ in instances], "artifacts": arts, "status": agg}
-            else:
-                o, a, s = instances[0]
-                out[tid] = {"outputs": o, "artifacts": a, "status": s}
+            out[tid] = fan_in(entries, agg)
         if cacheable:
             self._ctx_cache = (self.changes, out)
         return out
+
+    def _instance(self, tid: str, sid: str, artifact_paths: dict[str, dict[str, str]]) -> dict[str, Any]:
+        st = self.state(sid)
+        step = self.steps.get(sid)
+        return {"id": sid, "key": instance_key(sid, tid), "matrix": dict(step.matrix) if step else {},
+                "item": step.item if step else None, "outputs": st.outputs,
+                "artifacts": self._artifact_view(sid, artifact_paths), "status": st.status}
 
     def _artifact_view(self, step_id: str, artifact_paths: dict[str, dict[str, str]]) -> dict[str, str]:
         st = self.state(step_id)

@@ -14,6 +14,11 @@ Exit code of :meth:`Worker.run`: 0, except for a worker serving one run with
 ``exit_when_idle``, which exits with that run's code: 0 succeeded, 1 failed (or cancelled,
 rolled back, or its records are corrupt), 130 interrupted before the run finished.
 
+Registration: while it runs, a worker keeps its record in ``workers/`` fresh
+(:mod:`~dagcraft.orchestrator.registry`: one PUT per beat, a third of its lease TTL capped to
+1–15 s) and deletes it on a clean exit, so ``dagcraft workers`` lists it and a run nobody
+serves any more reads as stalled.
+
 Corruption is contained: a run with a record that cannot be parsed (``CorruptRecord``) is
 reported once with the bad key and no longer served; every other run keeps being served.
 """
@@ -40,7 +45,7 @@ from dagcraft.errors import (
     NotFound,
     StoreUnavailable,
 )
-from dagcraft.orchestrator import layout, ops
+from dagcraft.orchestrator import layout, ops, registry
 from dagcraft.orchestrator.attempt import Attempt, WorkerConfig
 from dagcraft.orchestrator.journal import KeyFeed
 from dagcraft.orchestrator.model import RUN_FINISHED, AttemptStatus, RunStatus, StepState
@@ -96,6 +101,19 @@ class Worker:
         self.handing_back = False
         self._index = KeyFeed(cfg.store, layout.RUNS_INDEX)
         self._index_next = 0.0
+        self.registration = registry.Registration(cfg.store, cfg.worker_id, registry.beat_interval(cfg.lease_ttl),
+                                                  only_run=run_id, snapshot=self._serving)
+
+    def _serving(self) -> tuple[list[str], list[str]]:
+        """(runs served, attempts running) for the registration, read from the beat thread."""
+        for _ in range(5):  # the main thread may change these dicts while they are copied
+            try:
+                runs = list(self.drivers) or ([self.only_run] if self.only_run else [])
+                steps = [f"{rid}/{job.w.step.id}#{job.name}" for rid, job in list(self.running.values())]
+                return runs, steps
+            except RuntimeError:
+                continue
+        return [], []
 
     # -- signals -----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -272,6 +290,7 @@ class Worker:
 
     def run(self) -> int:
         interval = self.poll_min
+        self.registration.start()
         try:
             while True:
                 try:
@@ -300,4 +319,5 @@ class Worker:
             if self.outbox.drain(min(self.cfg.outage_s, 60.0)):
                 log.error("%d uploads could not be made before exit; a later worker on this host will retry "
                           "them (until then `trace verify` reports those traces missing)", len(self.outbox))
+            self.registration.stop()
         return self.exit_code()

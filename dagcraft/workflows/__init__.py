@@ -7,14 +7,17 @@ imports nothing from primitives, tracing or orchestrator.
 from __future__ import annotations
 
 from dagcraft.workflows.compile import (
+    INSTANCE_FIELDS,
     MAX_STEPS,
     compile_file,
     compile_workflow,
     concrete_id,
+    executable_warnings,
+    instance_key,
     matrix_id_value,
     spec_hash_of,
 )
-from dagcraft.workflows.loader import format_path, load_spec, parse_spec
+from dagcraft.workflows.loader import SpecErrors, format_path, load_spec, parse_spec
 from dagcraft.workflows.params import coerce, parse_params, resolve_params
 from dagcraft.workflows.spec import (
     AgentDef,
@@ -43,6 +46,7 @@ from dagcraft.workflows.template import (
 )
 
 __all__ = [
+    "INSTANCE_FIELDS",
     "MAX_FANOUT",
     "MAX_STEPS",
     "AgentDef",
@@ -56,16 +60,19 @@ __all__ = [
     "RenderedCommand",
     "RetryPolicy",
     "Spec",
+    "SpecErrors",
     "StepSpec",
     "coerce",
     "compile_file",
     "compile_workflow",
     "concrete_id",
     "evaluate_expression",
+    "executable_warnings",
     "evaluate_foreach",
     "evaluate_when",
     "expand_foreach",
     "format_path",
+    "instance_key",
     "load_spec",
     "matrix_id_value",
     "parse_duration",

@@ -3,7 +3,9 @@
 Guarantees:
 - every spec error (unknown/duplicate id, cycle, unknown template reference, reference to a step
   not upstream, bad input, fan-out over the limit, bad param) raises SpecError *before* anything
-  is written anywhere, naming ``file:line:col: field.path``;
+  is written anywhere, naming ``file:line:col: field.path``; the structure and reference checks
+  (ids, needs, agents, params, every template) all run first and their errors are raised
+  together (:class:`~dagcraft.workflows.loader.SpecErrors` when there are several);
 - the result is deterministic: same spec + params → same steps order, same JSON, same
   ``spec_hash`` (sha256 of the canonical JSON, secret values replaced by their sha256);
 - ``steps`` is in a topological order (spec order breaks ties), matrix templates are expanded to
@@ -12,23 +14,27 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
+import functools
 import hashlib
 import itertools
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import networkx as nx
 from jinja2 import TemplateError
 
 from dagcraft.errors import InvalidInput, SpecError
-from dagcraft.workflows.loader import error_at, format_path, load_spec
+from dagcraft.workflows.loader import error_at, format_path, load_spec, raise_all, spec_errors
 from dagcraft.workflows.params import ParamError, resolve_params
 from dagcraft.workflows.shell import SPECIAL_VARS
 from dagcraft.workflows.spec import (
+    MATRIX_MODIFIERS,
     CompiledWorkflow,
     ConcreteStep,
     InputDecl,
@@ -36,6 +42,7 @@ from dagcraft.workflows.spec import (
     RetrySpec,
     Spec,
     StepSpec,
+    check_matrix_entries,
     check_relpath,
 )
 from dagcraft.workflows.template import (
@@ -81,6 +88,20 @@ def concrete_id(template_id: str, values: dict[str, Any]) -> str:
     return f"{template_id}[{inner}]"
 
 
+def instance_key(step_id: str, template_id: str) -> str:
+    """The key of one instance of a fan-out step: the bracketed part of its concrete id
+    (``reviewer=security`` of ``review[reviewer=security]``, ``2`` of foreach child
+    ``implement[2]``). One path segment, unique among the step's instances (concrete ids are
+    unique). A step that is not an instance is its own key."""
+    if step_id.startswith(template_id + "[") and step_id.endswith("]"):
+        return step_id[len(template_id) + 1 : -1]
+    return step_id
+
+
+#: what ``steps.X.instances[i]`` / ``steps.X.by_key[K]`` hold (see docs/spec.md "Fan-in")
+INSTANCE_FIELDS = ("id", "key", "matrix", "item", "outputs", "artifacts", "status")
+
+
 def spec_hash_of(wf: CompiledWorkflow) -> str:
     """sha256 of the canonical JSON (sorted keys) of ``wf`` without hash/location fields."""
     data = wf.model_dump(mode="json", exclude={"spec_hash", "spec_dir", "source"})
@@ -90,6 +111,35 @@ def spec_hash_of(wf: CompiledWorkflow) -> str:
             data["params"][name] = "sha256:" + hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+_F = TypeVar("_F", bound=Callable[..., None])
+
+
+def _collects(method: _F) -> _F:
+    """A check whose SpecError is noted in ``self.errors`` (not raised), so one run of the
+    checks reports every independent problem of the spec."""
+
+    @functools.wraps(method)
+    def wrapper(self: _Compiler, *args: Any, **kwargs: Any) -> None:
+        with self.collect():
+            method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _matrix_keys(step: StepSpec) -> set[str] | None:
+    """The keys ``matrix.K`` may name in ``step``: its axes and the keys of its ``include``
+    entries (None: not known before run time, ``include`` is an expression)."""
+    if step.matrix is None:
+        return set()
+    keys = {k for k in step.matrix if k not in MATRIX_MODIFIERS}
+    include = step.matrix.get("include", [])
+    if isinstance(include, str):
+        return None
+    for entry in include:
+        keys.update(entry)
+    return keys
 
 
 def _hint(word: str, candidates: Any) -> str:
@@ -110,6 +160,16 @@ class _Compiler:
         ] + [(("finally", i), s, True) for i, s in enumerate(spec.finally_)]
         self.by_id: dict[str, tuple[tuple, StepSpec, bool]] = {}
         self.params: dict[str, Any] = {}
+        self.errors: list[SpecError] = []  # noted by the checks; raised together after them
+        self._combos: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        """Note a SpecError raised inside instead of raising it."""
+        try:
+            yield
+        except SpecError as exc:
+            self.errors.extend(spec_errors(exc))
 
     def err(self, path: tuple, msg: str, *, key: bool = False) -> SpecError:
         return error_at(self.source, self.pos, path, msg, at=self.keypos.get(path) if key else None)
@@ -119,19 +179,22 @@ class _Compiler:
         for path, s, fin in self.templates:
             if s.id in self.by_id:
                 first = format_path(self.by_id[s.id][0])
-                raise self.err(path + ("id",), f"duplicate step id {s.id!r} (first defined at {first})")
+                self.errors.append(self.err(path + ("id",), f"duplicate step id {s.id!r} (first defined at {first})"))
+                continue
             self.by_id[s.id] = (path, s, fin)
         g = nx.DiGraph()
         g.add_nodes_from(self.by_id)
         for path, s, fin in self.templates:
             for j, need in enumerate(s.needs):
                 if need == s.id:
-                    raise self.err(path + ("needs", j), f"step {s.id!r} cannot need itself")
-                if need not in self.by_id:
-                    raise self.err(path + ("needs", j), f"unknown step {need!r}{_hint(need, self.by_id)}")
-                if self.by_id[need][2] and not fin:
-                    raise self.err(path + ("needs", j), f"{need!r} is a finally step; only finally steps may need it")
-                g.add_edge(need, s.id)
+                    self.errors.append(self.err(path + ("needs", j), f"step {s.id!r} cannot need itself"))
+                elif need not in self.by_id:
+                    self.errors.append(self.err(path + ("needs", j), f"unknown step {need!r}{_hint(need, self.by_id)}"))
+                elif self.by_id[need][2] and not fin:
+                    self.errors.append(self.err(path + ("needs", j),
+                                                f"{need!r} is a finally step; only finally steps may need it"))
+                else:
+                    g.add_edge(need, s.id)
         try:
             cycle = nx.find_cycle(g)
         except nx.NetworkXNoCycle:
@@ -144,7 +207,7 @@ class _Compiler:
             ring = nodes_in[k:] + nodes_in[:k] + [first]
             path, s, _ = self.by_id[ring[1]]
             j = s.needs.index(first)
-            raise self.err(path + ("needs", j), "dependency cycle: " + " -> ".join(ring))
+            self.errors.append(self.err(path + ("needs", j), "dependency cycle: " + " -> ".join(ring)))
         # finally steps run after every main leaf, whatever happened.
         main = [t for t, (_, _, fin) in self.by_id.items() if not fin]
         leaves = [t for t in main if not any(not self.by_id[d][2] for d in g.successors(t))]
@@ -159,7 +222,7 @@ class _Compiler:
         for path, s, _ in self.templates:
             if s.agent is not None and s.agent not in self.spec.agents:
                 known = ", ".join(self.spec.agents) or "none defined"
-                raise self.err(path + ("agent",), f"unknown agent {s.agent!r}{_hint(s.agent, self.spec.agents)}; agents: {known}")
+                self.errors.append(self.err(path + ("agent",), f"unknown agent {s.agent!r}{_hint(s.agent, self.spec.agents)}; agents: {known}"))
 
     def resolve_params(self) -> dict[str, Any]:
         try:
@@ -170,6 +233,7 @@ class _Compiler:
             raise SpecError(f"{self.source}: {exc}") from None
 
     # ------------------------------------------------------------------ templates
+    @_collects
     def check_template(
         self,
         path: tuple,
@@ -205,8 +269,10 @@ class _Compiler:
                 raise self.err(path, f"unknown param {head!r}{_hint(head, self.spec.params)}")
             if name == "run" and isinstance(head, str) and head not in _RUN_KEYS:
                 raise self.err(path, f"unknown run field {head!r}; available: {', '.join(_RUN_KEYS)}")
-            if name == "matrix" and isinstance(head, str) and step is not None and head not in (step.matrix or {}):
-                raise self.err(path, f"unknown matrix key {head!r}{_hint(head, step.matrix or {})}")
+            if name == "matrix" and isinstance(head, str) and step is not None:
+                keys = _matrix_keys(step)
+                if keys is not None and head not in keys:
+                    raise self.err(path, f"unknown matrix key {head!r}{_hint(head, sorted(keys))}")
             if name == "steps" and isinstance(head, str) and step is not None:
                 self._check_step_ref(path, step, ancestors, chain)
         self.check_static_bounds(path, raw if expr is None else expr, expression=expr is not None)
@@ -222,17 +288,22 @@ class _Compiler:
                 except EvaluationLimit as exc:
                     raise self.err(path, str(exc)) from None
 
+    @_collects
     def check_env(self, path: tuple, env: dict[str, str]) -> None:
         """A variable that bash (or what it starts) uses to run or find code (``BASH_ENV``,
         ``PS4``, ``PATH``, ``LD_PRELOAD`` …) may not get a template value, except from the
         worker's own environment or run fields."""
         for key, value in env.items():
             if key in SPECIAL_VARS and "${{" in value:
-                names = {n for n, _ in template_refs(value)}
+                try:
+                    names = {n for n, _ in template_refs(value)}
+                except (TemplateError, EvaluationLimit):
+                    continue  # bad syntax: check_template reports it
                 if not names <= {"env", "run"}:
                     raise self.err(path + (key,), f"{key} is used by bash or the programs it starts to run or "
                                    "find code: it may only use env.* and run.* in templates", key=True)
 
+    @_collects
     def check_workdir(self, path: tuple, raw: str) -> None:
         """A static relative workdir must stay inside the spec's directory (a templated one is
         checked when rendered)."""
@@ -243,11 +314,15 @@ class _Compiler:
         except ValueError as exc:
             raise self.err(path, f"{exc} (it is relative to the spec's directory and may not leave it)") from None
 
+    @_collects
     def check_shell_string(self, path: tuple, raw: str) -> None:
         """A ``run``/``rollback`` string: every ``${{ }}`` must sit where a reference is safe."""
         if "${{" not in raw:
             return
-        refused = check_shell(raw)
+        try:
+            refused = check_shell(raw)
+        except (TemplateError, EvaluationLimit):
+            return  # bad syntax: check_template reports it
         if refused is not None:
             why, offset = refused
             line = raw.count("\n", 0, offset) + 1
@@ -276,29 +351,73 @@ class _Compiler:
         if len(chain) < 2 or not isinstance(chain[1], str):
             return
         part = chain[1]
-        if part not in ("outputs", "artifacts", "status"):
-            raise self.err(path, f"steps.{ref}.{part}: use steps.{ref}.outputs, .artifacts or .status")
         src = self.by_id[ref][1]
         fanout = src.matrix is not None or src.foreach is not None
-        if len(chain) < 3 or not isinstance(chain[2], str):
+        if part in ("instances", "by_key") and not fanout:
+            raise self.err(path, f"steps.{ref}.{part}: step {ref!r} is not a fan-out step (no matrix or foreach); "
+                                 f"use steps.{ref}.outputs, .artifacts or .status")
+        if part not in ("outputs", "artifacts", "status", "instances", "by_key"):
+            more = ", .status, .instances or .by_key" if fanout else " or .status"
+            raise self.err(path, f"steps.{ref}.{part}: use steps.{ref}.outputs, .artifacts{more}")
+        if len(chain) < 3 or part == "status":
             return
+        if not fanout:
+            self._check_result(path, ref, src, part, chain[2])
+            return
+        sel = chain[2]
+        if part == "by_key" and isinstance(sel, str) and src.matrix is not None:
+            keys = self._instance_keys(ref)
+            if sel not in keys:
+                raise self.err(path, f"step {ref!r} has no instance {sel!r}{_hint(sel, keys)}; "
+                                     f"instances: {', '.join(keys)}")
+        if part in ("outputs", "artifacts") and isinstance(sel, str):
+            # one entry per instance: a name here would have to pick one of them
+            raise self.err(path, self._ambiguous(ref, src, part, sel))
+        if sel is None and part in ("outputs", "artifacts"):
+            return  # a dynamic index: checked when rendered
+        rest = chain[3:]
+        if part in ("outputs", "artifacts"):
+            if rest:
+                self._check_result(path, ref, src, part, rest[0])
+            return
+        if rest and isinstance(rest[0], str):
+            if rest[0] not in INSTANCE_FIELDS:
+                raise self.err(path, f"steps.{ref}.{part}[...].{rest[0]}: an instance has "
+                                     f"{', '.join(INSTANCE_FIELDS)}{_hint(rest[0], INSTANCE_FIELDS)}")
+            if rest[0] in ("outputs", "artifacts") and len(rest) > 1:
+                self._check_result(path, ref, src, rest[0], rest[1])
+
+    def _check_result(self, path: tuple, ref: str, src: StepSpec, part: str, name: Any) -> None:
+        """``name`` (a literal key; anything else is checked when rendered) must be one of the
+        declared output values, or match a declared artifact glob, of step ``ref``."""
+        if not isinstance(name, str):
+            return
+        if part == "outputs" and src.outputs.values and name not in src.outputs.values:
+            raise self.err(
+                path,
+                f"step {ref!r} declares no output {name!r}{_hint(name, src.outputs.values)}; "
+                f"declared: {', '.join(src.outputs.values)}",
+            )
+        if part == "artifacts" and not any(fnmatch.fnmatchcase(name, g) for g in src.outputs.artifacts):
+            declared = ", ".join(src.outputs.artifacts) or "none"
+            raise self.err(path, f"step {ref!r} declares no artifact matching {name!r}; declared: {declared}")
+
+    def _ambiguous(self, ref: str, src: StepSpec, part: str, name: str) -> str:
+        """What to write instead of ``steps.<ref>.<part>.<name>`` on fan-out step ``ref``."""
+        keys = self._instance_keys(ref) if src.matrix is not None else ["0"]
+        one = f"steps.{ref}.by_key['{keys[0]}'].{part}"
+        head = (f"steps.{ref}.{part} is a list (one entry per instance of fan-out step {ref!r}), "
+                f"so steps.{ref}.{part}[{name!r}] would be ambiguous; ")
         if part == "outputs":
-            if fanout:
-                raise self.err(
-                    path,
-                    f"steps.{ref}.outputs is a list (one entry per instance of fan-out step {ref!r}); "
-                    f"use e.g. steps.{ref}.outputs | map(attribute='{chain[2]}')",
-                )
-            if src.outputs.values and chain[2] not in src.outputs.values:
-                raise self.err(
-                    path,
-                    f"step {ref!r} declares no output {chain[2]!r}{_hint(chain[2], src.outputs.values)}; "
-                    f"declared: {', '.join(src.outputs.values)}",
-                )
-        if part == "artifacts" and not fanout:
-            if not any(fnmatch.fnmatchcase(chain[2], g) for g in src.outputs.artifacts):
-                declared = ", ".join(src.outputs.artifacts) or "none"
-                raise self.err(path, f"step {ref!r} declares no artifact matching {chain[2]!r}; declared: {declared}")
+            return (head + f"write steps.{ref}.outputs | map(attribute='{name}') | join(',') for every "
+                    f"instance's value, or {one}.{name} for one instance's")
+        return (head + f"take every instance's file with inputs: [{{from: {ref}, artifact: {name}}}] (one file "
+                f"per instance at {ref}/<instance key>/{name}), or one instance's with {one}[{name!r}]")
+
+    def _instance_keys(self, tid: str) -> list[str]:
+        """Instance keys of matrix step ``tid``, in instance order (evaluated with the params)."""
+        path, s, _ = self.by_id[tid]
+        return [instance_key(concrete_id(tid, idv), tid) for idv, _ in self.matrix_instances(path, s, self.params)]
 
     def check_templates(self) -> None:
         base = {"params", "run", "env"}
@@ -350,25 +469,23 @@ class _Compiler:
                 self.check_template(path + ("when",), s.when, step=s, allow=allow | set(STATUS_FUNCTIONS), expression=True)
 
     # ------------------------------------------------------------------ expansion
-    def matrix_instances(self, path: tuple, s: StepSpec, params: dict[str, Any]) -> list[dict[str, Any]]:
+    def matrix_instances(self, path: tuple, s: StepSpec, params: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """The instances of ``s`` as ``(id values, matrix values)``, in instance order: the
+        product of the axes in spec order, less the ``exclude`` matches, with ``include`` applied
+        as GitHub Actions does. An included entry whose axis values match no combination is
+        added; one that matches extends those combinations (its other keys are added or
+        overwrite earlier additions, never an axis value) and leaves their ids unchanged."""
         if s.matrix is None:
-            return [{}]
+            return [({}, {})]
+        cached = self._combos.get(s.id)
+        if cached is not None:
+            return cached
         axes: list[tuple[str, list[Any]]] = []
-        variables = {"params": params, "run": {"name": self.spec.name, "spec_dir": self.spec._spec_dir}}
         for key, raw in s.matrix.items():
+            if key in MATRIX_MODIFIERS:
+                continue
             where = path + ("matrix", key)
-            if isinstance(raw, str):
-                try:
-                    values = evaluate_expression(raw, variables)
-                except _EVAL_OR_LIMIT as exc:
-                    raise self.err(where, f"cannot evaluate: {getattr(exc, 'message', None) or exc}") from None
-                if isinstance(values, str):
-                    try:
-                        values = json.loads(values)
-                    except ValueError:
-                        pass
-            else:
-                values = raw
+            values = self._matrix_value(where, raw, params)
             if not isinstance(values, list):
                 raise self.err(where, f"must give a list, got {type(values).__name__} {to_text(values)[:40]!r}")
             if not values:
@@ -379,11 +496,70 @@ class _Compiler:
             total *= len(vals)
         if total > MAX_FANOUT:
             raise self.err(path + ("matrix",), f"{total} instances exceed the fan-out limit of {MAX_FANOUT}")
-        return [dict(zip([k for k, _ in axes], combo, strict=True)) for combo in itertools.product(*[v for _, v in axes])]
+        names = [k for k, _ in axes]
+        exclude = self._matrix_entries(path, s, "exclude", params)
+        include = self._matrix_entries(path, s, "include", params)
+        for j, entry in enumerate(exclude):
+            for key in entry:
+                if key not in names:
+                    raise self.err(path + ("matrix", "exclude", j, key),
+                                   f"{key!r} is not a matrix axis; axes: {', '.join(names) or 'none'}", key=True)
+        combos = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*[v for _, v in axes])] if axes else []
+        combos = [c for c in combos if not any(all(c[k] == v for k, v in e.items()) for e in exclude)]
+        if not combos and axes and not include:
+            raise self.err(path + ("matrix", "exclude"), "removes every combination")
+        out: list[tuple[dict[str, Any], dict[str, Any]]] = [(c, dict(c)) for c in combos]
+        for entry in include:
+            matched = False
+            for idv, values in out[: len(combos)]:
+                if all(idv[k] == v for k, v in entry.items() if k in idv):
+                    values.update(entry)
+                    matched = True
+            if not matched:
+                out.append((dict(entry), dict(entry)))
+        if len(out) > MAX_FANOUT:
+            raise self.err(path + ("matrix",), f"{len(out)} instances exceed the fan-out limit of {MAX_FANOUT}")
+        self._combos[s.id] = out
+        return out
+
+    def _matrix_value(self, where: tuple, raw: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(raw, str):
+            return raw
+        variables = {"params": params, "run": {"name": self.spec.name, "spec_dir": self.spec._spec_dir}}
+        try:
+            values = evaluate_expression(raw, variables)
+        except _EVAL_OR_LIMIT as exc:
+            raise self.err(where, f"cannot evaluate: {getattr(exc, 'message', None) or exc}") from None
+        if isinstance(values, str):
+            try:
+                values = json.loads(values)
+            except ValueError:
+                pass
+        return values
+
+    def _matrix_entries(self, path: tuple, s: StepSpec, what: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        assert s.matrix is not None
+        if what not in s.matrix:
+            return []
+        where = path + ("matrix", what)
+        value = self._matrix_value(where, s.matrix[what], params)
+        if isinstance(value, str):
+            raise self.err(where, f"must give a list of mappings, got str {value[:40]!r}")
+        try:
+            check_matrix_entries(value, what)
+        except ValueError as exc:
+            raise self.err(where, str(exc)) from None
+        return list(value)
 
     def inputs_for(self, path: tuple, s: StepSpec, instances: dict[str, list[str]]) -> list[InputDecl]:
+        """The input declarations of ``s``. From a fan-out step every instance's file is an input,
+        at ``<as>/<instance key>/<artifact>`` (``as`` defaults to the source step's id): one
+        declaration per instance of a matrix step; ONE for a foreach step, with ``dest`` the
+        directory (its children are known at run time only, the attempt lays them out)."""
         out: list[InputDecl] = []
-        seen: dict[str, int] = {}
+        files: dict[str, int] = {}  # destination -> index of the input that writes it
+        dirs: dict[str, int] = {}  # directories above those files
+        patterns: list[tuple[int, list[str | None]]] = []  # foreach inputs: None is any instance key
         ancestors = nx.ancestors(self.graph, s.id)
         for k, inp in enumerate(s.inputs):
             where = path + ("inputs", k)
@@ -393,33 +569,52 @@ class _Compiler:
             if src_id not in ancestors:
                 raise self.err(where + ("from",), f"step {src_id!r} is not upstream of {s.id!r} (add it to needs)")
             src = self.by_id[src_id][1]
-            if src.foreach is not None:
-                raise self.err(where + ("from",), f"step {src_id!r} is a foreach step; its artifacts cannot be inputs")
             if not any(fnmatch.fnmatchcase(inp.artifact, g) for g in src.outputs.artifacts):
                 declared = ", ".join(src.outputs.artifacts) or "none"
                 raise self.err(where + ("artifact",), f"step {src_id!r} declares no artifact matching {inp.artifact!r}; declared: {declared}")
-            dest = inp.as_ or inp.artifact
-            decls: list[InputDecl] = []
-            if src.matrix is not None:
-                # One file per instance: <as>/<instance key>/<artifact>, e.g. notes/topic=x/notes.md
-                for cid in instances[src_id]:
-                    key = cid[len(src_id) + 1 : -1]
-                    decls.append(InputDecl(step=cid, artifact=inp.artifact, dest=f"{dest}/{key}/{inp.artifact}"))
-            else:
-                decls.append(InputDecl(step=src_id, artifact=inp.artifact, dest=dest))
+            fanout = src.matrix is not None or src.foreach is not None
+            dest = inp.as_ or (src_id if fanout else inp.artifact)
+            if src.foreach is not None:
+                out.append(InputDecl(step=src_id, artifact=inp.artifact, dest=dest))
+                patterns.append((k, [*dest.split("/"), None, *inp.artifact.split("/")]))
+                continue
+            decls = [InputDecl(step=cid, artifact=inp.artifact, dest=f"{dest}/{instance_key(cid, src_id)}/{inp.artifact}")
+                     for cid in instances[src_id]] if src.matrix is not None else [
+                InputDecl(step=src_id, artifact=inp.artifact, dest=dest)]
             for d in decls:
-                if d.dest in seen:
-                    raise self.err(where, f"input destination {d.dest!r} is already used by inputs[{seen[d.dest]}]")
-                seen[d.dest] = k
+                if d.dest in files:
+                    raise self.err(where, f"input destination {d.dest!r} is already used by inputs[{files[d.dest]}]")
+                parts = d.dest.split("/")
+                above = ["/".join(parts[:n]) for n in range(1, len(parts))]
+                clash = dirs.get(d.dest)
+                if clash is None:
+                    clash = next((files[a] for a in above if a in files), None)
+                if clash is not None:
+                    raise self.err(where, f"input destination {d.dest!r} overlaps a destination of inputs[{clash}] "
+                                          "(one would be a file inside the other)")
+                files[d.dest] = k
+                for a in above:
+                    dirs.setdefault(a, k)
                 out.append(d)
+        for n, (k, pattern) in enumerate(patterns):
+            others = [(j, f.split("/")) for f, j in files.items()] + patterns[:n]
+            for j, parts in others:
+                if j != k and all(a is None or b is None or a == b for a, b in zip(pattern, parts, strict=False)):
+                    first, second = sorted((j, k))
+                    raise self.err(path + ("inputs", second), f"input destinations of inputs[{first}] and "
+                                   f"inputs[{second}] overlap (one fan-out input fills "
+                                   f"{'/'.join(p or '<instance key>' for p in pattern)})")
         return out
 
     def compile(self) -> CompiledWorkflow:
         graph = self.check_ids_and_needs()
         self.check_agents()
-        params = self.resolve_params()
+        params: dict[str, Any] = {}
+        with self.collect():
+            params = self.resolve_params()
         self.params = params
         self.check_templates()
+        raise_all(self.errors)
         order_index = {s.id: n for n, (_, s, _) in enumerate(self.templates)}
         topo = list(nx.lexicographical_topological_sort(graph, key=lambda t: f"{order_index[t]:08d}"))
         d = self.spec.defaults
@@ -448,8 +643,8 @@ class _Compiler:
             ids: list[str] = []
             combos = self.matrix_instances(path, s, params)
             inputs = self.inputs_for(path, s, instances)
-            for values in combos:
-                cid = concrete_id(tid, values)
+            for idv, values in combos:
+                cid = concrete_id(tid, idv)
                 if cid in steps:
                     raise self.err(path + ("matrix",), f"two matrix instances get the same id {cid!r}")
                 steps[cid] = ConcreteStep(
@@ -494,6 +689,16 @@ class _Compiler:
         return wf
 
 
+def reference_errors(spec: Spec) -> list[SpecError]:
+    """Every structure and reference error of ``spec`` (ids, needs, cycles, agents, every
+    template), checked without param values: what ``validate`` adds to a spec's field errors."""
+    c = _Compiler(spec, {}, spec._source)
+    c.check_ids_and_needs()
+    c.check_agents()
+    c.check_templates()
+    return c.errors
+
+
 def compile_workflow(spec: Spec, params: dict[str, Any], *, source: str = "<spec>") -> CompiledWorkflow:
     """Apply ``params`` (``-p`` strings are coerced to the declared types; typed values are
     checked), expand matrices, check every template statically, and build the DAG.
@@ -505,3 +710,27 @@ def compile_file(path: Path, params: dict[str, Any]) -> CompiledWorkflow:
     """:func:`load_spec` + :func:`compile_workflow`."""
     spec = load_spec(Path(path))
     return compile_workflow(spec, params, source=spec._source)
+
+
+def executable_warnings(spec: Spec, search_path: str | None = None) -> list[str]:
+    """``file:line:col: field: 'x' is not on PATH`` for each agent's ``command[0]`` and each
+    ``run``/``rollback`` argv[0] that is a bare name (no ``/``, no template) which
+    ``search_path`` (default: this process's PATH) does not find. Only a warning: the worker
+    that runs the step may have a different PATH."""
+    import shutil
+
+    found: list[str] = []
+    candidates: list[tuple[tuple, str]] = [(("agents", name, "command", 0), a.command[0])
+                                           for name, a in spec.agents.items()]
+    for i, s in enumerate(spec.steps):
+        candidates += [(("steps", i, f, 0), c[0]) for f, c in (("run", s.run), ("rollback", s.rollback))
+                       if isinstance(c, list)]
+    for i, s in enumerate(spec.finally_):
+        candidates += [(("finally", i, f, 0), c[0]) for f, c in (("run", s.run), ("rollback", s.rollback))
+                       if isinstance(c, list)]
+    for path, exe in candidates:
+        if "/" in exe or "${{" in exe or not exe.strip():
+            continue
+        if shutil.which(exe, path=search_path) is None:
+            found.append(str(error_at(spec._source, spec._positions, path, f"{exe!r} is not on PATH")))
+    return found

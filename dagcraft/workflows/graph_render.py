@@ -1,4 +1,4 @@
-"""Text, Mermaid and DOT drawings of a compiled workflow. Output is deterministic (step order)."""
+"""Text, Mermaid, DOT and SVG drawings of a compiled workflow. Output is deterministic (step order)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import networkx as nx
 
 from dagcraft.workflows.spec import CompiledWorkflow, ConcreteStep
 
-FORMATS = ("text", "mermaid", "dot")
+FORMATS = ("text", "mermaid", "dot", "svg")
 
 
 def _label(step: ConcreteStep) -> str:
@@ -87,7 +87,7 @@ def render_mermaid(wf: CompiledWorkflow) -> str:
 
 def render(wf: CompiledWorkflow, fmt: str) -> str:
     """Dispatch on ``fmt`` (one of FORMATS)."""
-    return {"text": render_text, "mermaid": render_mermaid, "dot": render_dot}[fmt](wf)
+    return {"text": render_text, "mermaid": render_mermaid, "dot": render_dot, "svg": to_svg}[fmt](wf)
 
 
 #: Colours of :func:`to_svg` nodes by status class (``st-<status>``). Embedded in the SVG by

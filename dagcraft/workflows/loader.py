@@ -3,7 +3,9 @@
 Guarantees: duplicate mapping keys are an error (never a silent override); every mapping value
 and sequence item gets a position, so any error ``loc`` maps back to the line and column where
 the offending value (or the nearest enclosing one) was written. Errors are raised as
-:class:`~dagcraft.errors.SpecError` with a one-line message.
+:class:`~dagcraft.errors.SpecError` with a one-line message; a spec with several independent
+problems raises :class:`SpecErrors`, one line per problem in file order (at most
+``MAX_REPORTED`` lines, then ``… and N more errors``).
 
 Loading is bounded, each bound a positioned SpecError checked before the data is built: at
 most ``MAX_SPEC_BYTES`` of text, no NUL (or other non-printable) characters, nesting at most
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ MAX_SPEC_BYTES = 1 << 20  # 1 MiB of spec text
 MAX_DEPTH = 64  # nested mappings/sequences
 MAX_NODES = 100_000  # values in the document, aliases expanded
 MAX_INT = 2**63 - 1  # integers in a spec fit in 64 bits
+MAX_REPORTED = 50  # errors listed in a SpecErrors message (--json lists them all)
 
 
 class _Loader(yaml.SafeLoader):
@@ -189,11 +193,65 @@ def locate(pos_value: dict[tuple, Pos], path: tuple) -> Pos | None:
 
 
 def error_at(source: str, pos_value: dict[tuple, Pos], path: tuple, message: str, *, at: Pos | None = None) -> SpecError:
-    """A SpecError ``source:line:col: path: message`` (``source: path: message`` without a position)."""
+    """A SpecError ``source:line:col: path: message`` (``source: path: message`` without a position).
+    Its parts are kept as attributes (``source``, ``line``, ``col``, ``field``, ``detail``) for
+    :func:`error_record`."""
     where = at or locate(pos_value, path)
     prefix = f"{source}:{where[0]}:{where[1]}" if where else source
     field = format_path(path)
-    return SpecError(f"{prefix}: {field}: {message}" if field else f"{prefix}: {message}")
+    err = SpecError(f"{prefix}: {field}: {message}" if field else f"{prefix}: {message}")
+    err.source, err.field, err.detail, err.path = source, field, message, tuple(path)  # type: ignore[attr-defined]
+    err.line, err.col = where if where else (None, None)  # type: ignore[attr-defined]
+    return err
+
+
+_POSITIONED = re.compile(r"^(?P<file>.+?):(?P<line>\d+):(?P<col>\d+): (?P<message>.*)$", re.S)
+
+
+def error_record(err: SpecError) -> dict[str, Any]:
+    """``{"file", "line", "col", "field", "message", "text"}`` of one spec error (``line``/``col``/
+    ``field`` None when the error has none); ``text`` is the whole one-line message."""
+    text = str(err)
+    if hasattr(err, "detail"):
+        return {"file": err.source, "line": err.line, "col": err.col, "field": err.field or None,  # type: ignore[attr-defined]
+                "message": err.detail, "text": text}  # type: ignore[attr-defined]
+    m = _POSITIONED.match(text)
+    if m:
+        return {"file": m["file"], "line": int(m["line"]), "col": int(m["col"]), "field": None,
+                "message": m["message"], "text": text}
+    return {"file": None, "line": None, "col": None, "field": None, "message": text, "text": text}
+
+
+class SpecErrors(SpecError):
+    """Several independent problems of one spec. ``errors`` holds them in file order; the
+    message is one line per error (the first ``MAX_REPORTED``, then ``… and N more errors``)."""
+
+    def __init__(self, errors: list[SpecError]) -> None:
+        def key(e: SpecError) -> tuple[int, int]:
+            r = error_record(e)
+            return (r["line"] or 0, r["col"] or 0)
+
+        self.errors = sorted(errors, key=key)
+        lines = [str(e) for e in self.errors[:MAX_REPORTED]]
+        rest = len(self.errors) - MAX_REPORTED
+        if rest > 0:
+            lines.append(f"… and {rest} more error{'s' if rest > 1 else ''}")
+        super().__init__("\n".join(lines))
+
+
+def spec_errors(exc: SpecError) -> list[SpecError]:
+    """Every error ``exc`` stands for: its ``errors`` if it is a :class:`SpecErrors`, else itself."""
+    return list(exc.errors) if isinstance(exc, SpecErrors) else [exc]
+
+
+def raise_all(errors: list[SpecError]) -> None:
+    """Raise nothing for no errors, the error itself for one, else :class:`SpecErrors`.
+    Duplicates (the same message twice) are reported once."""
+    unique = list({str(e): e for e in errors}.values())
+    if len(unique) == 1:
+        raise unique[0]
+    if unique:
+        raise SpecErrors(unique)
 
 
 def _all_field_names(model: type[BaseModel], seen: set[type] | None = None) -> set[str]:
@@ -239,33 +297,100 @@ def _clean_loc(data: Any, loc: tuple) -> tuple:
     return tuple(out)
 
 
-def validation_error(exc: ValidationError, data: Any, source: str, pos: _Positions) -> SpecError:
-    """The first pydantic error as a positioned one-line SpecError (with a count of the others)."""
-    errors = exc.errors(include_url=False)
-    # Prefer the most specific error: pydantic reports errors in field order already.
-    err = errors[0]
-    path = _clean_loc(data, tuple(err["loc"]))
-    kind = err["type"]
-    msg = err["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    at = None
-    if kind == "extra_forbidden":
-        key = path[-1] if path else "?"
-        known = sorted(_all_field_names(Spec))
-        hint = difflib.get_close_matches(str(key), known, n=1)
-        msg = f"unknown field {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        at = pos.key.get(path)
-    elif kind == "missing":
-        msg = f"missing required field {path[-1]!r}" if path else "missing required field"
-        path, at = path[:-1], locate(pos.value, path[:-1])
-    else:
-        if "input" in err and (kind.endswith("_type") or kind.endswith("_parsing")):
+#: which model each spec section is, in words ("X is a <where> field")
+_WHERE = {"Spec": "workflow-level", "StepSpec": "step", "DefaultsSpec": "defaults", "AgentDef": "agent",
+          "ParamSpec": "param", "RetrySpec": "retries", "RetryOnSpec": "retries.retry_on",
+          "OutputsSpec": "outputs", "InputSpec": "inputs"}
+
+
+def _models(model: type[BaseModel], seen: set[type] | None = None) -> list[type[BaseModel]]:
+    seen = seen if seen is not None else set()
+    if model in seen:
+        return []
+    seen.add(model)
+    out = [model]
+    for field in model.model_fields.values():
+        for cand in _types_in(field.annotation):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                out += _models(cand, seen)
+    return out
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    """The spec model that holds the mapping at ``path`` (``("steps", 0)`` → StepSpec)."""
+    cur: Any = Spec
+    for part in path:
+        models = [t for t in _types_in(cur) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if isinstance(part, str) and models:
+            fields = {f.alias or n: f for n, f in models[0].model_fields.items()}
+            if part not in fields:
+                return None
+            cur = fields[part].annotation
+        else:  # a list index or a dict key: the container's item type
+            args = [a for a in getattr(cur, "__args__", ()) if a is not type(None)]
+            origin = getattr(cur, "__origin__", None)
+            if origin is None and args:  # a union (Optional[...]): the container in it
+                cont = [a for a in args if getattr(a, "__origin__", None) in (list, dict)]
+                if not cont:
+                    return None
+                cur, args, origin = cont[0], list(cont[0].__args__), cont[0].__origin__
+            if origin not in (list, dict) or not args:
+                return None
+            cur = args[-1]
+    models = [t for t in _types_in(cur) if isinstance(t, type) and issubclass(t, BaseModel)]
+    return models[0] if models else None
+
+
+def _unknown_field(path: tuple) -> str:
+    """Why ``path[-1]`` is not a field here: where it belongs if it is a field elsewhere,
+    else the closest field name of this section."""
+    key = str(path[-1]) if path else "?"
+    here = _model_at(path[:-1])
+    local = _field_names(here) if here is not None else sorted(_all_field_names(Spec))
+    order = list(_WHERE)
+    homes = [_WHERE.get(m.__name__, m.__name__) for m in sorted(
+        (m for m in _models(Spec) if key in _field_names(m)),
+        key=lambda m: order.index(m.__name__) if m.__name__ in order else len(order))]
+    if homes and here is not None:
+        homes_text = homes[0] if len(homes) == 1 else ", ".join(homes[:-1]) + " or " + homes[-1]
+        return f"{key!r} is a {homes_text} field, not a {_WHERE.get(here.__name__, here.__name__)} field"
+    hint = difflib.get_close_matches(key, local, n=1)
+    return f"unknown field {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+
+
+def validation_errors(exc: ValidationError, data: Any, source: str, pos: _Positions) -> list[SpecError]:
+    """Every pydantic error as a positioned one-line SpecError (one per field path and message)."""
+    out: list[SpecError] = []
+    for err in exc.errors(include_url=False):
+        path = _clean_loc(data, tuple(err["loc"]))
+        kind = err["type"]
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        at = None
+        if kind == "extra_forbidden":
+            msg = _unknown_field(path)
+            at = pos.key.get(path)
+        elif kind == "missing":
+            msg = f"missing required field {path[-1]!r}" if path else "missing required field"
+            path, at = path[:-1], locate(pos.value, path[:-1])
+        elif "input" in err and (kind.endswith("_type") or kind.endswith("_parsing")):
             msg = f"{msg}, got {_short(err.get('input'))}"
-    more = len(errors) - 1
-    if more:
-        msg += f" (and {more} more error{'s' if more > 1 else ''})"
-    return error_at(source, pos.value, path, msg, at=at)
+        out.append(error_at(source, pos.value, path, msg, at=at))
+    return out
+
+
+def validation_error(exc: ValidationError, data: Any, source: str, pos: _Positions) -> SpecError:
+    """Every pydantic error of ``exc`` as one SpecError (a :class:`SpecErrors` if several)."""
+    try:
+        raise_all(validation_errors(exc, data, source, pos))
+    except SpecError as err:
+        return err
+    return SpecError(f"{source}: invalid spec")  # pydantic always reports at least one error
 
 
 def _short(v: Any) -> str:
@@ -281,12 +406,89 @@ def parse_spec(text: str, source: str = "<spec>", spec_dir: str | None = None) -
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc, data, source, pos) from None
+        errors = validation_errors(exc, data, source, pos)
+        errors += _reference_errors(data, errors, source, pos, spec_dir)
+        raise_all(errors)
+        raise validation_error(exc, data, source, pos) from None  # not reached: pydantic reported errors
     spec._positions = pos.value
     spec._key_positions = pos.key
     spec._source = source
     spec._spec_dir = spec_dir
     return spec
+
+
+_PLACEHOLDER = "_invalid_step_{}_{}"
+
+
+def _reference_errors(data: dict[str, Any], errors: list[SpecError], source: str, pos: _Positions,
+                      spec_dir: str | None) -> list[SpecError]:
+    """The compiler's structure and reference errors of a spec whose only field errors are
+    inside ``steps``/``finally`` items, so one ``validate`` reports both kinds: each faulty
+    item is checked as a stand-in that keeps its valid ``id``, ``needs`` and ``outputs``.
+    Errors its lost fields could make wrong are left out (those naming a stand-in without its
+    id or outputs; "not upstream" ones once a stand-in lost its needs); [] when the field
+    errors are elsewhere (params, agents, ... feed every reference check)."""
+    from dagcraft.workflows.compile import reference_errors  # compile imports this module
+    from dagcraft.workflows.spec import ID_RE, OutputsSpec, StepSpec
+
+    bad: dict[tuple[str, int], set[str]] = {}  # faulty item -> its faulty fields
+    for e in errors:
+        path = getattr(e, "path", ())
+        if len(path) < 2 or path[0] not in ("steps", "finally") or not isinstance(path[1], int):
+            return []
+        fields = bad.setdefault((path[0], path[1]), set())
+        if len(path) > 2 and isinstance(path[2], str):
+            fields.add(path[2])
+    salvaged = dict(data)
+    lossy: set[str] = set()  # stand-ins without their own id or outputs
+    lost_needs = False
+    lost_scope: set[tuple[str, int]] = set()  # stand-ins that lost matrix/foreach/agent
+    for (section, i), fields in sorted(bad.items()):
+        items = list(salvaged[section])
+        item = items[i] if isinstance(items[i], dict) else {}
+        sid = item.get("id")
+        good_id = isinstance(sid, str) and ID_RE.match(sid) is not None and "id" not in fields
+        # first the item without its faulty fields (its templates are still checked), else
+        # only its id, needs and outputs
+        stand_in = {k: v for k, v in item.items() if k not in fields}
+        stand_in["id"] = sid if good_id else _PLACEHOLDER.format(section, i)
+        if "run" not in stand_in and "agent" not in stand_in:
+            stand_in["run"] = ["true"]
+        try:
+            StepSpec.model_validate(stand_in)
+        except ValidationError:
+            stand_in = {"id": stand_in["id"], "run": ["true"]}
+            needs = item.get("needs")
+            if "needs" not in fields and (isinstance(needs, str) or (
+                    isinstance(needs, list) and all(isinstance(n, str) for n in needs))):
+                stand_in["needs"] = needs
+            try:
+                stand_in["outputs"] = OutputsSpec.model_validate(item.get("outputs", {})).model_dump()
+            except ValidationError:
+                lossy.add(stand_in["id"])
+        lost = {k for k in item if k not in stand_in}
+        lost_needs = lost_needs or "needs" in lost
+        if lost & {"outputs"} or stand_in["id"] != sid:
+            lossy.add(stand_in["id"])
+        if lost & {"matrix", "foreach", "agent", "prompt"}:
+            lost_scope.add((section, i))
+        items[i] = stand_in
+        salvaged[section] = items
+    try:
+        spec = Spec.model_validate(salvaged)
+    except ValidationError:
+        return []
+    spec._positions, spec._key_positions, spec._source, spec._spec_dir = pos.value, pos.key, source, spec_dir
+    out = []
+    for e in reference_errors(spec):
+        where = tuple(getattr(e, "path", ()))[:2]
+        text = str(e)
+        if (where not in bad and any(f"{n!r}" in text for n in lossy)) \
+                or (lost_needs and "is not upstream of" in text) \
+                or (where in lost_scope and "is not available here" in text):
+            continue  # a stand-in's lost fields could make this wrong
+        out.append(e)
+    return out
 
 
 def load_spec(path: Path) -> Spec:

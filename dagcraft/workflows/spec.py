@@ -72,6 +72,29 @@ _COMMAND_SCHEMA = {
         {"type": "null"},
     ]
 }
+_MATRIX_ENTRIES_SCHEMA = {
+    "anyOf": [{"type": "array", "items": {"type": "object", "minProperties": 1}},
+              {"type": "string", "description": "a '${{ }}' expression giving such a list"}],
+}
+_MATRIX_SCHEMA = {
+    "anyOf": [
+        {
+            "type": "object",
+            "minProperties": 1,
+            "properties": {
+                "include": {**_MATRIX_ENTRIES_SCHEMA, "description": "combinations to add, or to extend "
+                            "the combinations whose axis values they match (as in GitHub Actions)"},
+                "exclude": {**_MATRIX_ENTRIES_SCHEMA, "description": "remove the combinations matching "
+                            "all the given keys"},
+            },
+            "additionalProperties": {
+                "anyOf": [{"type": "array", "minItems": 1}, {"type": "string"}],
+                "description": "an axis: its values, or a '${{ }}' expression giving them",
+            },
+        },
+        {"type": "null"},
+    ]
+}
 Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
 Command = Annotated[Any, WithJsonSchema(_COMMAND_SCHEMA)]
 
@@ -118,6 +141,27 @@ def _command(value: Any, what: str) -> list[str] | str | None:
             out.append(item if isinstance(item, str) else str(item))
         return out
     raise ValueError(f"{what} must be a list of strings (argv, no shell) or a string (run by bash -c)")
+
+
+#: matrix keys that are not axes: they remove (``exclude``) or add/extend (``include``) combinations
+MATRIX_MODIFIERS = ("include", "exclude")
+
+
+def check_matrix_entries(value: Any, what: str) -> Any:
+    """A matrix ``include``/``exclude``: a list of non-empty mappings of ids to values, or a
+    ``${{ }}`` expression (checked once evaluated). ValueError naming the entry otherwise."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"matrix.{what} must be a list of mappings (matrix key: value)")
+    for j, entry in enumerate(value):
+        if not isinstance(entry, dict) or not entry:
+            raise ValueError(f"matrix.{what}[{j}] must be a non-empty mapping of matrix keys to values")
+        for key in entry:
+            if key in MATRIX_MODIFIERS:
+                raise ValueError(f"matrix.{what}[{j}]: {key!r} cannot be a matrix key")
+            check_id(key, "matrix key")
+    return value
 
 
 class _Model(BaseModel):
@@ -266,7 +310,7 @@ class StepSpec(_Model):
     timeout: Duration | None = None
     retries: RetrySpec | None = None
     when: str | None = None
-    matrix: dict[str, Any] | None = None
+    matrix: Annotated[dict[str, Any] | None, WithJsonSchema(_MATRIX_SCHEMA)] = None
     foreach: str | None = None
     outputs: OutputsSpec = OutputsSpec()
     inputs: list[InputSpec] = []
@@ -303,8 +347,12 @@ class StepSpec(_Model):
             raise ValueError("matrix must have at least one key")
         for k, vals in v.items():
             check_id(k, "matrix key")
-            if not isinstance(vals, (list, str)):
+            if k in MATRIX_MODIFIERS:
+                check_matrix_entries(vals, k)
+            elif not isinstance(vals, (list, str)):
                 raise ValueError(f"matrix.{k} must be a list or a '${{{{ ... }}}}' expression giving a list")
+        if all(k in MATRIX_MODIFIERS for k in v) and "include" not in v:
+            raise ValueError("matrix needs at least one axis or an 'include' list")
         return v
 
     @model_validator(mode="after")

@@ -1,7 +1,9 @@
 """Templating: Jinja2 ``ImmutableSandboxedEnvironment`` with ``${{ … }}`` delimiters and ``StrictUndefined``.
 
 Guarantees:
-- an undefined name or attribute is an error, never an empty string;
+- an undefined name or attribute is an error, never an empty string, said in plain words
+  (``env.X is not set in the worker's environment``, ``steps.p.outputs.x: step 'p' did not
+  write output 'x'``; see :func:`explain_undefined`);
 - in a shell string (``run: "…"``, ``rollback: "…"``) no template value is ever part of the
   script text: each ``${{ … }}`` value is passed to bash in an environment variable
   (``DAGCRAFT_V_1`` …) and the script refers to it in the form right for the lexical context
@@ -30,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, Undefined, nodes
+from jinja2 import StrictUndefined, TemplateError, Undefined, UndefinedError, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import _PassArg
@@ -461,8 +463,9 @@ def render_shell(source: str, variables: dict[str, Any]) -> tuple[str, dict[str,
     out = [plan.pieces[0]]
     with bounded():
         for slot, expr, after in zip(plan.slots, plan.exprs, plan.pieces[1:], strict=True):
-            value = _compiled_expr(expr)(**variables)
-            text = _budget().charge(to_text(value))
+            with _explained(expr, variables, expression=True):
+                value = _compiled_expr(expr)(**variables)
+                text = _budget().charge(to_text(value))
             if "\x00" in text:
                 raise ValueError(f"the value of ${{{{{expr}}}}} contains a NUL byte, which cannot be passed to a command")
             if len(text.encode("utf-8", "surrogateescape")) > MAX_SHELL_VALUE:
@@ -508,7 +511,7 @@ def render_text(source: str, variables: dict[str, Any]) -> str:
     and :class:`EvaluationLimit` propagate (callers add context)."""
     if "${{" not in source:
         return source
-    with bounded():
+    with bounded(), _explained(source, variables):
         out: str = _compiled(source).render(variables)
     if len(out) > MAX_OUTPUT:
         raise EvaluationLimit(f"the rendered text is longer than {MAX_OUTPUT} characters")
@@ -532,11 +535,98 @@ def evaluate_expression(raw: str, variables: dict[str, Any], *, bare_is_expressi
         expr = raw.strip()
     if expr is None:
         return render_text(raw, variables)
-    with bounded():
+    with bounded(), _explained(expr, variables, expression=True):
         value = _compiled_expr(expr)(**variables)
-    if isinstance(value, Undefined):
-        str(value)  # raise with the hint naming what was undefined
+        if isinstance(value, Undefined):
+            str(value)  # raise with the hint naming what was undefined
     return value
+
+
+_UNDEFINED_NAME = re.compile(r"has no (?:attribute|element) (?P<name>.+)$")
+
+
+@contextlib.contextmanager
+def _explained(source: str, variables: dict[str, Any], *, expression: bool = False) -> Iterator[None]:
+    """Jinja's UndefinedError re-raised in plain words (:func:`explain_undefined`)."""
+    try:
+        yield
+    except UndefinedError as exc:
+        better = explain_undefined(source, variables, exc.message or str(exc), expression=expression)
+        if better is None:
+            raise
+        raise UndefinedError(better) from None
+
+
+def _dotted(name: str, chain: list[Any]) -> str:
+    return name + "".join(f".{k}" if isinstance(k, str) else f"[{k}]" for k in chain)
+
+
+def _missing(name: str, chain: list[Any], variables: dict[str, Any]) -> tuple[int, Any] | None:
+    """(index in ``chain`` of the first key that ``variables[name]`` lacks, the value that
+    lacks it), or None if the whole chain resolves (or turns dynamic / into a method)."""
+    if name not in variables:
+        return None
+    cur = variables[name]
+    for i, key in enumerate(chain):
+        if key is None:
+            return None
+        if isinstance(cur, Mapping) and key in cur:
+            cur = cur[key]
+        elif isinstance(cur, (list, tuple)) and isinstance(key, int) and -len(cur) <= key < len(cur):
+            cur = cur[key]
+        elif isinstance(key, str) and hasattr(cur, key):
+            return None  # a method (``items``) or attribute: not what went undefined
+        else:
+            return i, cur
+    return None
+
+
+def _words(name: str, chain: list[Any], i: int, holder: Any) -> str:
+    path, key = _dotted(name, chain[: i + 1]), chain[i]
+    if name == "env" and i == 0:
+        return f"env.{key} is not set in the worker's environment"
+    if name == "params" and i == 0:
+        return f"params.{key} has no value (it was not given and has no default)"
+    if name == "steps":
+        ref = chain[0]
+        if i == 0:
+            return f"steps.{ref}: step {ref!r} has no result here (it did not run)"
+        if i == 2 and chain[1] == "outputs":
+            return f"{path}: step {ref!r} did not write output {key!r}"
+        if i == 2 and chain[1] == "artifacts":
+            return f"{path}: step {ref!r} has no artifact {key!r}"
+    if name in ("matrix", "run") and i == 0:
+        return f"{path} is not set"
+    owner = _dotted(name, chain[:i])
+    if isinstance(holder, Mapping):
+        return f"{path}: {owner} has no key {key!r}"
+    if isinstance(holder, (list, tuple)):
+        return f"{path}: {owner} has {len(holder)} items, no item {key!r}"
+    return f"{path}: {owner} is {type(holder).__name__ if holder is not None else 'empty'}, it has no {key!r}"
+
+
+def explain_undefined(source: str, variables: dict[str, Any], message: str, *,
+                      expression: bool = False) -> str | None:
+    """Jinja's ``'dict object' has no attribute 'X'`` for ``source`` in words naming the
+    reference (``env.X is not set in the worker's environment``), or None when no reference
+    of ``source`` is missing from ``variables``. The reference whose missing key is the one
+    Jinja named wins (a missing one under ``| default`` never raised)."""
+    m = _UNDEFINED_NAME.search(message)
+    named = m.group("name") if m else None
+    try:
+        refs = template_refs(source, expression=expression)
+    except (TemplateError, EvaluationLimit):
+        return None
+    first: str | None = None
+    for name, chain in refs:
+        got = _missing(name, chain, variables)
+        if got is None:
+            continue
+        words = _words(name, chain, got[0], got[1])
+        if named is not None and repr(chain[got[0]]) == named:
+            return words
+        first = first or words
+    return first
 
 
 # ----------------------------------------------------------------------------- static analysis

@@ -209,7 +209,7 @@ def test_worker_rides_out_a_full_filesystem_during_a_claim(tmp_path):
         $DAG worker --store "$T/st" --run c1 --exit-when-idle --quiet 2>{log} &
         pid=$!
         i=0   # wait for the worker to hit the full disk (its retry warning), then free space
-        while ! grep -q "No space left" {log}; do i=$((i+1)); [ $i -gt 1200 ] && exit 97; sleep 0.05; done
+        while ! grep -q "state.json: No space left" {log}; do i=$((i+1)); [ $i -gt 1200 ] && exit 97; sleep 0.05; done
         rm "$T/fill"
         wait $pid; echo "worker=$?"
         $DAG status c1 --store "$T/st"

@@ -1,0 +1,56 @@
+"""The live table of ``dagcraft run`` counts what ``status`` counts (submitted steps; foreach
+children listed under their parent) and shows the run's one duration (issue 11)."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from dagcraft.cli.progress import Progress, snapshot
+from dagcraft.orchestrator.view import LocalView
+from tests.orchestrator.helpers import drive_inline, submit_spec, write_spec
+
+FANOUT = """
+    name: fanout
+    steps:
+      - id: plan
+        run: 'echo ''items=["a","b","c"]'' >> $DAGCRAFT_OUTPUT'
+        outputs: {values: [items]}
+      - id: each
+        needs: [plan]
+        foreach: "${{ steps.plan.outputs.items }}"
+        run: "echo ${{ item }}"
+      - id: merge
+        needs: [each]
+        run: "true"
+"""
+
+
+def _frame(view: LocalView) -> str:
+    out = io.StringIO()
+    Console(file=out, width=200, force_terminal=False, color_system=None).print(Progress().render(view))
+    return out.getvalue()
+
+
+def test_table_counts_submitted_steps_and_shows_the_summary_duration(local_store, tmp_path):
+    rid = submit_spec(local_store, write_spec(tmp_path, FANOUT))
+    queued = LocalView(local_store, rid, detail=True)
+    snap = snapshot(queued)
+    assert (snap["total"], snap["done"], snap["duration_s"]) == (3, 0, None)
+    assert "waiting for a worker" in _frame(queued)
+
+    st = drive_inline(local_store, rid, tmp_path)
+    view = LocalView(local_store, rid, detail=True)
+    snap = snapshot(view)
+    assert snap["counts"] == st["counts"] == {"succeeded": 3}  # not 6: children are not steps
+    assert (snap["total"], snap["done"]) == (3, 3)
+    assert snap["duration_s"] is not None and abs(snap["duration_s"] - st["duration_s"]) < 1e-3
+    kids = [r["step"] for r in snap["rows"] if r["child"]]
+    assert kids == ["each[0]", "each[1]", "each[2]"]
+    assert [r["step"] for r in snap["rows"] if not r["child"]] == ["plan", "each", "merge"]
+    frame = _frame(view)
+    assert f"{st['duration_s']:.1f}s" in frame.splitlines()[0]
+    assert "3 of 3 steps done  succeeded: 3" in frame
+    assert "3/3 done (3 succeeded)" in frame
+    assert "  each[1]" in frame
