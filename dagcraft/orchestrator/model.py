@@ -109,6 +109,7 @@ class ReasonKind(_Name):
     LOST_WORKER = "lost_worker"  # its worker vanished (lease expired)
     CANCELLED = "cancelled"  # the run was cancelled
     INTERRUPTED = "interrupted"  # its worker handed it back (Ctrl-C)
+    CHECK_FAILED = "check_failed"  # its command exited 0, its `check:` did not
 
     @property
     def words(self) -> str:
@@ -120,6 +121,9 @@ class ReasonKind(_Name):
 #: viewer shows them without reading the log: at most this many lines and bytes
 STDERR_TAIL_LINES = 10
 STDERR_TAIL_BYTES = 2048
+#: the end of a `check:` run's stdout+stderr kept in its attempt's AttemptInfo (redacted), so
+#: the next attempt renders ``attempt.previous.check.output`` on any worker, on any host
+CHECK_OUTPUT_BYTES = 8192
 
 
 class RunRecord(BaseModel):
@@ -180,6 +184,10 @@ class AttemptInfo(BaseModel):
     #: the last lines of its stderr (redacted; at most STDERR_TAIL_LINES / _BYTES) when it did
     #: not succeed; the whole log is at ``attempts/<name>/stderr.log``
     stderr_tail: str | None = None
+    #: the exit code of its `check:` (None: no check ran) and the last CHECK_OUTPUT_BYTES of
+    #: the check's stdout+stderr, redacted: what ``attempt.previous.check`` shows the next attempt
+    check_exit_code: int | None = None
+    check_output: str | None = None
     #: SHA-256 of the trace's last line, written by the CAS that commits the attempt: the
     #: trace is complete (``run.finished`` included) before that commit, so this pins its head
     trace_head: str | None = None

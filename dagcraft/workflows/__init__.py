@@ -41,6 +41,7 @@ from dagcraft.workflows.template import (
     evaluate_when,
     expand_foreach,
     render_command,
+    render_check,
     render_rollback,
     render_text,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "parse_params",
     "parse_spec",
     "render_command",
+    "render_check",
     "render_rollback",
     "render_text",
     "resolve_params",

@@ -260,7 +260,7 @@ class _Compiler:
         for name, chain in refs:
             head = chain[0] if chain else None
             if name not in allow:
-                if name in ("params", "steps", "matrix", "item", "run", "env", "prompt") or name in STATUS_FUNCTIONS:
+                if name in ("params", "steps", "matrix", "item", "run", "env", "prompt", "attempt") or name in STATUS_FUNCTIONS:
                     raise self.err(path, f"{name!r} is not available here{self._why(name, step)}")
                 if name in _JINJA_GLOBALS:
                     continue
@@ -338,6 +338,8 @@ class _Compiler:
             return " (status functions are only for 'when')"
         if name == "prompt":
             return " (only in an agent's command)"
+        if name == "attempt":
+            return " (only in a step's run, prompt, env and check)"
         return ""
 
     def _check_step_ref(self, path: tuple, step: StepSpec, ancestors: set[str], chain: list[Any]) -> None:
@@ -445,12 +447,16 @@ class _Compiler:
                     raise self.err(path + ("foreach",), "foreach must be a '${{ ... }}' expression giving a list")
                 self.check_template(path + ("foreach",), s.foreach, step=s, allow=allow)
                 allow.add("item")
-            if isinstance(s.run, str):
-                self.check_template(path + ("run",), s.run, step=s, allow=allow)
-                self.check_shell_string(path + ("run",), s.run)
-            elif isinstance(s.run, list):
-                for i, item in enumerate(s.run):
-                    self.check_template(path + ("run", i), item, step=s, allow=allow)
+            # `attempt` (number, previous) exists when an attempt renders its command: not in
+            # `when`, `foreach`, `workdir` or `rollback`, which render outside any one attempt
+            cmd_allow = allow | {"attempt"}
+            for f, c in (("run", s.run), ("check", s.check)):
+                if isinstance(c, str):
+                    self.check_template(path + (f,), c, step=s, allow=cmd_allow)
+                    self.check_shell_string(path + (f,), c)
+                elif isinstance(c, list):
+                    for i, item in enumerate(c):
+                        self.check_template(path + (f, i), item, step=s, allow=cmd_allow)
             if isinstance(s.rollback, str):
                 self.check_template(path + ("rollback",), s.rollback, step=s, allow=allow)
                 self.check_shell_string(path + ("rollback",), s.rollback)
@@ -458,9 +464,9 @@ class _Compiler:
                 for i, item in enumerate(s.rollback):
                     self.check_template(path + ("rollback", i), item, step=s, allow=allow)
             if s.prompt is not None:
-                self.check_template(path + ("prompt",), s.prompt, step=s, allow=allow)
+                self.check_template(path + ("prompt",), s.prompt, step=s, allow=cmd_allow)
             for k, v in s.env.items():
-                self.check_template(path + ("env", k), v, step=s, allow=allow)
+                self.check_template(path + ("env", k), v, step=s, allow=cmd_allow)
             self.check_env(path + ("env",), s.env)
             if s.workdir:
                 self.check_template(path + ("workdir",), s.workdir, step=s, allow=allow)
@@ -665,6 +671,7 @@ class _Compiler:
                     outputs_artifacts=list(s.outputs.artifacts),
                     inputs=inputs,
                     rollback=s.rollback,
+                    check=s.check,
                     cache=s.cache,
                     tags=list(s.tags),
                     is_finally=fin,

@@ -315,6 +315,8 @@ class StepSpec(_Model):
     outputs: OutputsSpec = OutputsSpec()
     inputs: list[InputSpec] = []
     rollback: Command = None
+    #: an acceptance check run after the command exits 0, in the same workdir (docs/spec.md)
+    check: Command = None
     cache: bool = False
     tags: list[str] = []
 
@@ -337,6 +339,11 @@ class StepSpec(_Model):
     @classmethod
     def _rollback(cls, v: Any) -> Any:
         return _command(v, "rollback")
+
+    @field_validator("check")
+    @classmethod
+    def _check(cls, v: Any) -> Any:
+        return _command(v, "check")
 
     @field_validator("matrix")
     @classmethod
@@ -463,6 +470,7 @@ class ConcreteStep(_Model):
     outputs_artifacts: list[str] = []
     inputs: list[InputDecl] = []
     rollback: list[str] | str | None = None
+    check: list[str] | str | None = None
     cache: bool = False
     tags: list[str] = []
     is_finally: bool = False
@@ -516,6 +524,9 @@ class RenderContext(BaseModel):
     matrix: dict[str, Any] = {}
     item: Any = None
     env: dict[str, str] = {}
+    #: ``attempt.number`` and ``attempt.previous`` (None on attempt 1): only in a step's
+    #: command, prompt, env and check (see docs/spec.md "check")
+    attempt: dict[str, Any] | None = None
 
 
 class RenderedCommand(BaseModel):

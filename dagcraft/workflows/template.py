@@ -683,7 +683,7 @@ def _variables(wf: CompiledWorkflow | None, step: ConcreteStep, ctx: RenderConte
     # The step's own matrix values and item always win: they are what makes this instance itself.
     matrix = {**ctx.matrix, **step.matrix}
     item = step.item if step.item is not None else ctx.item
-    return {
+    variables = {
         "params": params,
         "run": run,
         "steps": ctx.steps,
@@ -691,6 +691,9 @@ def _variables(wf: CompiledWorkflow | None, step: ConcreteStep, ctx: RenderConte
         "item": item,
         "env": dict(ctx.env),
     }
+    if ctx.attempt is not None:  # only an attempt's own command, prompt, env and check
+        variables["attempt"] = ctx.attempt
+    return variables
 
 
 _CAUGHT: tuple[type[BaseException], ...] = (*EVAL_ERRORS, EvaluationLimit)
@@ -790,6 +793,21 @@ def render_rollback(wf: CompiledWorkflow, step: ConcreteStep, ctx: RenderContext
             env = _render_env(wf.agents[step.agent].env, variables, step, f"agents.{step.agent}.env")
         env.update(_render_env(step.env, variables, step, "env"))
         env.update(values)
+    return RenderedCommand(argv=argv, shell=shell, env=env, adapter="generic")
+
+
+def render_check(wf: CompiledWorkflow, step: ConcreteStep, ctx: RenderContext, *,
+                 timeout_s: float | None = None,
+                 cancel: threading.Event | None = None) -> RenderedCommand | None:
+    """The step's ``check`` rendered like ``run`` (a list is argv, a string a bash script whose
+    template values are env references), with the step's env; None if it has none."""
+    if step.check is None:
+        return None
+    with bounded(timeout_s, cancel):
+        variables = _variables(wf, step, ctx)
+        argv, shell, values = _render_cmd(step.check, variables, step, "check")
+        env = _render_env(step.env, variables, step, "env")
+        env.update(values)  # last: a step's env cannot shadow a template value
     return RenderedCommand(argv=argv, shell=shell, env=env, adapter="generic")
 
 
