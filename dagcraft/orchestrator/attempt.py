@@ -23,6 +23,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -40,6 +41,7 @@ from typing import Any
 from dagcraft.errors import Conflict, DagcraftError, Fenced, InvalidInput, StoreUnavailable
 from dagcraft.orchestrator import context, layout, transitions
 from dagcraft.orchestrator.model import (
+    CHECK_OUTPUT_BYTES,
     STDERR_TAIL_BYTES,
     STDERR_TAIL_LINES,
     AttemptInfo,
@@ -60,7 +62,14 @@ from dagcraft.primitives.persist import Persistence
 from dagcraft.primitives.store import Store
 from dagcraft.tracing import ExecResult, Redactor, TraceWriter, traced_exec
 from dagcraft.tracing.seal import Signer
-from dagcraft.workflows import RenderedCommand, instance_key, render_command, render_rollback
+from dagcraft.workflows import (
+    RenderContext,
+    RenderedCommand,
+    instance_key,
+    render_check,
+    render_command,
+    render_rollback,
+)
 from dagcraft.workflows.template import RenderCancelled, RenderTimedOut
 
 GLOB_CHARS = set("*?[")
@@ -119,6 +128,9 @@ class Outcome:
     artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
     cached_from: str | None = None
     logs: tuple[Path, ...] = ()
+    #: the step's `check:` run, when one ran: its exit code and the end of its output
+    check_exit_code: int | None = None
+    check_output: str | None = None
 
 
 def _nul_free(name: str, value: Any) -> None:
@@ -179,6 +191,28 @@ def stderr_tail(path: Path, lines: int = STDERR_TAIL_LINES, limit: int = STDERR_
         kept.pop(0)  # replacement characters can make the decoded text longer than the bytes
     tail = "\n".join(kept)
     return tail if tail.strip() else None
+
+
+def check_output(logs: tuple[Path, ...], redact: Callable[[str], str], limit: int = CHECK_OUTPUT_BYTES) -> str:
+    """The last ``limit`` bytes of a check's stdout followed by its stderr, redacted before it
+    is cut (a secret straddling the cut is never left half-shown)."""
+    window = 8 * limit  # read bound: only the end matters
+    parts: list[str] = []
+    for path in logs:
+        try:
+            with path.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - window))
+                data = f.read(window)
+        except OSError:
+            continue
+        if data:
+            parts.append(data.decode("utf-8", "replace"))
+    text = redact("".join(p if p.endswith("\n") else p + "\n" for p in parts))
+    raw = text.encode()
+    if len(raw) > limit:
+        text = raw[-limit:].decode("utf-8", "ignore")
+    return text
 
 
 def parse_outputs(path: Path) -> dict[str, Any]:
@@ -383,6 +417,7 @@ class Attempt:
             else:
                 art_paths, input_digests = self._materialize(workdir)
                 ctx = context.with_artifact_paths(self.w.ctx, self.w.instances, art_paths)
+                ctx = context.with_attempt(ctx, self.n, self.hold.state.history)
                 # the step's timeout and cancel reach rendering: a render that runs too long fails
                 # the attempt as timed out, and cancel stops it
                 cmd = render_command(self.w.wf, step, ctx, timeout_s=step.timeout_s, cancel=self.cancel)
@@ -403,13 +438,53 @@ class Attempt:
             if hit is not None:
                 return hit
         outcome = self._exec(cmd, workdir)
+        if outcome.status is AttemptStatus.SUCCEEDED and self.kind is AttemptKind.RUN and step.check is not None:
+            outcome = self._check(ctx, workdir, outcome)
         if outcome.status is AttemptStatus.SUCCEEDED and self.kind is AttemptKind.RUN:
-            outcome = self._results(workdir, outcome)
+            outcome = dataclasses.replace(self._results(workdir, outcome), check_exit_code=outcome.check_exit_code,
+                                          check_output=outcome.check_output)
             if cache_key is not None and outcome.status is AttemptStatus.SUCCEEDED:
                 self._cache_store(cache_key, outcome)
         return outcome
 
-    def _exec(self, cmd: RenderedCommand, workdir: Path) -> Outcome:
+    def _check(self, ctx: RenderContext, workdir: Path, ok: Outcome) -> Outcome:
+        """Run the step's ``check`` after its command exited 0: same workdir, env and timeout,
+        under the traced exec between ``x.dagcraft.check.started`` and ``.finished``, logged
+        to ``check.stdout.log`` / ``check.stderr.log``. A non-zero exit fails the attempt
+        (CHECK_FAILED, retryable under the step's ``retries``; ``retry_on`` sees the check's
+        exit code and logs); its output's end rides in the outcome for the next attempt."""
+        assert self.trace is not None
+        step = self.w.step
+        try:
+            cmd = render_check(self.w.wf, step, ctx, timeout_s=step.timeout_s, cancel=self.cancel)
+        except RenderTimedOut as exc:
+            return Outcome(AttemptStatus.FAILED, reason=f"check timed out after {step.timeout_s:g}s: {exc}",
+                           kind=ReasonKind.TIMED_OUT, timed_out=True, retryable=True)
+        except RenderCancelled:
+            why = self.cancel_reason or AttemptStatus.CANCELLED
+            return Outcome(why, reason=str(why))
+        except DagcraftError as exc:
+            self.trace.append("error", {"step": step.id, "message": str(exc)})
+            return Outcome(AttemptStatus.FAILED, reason=str(exc), kind=ReasonKind.BAD_INPUT)
+        assert cmd is not None
+        self.trace.append("x.dagcraft.check.started", {"step": step.id, "attempt": self.n, "argv": cmd.argv})
+        res = self._exec(cmd, workdir, log_prefix="check.")
+        output = check_output(res.logs, lambda t: str(self._redact(t)))
+        passed = res.status is AttemptStatus.SUCCEEDED
+        self.trace.append("x.dagcraft.check.finished", {"step": step.id, "attempt": self.n, "passed": passed,
+                                                        "exit_code": res.exit_code, "reason": res.reason})
+        if passed:
+            return dataclasses.replace(ok, check_exit_code=res.exit_code, check_output=output)
+        if res.status is not AttemptStatus.FAILED or res.kind in (ReasonKind.TIMED_OUT, ReasonKind.LOG_ERROR):
+            text = res.reason if res.status is not AttemptStatus.FAILED else f"check: {res.reason}"
+            return dataclasses.replace(res, reason=text, check_exit_code=res.exit_code, check_output=output)
+        return dataclasses.replace(res, kind=ReasonKind.CHECK_FAILED, reason=f"check failed: {res.reason}",
+                                   retryable=True, check_exit_code=res.exit_code, check_output=output)
+
+    def _exec(self, cmd: RenderedCommand, workdir: Path, *, log_prefix: str = "") -> Outcome:
+        """Exec ``cmd`` in ``workdir`` under the traced exec, logged to ``<log_prefix>stdout.log``
+        and ``<log_prefix>stderr.log``. The step's own command (no prefix) starts with no
+        ``outputs`` file; its check (``check.``) leaves the command's in place."""
         assert self.trace is not None
         step = self.w.step
         missing = missing_secrets(self.w.wf, step, rollback=self.kind is AttemptKind.ROLLBACK)
@@ -418,7 +493,8 @@ class Attempt:
                            reason=f"secret parameter {missing[0]!r} is not set on worker {self.cfg.worker_id}: "
                                   f"give it {secret_env_name(missing[0])}, --secret-file or --secret-stdin")
         out_file = self.dir / "outputs"
-        out_file.unlink(missing_ok=True)
+        if not log_prefix:
+            out_file.unlink(missing_ok=True)
         # the worker's environment holds every run's secrets: a step gets one only through its
         # own templates (rendered argv, its env: entries, the template values in cmd.env)
         env = without_secret_env(os.environ)
@@ -439,7 +515,7 @@ class Attempt:
         })
         if self.kind is AttemptKind.ROLLBACK:
             env["DAGCRAFT_ROLLBACK"] = "1"
-        logs = (self.dir / "stdout.log", self.dir / "stderr.log")
+        logs = (self.dir / f"{log_prefix}stdout.log", self.dir / f"{log_prefix}stderr.log")
         res = traced_exec(cmd.argv, writer=self.trace, env=env, cwd=workdir, stdout_log=logs[0],
                           stderr_log=logs[1], timeout=step.timeout_s, adapter=cmd.adapter,
                           echo=self.cfg.echo, cancel=self.cancel, grace=self.cfg.grace)
@@ -542,6 +618,8 @@ class Attempt:
             "agent_command": agent.command if agent else None,
             "inputs": input_digests, "outputs": [step.outputs_values, step.outputs_artifacts],
         }
+        if step.check is not None:  # a result cached under one check is not one that passed another
+            material["check"] = step.check
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
     def _cache_lookup(self, key: str) -> Outcome | None:
@@ -626,12 +704,15 @@ class Attempt:
             transition, status, retry_in = self._decide(outcome)
             self._close_trace(outcome, str(status), retry_in)
             # the stderr tail rides in the commit, so every viewer shows it without a log read
-            tail = None if outcome.status is AttemptStatus.SUCCEEDED else stderr_tail(self.dir / "stderr.log")
+            tail = None if outcome.status is AttemptStatus.SUCCEEDED else stderr_tail(
+                outcome.logs[1] if outcome.kind is ReasonKind.CHECK_FAILED else self.dir / "stderr.log")
             info = AttemptInfo(attempt=self.n, status=outcome.status, kind=self.kind, worker=self.cfg.worker_id,
                                started_at=self.hold.state.started_at if self.kind is AttemptKind.RUN else self.started_at,
                                finished_at=self.store.now(), exit_code=outcome.exit_code, signal=outcome.signal,
                                reason=self._redact(outcome.reason), reason_kind=outcome.kind,
-                               stderr_tail=self._redact(tail), trace_head=self.trace.head())
+                               stderr_tail=self._redact(tail), trace_head=self.trace.head(),
+                               check_exit_code=outcome.check_exit_code,
+                               check_output=self._redact(outcome.check_output))
             ending = transitions.Ending(attempt=info, outputs=outcome.outputs, artifacts=outcome.artifacts,
                                         cached_from=outcome.cached_from, retry_in=retry_in)
             try:
@@ -656,7 +737,7 @@ class Attempt:
         self.trace.close()
         # uploaded after the commit, so they never decide the step's status; retried until
         # they land (trace last: `trace verify` reports it missing until then)
-        for name in ("stdout.log", "stderr.log", "trace.jsonl"):
+        for name in ("stdout.log", "stderr.log", "check.stdout.log", "check.stderr.log", "trace.jsonl"):
             p = self.dir / name
             if p.exists() and p.stat().st_size > 0:  # an empty log costs no request
                 self.outbox.upload(f"{self._prefix}/{name}", p)

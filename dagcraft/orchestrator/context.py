@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dagcraft.errors import InvalidInput
+from dagcraft.orchestrator.model import AttemptInfo, AttemptKind
 from dagcraft.orchestrator.view import LocalView, fan_in, without_secret_env
 from dagcraft.primitives.keys import validate_relpath
 from dagcraft.workflows import ConcreteStep, RenderContext, render_text
@@ -54,6 +55,22 @@ def with_artifact_paths(ctx: RenderContext, instances: dict[str, list[str]],
             for sid in ids:
                 entry["artifacts"] = {**entry.get("artifacts", {}), **paths.get(sid, {})}
     return ctx.model_copy(update={"steps": steps})
+
+
+def with_attempt(ctx: RenderContext, number: int, history: list[AttemptInfo]) -> RenderContext:
+    """``ctx`` with ``attempt``: ``number`` and ``previous`` — the step's last run attempt
+    before this one, from its committed history (so any worker on any host renders the same),
+    or None on attempt 1. ``previous.check`` is always a mapping: ``exit_code`` None and
+    ``output`` "" when no check ran (its command failed first)."""
+    prev = [a for a in history if a.kind is AttemptKind.RUN and a.attempt < number]
+    previous: dict[str, Any] | None = None
+    if prev:
+        p = prev[-1]
+        previous = {"number": p.attempt, "status": str(p.status), "reason": p.reason,
+                    "reason_kind": None if p.reason_kind is None else str(p.reason_kind),
+                    "exit_code": p.exit_code,
+                    "check": {"exit_code": p.check_exit_code, "output": p.check_output or ""}}
+    return ctx.model_copy(update={"attempt": {"number": number, "previous": previous}})
 
 
 def workdir(step: ConcreteStep, ctx: RenderContext, spec_dir: str | None, scratch: Path) -> Path:

@@ -40,8 +40,8 @@ from dagcraft.workflows.template import (
     evaluate_foreach,
     evaluate_when,
     expand_foreach,
-    render_command,
     render_check,
+    render_command,
     render_rollback,
     render_text,
 )
