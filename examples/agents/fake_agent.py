@@ -13,7 +13,11 @@ model, ``assistant`` messages with ``tool_use``, ``user`` messages with ``tool_r
 - a prompt mentioning "subtask" gets a plan: subtasks are the ``;``-separated parts of the text
   after ``for:`` (three generic ones if there is only one part), listed in the written files and
   output as ``subtasks``;
-- a prompt mentioning "review" outputs ``verdict`` (``approve``).
+- a prompt mentioning "review" outputs ``verdict`` (``approve``);
+- a prompt that carries a failing check's output fed back (a line with ``FAIL`` in it, e.g.
+  from ``${{ attempt.previous.check.output }}``) gets the line ``status: fixed`` in every file
+  it writes; without one it writes ``status: draft``. So a step whose ``check:`` requires
+  ``status: fixed`` fails its check once, then passes with the feedback in hand.
 
 Outputs (``summary``, ``session_id``, plus the above) are written as one JSON object to the
 file named by ``$DAGCRAFT_OUTPUT`` when that is set.
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in files_to_write(prompt):
         turn += 1
         body = f"# {name}\n\nWritten by fake_agent ({args.model}) for the task:\n\n> {prompt}\n"
+        body += "\nstatus: fixed\n" if "FAIL" in prompt else "\nstatus: draft\n"
         if subtasks is not None:
             body += "\n## Subtasks\n\n" + "".join(f"- {s}\n" for s in subtasks)
         if "verdict" in outputs:
