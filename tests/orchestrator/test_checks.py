@@ -212,3 +212,17 @@ def test_schema_has_check(tmp_path):
     proc = cli("schema", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert '"check"' in proc.stdout
+
+
+def test_check_killed_by_the_timeout_fails_as_timed_out(local_store, tmp_path):
+    rid, st = run_spec(local_store, tmp_path, """
+        name: slow-check
+        steps:
+          - id: s
+            timeout: 1s
+            run: ["true"]
+            check: ["sleep", "30"]
+    """)
+    assert steps(st)["s"]["status"] == "failed"
+    (h,) = load_states(local_store, rid)["s"].history
+    assert h.reason_kind is ReasonKind.TIMED_OUT and (h.reason or "").startswith("check: timed out")
