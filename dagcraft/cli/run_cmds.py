@@ -135,6 +135,15 @@ def _drive_and_report(store: Any, url: str, run_id: str, opts: Any, report: str 
                 why = f"{report or 'local copy'}: {exc.strerror or type(exc).__name__}"
             click.echo(f"dagcraft: warning: report not written: {why}", err=True)
     click.echo("traces: " + command_hint("dagcraft", "trace", "summary", run_id, "--store", url))
+    if status == "waiting_approval":
+        # the workers have left; a decision from any host, then `resume`, continues the run
+        for s in st["steps"]:
+            if s["status"] == "waiting_approval":
+                prompt = (s.get("approval") or {}).get("prompt") or "approval needed"
+                click.echo(f"  {s['step']}: waiting for approval: {prompt}")
+                click.echo("    " + command_hint("dagcraft", "approve", run_id, s["step"], "--store", url)
+                           + "  (or reject), then: " + command_hint("dagcraft", "resume", run_id, "--store", url))
+        return
     if status != "succeeded":
         sys.exit(1)
 

@@ -45,6 +45,8 @@ class StepStatus(_Name):
     CANCELLED = "cancelled"
     ROLLING_BACK = "rolling_back"  # compensation claimed: its attempt holds the step's lease
     ROLLED_BACK = "rolled_back"
+    #: an approval gate waits for ``dagcraft approve|reject`` (or its timeout)
+    WAITING_APPROVAL = "waiting_approval"
 
 
 TERMINAL: frozenset[StepStatus] = frozenset({StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED,
@@ -55,7 +57,8 @@ OPEN: frozenset[StepStatus] = frozenset({StepStatus.PENDING, StepStatus.RETRYING
 ACTIVE: frozenset[StepStatus] = frozenset({StepStatus.RUNNING, StepStatus.ROLLING_BACK})
 #: a journal entry announcing one of these makes readers fetch the whole state: its details
 #: (children, retry time, a reset's cleared fields) drive scheduling decisions
-DETAIL_STATUSES: frozenset[StepStatus] = frozenset({StepStatus.PENDING, StepStatus.RETRYING, StepStatus.EXPANDED})
+DETAIL_STATUSES: frozenset[StepStatus] = frozenset({StepStatus.PENDING, StepStatus.RETRYING, StepStatus.EXPANDED,
+                                                    StepStatus.WAITING_APPROVAL})
 #: a step in one of these states counts as done for its dependents
 DONE_OK: frozenset[StepStatus] = frozenset({StepStatus.SUCCEEDED, StepStatus.ROLLED_BACK, StepStatus.ROLLING_BACK})
 
@@ -109,6 +112,7 @@ class ReasonKind(_Name):
     LOST_WORKER = "lost_worker"  # its worker vanished (lease expired)
     CANCELLED = "cancelled"  # the run was cancelled
     INTERRUPTED = "interrupted"  # its worker handed it back (Ctrl-C)
+    REJECTED = "rejected"  # its approval gate was rejected (by a person, or by its timeout)
 
     @property
     def words(self) -> str:
@@ -190,6 +194,26 @@ class AttemptInfo(BaseModel):
         return str(self.attempt) if self.kind == AttemptKind.RUN else f"rollback-{self.attempt}"
 
 
+class Decision(_Name):
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+class ApprovalRecord(BaseModel):
+    """A step's approval gate: opened by the scheduler (``await_approval``), decided once by
+    ``decide_approval`` (a person, or the timeout's declared default, ``by="timeout"``)."""
+
+    prompt: str = ""
+    requested_at: float
+    #: store-clock time after which ``on_timeout`` decides (None: waits forever)
+    deadline: float | None = None
+    on_timeout: Decision = Decision.REJECTED
+    decision: Decision | None = None
+    decided_by: str | None = None
+    decided_at: float | None = None
+    comment: str | None = None
+
+
 class StepState(BaseModel):
     step_id: str
     status: StepStatus = StepStatus.PENDING
@@ -217,6 +241,8 @@ class StepState(BaseModel):
     #: "done" or "failed" once a compensation has run
     compensation: str | None = None
     history: list[AttemptInfo] = Field(default_factory=list)
+    #: its approval gate, once opened (cleared by a reset)
+    approval: ApprovalRecord | None = None
     #: bumps on every write so that two writes never produce the same bytes
     rev: int = 0
 

@@ -137,6 +137,7 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
             "stderr_tail": last.stderr_tail if failed_attempt and last is not None else None,
             "more": logs_command(store, run_id, st.step_id, last.name) if failed_attempt and last is not None
             else None,
+            "approval": None if st.approval is None else st.approval.model_dump(mode="json"),
         }
         if st.children:
             cc: dict[str, int] = {}
