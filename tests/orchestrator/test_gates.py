@@ -11,9 +11,9 @@ import pytest
 from dagcraft.errors import Conflict, DagcraftError
 from dagcraft.orchestrator import run_status
 from dagcraft.orchestrator.approval import decide, waiting
+from dagcraft.workflows import compile_file
 from tests.conftest import server_store_url
 from tests.orchestrator.helpers import cli, drive_inline, spawn_cli, steps, submit_spec, write_spec
-from dagcraft.workflows import compile_file
 
 GATED = """
     name: gated
@@ -154,3 +154,22 @@ def test_decide_unknown_step_or_not_a_gate(tmp_path, local_store):
     with pytest.raises(DagcraftError) as exc:
         decide(local_store, rid, "build", True)
     assert exc.value.exit_code == 2 and "no approval gate" in str(exc.value)
+
+
+def test_ui_offers_and_decides_a_waiting_gate(tmp_path, local_store):
+    from tests.ui.test_server import client_for, post
+
+    spec, marker = _spec(tmp_path)
+    rid = submit_spec(local_store, spec)
+    drive_inline(local_store, rid, tmp_path)
+    with client_for(local_store) as c:
+        gate = next(s for s in c.get(f"/api/runs/{rid}").json()["steps"] if s["step"] == "gate")
+        assert gate["actions"] == ["approve", "reject"]
+        ok = post(c, rid, "approve", {"step": "gate", "comment": "from the ui"})
+        assert ok.status_code == 200, ok.text
+        again = post(c, rid, "reject", {"step": "gate"})
+        assert again.status_code == 409 and "already approved" in again.json()["error"]
+        c.app.state.ui.drivers[rid].join(120)  # the workers it started finish the run
+    st = run_status(local_store, rid)
+    assert st["status"] == "succeeded" and marker.exists()
+    assert steps(st)["gate"]["approval"]["comment"] == "from the ui"
