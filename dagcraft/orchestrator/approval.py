@@ -16,16 +16,28 @@ from __future__ import annotations
 
 import getpass
 import socket
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from dagcraft.errors import InvalidInput, NotFound
-from dagcraft.orchestrator import transitions
-from dagcraft.orchestrator.model import RUN_FINISHED, Decision, StepStatus
+from dagcraft.orchestrator import layout, transitions
+from dagcraft.orchestrator.model import (
+    RUN_FINISHED,
+    AttemptInfo,
+    AttemptKind,
+    AttemptStatus,
+    Decision,
+    ReasonKind,
+    StepState,
+    StepStatus,
+)
 from dagcraft.orchestrator.ops import list_runs, load_states, read_record
-from dagcraft.orchestrator.scheduler import is_pure_gate
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives.persist import ONCE
 from dagcraft.primitives.store import Store
+from dagcraft.tracing import Redactor, TraceWriter
+from dagcraft.workflows import ConcreteStep
 
 MAX_COMMENT = 2000
 
@@ -54,10 +66,49 @@ def decide(store: Store, run_id: str, step_id: str, approve: bool, *, by: str | 
         raise NotFound(f"run {run_id!r} has no step {step_id!r}")
     if view.steps[step_id].approval is None:
         raise InvalidInput(f"step {step_id!r} of run {run_id!r} has no approval gate")
-    new = transitions.decide_approval(view, step_id, Decision.APPROVED if approve else Decision.REJECTED, who,
-                                      comment or None, pure_gate=is_pure_gate(view.steps[step_id]))
+    new = decide_view(view, step_id, Decision.APPROVED if approve else Decision.REJECTED, who, comment or None)
     assert new.approval is not None
     return {"run_id": run_id, "step": step_id, "status": str(new.status), **new.approval.model_dump(mode="json")}
+
+
+def is_pure_gate(step: ConcreteStep) -> bool:
+    """A step with only ``approval:``: approving it is what succeeds it."""
+    return step.approval is not None and step.run is None and step.agent is None
+
+
+def decide_view(view: LocalView, step_id: str, decision: Decision, by: str, comment: str | None) -> StepState:
+    """Decide the gate through ``view`` (a decider, or a worker applying a timeout). The
+    decision's trace (``attempts/approval-<n>/trace.jsonl``: ``run.started``, one
+    ``x.dagcraft.approval`` event, ``run.finished``) is built first; the CAS that decides
+    pins its head in the step's history, and only the winner uploads it, so ``trace verify``
+    checks it like any attempt's."""
+    cur = view.fresh(step_id)
+    n = 1 + sum(1 for h in cur.history if h.kind is AttemptKind.APPROVAL)
+    now = view.store.now()
+    a = cur.approval
+    with tempfile.TemporaryDirectory(prefix="dagcraft-gate-") as tmp:
+        path = Path(tmp) / "trace.jsonl"
+        trace = TraceWriter(path, view.run_id, redactor=Redactor(view.wf.secret_values()), fsync=False)
+        trace.append("run.started", {"run": view.run_id, "workflow": view.record.name, "step": step_id,
+                                     "attempt": n, "kind": "approval", "worker": by})
+        trace.append("x.dagcraft.approval", {"step": step_id, "decision": str(decision), "by": by,
+                                             "comment": comment, "prompt": a.prompt if a else None,
+                                             "requested_at": a.requested_at if a else None, "decided_at": now})
+        ok = decision is Decision.APPROVED
+        trace.append("run.finished", {"status": "succeeded" if ok else "failed", "step": step_id, "attempt": n,
+                                      "exit_code": None, "reason": f"{decision} by {by}",
+                                      "reason_kind": None if ok else str(ReasonKind.REJECTED)})
+        head = trace.head()
+        trace.close()
+        info = AttemptInfo(attempt=n, status=AttemptStatus.SUCCEEDED if ok else AttemptStatus.FAILED,
+                           kind=AttemptKind.APPROVAL, worker=by, started_at=a.requested_at if a else now,
+                           finished_at=now, reason=f"{decision} by {by}" + (f": {comment}" if comment else ""),
+                           reason_kind=None if ok else ReasonKind.REJECTED, trace_head=head)
+        new = transitions.decide_approval(view, step_id, decision, by, comment,
+                                          pure_gate=is_pure_gate(view.steps[step_id]), record=info)
+        key = f"{layout.attempt_prefix(view.run_id, step_id, info.name)}/trace.jsonl"
+        view.persist.call(lambda: view.store.put_file(key, path), what=f"upload {step_id} approval trace")
+    return new
 
 
 def waiting(store: Store) -> list[dict[str, Any]]:

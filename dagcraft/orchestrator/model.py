@@ -80,6 +80,7 @@ RUN_FINISHED: frozenset[RunStatus] = frozenset({RunStatus.SUCCEEDED, RunStatus.F
 class AttemptKind(_Name):
     RUN = "run"
     ROLLBACK = "rollback"
+    APPROVAL = "approval"  # an approval gate's decision: no command, a trace of who decided
 
 
 class AttemptStatus(_Name):
@@ -190,8 +191,9 @@ class AttemptInfo(BaseModel):
 
     @property
     def name(self) -> str:
-        """The attempt's directory name: ``<n>``, or ``rollback-<n>`` for a compensation."""
-        return str(self.attempt) if self.kind == AttemptKind.RUN else f"rollback-{self.attempt}"
+        """The attempt's directory name: ``<n>``, ``rollback-<n>`` for a compensation,
+        ``approval-<n>`` for a gate's decision."""
+        return str(self.attempt) if self.kind == AttemptKind.RUN else f"{self.kind}-{self.attempt}"
 
 
 class Decision(_Name):

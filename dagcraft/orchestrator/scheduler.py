@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dagcraft.errors import Conflict, DagcraftError, InvalidInput
-from dagcraft.orchestrator import context, layout, transitions
+from dagcraft.orchestrator import approval, context, layout, transitions
 from dagcraft.orchestrator.model import AttemptKind, Decision, RunStatus, StepState, StepStatus
 from dagcraft.orchestrator.transitions import Hold
 from dagcraft.orchestrator.view import LocalView
@@ -199,9 +199,8 @@ class Scheduler:
                 transitions.skip(view, sid, f"not started: a step failed (on_failure: {view.wf.on_failure})")
             elif a is not None and a.deadline is not None and a.deadline <= now:
                 try:
-                    transitions.decide_approval(view, sid, a.on_timeout, "timeout",
-                                                f"no decision within {a.deadline - a.requested_at:g}s",
-                                                pure_gate=is_pure_gate(step))
+                    approval.decide_view(view, sid, a.on_timeout, "timeout",
+                                         f"no decision within {a.deadline - a.requested_at:g}s")
                 except Conflict:
                     pass  # a person (or another worker) decided it first
 
@@ -315,11 +314,6 @@ class Scheduler:
             if hold is not None:
                 out.append(self._work(sid, hold))
         return out
-
-
-def is_pure_gate(step: ConcreteStep) -> bool:
-    """A step with only ``approval:``: approving it is what succeeds it."""
-    return step.approval is not None and step.run is None and step.agent is None
 
 
 def _release_all(sems: list[Semaphore], held: list[leases.Lease]) -> None:

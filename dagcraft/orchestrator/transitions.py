@@ -244,15 +244,18 @@ def await_approval(view: LocalView, sid: str, prompt: str, timeout_s: float | No
 
 
 def decide_approval(view: LocalView, sid: str, decision: Decision, by: str, comment: str | None,
-                    *, pure_gate: bool) -> StepState:
+                    *, pure_gate: bool, record: AttemptInfo | None = None) -> StepState:
     """waiting_approval → pending (approved: its command runs next), succeeded (an approved
     pure gate) or failed (rejected, reason kind ``rejected``). One CAS from the waiting
     version, so of any number of concurrent deciders on any hosts exactly one wins; every
-    other gets Conflict naming the decision that won (or the status the step is in)."""
+    other gets Conflict naming the decision that won (or the status the step is in).
+    ``record``: the decision's history entry, pinning the head of its trace."""
     now = view.store.now()
 
     def change(s: StepState) -> None:
         assert s.approval is not None
+        if record is not None:
+            s.history.append(record)
         s.approval.decision, s.approval.decided_by = decision, by
         s.approval.decided_at, s.approval.comment = now, comment
         words = f"{decision} by {by}" + (f": {comment}" if comment else "")

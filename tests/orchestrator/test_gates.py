@@ -13,7 +13,15 @@ from dagcraft.orchestrator import run_status
 from dagcraft.orchestrator.approval import decide, waiting
 from dagcraft.workflows import compile_file
 from tests.conftest import server_store_url
-from tests.orchestrator.helpers import cli, drive_inline, spawn_cli, steps, submit_spec, write_spec
+from tests.orchestrator.helpers import (
+    cli,
+    drive_inline,
+    read_trace_events,
+    spawn_cli,
+    steps,
+    submit_spec,
+    write_spec,
+)
 
 GATED = """
     name: gated
@@ -80,6 +88,10 @@ def test_approve_then_resume_runs_downstream(tmp_path, store_url):
     gate = steps(st)["gate"]
     assert st["status"] == "succeeded" and gate["status"] == "succeeded"
     assert gate["approval"]["decision"] == "approved" and gate["approval"]["comment"] == "lgtm"
+    # who decided, when and why is in a trace the decision's CAS pinned; the run's seal covers it
+    verified = cli("trace", "verify", rid, "--store", store_url, "--json")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert any(t["path"].endswith("/gate/approval-1") for t in json.loads(verified.stdout)["traces"])
 
 
 def test_two_deciders_race_exactly_one_wins(tmp_path, store_url):
@@ -111,6 +123,10 @@ def test_reject_fails_step_and_skips_downstream(tmp_path, store):
     assert st["status"] == "failed"
     assert s["gate"]["reason_kind"] == "rejected" and "not today" in s["gate"]["reason"]
     assert s["deploy"]["status"] == "skipped" and not marker.exists()
+    events = read_trace_events(store, rid, "gate", "approval-1")
+    decision = [e for e in events if e["kind"] == "x.dagcraft.approval"]
+    assert len(decision) == 1 and decision[0]["payload"]["by"] == "carol"
+    assert decision[0]["payload"]["decision"] == "rejected" and decision[0]["payload"]["comment"] == "not today"
 
 
 @pytest.mark.parametrize("default,final", [("approve", "succeeded"), ("reject", "failed")])
