@@ -174,7 +174,8 @@ class Scheduler:
             bad = [f"{n} {ns}" for n, ns in view.needs_status(sid).items() if ns != "succeeded"]
             transitions.skip(view, sid, "when condition is false" + (f" ({', '.join(bad)})" if bad else ""))
             return False
-        if step.approval is not None and (st.approval is None or st.approval.decision is None):
+        # a foreach parent's gate is decided once for all its children
+        if step.approval is not None and not st.parent and (st.approval is None or st.approval.decision is None):
             transitions.await_approval(view, sid, step.approval.prompt, step.approval.timeout,
                                        Decision.APPROVED if step.approval.on_timeout == "approve" else Decision.REJECTED)
             return False

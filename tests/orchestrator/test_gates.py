@@ -96,8 +96,12 @@ def test_approve_then_resume_runs_downstream(tmp_path, store_url):
 
 def test_two_deciders_race_exactly_one_wins(tmp_path, store_url):
     spec, _ = _spec(tmp_path)
-    assert cli("run", str(spec), "--store", store_url, "--workers", "1", "--no-report").returncode == 0
-    rid = json.loads(cli("approvals", "--store", store_url, "--json", check=True).stdout)[0]["run_id"]
+    rid = cli("submit", str(spec), "--store", store_url, check=True).stdout.strip()
+    # a worker told to exit when idle leaves a run that only a person can move on: exit 0
+    w = cli("worker", "--run", rid, "--exit-when-idle", "--quiet", "--poll-max", "0.2", "--store", store_url,
+            timeout=120)
+    assert w.returncode == 0, w.stderr
+    assert json.loads(cli("approvals", "--store", store_url, "--json", check=True).stdout)[0]["run_id"] == rid
     procs = [spawn_cli("approve", rid, "gate", "--as", "alice", "--store", store_url),
              spawn_cli("reject", rid, "gate", "--as", "bob", "--store", store_url)]
     outs = [(p.wait(timeout=120), *p.communicate()) for p in procs]
@@ -189,3 +193,22 @@ def test_ui_offers_and_decides_a_waiting_gate(tmp_path, local_store):
     st = run_status(local_store, rid)
     assert st["status"] == "succeeded" and marker.exists()
     assert steps(st)["gate"]["approval"]["comment"] == "from the ui"
+
+
+def test_foreach_gate_is_decided_once_for_all_children(tmp_path, local_store):
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path, f"""
+        name: fangate
+        steps:
+          - id: each
+            foreach: '${{{{ ["a", "b"] }}}}'
+            run: echo ${{{{ item }}}} >> {out}
+            approval: {{prompt: "run both?"}}
+    """)
+    rid = submit_spec(local_store, spec)
+    drive_inline(local_store, rid, tmp_path)
+    assert [w["step"] for w in waiting(local_store)] == ["each"]
+    decide(local_store, rid, "each", True)
+    st = drive_inline(local_store, rid, tmp_path)
+    assert st["status"] == "succeeded", st
+    assert sorted(out.read_text().split()) == ["a", "b"]
