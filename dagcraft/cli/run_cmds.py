@@ -199,7 +199,8 @@ def register(cli: click.Group) -> None:
             lease_ttl: float, report: str | None, no_report: bool, keep_workdirs: bool, signing_key: str | None,
             secret_files: tuple[str, ...], secret_stdin: str | None, as_json: bool) -> None:
         """Submit SPEC and run it on a local worker pool, with live progress. Exit 1 if the run
-        does not succeed."""
+        does not succeed; exit 0 leaving it waiting when only an approval can move it on (it
+        prints the approve command; `resume` after the decision)."""
         from dagcraft.orchestrator import submit
 
         # a bad spec stops here: exit 2, nothing written
