@@ -40,6 +40,8 @@ def _register() -> None:
 
     for mod in (store_cmds, agent_cmds, spec_cmds, trace_cmds, run_cmds):
         mod.register(cli)
+    from dagcraft.cli import gate_cmds  # approval gates (issue 10)
+    gate_cmds.register(cli)
     from dagcraft.cli import ui_cmds  # the web UI (issue 11)
     ui_cmds.register(cli)
 

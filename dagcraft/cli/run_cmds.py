@@ -135,6 +135,15 @@ def _drive_and_report(store: Any, url: str, run_id: str, opts: Any, report: str 
                 why = f"{report or 'local copy'}: {exc.strerror or type(exc).__name__}"
             click.echo(f"dagcraft: warning: report not written: {why}", err=True)
     click.echo("traces: " + command_hint("dagcraft", "trace", "summary", run_id, "--store", url))
+    if status == "waiting_approval":
+        # the workers have left; a decision from any host, then `resume`, continues the run
+        for s in st["steps"]:
+            if s["status"] == "waiting_approval":
+                prompt = (s.get("approval") or {}).get("prompt") or "approval needed"
+                click.echo(f"  {s['step']}: waiting for approval: {prompt}")
+                click.echo("    " + command_hint("dagcraft", "approve", run_id, s["step"], "--store", url)
+                           + "  (or reject), then: " + command_hint("dagcraft", "resume", run_id, "--store", url))
+        return
     if status != "succeeded":
         sys.exit(1)
 
@@ -190,7 +199,8 @@ def register(cli: click.Group) -> None:
             lease_ttl: float, report: str | None, no_report: bool, keep_workdirs: bool, signing_key: str | None,
             secret_files: tuple[str, ...], secret_stdin: str | None, as_json: bool) -> None:
         """Submit SPEC and run it on a local worker pool, with live progress. Exit 1 if the run
-        does not succeed."""
+        does not succeed; exit 0 leaving it waiting when only an approval can move it on (it
+        prints the approve command; `resume` after the decision)."""
         from dagcraft.orchestrator import submit
 
         # a bad spec stops here: exit 2, nothing written

@@ -45,6 +45,8 @@ class StepStatus(_Name):
     CANCELLED = "cancelled"
     ROLLING_BACK = "rolling_back"  # compensation claimed: its attempt holds the step's lease
     ROLLED_BACK = "rolled_back"
+    #: an approval gate waits for ``dagcraft approve|reject`` (or its timeout)
+    WAITING_APPROVAL = "waiting_approval"
 
 
 TERMINAL: frozenset[StepStatus] = frozenset({StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED,
@@ -55,7 +57,8 @@ OPEN: frozenset[StepStatus] = frozenset({StepStatus.PENDING, StepStatus.RETRYING
 ACTIVE: frozenset[StepStatus] = frozenset({StepStatus.RUNNING, StepStatus.ROLLING_BACK})
 #: a journal entry announcing one of these makes readers fetch the whole state: its details
 #: (children, retry time, a reset's cleared fields) drive scheduling decisions
-DETAIL_STATUSES: frozenset[StepStatus] = frozenset({StepStatus.PENDING, StepStatus.RETRYING, StepStatus.EXPANDED})
+DETAIL_STATUSES: frozenset[StepStatus] = frozenset({StepStatus.PENDING, StepStatus.RETRYING, StepStatus.EXPANDED,
+                                                    StepStatus.WAITING_APPROVAL})
 #: a step in one of these states counts as done for its dependents
 DONE_OK: frozenset[StepStatus] = frozenset({StepStatus.SUCCEEDED, StepStatus.ROLLED_BACK, StepStatus.ROLLING_BACK})
 
@@ -77,6 +80,7 @@ RUN_FINISHED: frozenset[RunStatus] = frozenset({RunStatus.SUCCEEDED, RunStatus.F
 class AttemptKind(_Name):
     RUN = "run"
     ROLLBACK = "rollback"
+    APPROVAL = "approval"  # an approval gate's decision: no command, a trace of who decided
 
 
 class AttemptStatus(_Name):
@@ -110,6 +114,7 @@ class ReasonKind(_Name):
     CANCELLED = "cancelled"  # the run was cancelled
     INTERRUPTED = "interrupted"  # its worker handed it back (Ctrl-C)
     CHECK_FAILED = "check_failed"  # its command exited 0, its `check:` did not
+    REJECTED = "rejected"  # its approval gate was rejected (by a person, or by its timeout)
 
     @property
     def words(self) -> str:
@@ -194,8 +199,29 @@ class AttemptInfo(BaseModel):
 
     @property
     def name(self) -> str:
-        """The attempt's directory name: ``<n>``, or ``rollback-<n>`` for a compensation."""
-        return str(self.attempt) if self.kind == AttemptKind.RUN else f"rollback-{self.attempt}"
+        """The attempt's directory name: ``<n>``, ``rollback-<n>`` for a compensation,
+        ``approval-<n>`` for a gate's decision."""
+        return str(self.attempt) if self.kind == AttemptKind.RUN else f"{self.kind}-{self.attempt}"
+
+
+class Decision(_Name):
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+class ApprovalRecord(BaseModel):
+    """A step's approval gate: opened by the scheduler (``await_approval``), decided once by
+    ``decide_approval`` (a person, or the timeout's declared default, ``by="timeout"``)."""
+
+    prompt: str = ""
+    requested_at: float
+    #: store-clock time after which ``on_timeout`` decides (None: waits forever)
+    deadline: float | None = None
+    on_timeout: Decision = Decision.REJECTED
+    decision: Decision | None = None
+    decided_by: str | None = None
+    decided_at: float | None = None
+    comment: str | None = None
 
 
 class StepState(BaseModel):
@@ -225,6 +251,8 @@ class StepState(BaseModel):
     #: "done" or "failed" once a compensation has run
     compensation: str | None = None
     history: list[AttemptInfo] = Field(default_factory=list)
+    #: its approval gate, once opened (cleared by a reset)
+    approval: ApprovalRecord | None = None
     #: bumps on every write so that two writes never produce the same bytes
     rev: int = 0
 

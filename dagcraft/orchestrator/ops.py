@@ -124,6 +124,7 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
         start, end = step_span(st, kids)
         last = st.history[-1] if st.history else None
         failed_attempt = (last is not None and last.status is not AttemptStatus.SUCCEEDED
+                          and last.kind is not AttemptKind.APPROVAL  # a decision has no logs
                           and st.status in (StepStatus.FAILED, StepStatus.RETRYING, StepStatus.CANCELLED))
         item: dict[str, Any] = {
             "step": st.step_id, "status": str(st.status), "attempt": st.attempt,
@@ -137,6 +138,7 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
             "stderr_tail": last.stderr_tail if failed_attempt and last is not None else None,
             "more": logs_command(store, run_id, st.step_id, last.name) if failed_attempt and last is not None
             else None,
+            "approval": None if st.approval is None else st.approval.model_dump(mode="json"),
         }
         if st.children:
             cc: dict[str, int] = {}
@@ -156,7 +158,10 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
             "submitted_at": rec.submitted_at, "submitted_by": rec.submitted_by, "finished_at": ctl.finished_at,
             "duration_s": None if timing.duration_s is None else round(timing.duration_s, 3),
             "timing": timing.model_dump(mode="json"), "generation": ctl.generation,
-            "spec_hash": rec.spec_hash, "params": rec.params, "counts": counts, "steps": steps}
+            "spec_hash": rec.spec_hash, "params": rec.params, "counts": counts, "steps": steps,
+            # approval gates waiting for `dagcraft approve|reject` (a run left only with these
+            # reads as stalled once its workers exited: it waits for a person, then `resume`)
+            "waiting_approval": [s["step"] for s in steps if s["status"] == StepStatus.WAITING_APPROVAL]}
 
 
 #: what ``list_runs`` reports as the status of a run whose records cannot be read. Never

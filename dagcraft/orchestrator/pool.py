@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from dagcraft.errors import EXIT_FAILED, DagcraftError, Interrupted
 from dagcraft.orchestrator import ops
-from dagcraft.orchestrator.model import RUN_FINISHED
+from dagcraft.orchestrator.model import RUN_FINISHED, RunStatus
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives.store import Store
 
@@ -94,9 +94,15 @@ class Pool:
                 p.terminate()
 
 
+#: what :func:`drive` returns for a run left waiting for an approval
+WAITING = "waiting_approval"
+
+
 def drive(store: Store, store_url: str, run_id: str, opts: PoolOptions,
           on_update: Callable[[LocalView], None] | None = None, poll_s: float = 0.2) -> str:
-    """Run ``run_id`` to completion with a local pool; returns the final run status.
+    """Run ``run_id`` to completion with a local pool; returns the final run status, or
+    :data:`WAITING` when it can go on only after a person decides an approval gate (the
+    workers have exited; ``resume`` after the decision continues it).
     Ctrl-C stops the workers (they hand running steps back) and raises Interrupted: the run
     stays resumable."""
     pool = Pool(store, store_url, run_id, opts)
@@ -110,6 +116,10 @@ def drive(store: Store, store_url: str, run_id: str, opts: PoolOptions,
             finished = view.control.status in RUN_FINISHED
             if finished:
                 break
+            if view.control.status == RunStatus.RUNNING and view.blocked_on_approval():
+                # only a person can move it on: the workers exit too (exit_when_idle)
+                pool.wait_exit()
+                return WAITING
             pool.check(finished)
             if all(p.poll() is not None for p in pool.procs) and pool.restarts >= MAX_RESTARTS:
                 break

@@ -14,9 +14,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from dagcraft.errors import DagcraftError, InvalidInput
-from dagcraft.orchestrator import context, layout, transitions
-from dagcraft.orchestrator.model import AttemptKind, RunStatus, StepState, StepStatus
+from dagcraft.errors import Conflict, DagcraftError, InvalidInput
+from dagcraft.orchestrator import approval, context, layout, transitions
+from dagcraft.orchestrator.model import AttemptKind, Decision, RunStatus, StepState, StepStatus
 from dagcraft.orchestrator.transitions import Hold
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives import lease as leases
@@ -121,6 +121,7 @@ class Scheduler:
         claims: list[WorkItem] = []
         self._full = set()  # semaphores found full this cycle: not retried for every step
         failing = view.failing() and view.wf.on_failure in ("stop", "rollback")
+        self._gates(failing)
         ready = self.ready()
         # each worker walks the ready set from its own random point, so that workers racing
         # for work mostly claim different steps instead of losing CAS races on the same one
@@ -173,12 +174,36 @@ class Scheduler:
             bad = [f"{n} {ns}" for n, ns in view.needs_status(sid).items() if ns != "succeeded"]
             transitions.skip(view, sid, "when condition is false" + (f" ({', '.join(bad)})" if bad else ""))
             return False
+        # a foreach parent's gate is decided once for all its children
+        if step.approval is not None and not st.parent and (st.approval is None or st.approval.decision is None):
+            transitions.await_approval(view, sid, step.approval.prompt, step.approval.timeout,
+                                       Decision.APPROVED if step.approval.on_timeout == "approve" else Decision.REJECTED)
+            return False
         if step.foreach and not st.children:
             self._expand(sid)
             return False
         # needs are terminal, so the answer cannot change until the step itself does
         self._decided[sid] = st.rev
         return True
+
+    def _gates(self, failing: bool) -> None:
+        """Waiting approval gates: skipped once the run is failing (like any unstarted step),
+        decided by their declared default once their deadline passed on the store's clock."""
+        view = self.view
+        if not view.waiting_ids:
+            return
+        now = view.store.now()
+        for sid in view.ids(view.waiting_ids):
+            step = view.steps[sid]
+            a = view.state(sid).approval
+            if failing and not (step.is_finally or any(m in step.when for m in ALWAYS_MARKERS)):
+                transitions.skip(view, sid, f"not started: a step failed (on_failure: {view.wf.on_failure})")
+            elif a is not None and a.deadline is not None and a.deadline <= now:
+                try:
+                    approval.decide_view(view, sid, a.on_timeout, "timeout",
+                                         f"no decision within {a.deadline - a.requested_at:g}s")
+                except Conflict:
+                    pass  # a person (or another worker) decided it first
 
     def _expand(self, sid: str) -> None:
         step = self.view.steps[sid]

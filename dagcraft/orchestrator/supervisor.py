@@ -110,9 +110,9 @@ class Supervisor:
 
     def cancel_unstarted(self) -> None:
         view = self.view
-        for sid in view.ids(view.open_ids | view.expanded_ids):
+        for sid in view.ids(view.open_ids | view.expanded_ids | view.waiting_ids):
             st = view.fresh(sid)
-            if st.status in (StepStatus.PENDING, StepStatus.RETRYING) or (st.status == StepStatus.EXPANDED and all(
+            if st.status in (StepStatus.PENDING, StepStatus.RETRYING, StepStatus.WAITING_APPROVAL) or (st.status == StepStatus.EXPANDED and all(
                     view.is_terminal(c) or view.status(c) in (StepStatus.PENDING, StepStatus.RETRYING)
                     for c in st.children)):
                 transitions.cancel_unstarted(view, sid, "run cancelled")

@@ -16,12 +16,14 @@ Step transitions (``pending`` etc. are :class:`StepStatus` values)::
     cancel        running → cancelled                 holder commit: the run was cancelled
     fail_unstarted pending → failed                   its `when`/`foreach` could not be evaluated
     skip          pending → skipped                   `when` false, or not started after a failure
-    cancel_unstarted pending | retrying | expanded → cancelled
+    cancel_unstarted pending | retrying | expanded | waiting_approval → cancelled
     expand        pending → expanded (or succeeded when there are no items); children created pending
     settle_parent expanded → succeeded | failed | skipped | cancelled, once every child is terminal
     lost          running → pending | failed | cancelled, rolling_back → succeeded: the lease expired
     compensate    succeeded → rolling_back            a compensation attempt takes the step's lease
     compensated   rolling_back → rolled_back          holder commit of the compensation (done or failed)
+    await_approval pending → waiting_approval       an approval gate opens (its `when` is true)
+    decide_approval waiting_approval → pending | succeeded | failed   approve (a pure gate succeeds) or reject
     reset         any → pending                       resume --retry-failed, retry --from
     retire        any → skipped                       a foreach child whose parent was reset
 
@@ -37,6 +39,7 @@ seals it (:class:`~.model.RunSeal`): a digest over every step's committed trace 
 
 from __future__ import annotations
 
+import datetime
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,9 +50,11 @@ from dagcraft.orchestrator import journal, layout
 from dagcraft.orchestrator.model import (
     ACTIVE,
     OPEN,
+    ApprovalRecord,
     AttemptInfo,
     AttemptKind,
     AttemptStatus,
+    Decision,
     ReasonKind,
     RunSeal,
     RunStatus,
@@ -206,9 +211,10 @@ def _end_unstarted(status: StepStatus, reason: str, now: float, kind: ReasonKind
 
 
 def skip(view: LocalView, sid: str, reason: str) -> bool:
-    """pending → skipped (its `when` is false, or it will not start after a failure)."""
+    """pending | waiting_approval → skipped (its `when` is false, or it will not start after
+    a failure)."""
     return _transition(view, sid, _end_unstarted(StepStatus.SKIPPED, reason, view.store.now()),
-                       allowed=frozenset({StepStatus.PENDING})) is not None
+                       allowed=frozenset({StepStatus.PENDING, StepStatus.WAITING_APPROVAL})) is not None
 
 
 def fail_unstarted(view: LocalView, sid: str, reason: str) -> bool:
@@ -222,7 +228,63 @@ def cancel_unstarted(view: LocalView, sid: str, reason: str) -> bool:
     """pending | retrying | expanded → cancelled (the run is being cancelled)."""
     return _transition(view, sid, _end_unstarted(StepStatus.CANCELLED, reason, view.store.now(),
                                                  ReasonKind.CANCELLED),
-                       allowed=OPEN | {StepStatus.EXPANDED}) is not None
+                       allowed=OPEN | {StepStatus.EXPANDED, StepStatus.WAITING_APPROVAL}) is not None
+
+
+def await_approval(view: LocalView, sid: str, prompt: str, timeout_s: float | None, on_timeout: Decision) -> bool:
+    """pending → waiting_approval: the step's gate opens, its deadline on the store's clock."""
+    now = view.store.now()
+
+    def change(s: StepState) -> None:
+        s.status = StepStatus.WAITING_APPROVAL
+        s.approval = ApprovalRecord(prompt=prompt, requested_at=now, on_timeout=on_timeout,
+                                    deadline=None if timeout_s is None else now + timeout_s)
+
+    return _transition(view, sid, change, allowed=frozenset({StepStatus.PENDING})) is not None
+
+
+def decide_approval(view: LocalView, sid: str, decision: Decision, by: str, comment: str | None,
+                    *, pure_gate: bool, record: AttemptInfo | None = None) -> StepState:
+    """waiting_approval → pending (approved: its command runs next), succeeded (an approved
+    pure gate) or failed (rejected, reason kind ``rejected``). One CAS from the waiting
+    version, so of any number of concurrent deciders on any hosts exactly one wins; every
+    other gets Conflict naming the decision that won (or the status the step is in).
+    ``record``: the decision's history entry, pinning the head of its trace."""
+    now = view.store.now()
+
+    def change(s: StepState) -> None:
+        assert s.approval is not None
+        if record is not None:
+            s.history.append(record)
+        s.approval.decision, s.approval.decided_by = decision, by
+        s.approval.decided_at, s.approval.comment = now, comment
+        words = f"{decision} by {by}" + (f": {comment}" if comment else "")
+        if decision is Decision.REJECTED:
+            s.status, s.finished_at = StepStatus.FAILED, now
+            s.reason, s.reason_kind = words, ReasonKind.REJECTED
+        elif pure_gate:
+            s.status, s.finished_at = StepStatus.SUCCEEDED, now
+            s.reason, s.reason_kind = words, None
+            s.outputs = {"approved_by": by, "comment": comment or ""}
+        else:
+            s.status, s.reason, s.reason_kind = StepStatus.PENDING, words, None
+
+    for _ in range(5):
+        cur = view.fresh(sid)
+        if cur.status != StepStatus.WAITING_APPROVAL or cur.approval is None:
+            a = cur.approval
+            if a is not None and a.decision is not None:
+                raise Conflict(f"step {sid!r} already {a.decision} by {a.decided_by} at "
+                               f"{_utc(a.decided_at or 0.0)}")
+            raise Conflict(f"step {sid!r} is not waiting for approval (it is {cur.status})")
+        new = _transition(view, sid, change, allowed=frozenset({StepStatus.WAITING_APPROVAL}), fresh=False)
+        if new is not None:
+            return new
+    raise Conflict(f"step {sid!r} kept changing; decide again")
+
+
+def _utc(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def expand(view: LocalView, sid: str, children: list[StepState]) -> bool:
@@ -319,6 +381,7 @@ def _clear(s: StepState, reason: str) -> None:
     s.compensation = None
     s.children = []
     s.exit_code = None
+    s.approval = None
     s.cached_from = None
 
 

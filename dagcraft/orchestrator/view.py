@@ -183,6 +183,7 @@ class LocalView:
         self.detail = detail  # read every changed record in full (progress displays, ops)
         self.active_ids: set[str] = set()  # running or compensating
         self.failed_ids: set[str] = set()
+        self.waiting_ids: set[str] = set()  # approval gates waiting for a decision
         self.expanded_ids: set[str] = set()  # foreach parents waiting for their children
         self.control: Control = Control()
         self.control_etag: str | None = None
@@ -330,7 +331,8 @@ class LocalView:
         # the scheduler and supervisor scan only these sets, not the whole DAG, every cycle
         for members, wanted in ((self.open_ids, status in OPEN), (self.active_ids, status in ACTIVE),
                                 (self.failed_ids, status == StepStatus.FAILED),
-                                (self.expanded_ids, status == StepStatus.EXPANDED)):
+                                (self.expanded_ids, status == StepStatus.EXPANDED),
+                                (self.waiting_ids, status == StepStatus.WAITING_APPROVAL)):
             if wanted:
                 members.add(step_id)
             else:
@@ -360,6 +362,24 @@ class LocalView:
         if self.open_ids or self.active_ids:
             return False  # the common case, answered without scanning the DAG
         return all(self.is_terminal(s) for s in self.steps)
+
+    def blocked_on_approval(self) -> bool:
+        """Nothing can happen without a person: no attempt runs, and every unfinished step is
+        an approval gate without a timeout, or waits (transitively) for one. A run in this
+        state may be left by its workers; ``resume`` after a decision continues it."""
+        if not self.waiting_ids or self.active_ids:
+            return False
+        waiting = set(self.waiting_ids)
+        for sid in self.waiting_ids:
+            a = self.state(sid).approval
+            if a is None or a.deadline is not None:
+                return False  # its timeout will decide it: keep serving
+        for sid in self.all_ids():
+            if self.is_terminal(sid) or sid in waiting:
+                continue
+            if self.status(sid) not in OPEN or not (self.ancestors(sid) & waiting):
+                return False
+        return True
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -11,8 +11,9 @@ SIGTERM, hands running steps back (their children are killed and the steps retur
 for the next worker, without counting as failures).
 
 Exit code of :meth:`Worker.run`: 0, except for a worker serving one run with
-``exit_when_idle``, which exits with that run's code: 0 succeeded, 1 failed (or cancelled,
-rolled back, or its records are corrupt), 130 interrupted before the run finished.
+``exit_when_idle``, which exits with that run's code: 0 succeeded (or waiting for an approval
+that only a person can give: it leaves the run to ``resume``), 1 failed (or cancelled, rolled
+back, or its records are corrupt), 130 interrupted before the run finished.
 
 Registration: while it runs, a worker keeps its record in ``workers/`` fresh
 (:mod:`~dagcraft.orchestrator.registry`: one PUT per beat, a third of its lease TTL capped to
@@ -274,8 +275,16 @@ class Worker:
         if not self.exit_when_idle:
             return False
         if self.only_run is not None:
-            return self.only_run in self.finished_runs or self.only_run in self.corrupt
-        return not self.drivers
+            return (self.only_run in self.finished_runs or self.only_run in self.corrupt
+                    or self.waiting_for_approval(self.only_run))
+        return all(self.waiting_for_approval(rid) for rid in self.drivers)
+
+    def waiting_for_approval(self, run_id: str) -> bool:
+        """The run can go on only after a person decides a gate (``exit_when_idle`` leaves it:
+        ``resume`` after the decision continues it)."""
+        driver = self.drivers.get(run_id)
+        return driver is not None and driver.view.control.status == RunStatus.RUNNING \
+            and driver.view.blocked_on_approval()
 
     def exit_code(self) -> int:
         """The served run's exit code (one run, ``exit_when_idle``), else 0."""
@@ -285,7 +294,7 @@ class Worker:
         if self.only_run in self.corrupt:
             return EXIT_FAILED
         if status is None:
-            return EXIT_INTERRUPTED
+            return EXIT_OK if self.waiting_for_approval(self.only_run) else EXIT_INTERRUPTED
         return EXIT_OK if status == RunStatus.SUCCEEDED else EXIT_FAILED
 
     def run(self) -> int:

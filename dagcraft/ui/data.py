@@ -87,10 +87,9 @@ def step_actions(run_status_: str, step: dict[str, Any]) -> list[str]:
 
 
 def gate_actions(step: dict[str, Any]) -> list[str]:
-    """Extension point for approval gates, which dagcraft does not have yet: when a step can
-    wait for a human decision, return ``["approve", "reject"]`` here for a step waiting on one,
-    and handle both in ``server.UiApp.act``. Until then no step offers them."""
-    return []
+    """``approve`` and ``reject`` for a step whose approval gate waits for a decision
+    (handled by ``server.UiApp.act`` through ``orchestrator.approval.decide``)."""
+    return ["approve", "reject"] if step.get("status") == "waiting_approval" else []
 
 
 def run_json(store: Store, run_id: str) -> dict[str, Any]:

@@ -210,13 +210,14 @@ class UiApp:
         from starlette.concurrency import run_in_threadpool
 
         result = await run_in_threadpool(self.act, request.path_params["run_id"], request.path_params["action"],
-                                         body.get("step"))
+                                         body.get("step"), body.get("comment"))
         self.cache.clear()
         return JSONResponse(result)
 
-    def act(self, run_id: str, action: str, step: Any) -> dict[str, Any]:
+    def act(self, run_id: str, action: str, step: Any, comment: Any = None) -> dict[str, Any]:
         """Do ``action`` on the run; the same functions as the CLI's commands. ``approve`` and
-        ``reject`` are where gates will plug in (see ``data.gate_actions``)."""
+        ``reject`` decide a waiting gate (exactly once: a gate already decided is 409), then
+        start workers so the run goes on."""
         if action == "cancel":
             return {"status": cancel(self.store, run_id, "cancelled from the UI"), "message": "cancel requested"}
         if action == "resume":
@@ -233,7 +234,18 @@ class UiApp:
             reset = retry_from(self.store, run_id, step)
             return {"status": "running", "reset": reset,
                     "message": f"reset {len(reset)} step(s); {self._start_workers(run_id)}"}
-        raise NotFound(f"no action {action!r} (cancel, resume, retry)")
+        if action in ("approve", "reject"):
+            from dagcraft.orchestrator.approval import decide, decider
+
+            if not isinstance(step, str) or not step:
+                raise InvalidInput(f"{action} needs a step: {{\"step\": \"<id>\"}}")
+            if comment is not None and not isinstance(comment, str):
+                raise InvalidInput("comment must be a string")
+            self._require_secrets(run_id)
+            got = decide(self.store, run_id, step, action == "approve", by=f"{decider()} (ui)", comment=comment)
+            return {"status": got["status"], "approval": got,
+                    "message": f"{step}: {got['decision']}; {self._start_workers(run_id)}"}
+        raise NotFound(f"no action {action!r} (cancel, resume, retry, approve, reject)")
 
     def _require_secrets(self, run_id: str) -> None:
         # the workers inherit this process's environment: it must carry the run's secrets

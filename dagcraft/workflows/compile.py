@@ -675,6 +675,7 @@ class _Compiler:
                     cache=s.cache,
                     tags=list(s.tags),
                     is_finally=fin,
+                    approval=s.approval,
                 )
                 ids.append(cid)
             instances[tid] = ids

@@ -290,6 +290,23 @@ class InputSpec(_Model):
         return None if v is None else check_relpath(v, "input destination ('as')")
 
 
+class ApprovalSpec(_Model):
+    """``approval:``: the step waits for a human decision (``dagcraft approve|reject``) before
+    it runs; a step with only ``approval:`` (no run/agent) is a pure gate."""
+
+    prompt: str = ""
+    #: after this long waiting, ``on_timeout`` decides (None: wait forever)
+    timeout: Duration | None = None
+    on_timeout: Literal["reject", "approve"] = "reject"
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError("approval timeout must be positive")
+        return v
+
+
 class DefaultsSpec(_Model):
     retries: RetrySpec | None = None
     timeout: Duration | None = None
@@ -319,6 +336,7 @@ class StepSpec(_Model):
     check: Command = None
     cache: bool = False
     tags: list[str] = []
+    approval: ApprovalSpec | None = None
 
     @field_validator("id")
     @classmethod
@@ -364,8 +382,8 @@ class StepSpec(_Model):
 
     @model_validator(mode="after")
     def _shape(self) -> StepSpec:
-        if self.run is None and self.agent is None:
-            raise ValueError("a step needs either 'run' or 'agent'")
+        if self.run is None and self.agent is None and self.approval is None:
+            raise ValueError("a step needs either 'run' or 'agent' (or only 'approval', a pure gate)")
         if self.run is not None and self.agent is not None:
             raise ValueError("'run' and 'agent' are mutually exclusive")
         if self.agent is not None and not self.prompt:
@@ -474,6 +492,7 @@ class ConcreteStep(_Model):
     cache: bool = False
     tags: list[str] = []
     is_finally: bool = False
+    approval: ApprovalSpec | None = None
 
 
 class CompiledWorkflow(_Model):

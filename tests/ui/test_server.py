@@ -172,7 +172,7 @@ def test_post_needs_token_and_same_origin(local_store: Any, tmp_path: Path) -> N
         assert "token" in refused[0].json()["error"] and "cross-origin" in refused[2].json()["error"]
         assert run_status(local_store, rid)["status"] == "running"  # nothing changed
         assert c.get(f"/api/runs/{rid}/actions/cancel").status_code == 405  # GET never changes state
-        assert post(c, rid, "approve").status_code == 404  # no gates yet: not faked
+        assert post(c, rid, "approve").status_code == 400  # names no step
 
         ok = post(c, rid, "cancel")
         assert ok.status_code == 200, ok.text
