@@ -38,6 +38,7 @@ from dagcraft.workflows.spec import WorktreeSpec
 #: a remote must be a configured remote's name (never a URL or an option)
 _REMOTE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _BAD_REF_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+_UNSAFE_IN_REF = re.compile(r"[^A-Za-z0-9._=,-]+")
 GIT_TIMEOUT_S = 120.0
 
 
@@ -89,6 +90,12 @@ def repo_lock(repo: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def ref_safe(step_id: str) -> str:
+    """``step_id`` as a branch name component: a matrix or foreach instance's brackets become
+    dashes (``impl[n=a]`` → ``impl-n=a``), so the default branch is valid for every step."""
+    return _UNSAFE_IN_REF.sub("-", step_id).strip("-.") or "step"
+
+
 @dataclass(frozen=True)
 class Worktree:
     repo: Path
@@ -101,7 +108,7 @@ def render(spec: WorktreeSpec, step: ConcreteStep, ctx: RenderContext, attempt: 
            spec_dir: str | None) -> tuple[Path, str, str]:
     """The repo path, base and branch of ``spec`` rendered for this attempt, each checked."""
     variables: dict[str, Any] = {"params": ctx.params, "run": ctx.run, "steps": ctx.steps, "matrix": ctx.matrix,
-                                 "item": ctx.item, "env": ctx.env, "step": {"id": step.id}, "attempt": attempt}
+                                 "item": ctx.item, "env": ctx.env, "step": {"id": ref_safe(step.id)}, "attempt": attempt}
     out: dict[str, str] = {}
     for name in ("repo", "base", "branch"):
         try:

@@ -5,14 +5,13 @@ repositories made in tmp_path."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dagcraft.errors import DagcraftError, InvalidInput
+from dagcraft.errors import InvalidInput
 from dagcraft.orchestrator import WorkerConfig, list_runs, run_status
 from dagcraft.orchestrator.worker import Worker
 from dagcraft.orchestrator.worktree import check_branch
@@ -77,3 +76,189 @@ def test_retry_gets_a_fresh_worktree_and_branch(tmp_path: Path, repo: Path, loca
     assert branches(repo) == {"main", br2}
     assert worktrees(repo) == [str(repo)]
     assert not Path(wd1).exists() and not Path(wd2).exists()
+
+
+def test_downstream_merges_two_upstream_branches(tmp_path: Path, repo: Path, local_store: Any) -> None:
+    rid, status = run_spec(local_store, tmp_path, """
+        name: merge
+        steps:
+          - id: a
+            worktree: {repo: repo, base: main}
+            run: echo A > a.txt
+          - id: b
+            worktree: {repo: repo, base: main}
+            run: echo B > b.txt
+          - id: join
+            needs: [a, b]
+            worktree: {repo: repo, base: main, branch: "merged/${{ run.id }}"}
+            run: ["git", "merge", "--no-edit", "-q", "${{ steps.a.outputs.branch }}", "${{ steps.b.outputs.branch }}"]
+        """)
+    st = steps(status)
+    assert {s["status"] for s in st.values()} == {"succeeded"}, status
+    merged = st["join"]["outputs"]
+    assert merged["branch"] == f"merged/{rid}"
+    assert git(repo, "show", f"{merged['commit']}:a.txt") == "A"
+    assert git(repo, "show", f"{merged['commit']}:b.txt") == "B"
+    parents = git(repo, "rev-list", "--parents", "-n", "1", merged["commit"]).split()[1:]
+    assert set(parents) >= {st["a"]["outputs"]["commit"], st["b"]["outputs"]["commit"]}
+
+
+def test_base_from_an_upstream_branch(tmp_path: Path, repo: Path, local_store: Any) -> None:
+    _, status = run_spec(local_store, tmp_path, """
+        name: chain
+        steps:
+          - id: a
+            worktree: {repo: repo, base: main}
+            run: echo A > a.txt
+          - id: b
+            needs: [a]
+            worktree: {repo: repo, base: "${{ steps.a.outputs.branch }}"}
+            run: cat a.txt > copy.txt
+        """)
+    st = steps(status)
+    assert st["b"]["status"] == "succeeded", status
+    assert git(repo, "show", f"{st['b']['outputs']['commit']}:copy.txt") == "A"
+
+
+def test_kept_with_keep_workdirs(tmp_path: Path, repo: Path, local_store: Any) -> None:
+    spec = write_spec(tmp_path, """
+        name: keep
+        steps:
+          - id: impl
+            worktree: {repo: repo}
+            run: echo x > x.txt
+        """)
+    rid = submit_spec(local_store, spec)
+    cfg = WorkerConfig(store=local_store, store_url=local_store.url, worker_id="w", tmp_root=tmp_path / "work",
+                       keep_workdirs=True)
+    Worker(cfg, run_id=rid, exit_when_idle=True, poll_min=0.01, poll_max=0.05).run()
+    st = steps(run_status(local_store, rid))["impl"]
+    assert st["status"] == "succeeded"
+    kept = [p for p in worktrees(repo) if p != str(repo)]
+    assert len(kept) == 1 and (Path(kept[0]) / "x.txt").read_text() == "x\n"
+    assert git(Path(kept[0]), "branch", "--show-current") == st["outputs"]["branch"]
+
+
+def test_rollback_deletes_the_branch(tmp_path: Path, repo: Path, local_store: Any) -> None:
+    _, status = run_spec(local_store, tmp_path, """
+        name: undo
+        on_failure: rollback
+        steps:
+          - id: impl
+            worktree: {repo: repo, delete_on_rollback: true}
+            run: echo x > x.txt
+          - id: later
+            needs: [impl]
+            run: exit 1
+        """)
+    st = steps(status)
+    assert st["impl"]["status"] == "rolled_back", status
+    assert branches(repo) == {"main"}
+    assert worktrees(repo) == [str(repo)]
+
+
+def test_a_leftover_of_a_killed_attempt_is_pruned(tmp_path: Path, repo: Path, local_store: Any) -> None:
+    """A worktree registered by an attempt whose directory vanished (the worker was killed and
+    its tmp wiped) does not block the next add."""
+    ghost = tmp_path / "ghost"
+    git(repo, "worktree", "add", "-q", "-b", "ghost", str(ghost), "main")
+    subprocess.run(["rm", "-rf", str(ghost)], check=True)
+    _, status = run_spec(local_store, tmp_path, """
+        name: prune
+        steps:
+          - id: impl
+            worktree: {repo: repo}
+            run: "true"
+        """)
+    assert steps(status)["impl"]["status"] == "succeeded", status
+    assert worktrees(repo) == [str(repo)]
+
+
+@pytest.mark.parametrize("name", ["--upload-pack=x", "../x", "a/../b", "-b", "x.lock", "a b", "a~1", "@{-1}",
+                                  "a//b", ".hidden", "x/", "a:b", ""])
+def test_hostile_branch_names_are_refused(name: str) -> None:
+    with pytest.raises(InvalidInput, match="not a valid git branch name"):
+        check_branch(name)
+
+
+@pytest.mark.parametrize("value", ["--upload-pack=x", "../x"])
+def test_hostile_branch_from_a_param_fails_the_step(tmp_path: Path, repo: Path, local_store: Any,
+                                                     value: str) -> None:
+    _, status = run_spec(local_store, tmp_path, """
+        name: hostile
+        params: {b: {type: string}}
+        steps:
+          - id: impl
+            worktree: {repo: repo, branch: "${{ params.b }}"}
+            run: "true"
+        """, {"b": value})
+    st = steps(status)["impl"]
+    assert st["status"] == "failed"
+    assert "not a valid git branch name" in st["reason"] and repr(value) in st["reason"]
+    assert branches(repo) == {"main"}
+    assert worktrees(repo) == [str(repo)]
+
+
+def test_repo_outside_the_spec_dir_is_a_compile_error(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, """
+        name: bad
+        steps:
+          - id: impl
+            worktree: {repo: ../elsewhere}
+            run: "true"
+        """)
+    proc = cli("validate", str(spec), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert "worktree" in err and "pipeline.yaml:5" in err and "Traceback" not in err
+
+
+def test_not_a_repository_fails_the_step(tmp_path: Path, local_store: Any) -> None:
+    (tmp_path / "plain").mkdir()
+    _, status = run_spec(local_store, tmp_path, """
+        name: norepo
+        steps:
+          - id: impl
+            worktree: {repo: plain}
+            run: "true"
+        """)
+    st = steps(status)["impl"]
+    assert st["status"] == "failed" and "is not a git repository" in st["reason"]
+
+
+@pytest.fixture(params=["local", "s3server"])
+def store_url(request: Any, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return server_store_url(request.getfixturevalue("moto_server"))
+
+
+def test_end_to_end_concurrent_worktrees_on_one_repo(tmp_path: Path, repo: Path, store_url: str) -> None:
+    """Through ``dagcraft run`` with 4 workers: 4 matrix instances add worktrees to one repo at
+    once, then a join merges all of them; the repo stays consistent (fsck) and nothing is left."""
+    spec = write_spec(tmp_path, """
+        name: e2e
+        steps:
+          - id: impl
+            matrix: {n: [a, b, c, d]}
+            worktree: {repo: repo, base: main}
+            run: echo "${{ matrix.n }}" > "${{ matrix.n }}.txt"
+          - id: join
+            needs: [impl]
+            worktree: {repo: repo, base: main}
+            run: ["git", "merge", "--no-edit", "-q", "${{ steps.impl.outputs[0].branch }}",
+                  "${{ steps.impl.by_key['n=b'].outputs.branch }}", "${{ steps.impl.outputs[2].branch }}",
+                  "${{ steps.impl.outputs[3].branch }}"]
+        """)
+    proc = cli("run", str(spec), "--store", store_url, "--workers", "4", "--no-report", cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    store = open_store(store_url)
+    st = steps(run_status(store, list_runs(store)[0]["run_id"]))
+    impl = [s for sid, s in st.items() if sid.startswith("impl")]
+    assert len(impl) == 4 and len({s["outputs"]["branch"] for s in impl}) == 4
+    commit = st["join"]["outputs"]["commit"]
+    for n in "abcd":
+        assert git(repo, "show", f"{commit}:{n}.txt") == n
+    subprocess.run(["git", "-C", str(repo), "fsck", "--strict"], check=True, capture_output=True)
+    assert worktrees(repo) == [str(repo)]
+    assert len(branches(repo)) == 6
