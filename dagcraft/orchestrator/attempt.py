@@ -408,7 +408,8 @@ class Attempt:
             self.trace.append("error", {"step": step.id, "message": str(exc)})
             return Outcome(AttemptStatus.FAILED, reason=str(exc), kind=ReasonKind.BAD_INPUT)
         cache_key = None
-        if step.cache and self.kind is AttemptKind.RUN:
+        # a worktree step's result is its branch: a cached one would name another attempt's
+        if step.cache and self.kind is AttemptKind.RUN and self.worktree is None:
             cache_key = self._cache_key(cmd, input_digests)
             hit = self._cache_lookup(cache_key)
             if hit is not None:

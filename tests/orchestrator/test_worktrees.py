@@ -262,3 +262,47 @@ def test_end_to_end_concurrent_worktrees_on_one_repo(tmp_path: Path, repo: Path,
     subprocess.run(["git", "-C", str(repo), "fsck", "--strict"], check=True, capture_output=True)
     assert worktrees(repo) == [str(repo)]
     assert len(branches(repo)) == 6
+
+
+def test_schema_includes_worktree() -> None:
+    from dagcraft.workflows.spec import spec_json_schema
+
+    schema = spec_json_schema()
+    assert "worktree" in schema["$defs"]["StepSpec"]["properties"]
+    assert set(schema["$defs"]["WorktreeSpec"]["properties"]) == {"repo", "base", "branch", "push",
+                                                                    "delete_on_rollback"}
+
+
+def test_push_to_a_remote_and_a_downstream_builds_on_it(tmp_path: Path, repo: Path, local_store: Any) -> None:
+    """With ``push:`` the branch reaches the remote; a step whose base is only on the remote
+    (as on another host) fetches it; rollback deletes it there too."""
+    remote = tmp_path / "remote.git"
+    git(tmp_path, "init", "-q", "--bare", str(remote))
+    git(repo, "remote", "add", "origin", str(remote))
+    git(repo, "push", "-q", "origin", "main")
+    _, status = run_spec(local_store, tmp_path, """
+        name: pushed
+        on_failure: rollback
+        steps:
+          - id: a
+            worktree: {repo: repo, base: main, push: origin, delete_on_rollback: true}
+            run: echo A > a.txt
+          - id: drop
+            needs: [a]
+            workdir: repo
+            run: ["git", "branch", "-D", "${{ steps.a.outputs.branch }}"]
+          - id: b
+            needs: [drop]
+            worktree: {repo: repo, base: "${{ steps.a.outputs.branch }}", push: origin}
+            run: cat a.txt > copy.txt
+          - id: fail
+            needs: [b]
+            run: exit 1
+        """)
+    st = steps(status)
+    assert st["b"]["status"] == "succeeded", status
+    assert st["a"]["status"] == "rolled_back", status
+    remote_branches = branches(remote)
+    assert st["a"]["outputs"]["branch"] not in remote_branches  # deleted on rollback
+    assert st["b"]["outputs"]["branch"] in remote_branches
+    assert git(remote, "show", f"{st['b']['outputs']['branch']}:copy.txt") == "A"
