@@ -372,7 +372,18 @@ class Attempt:
             self._stop_hb.set()
             hb.join()
             streamer.join()
+        # before the commit: once the step shows succeeded, no worktree holds its branch, so a
+        # downstream step may check it out, delete it or rebase it
+        self._remove_worktree(delete_branch=False)
         return self._finish(outcome)
+
+    def _remove_worktree(self, *, delete_branch: bool) -> None:
+        if self.worktree is None or self.cfg.keep_workdirs:
+            return
+        try:
+            worktree.remove(self.worktree, delete_branch=delete_branch)
+        except (DagcraftError, OSError, subprocess.SubprocessError) as exc:
+            log.warning("%s/%s: could not remove worktree %s: %s", self.w.run_id, self.label, self.worktree.path, exc)
 
     def _execute(self) -> Outcome:
         assert self.trace is not None
@@ -711,14 +722,8 @@ class Attempt:
             p = self.dir / name
             if p.exists() and p.stat().st_size > 0:  # an empty log costs no request
                 self.outbox.upload(f"{self._prefix}/{name}", p)
-        if self.worktree is not None and not self.cfg.keep_workdirs:
-            # a branch only outlives its attempt when the attempt's success was committed
-            published = committed is not None and outcome.status is AttemptStatus.SUCCEEDED
-            try:
-                worktree.remove(self.worktree, delete_branch=not published)
-            except (DagcraftError, OSError, subprocess.SubprocessError) as exc:
-                log.warning("%s/%s: could not remove worktree %s: %s", self.w.run_id, self.label,
-                            self.worktree.path, exc)
+        if not (committed is not None and outcome.status is AttemptStatus.SUCCEEDED):
+            self._remove_worktree(delete_branch=True)  # only a committed success publishes its branch
         if not self.cfg.keep_workdirs:
             # the outbox queued its own copies of what did not land: nothing here is needed
             shutil.rmtree(self.dir, ignore_errors=True)

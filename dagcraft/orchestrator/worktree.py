@@ -14,7 +14,8 @@ two attempts never share one. Guarantees:
 - After a successful command, changes left in the worktree are committed by dagcraft (one
   commit, ``dagcraft: <run> <step> attempt <n>``); the step's outputs ``branch`` and ``commit``
   are the branch and its HEAD then. With ``push:`` the branch is pushed to that remote.
-- A failed attempt commits nothing; its branch is deleted with its worktree unless the
+- The worktree is removed before the commit (no worktree holds a published branch). A failed
+  attempt commits nothing; its branch is deleted with its worktree unless the
   worker keeps workdirs.
 """
 

@@ -275,7 +275,8 @@ def test_schema_includes_worktree() -> None:
 
 def test_push_to_a_remote_and_a_downstream_builds_on_it(tmp_path: Path, repo: Path, local_store: Any) -> None:
     """With ``push:`` the branch reaches the remote; a step whose base is only on the remote
-    (as on another host) fetches it; rollback deletes it there too."""
+    (as on another host) fetches it; rollback deletes it there too. ``drop`` deleting the
+    upstream branch also proves no worktree holds it once its step shows succeeded."""
     remote = tmp_path / "remote.git"
     git(tmp_path, "init", "-q", "--bare", str(remote))
     git(repo, "remote", "add", "origin", str(remote))
