@@ -391,7 +391,7 @@ class Attempt:
         try:
             if step.worktree is not None and self.kind is AttemptKind.RUN:
                 self.worktree = worktree.create(step.worktree, step, self.w.ctx, self.n, self.w.spec_dir,
-                                                self.dir / "worktree")
+                                                self.dir / "worktree", keep_leftovers=self.cfg.keep_workdirs)
                 self.trace.append("x.dagcraft.worktree", {"step": step.id, "attempt": self.n,
                                                           "branch": self.worktree.branch,
                                                           "path": str(self.worktree.path)})

@@ -139,9 +139,10 @@ def _resolve_base(repo: Path, base: str, remote: str | None) -> str:
 
 
 def create(spec: WorktreeSpec, step: ConcreteStep, ctx: RenderContext, attempt: int, spec_dir: str | None,
-           path: Path) -> Worktree:
+           path: Path, *, keep_leftovers: bool = False) -> Worktree:
     """A new worktree at ``path`` on a fresh branch cut from the rendered base. A leftover at
-    ``path`` (a killed attempt's) is removed first; an existing branch of that name is refused:
+    ``path``, and an earlier attempt's left beside it by a killed worker (with its branch), are
+    removed first unless ``keep_leftovers``; an existing branch of that name is refused:
     an attempt never takes over another's branch."""
     repo, base, branch = render(spec, step, ctx, attempt, spec_dir)
     remote = check_remote(spec.push) if spec.push is not None else None
@@ -152,12 +153,42 @@ def create(spec: WorktreeSpec, step: ConcreteStep, ctx: RenderContext, attempt: 
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
         git(repo, "worktree", "prune")
+        if not keep_leftovers:  # --keep-workdirs keeps every attempt's worktree
+            _remove_leftovers(repo, path)
         commit = _resolve_base(repo, base, remote)
         if git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}", check=False).returncode == 0:
             raise InvalidInput(f"step {step.id!r}: worktree.branch {branch!r} already exists in {repo}")
         path.parent.mkdir(parents=True, exist_ok=True)
         git(repo, "worktree", "add", "--quiet", "-b", branch, "--", str(path), commit)
     return Worktree(repo=repo, path=path, branch=branch, push=remote)
+
+
+def _registered(repo: Path) -> dict[Path, str | None]:
+    """The repo's worktrees: path → checked-out branch (None: detached)."""
+    out: dict[Path, str | None] = {}
+    current: Path | None = None
+    for line in git(repo, "worktree", "list", "--porcelain").stdout.splitlines():
+        if line.startswith("worktree "):
+            current = Path(line[len("worktree "):])
+            out[current] = None
+        elif line.startswith("branch refs/heads/") and current is not None:
+            out[current] = line[len("branch refs/heads/"):]
+    return out
+
+
+def _remove_leftovers(repo: Path, path: Path) -> None:
+    """Worktrees left by earlier attempts of this step on this host (``<step dir>/<n>/worktree``
+    beside ``path``: their worker was killed before it could remove them), and their branches
+    (a killed attempt published nothing). Called under the repo lock."""
+    step_dir = path.parent.parent.resolve()
+    for wt, branch in _registered(repo).items():
+        if wt.name != path.name or wt.parent.parent.resolve() != step_dir or wt.resolve() == path.resolve():
+            continue
+        git(repo, "worktree", "remove", "--force", "--", str(wt), check=False)
+        shutil.rmtree(wt, ignore_errors=True)
+        if branch is not None:
+            git(repo, "branch", "--quiet", "-D", "--", branch, check=False)
+    git(repo, "worktree", "prune", check=False)
 
 
 def finish(wt: Worktree, message: str) -> dict[str, str]:

@@ -307,3 +307,46 @@ def test_push_to_a_remote_and_a_downstream_builds_on_it(tmp_path: Path, repo: Pa
     assert st["a"]["outputs"]["branch"] not in remote_branches  # deleted on rollback
     assert st["b"]["outputs"]["branch"] in remote_branches
     assert git(remote, "show", f"{st['b']['outputs']['branch']}:copy.txt") == "A"
+
+
+def test_kill_9_mid_attempt_leftover_is_pruned_by_the_next(tmp_path: Path, repo: Path) -> None:
+    """A worker killed with SIGKILL mid-attempt leaves its worktree and branch behind; the
+    next attempt of the step on that host removes them and runs in a fresh one."""
+    import signal
+
+    from dagcraft.orchestrator import layout
+    from dagcraft.orchestrator.model import load_state
+    from tests.orchestrator.helpers import killpg, spawn_cli, wait_for
+
+    marker = tmp_path / "started"
+    store_url = str(tmp_path / "store")
+    spec = write_spec(tmp_path, f"""
+        name: crash
+        steps:
+          - id: slow
+            worktree: {{repo: repo}}
+            run: "echo $DAGCRAFT_ATTEMPT >> {marker}; test $DAGCRAFT_ATTEMPT = 2 || sleep 60"
+        """)
+    rid = cli("submit", str(spec), "--store", store_url, check=True).stdout.strip()
+    env = {"TMPDIR": str(tmp_path / "tmp")}
+    args = ("worker", "--store", store_url, "--run", rid, "--exit-when-idle", "--lease-ttl", "2",
+            "--poll-max", "0.2", "--quiet")
+    first = spawn_cli(*args, env=env)
+    try:
+        wait_for(lambda: marker.exists(), what="the step to start")
+        killpg(first, signal.SIGKILL)
+        first.wait(timeout=10)
+        leftover = [p for p in worktrees(repo) if p != str(repo)]
+        assert len(leftover) == 1 and f"dagcraft/{rid}/slow/1" in branches(repo)
+        second = spawn_cli(*args, env=env)
+        second.wait(timeout=120)
+        assert second.returncode == 0
+    finally:
+        killpg(first)
+    store = open_store(store_url)
+    got = store.get(layout.step_state(rid, "slow"))
+    assert got is not None
+    state = load_state(got[0])
+    assert [str(h.status) for h in state.history] == ["lost", "succeeded"]
+    assert worktrees(repo) == [str(repo)]
+    assert branches(repo) == {"main", f"dagcraft/{rid}/slow/2"}
