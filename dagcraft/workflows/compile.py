@@ -393,7 +393,7 @@ class _Compiler:
         if not isinstance(name, str):
             return
         if (part == "outputs" and src.outputs.values and name not in src.outputs.values
-                and not (src.worktree and name in ("branch", "commit"))):  # a worktree step's own
+                and not (src.worktree and name in ("branch", "commit"))):  # added by the worktree
             raise self.err(
                 path,
                 f"step {ref!r} declares no output {name!r}{_hint(name, src.outputs.values)}; "

@@ -350,3 +350,25 @@ def test_kill_9_mid_attempt_leftover_is_pruned_by_the_next(tmp_path: Path, repo:
     assert [str(h.status) for h in state.history] == ["lost", "succeeded"]
     assert worktrees(repo) == [str(repo)]
     assert branches(repo) == {"main", f"dagcraft/{rid}/slow/2"}
+
+
+def test_branch_and_commit_need_not_be_declared(tmp_path: Path) -> None:
+    from dagcraft.workflows import compile_file
+
+    spec = write_spec(tmp_path, """
+        name: refs
+        steps:
+          - id: a
+            worktree: {repo: .}
+            outputs: {values: [summary]}
+            run: echo summary=x > "$DAGCRAFT_OUTPUT"
+          - id: b
+            needs: [a]
+            run: ["echo", "${{ steps.a.outputs.branch }}", "${{ steps.a.outputs.commit }}"]
+          - id: c
+            needs: [a]
+            run: ["echo", "${{ steps.a.outputs.nope }}"]
+        """)
+    with pytest.raises(InvalidInput, match="declares no output 'nope'") as err:
+        compile_file(spec, {})
+    assert "'branch'" not in str(err.value) and "'commit'" not in str(err.value)
