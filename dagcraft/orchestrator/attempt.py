@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from dagcraft.errors import Conflict, DagcraftError, Fenced, InvalidInput, StoreUnavailable
-from dagcraft.orchestrator import context, layout, transitions
+from dagcraft.orchestrator import context, layout, transitions, worktree
 from dagcraft.orchestrator.model import (
     CHECK_OUTPUT_BYTES,
     STDERR_TAIL_BYTES,
@@ -302,6 +303,8 @@ class Attempt:
         self.name = str(self.n) if self.kind is AttemptKind.RUN else f"rollback-{self.n}"
         self.dir = cfg.tmp_root / work.run_id / work.step.id / self.name
         self.trace: TraceWriter | None = None
+        #: the attempt's git worktree (``worktree:`` steps), removed in _finish
+        self.worktree: worktree.Worktree | None = None
         self._log_sizes: dict[str, int] = {}
 
     @property
@@ -402,17 +405,35 @@ class Attempt:
             self._stop_hb.set()
             hb.join()
             streamer.join()
+        # before the commit: once the step shows succeeded, no worktree holds its branch, so a
+        # downstream step may check it out, delete it or rebase it
+        self._remove_worktree(delete_branch=False)
         return self._finish(outcome)
+
+    def _remove_worktree(self, *, delete_branch: bool) -> None:
+        if self.worktree is None or self.cfg.keep_workdirs:
+            return
+        try:
+            worktree.remove(self.worktree, delete_branch=delete_branch)
+        except (DagcraftError, OSError, subprocess.SubprocessError) as exc:
+            log.warning("%s/%s: could not remove worktree %s: %s", self.w.run_id, self.label, self.worktree.path, exc)
 
     def _execute(self) -> Outcome:
         assert self.trace is not None
         step = self.w.step
         try:
-            workdir = context.workdir(step, self.w.ctx, self.w.spec_dir, self.dir / "work")
+            if step.worktree is not None and self.kind is AttemptKind.RUN:
+                self.worktree = worktree.create(step.worktree, step, self.w.ctx, self.n, self.w.spec_dir,
+                                                self.dir / "worktree", keep_leftovers=self.cfg.keep_workdirs)
+                self.trace.append("x.dagcraft.worktree", {"step": step.id, "attempt": self.n,
+                                                          "branch": self.worktree.branch,
+                                                          "path": str(self.worktree.path)})
+            workdir = context.workdir(step, self.w.ctx, self.w.spec_dir, self.dir / "work",
+                                      self.worktree.path if self.worktree else None)
             if self.kind is AttemptKind.ROLLBACK:
                 cmd = render_rollback(self.w.wf, step, self.w.ctx, timeout_s=step.timeout_s, cancel=self.cancel)
                 if cmd is None:
-                    return Outcome(AttemptStatus.SUCCEEDED)
+                    return self._delete_branch(Outcome(AttemptStatus.SUCCEEDED))
                 input_digests: list[str] = []
             else:
                 art_paths, input_digests = self._materialize(workdir)
@@ -432,7 +453,8 @@ class Attempt:
             self.trace.append("error", {"step": step.id, "message": str(exc)})
             return Outcome(AttemptStatus.FAILED, reason=str(exc), kind=ReasonKind.BAD_INPUT)
         cache_key = None
-        if step.cache and self.kind is AttemptKind.RUN:
+        # a worktree step's result is its branch: a cached one would name another attempt's
+        if step.cache and self.kind is AttemptKind.RUN and self.worktree is None:
             cache_key = self._cache_key(cmd, input_digests)
             hit = self._cache_lookup(cache_key)
             if hit is not None:
@@ -440,9 +462,13 @@ class Attempt:
         outcome = self._exec(cmd, workdir)
         if outcome.status is AttemptStatus.SUCCEEDED and self.kind is AttemptKind.RUN and step.check is not None:
             outcome = self._check(ctx, workdir, outcome)
+        if outcome.status is AttemptStatus.SUCCEEDED and self.kind is AttemptKind.ROLLBACK:
+            outcome = self._delete_branch(outcome)
         if outcome.status is AttemptStatus.SUCCEEDED and self.kind is AttemptKind.RUN:
             outcome = dataclasses.replace(self._results(workdir, outcome), check_exit_code=outcome.check_exit_code,
                                           check_output=outcome.check_output)
+            if outcome.status is AttemptStatus.SUCCEEDED:
+                outcome = self._commit_worktree(outcome)
             if cache_key is not None and outcome.status is AttemptStatus.SUCCEEDED:
                 self._cache_store(cache_key, outcome)
         return outcome
@@ -562,6 +588,41 @@ class Attempt:
             arts[name] = ptr.model_dump(mode="json")
             self.trace.append("artifact.put", {"name": name, "digest": ptr.digest, "size": ptr.size})
         return Outcome(AttemptStatus.SUCCEEDED, outputs=outputs, artifacts=arts, **base)
+
+    def _commit_worktree(self, ok: Outcome) -> Outcome:
+        """``ok`` with the worktree's outputs ``branch`` and ``commit`` (what the command left
+        uncommitted is committed first, and the branch pushed when declared). A git failure
+        here fails the attempt (retryable: a push can fail on a passing outage)."""
+        if self.worktree is None:
+            return ok
+        assert self.trace is not None
+        try:
+            outs = worktree.finish(self.worktree, f"dagcraft: {self.w.run_id} {self.w.step.id} attempt {self.n}")
+        except (DagcraftError, OSError, subprocess.SubprocessError) as exc:
+            self.trace.append("error", {"step": self.w.step.id, "message": f"worktree: {exc}"})
+            return Outcome(AttemptStatus.FAILED, reason=f"worktree: {exc}", kind=ReasonKind.INTERNAL_ERROR,
+                           retryable=True, exit_code=ok.exit_code, logs=ok.logs)
+        outs = self._redact(outs)
+        for name, value in outs.items():
+            self.trace.append("output.set", {"name": name, "value": value})
+        return dataclasses.replace(ok, outputs={**ok.outputs, **outs})
+
+    def _delete_branch(self, ok: Outcome) -> Outcome:
+        """Compensation of a ``worktree: {delete_on_rollback: true}`` step, after its rollback
+        command succeeded: delete the branch its committed attempt published."""
+        spec = self.w.step.worktree
+        branch = self.hold.state.outputs.get("branch")
+        if spec is None or not spec.delete_on_rollback or not isinstance(branch, str):
+            return ok
+        assert self.trace is not None
+        try:
+            worktree.delete_branch(spec, self.w.step, self.w.ctx, self.w.spec_dir, branch)
+        except (DagcraftError, OSError, subprocess.SubprocessError) as exc:
+            self.trace.append("error", {"step": self.w.step.id, "message": f"worktree: {exc}"})
+            return Outcome(AttemptStatus.FAILED, reason=f"worktree: {exc}", kind=ReasonKind.INTERNAL_ERROR,
+                           exit_code=ok.exit_code, logs=ok.logs)
+        self.trace.append("x.dagcraft.branch_deleted", {"step": self.w.step.id, "branch": branch})
+        return ok
 
     def _materialize(self, workdir: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
         """Download declared inputs, and upstream artifacts when templates mention them.
@@ -741,6 +802,8 @@ class Attempt:
             p = self.dir / name
             if p.exists() and p.stat().st_size > 0:  # an empty log costs no request
                 self.outbox.upload(f"{self._prefix}/{name}", p)
+        if not (committed is not None and outcome.status is AttemptStatus.SUCCEEDED):
+            self._remove_worktree(delete_branch=True)  # only a committed success publishes its branch
         if not self.cfg.keep_workdirs:
             # the outbox queued its own copies of what did not land: nothing here is needed
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -73,11 +73,15 @@ def with_attempt(ctx: RenderContext, number: int, history: list[AttemptInfo]) ->
     return ctx.model_copy(update={"attempt": {"number": number, "previous": previous}})
 
 
-def workdir(step: ConcreteStep, ctx: RenderContext, spec_dir: str | None, scratch: Path) -> Path:
+def workdir(step: ConcreteStep, ctx: RenderContext, spec_dir: str | None, scratch: Path,
+            worktree: Path | None = None) -> Path:
     """The directory the step's command (and its compensation) runs in: its ``workdir``
     rendered with the step's context — relative to the spec's directory, never escaping it —
-    else ``scratch``. Created if missing."""
+    else ``scratch``. With the attempt's git ``worktree``, that worktree: a relative
+    ``workdir`` is then a directory inside it. Created if missing."""
     if not step.workdir:
+        if worktree is not None:
+            return worktree
         scratch.mkdir(parents=True, exist_ok=True)
         return scratch
     variables = {"params": ctx.params, "run": ctx.run, "steps": ctx.steps, "matrix": ctx.matrix,
@@ -89,6 +93,6 @@ def workdir(step: ConcreteStep, ctx: RenderContext, spec_dir: str | None, scratc
     wd = Path(rendered)
     if not wd.is_absolute():
         validate_relpath(rendered, "workdir")
-        wd = Path(spec_dir or ".") / wd
+        wd = (worktree if worktree is not None else Path(spec_dir or ".")) / wd
     wd.mkdir(parents=True, exist_ok=True)
     return wd

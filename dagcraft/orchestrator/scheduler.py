@@ -297,9 +297,9 @@ class Scheduler:
         still waiting to be (or being) compensated: compensations run in reverse topological
         order."""
         view = self.view
-        if view.status(sid) != StepStatus.SUCCEEDED or not view.steps[sid].rollback:
+        if view.status(sid) != StepStatus.SUCCEEDED or not view.steps[sid].compensates:
             return False
-        return not any(view.steps[d].rollback and view.status(d) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)
+        return not any(view.steps[d].compensates and view.status(d) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)
                        for d in view.descendants(sid, deps))
 
     def _claim_compensations(self, capacity: int) -> list[WorkItem]:

@@ -393,7 +393,7 @@ class LocalView:
         or compensating, with a ``rollback`` command. Finally steps are not among them: they
         run after the rollback."""
         return [sid for sid in self.all_ids()
-                if self.steps[sid].rollback and not self.steps[sid].is_finally
+                if self.steps[sid].compensates and not self.steps[sid].is_finally
                 and self.status(sid) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)]
 
     def rollback_due(self) -> bool:

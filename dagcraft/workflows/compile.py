@@ -394,7 +394,8 @@ class _Compiler:
         declared output values, or match a declared artifact glob, of step ``ref``."""
         if not isinstance(name, str):
             return
-        if part == "outputs" and src.outputs.values and name not in src.outputs.values:
+        if (part == "outputs" and src.outputs.values and name not in src.outputs.values
+                and not (src.worktree and name in ("branch", "commit"))):  # added by the worktree
             raise self.err(
                 path,
                 f"step {ref!r} declares no output {name!r}{_hint(name, src.outputs.values)}; "
@@ -473,6 +474,10 @@ class _Compiler:
                 self.check_workdir(path + ("workdir",), s.workdir)
             if s.when is not None:
                 self.check_template(path + ("when",), s.when, step=s, allow=allow | set(STATUS_FUNCTIONS), expression=True)
+            if s.worktree is not None:
+                for name in ("repo", "base", "branch"):
+                    self.check_template(path + ("worktree", name), getattr(s.worktree, name), step=s,
+                                        allow=allow | {"step", "attempt"})
 
     # ------------------------------------------------------------------ expansion
     def matrix_instances(self, path: tuple, s: StepSpec, params: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -672,6 +677,7 @@ class _Compiler:
                     inputs=inputs,
                     rollback=s.rollback,
                     check=s.check,
+                    worktree=s.worktree,
                     cache=s.cache,
                     tags=list(s.tags),
                     is_finally=fin,

@@ -307,6 +307,30 @@ class ApprovalSpec(_Model):
         return v
 
 
+#: the branch a worktree step gets when its spec names none: one per run, step and attempt
+DEFAULT_WORKTREE_BRANCH = "dagcraft/${{ run.id }}/${{ step.id }}/${{ attempt }}"
+
+
+class WorktreeSpec(_Model):
+    """``worktree:`` — the step runs in its own git worktree on a fresh branch cut from
+    ``base`` in ``repo`` (relative to the spec's directory). ``repo``, ``base`` and ``branch``
+    may be templates (``step.id`` and ``attempt`` are available besides the step's context);
+    the rendered branch must be a valid git branch name, checked before git sees it."""
+
+    repo: str
+    base: str = "HEAD"
+    branch: str = DEFAULT_WORKTREE_BRANCH
+    push: str | None = None
+    delete_on_rollback: bool = False
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, v: str) -> str:
+        if "${{" in v or v.startswith("/"):
+            return v
+        return check_relpath(v.rstrip("/") or ".", "worktree repo")
+
+
 class DefaultsSpec(_Model):
     retries: RetrySpec | None = None
     timeout: Duration | None = None
@@ -334,6 +358,7 @@ class StepSpec(_Model):
     rollback: Command = None
     #: an acceptance check run after the command exits 0, in the same workdir (docs/spec.md)
     check: Command = None
+    worktree: WorktreeSpec | None = None
     cache: bool = False
     tags: list[str] = []
     approval: ApprovalSpec | None = None
@@ -489,10 +514,16 @@ class ConcreteStep(_Model):
     inputs: list[InputDecl] = []
     rollback: list[str] | str | None = None
     check: list[str] | str | None = None
+    worktree: WorktreeSpec | None = None
     cache: bool = False
     tags: list[str] = []
     is_finally: bool = False
     approval: ApprovalSpec | None = None
+
+    @property
+    def compensates(self) -> bool:
+        """True if a rollback has something to undo: a command, or a branch to delete."""
+        return bool(self.rollback) or bool(self.worktree and self.worktree.delete_on_rollback)
 
 
 class CompiledWorkflow(_Model):
