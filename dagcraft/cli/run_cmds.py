@@ -367,7 +367,7 @@ def register(cli: click.Group) -> None:
         from dagcraft.tracing.seal import load_signer
 
         load_signer(signing_key)  # a bad key: exit 2, nothing reopened
-        store, url = _store(store_url)
+        store, url = _store(store_url, create=False)  # acts on an existing run
         run_id = parse_address(run_id, store, step="forbidden").run
         status = prepare_resume(store, run_id, retry_failed=retry_failed)
         if status in ("succeeded",) or (status in ("failed", "rolled_back") and not retry_failed):
@@ -400,7 +400,7 @@ def register(cli: click.Group) -> None:
         names the step as RUN/STEP, or RUN with --from STEP."""
         from dagcraft.orchestrator import retry_from
 
-        store, url = _store(store_url)
+        store, url = _store(store_url, create=False)  # acts on an existing run
         addr = parse_address(address, store)
         if addr.step and from_step and addr.step != from_step:
             raise InvalidInput(f"{addr.label()} and --from {from_step} name different steps")
@@ -426,7 +426,7 @@ def register(cli: click.Group) -> None:
         """Cancel RUN: running steps are signalled, nothing new starts."""
         from dagcraft.orchestrator import cancel as cancel_run
 
-        store, _ = _store(store_url)
+        store, _ = _store(store_url, create=False)  # acts on an existing run
         run_id = parse_address(run_id, store, step="forbidden").run
         status = str(cancel_run(store, run_id))
         if as_json:
@@ -447,7 +447,7 @@ def register(cli: click.Group) -> None:
         """Run the compensations of RUN's succeeded steps, in reverse order (RUN finished)."""
         from dagcraft.orchestrator import request_rollback
 
-        store, url = _store(store_url)
+        store, url = _store(store_url, create=False)  # acts on an existing run
         run_id = parse_address(run_id, store, step="forbidden").run
         opts = None if detach else _resume_opts(store, run_id, workers, lease_ttl, secret_files, secret_stdin)
         status = str(request_rollback(store, run_id))

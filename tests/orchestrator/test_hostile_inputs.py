@@ -159,7 +159,15 @@ def test_wait_for_cli_unknown_step_exits_4(tmp_path):
 
 # -- read-only commands at a mistyped path -----------------------------------------------------
 @pytest.mark.parametrize("args", [("status", "r1"), ("runs",), ("logs", "r1", "a"), ("trace", "summary", "r1"),
-                                  ("trace", "verify", "r1")])
+                                  ("trace", "verify", "r1"),
+                                  # audit: commands on an existing run, and the agent's readers
+                                  ("cancel", "r1"), ("resume", "r1"), ("retry", "r1/a"), ("rollback", "r1"),
+                                  ("agent", "memory", "get", "k", "--run", "r1"),
+                                  ("agent", "memory", "list", "--run", "r1"),
+                                  ("agent", "memory", "history", "k", "--run", "r1"),
+                                  ("agent", "artifact", "list", "--run", "r1"),
+                                  ("agent", "artifact", "get", "f", "--run", "r1"),
+                                  ("agent", "wait-for", "a", "--run", "r1", "--timeout", "1")])
 def test_read_only_commands_never_create_a_store(tmp_path, args):
     typo = tmp_path / "stroe"
     proc = cli(*args, "--store", str(typo), cwd=tmp_path)
