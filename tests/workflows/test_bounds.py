@@ -295,3 +295,20 @@ def test_step_ids_of_the_longest_allowed_length_run(local_store, tmp_path: Path)
     """)
     assert result["status"] == "succeeded", result
     assert steps(result)[f"{fe}[2]"]["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("field", [
+    "outputs: {artifacts: [%s]}",
+    "inputs: [{from: up, artifact: %s}]",
+    "inputs: [{from: up, artifact: out.txt, as: %s}]",
+])
+@pytest.mark.parametrize("bad", ['"."', '"./out.txt"', '"x\\ny"', '"d/"', '"' + "a" * 201 + '"'])
+def test_artifact_paths_the_store_refuses_are_refused_by_validate(tmp_path: Path, field: str, bad: str):
+    """An artifact glob/name/destination is a store key below its step: `validate` refuses
+    what the store refuses at run time ('.' segments, control characters, empty or over-long
+    segments), instead of a step that can only fail."""
+    spec = ("name: x\nsteps:\n  - {id: up, run: 'echo > out.txt', outputs: {artifacts: ['out.txt']}}\n"
+            "  - id: s\n    needs: [up]\n    run: echo\n    " + field % bad + "\n")
+    code, err = _validate(tmp_path, spec)
+    assert code == 2, err
+    assert "steps[1]." in err and ("artifact" in err or "destination" in err), err
