@@ -60,7 +60,7 @@ from dagcraft.primitives.store import Store
 from dagcraft.tracing import ExecResult, Redactor, TraceWriter, traced_exec
 from dagcraft.tracing.seal import Signer
 from dagcraft.workflows import RenderedCommand, render_command, render_rollback
-from dagcraft.workflows.template import RenderCancelled, RenderTimedOut
+from dagcraft.workflows.template import MAX_OUTPUT, RenderCancelled, RenderTimedOut
 
 GLOB_CHARS = set("*?[")
 log = logging.getLogger(__name__)
@@ -175,9 +175,15 @@ def parse_outputs(path: Path) -> dict[str, Any]:
     they are JSON, e.g. ``count=3`` or ``items=["a","b"]``, else kept as strings).
 
     Raises InvalidInput naming the output when a name or value holds a NUL byte: the step
-    fails for good (a rerun would write the same), rather than as a retryable internal error."""
+    fails for good (a rerun would write the same), rather than as a retryable internal error;
+    likewise when the file is larger than ``MAX_OUTPUT`` bytes (outputs live in the step state,
+    which every status read and scheduler poll loads)."""
     if not path.exists():
         return {}
+    size = path.stat().st_size
+    if size > MAX_OUTPUT:
+        raise InvalidInput(f"outputs are {size} bytes, more than the limit of {MAX_OUTPUT} "
+                           "(write big data as an artifact)")
     text = path.read_text("utf-8", "replace").strip()
     if not text:
         return {}

@@ -74,6 +74,41 @@ def test_nul_in_an_output_fails_the_step_for_good_naming_it(local_store, tmp_pat
     assert a["reason"] == "output 'x' contains a NUL byte"
 
 
+# -- output size (audit) -----------------------------------------------------------------------
+def test_outputs_larger_than_the_limit_fail_the_step_and_are_never_stored(local_store, tmp_path):
+    """Outputs are hostile data that every status read and scheduler poll loads with the step
+    state: more than MAX_OUTPUT bytes fail the step for good instead of a 60 MB state.json."""
+    from dagcraft.workflows.template import MAX_OUTPUT
+
+    src = tmp_path / "outputs.src"
+    src.write_text("v=" + "a" * MAX_OUTPUT + "\n")
+    rid, st = run_spec(local_store, tmp_path, f"""
+        name: big
+        steps:
+          - id: a
+            run: "cat {src} > $DAGCRAFT_OUTPUT"
+            retries: 2
+    """)
+    a = steps(st)["a"]
+    assert a["status"] == "failed" and a["attempt"] == 1, a
+    assert a["reason"] == f"outputs are {MAX_OUTPUT + 3} bytes, more than the limit of {MAX_OUTPUT} " \
+                          "(write big data as an artifact)"
+    assert a["outputs"] == {}
+    got = local_store.get(layout.step_state(rid, "a"))
+    assert got is not None and len(got[0]) < 64 << 10
+
+
+def test_outputs_just_under_the_limit_are_kept(local_store, tmp_path):
+    src = tmp_path / "outputs.src"
+    src.write_text("v=" + "a" * 1000 + "\n")
+    _, st = run_spec(local_store, tmp_path, f"""
+        name: ok
+        steps:
+          - {{id: a, run: "cat {src} > $DAGCRAFT_OUTPUT"}}
+    """)
+    assert steps(st)["a"]["outputs"] == {"v": "a" * 1000}
+
+
 # -- symlinked artifacts -----------------------------------------------------------------------
 def test_artifact_symlinked_outside_the_workdir_fails_and_is_never_uploaded(local_store, tmp_path):
     secret = tmp_path / "secret.txt"
