@@ -217,6 +217,27 @@ def test_a_foreach_over_a_secret_is_refused(local_store, tmp_path, monkeypatch):
     assert store_hits(local_store, SECRET) == []
 
 
+@pytest.mark.parametrize("field", [
+    'foreach: "${{ params.token }}"',  # not a list: the error quoted the value
+    'when: "${{ params.token.nope.x }}"',
+])
+def test_a_fan_out_or_condition_error_quoting_the_secret_is_redacted(local_store, tmp_path, monkeypatch, field):
+    """Audit: a step that cannot start records its error as the reason: redacted like any other."""
+    monkeypatch.setenv("DAGCRAFT_PARAM_TOKEN", SECRET)
+    rid, st = run_spec(local_store, tmp_path, f"""
+        name: fan
+        params:
+          token: {{type: string, secret: true}}
+        steps:
+          - id: each
+            {field}
+            run: ["echo", "x"]
+    """, params={"token": SECRET})
+    assert st["status"] == "failed"
+    assert SECRET not in steps(st)["each"]["reason"]
+    assert store_hits(local_store, SECRET) == []
+
+
 def test_a_worker_without_the_secret_fails_the_step_that_needs_it(local_store, tmp_path, monkeypatch):
     """Not given the secret, a worker must not run the store's placeholder in its place."""
     monkeypatch.delenv("DAGCRAFT_PARAM_TOKEN", raising=False)
