@@ -637,6 +637,13 @@ class Attempt:
         if not self.cfg.keep_workdirs:
             # the outbox queued its own copies of what did not land: nothing here is needed
             shutil.rmtree(self.dir, ignore_errors=True)
+            # and the step and run directories above it once empty (they piled up in /tmp); a
+            # sibling attempt creating them again concurrently is handled by private_dir
+            for parent in (self.dir.parent, self.dir.parent.parent):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break  # not empty (another attempt of this run), or already gone
         for sem, lease in zip(self.w.semaphores, self.w.semaphore_leases, strict=True):
             try:
                 sem.release(lease)
