@@ -19,6 +19,7 @@ from dagcraft.cli.common import (
     echo_json,
     json_option,
     parse_address,
+    printable,
     resolve_run,
 )
 from dagcraft.errors import DagcraftError, Failed, InvalidInput
@@ -478,10 +479,10 @@ def _children(s: dict[str, Any]) -> str:
 
 def _failure_lines(s: dict[str, Any], indent: str = "  ") -> list[str]:
     """A failed step explained: the reason in words, its stderr's last lines, where to see more."""
-    lines = [f"{indent}failed: {s['step']} (attempt {s['attempt']}): {s['reason']}"]
+    lines = [f"{indent}failed: {s['step']} (attempt {s['attempt']}): {printable(s['reason'] or '')}"]
     if s.get("stderr_tail"):
         lines.append(f"{indent}  stderr (last lines):")
-        lines += [f"{indent}  | {ln}" for ln in s["stderr_tail"].splitlines()]
+        lines += [f"{indent}  | {printable(ln)}" for ln in s["stderr_tail"].splitlines()]
     if s.get("more"):
         lines.append(f"{indent}  more: {s['more']}")
     return lines
@@ -489,7 +490,7 @@ def _failure_lines(s: dict[str, Any], indent: str = "  ") -> list[str]:
 
 def _print_status(st: dict[str, Any]) -> None:
     click.echo(f"run {st['run_id']} ({st['name']}): {st['status']} in {_secs(st['duration_s'])}"
-               + (f" — {st['reason']}" if st["reason"] else ""))
+               + (f" — {printable(st['reason'])}" if st["reason"] else ""))
     for s in st["steps"]:
         indent = "    " if s.get("parent") else "  "
         extra = []
@@ -500,7 +501,7 @@ def _print_status(st: dict[str, Any]) -> None:
         if s["cached_from"]:
             extra.append(f"cached from {s['cached_from']}")
         if s["reason"] and s["status"] not in ("succeeded",):
-            extra.append(s["reason"])
+            extra.append(printable(s["reason"]))
         dur = _secs(s["duration_s"]) if s["duration_s"] is not None else ""
         worker = (s["worker"] or "")[-24:]
         click.echo(f"{indent}{s['step']:<40} {s['status']:<12} {dur:>7} {worker:<24} {'; '.join(extra)}".rstrip())

@@ -60,8 +60,8 @@ _JINJA_GLOBALS = {"range", "dict", "lipsum", "cycler", "joiner", "namespace", "t
 _RUN_KEYS = ("id", "name", "spec_dir")
 _SAFE_ID_VALUE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 #: a step id is one store key segment, also inside a journal entry `<ulid>~<rev>~<status>~<step>`
-#: (primitives.keys.MAX_SEGMENT = 200 with ~50 for the rest): 128, like a run id
-MAX_STEP_ID = 128
+#: (primitives.keys.MAX_SEGMENT = 200: 26 + 3 + at most 12 for the status leave 9 digits of rev)
+MAX_STEP_ID = 150
 
 
 def matrix_id_value(value: Any) -> str:

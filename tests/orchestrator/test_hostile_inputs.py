@@ -209,3 +209,23 @@ def test_read_only_commands_never_create_a_store(tmp_path, args):
     assert proc.returncode == 4, proc.stderr
     assert proc.stderr.strip() == f"dagcraft: no store at {typo}"
     assert not typo.exists()
+
+
+# -- terminal escapes (audit) ------------------------------------------------------------------
+def test_status_and_run_never_print_a_step_s_terminal_escapes(tmp_path):
+    """A step's stderr (its tail is shown by `run` and `status`) is hostile: an OSC sequence can
+    retitle the terminal or write the clipboard, CSI can clear the screen. Shown escaped."""
+    spec = write_spec(tmp_path, r"""
+        name: esc
+        steps:
+          - id: a
+            run: 'printf "\033]52;c;cHduZWQ=\007\033[2Jred\302\233Z\n" >&2; exit 1'
+    """)
+    store = tmp_path / "store"
+    ran = cli("run", str(spec), "--store", str(store), "--workers", "1", "--no-report", "--run-id", "e1")
+    shown = cli("status", "e1", "--store", str(store))
+    assert ran.returncode == 1 and shown.returncode == 1, (ran.stderr, shown.stderr)
+    for out in (ran.stdout + ran.stderr, shown.stdout + shown.stderr):
+        assert "red" in out
+        assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out, repr(out)
+        assert "\\x1b]52;c;cHduZWQ=\\x07" in out, out

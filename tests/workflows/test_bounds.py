@@ -270,10 +270,10 @@ def test_template_value_too_large_for_an_env_var():
 
 # ----------------------------------------------------------------------------- ids (audit)
 @pytest.mark.parametrize("spec", [
-    "name: x\nsteps:\n  - id: " + "s" * 129 + "\n    run: echo\n",
-    "name: x\nsteps:\n  - id: s\n    matrix: {" + "k" * 60 + ": [" + "v" * 40 + "], " + "j" * 60 + ": [x]}\n    run: echo\n",
+    "name: x\nsteps:\n  - id: " + "s" * 151 + "\n    run: echo\n",
+    "name: x\nsteps:\n  - id: s\n    matrix: {" + "k" * 70 + ": [" + "v" * 40 + "], " + "j" * 70 + ": [x]}\n    run: echo\n",
     # a foreach child is `id[999]`: the id itself must leave room for that suffix
-    "name: x\nsteps:\n  - id: " + "f" * 124 + "\n    foreach: '${{ [1, 2] }}'\n    run: echo\n",
+    "name: x\nsteps:\n  - id: " + "f" * 146 + "\n    foreach: '${{ [1, 2] }}'\n    run: echo\n",
 ], ids=["plain", "matrix", "foreach"])
 def test_step_ids_too_long_for_the_store_are_refused_by_validate(tmp_path: Path, spec: str):
     """A step id is one store key segment, also inside a journal entry: `validate` must refuse
@@ -281,12 +281,12 @@ def test_step_ids_too_long_for_the_store_are_refused_by_validate(tmp_path: Path,
     child that could never be created left its run `running`)."""
     code, err = _validate(tmp_path, spec)
     assert code == 2, err
-    assert "longer than the limit of 128 characters" in err, err
+    assert "longer than the limit of 150 characters" in err, err
     assert err.startswith(f"dagcraft: {tmp_path / 'p.yaml'}:") and "steps[0]." in err, err
 
 
 def test_step_ids_of_the_longest_allowed_length_run(local_store, tmp_path: Path):
-    plain, fe = "s" * 128, "f" * 123
+    plain, fe = "s" * 150, "f" * 145
     _, result = run_spec(local_store, tmp_path, f"""
     name: x
     steps:
