@@ -59,6 +59,13 @@ class Ctx:
         return self._store
 
     @property
+    def reader(self) -> Any:
+        """The store for commands that only read: a mistyped path is "no store at PATH"
+        (exit 4), never a new empty store. Opened on first use, so a bad key or name is
+        still reported first (exit 2)."""
+        return self._store if self._store is not None else _LazyReader(self.store_url)
+
+    @property
     def scope(self) -> str:
         return f"runs/{self.run}" if self.run else "shared"
 
@@ -67,6 +74,27 @@ class Ctx:
         if self.run and self.step:
             return f"runs/{self.run}/steps/{self.step}"
         return self.scope
+
+
+class _LazyReader:
+    """Opens the store (``create=False``) at the first call a primitive makes on it."""
+
+    def __init__(self, url: str | None) -> None:
+        self._url = url
+        self._inner: Any = None
+
+    def _open(self) -> Any:
+        if self._inner is None:
+            from dagcraft.primitives.url import open_store
+
+            self._inner = open_store(self._url, create=False)
+        return self._inner
+
+    def __getattr__(self, name: str) -> Any:
+        if self._inner is not None:
+            return getattr(self._inner, name)
+        # `store.get(_k(key))` looks `get` up before the key is validated: open at the call
+        return lambda *args, **kw: getattr(self._open(), name)(*args, **kw)
 
 
 def _opts(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -133,7 +161,7 @@ def _register_agent(cli: click.Group) -> None:
         """Print KEY's value (strings raw, else JSON). Exit 4 if unset."""
         from dagcraft.primitives import memory
 
-        got = memory.get(ctx.store, ctx.scope, key)
+        got = memory.get(ctx.reader, ctx.scope, key)
         if got is None:
             raise NotFound(f"memory key {key!r} not set in {ctx.scope}")
         if as_json:
@@ -172,7 +200,7 @@ def _register_agent(cli: click.Group) -> None:
         """List memory keys (under PREFIX)."""
         from dagcraft.primitives import memory
 
-        keys = memory.list_keys(ctx.store, ctx.scope, prefix)
+        keys = memory.list_keys(ctx.reader, ctx.scope, prefix)
         if as_json:
             _out(keys)
         else:
@@ -188,7 +216,7 @@ def _register_agent(cli: click.Group) -> None:
         """Show KEY's history, oldest first."""
         from dagcraft.primitives import memory
 
-        hist = memory.history(ctx.store, ctx.scope, key, limit)
+        hist = memory.history(ctx.reader, ctx.scope, key, limit)
         if as_json:
             _out(hist)
         else:
@@ -271,7 +299,7 @@ def _register_agent(cli: click.Group) -> None:
         target = Path(dest) if dest else Path(name)
         if target.is_dir() or (dest is not None and dest.endswith(("/", os.sep))):
             target = target / Path(name).name
-        p = artifacts.get(ctx.store, scope=ctx.artifact_scope, name=name, dest=target)
+        p = artifacts.get(ctx.reader, scope=ctx.artifact_scope, name=name, dest=target)
         if as_json:
             _out({**p.model_dump(), "path": str(target)})
         else:
@@ -285,7 +313,7 @@ def _register_agent(cli: click.Group) -> None:
         """List artifacts in scope."""
         from dagcraft.primitives import artifacts
 
-        items = artifacts.list_artifacts(ctx.store, ctx.artifact_scope)
+        items = artifacts.list_artifacts(ctx.reader, ctx.artifact_scope)
         if as_json:
             _out([p.model_dump() for p in items])
         else:
@@ -354,7 +382,7 @@ def _register_agent(cli: click.Group) -> None:
         if not ctx.run:
             raise InvalidInput("wait-for needs a run id (--run or $DAGCRAFT_RUN_ID)")
         try:  # every step id is validated before waiting
-            done = wait_for_steps(ctx.store, ctx.run, steps, timeout=timeout)
+            done = wait_for_steps(ctx.reader, ctx.run, steps, timeout=timeout)
         except Failed as exc:
             if as_json:
                 _out({"satisfied": False, "error": str(exc)})

@@ -10,6 +10,7 @@ Step ids never contain ``/``, so the two forms cannot be confused.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
@@ -100,6 +101,16 @@ def json_option(f: F) -> F:
     errors stay on stderr). One definition for every command."""
     return click.option("--json", "as_json", is_flag=True,
                         help="print the result as JSON on stdout (progress and warnings go to stderr)")(f)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (ESC, BEL, C1 …; not newline or tab) shown as ``\\xNN``:
+    what a step printed is hostile, and an escape sequence could retitle the terminal, write
+    the clipboard (OSC 52) or clear the screen."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def command_hint(*argv: str) -> str:

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dagcraft.cli.common import console as plain_console
+from dagcraft.cli.common import printable
 from dagcraft.orchestrator.model import TERMINAL, StepState, run_timing
 from dagcraft.orchestrator.ops import step_span
 
@@ -110,7 +111,7 @@ class Progress:
                 if st.status == "pending" and st.attempt == 0:
                     continue
                 extra = f" attempt {st.attempt}" if st.attempt else ""
-                why = f" ({st.reason})" if st.reason and st.status not in ("running", "succeeded") else ""
+                why = f" ({printable(st.reason)})" if st.reason and st.status not in ("running", "succeeded") else ""
                 self.console.print(f"[{time.strftime('%H:%M:%S')}] {sid}: {st.status}{extra}{why}",
                                    highlight=False, markup=False)
 

@@ -19,6 +19,7 @@ from dagcraft.cli.common import (
     echo_json,
     json_option,
     parse_address,
+    printable,
     resolve_run,
 )
 from dagcraft.errors import DagcraftError, Failed, InvalidInput
@@ -394,7 +395,7 @@ def register(cli: click.Group) -> None:
         from dagcraft.tracing.seal import load_signer
 
         load_signer(signing_key)  # a bad key: exit 2, nothing reopened
-        store, url = _store(store_url)
+        store, url = _store(store_url, create=False)  # acts on an existing run
         run_id = parse_address(run_id, store, step="forbidden").run
         status = prepare_resume(store, run_id, retry_failed=retry_failed)
         if status in ("succeeded",) or (status in ("failed", "rolled_back") and not retry_failed):
@@ -427,7 +428,7 @@ def register(cli: click.Group) -> None:
         names the step as RUN/STEP, or RUN with --from STEP."""
         from dagcraft.orchestrator import retry_from
 
-        store, url = _store(store_url)
+        store, url = _store(store_url, create=False)  # acts on an existing run
         addr = parse_address(address, store)
         if addr.step and from_step and addr.step != from_step:
             raise InvalidInput(f"{addr.label()} and --from {from_step} name different steps")
@@ -453,7 +454,7 @@ def register(cli: click.Group) -> None:
         """Cancel RUN: running steps are signalled, nothing new starts."""
         from dagcraft.orchestrator import cancel as cancel_run
 
-        store, _ = _store(store_url)
+        store, _ = _store(store_url, create=False)  # acts on an existing run
         run_id = parse_address(run_id, store, step="forbidden").run
         status = str(cancel_run(store, run_id))
         if as_json:
@@ -494,7 +495,7 @@ def register(cli: click.Group) -> None:
         """Run the compensations of RUN's succeeded steps, in reverse order (RUN finished)."""
         from dagcraft.orchestrator import request_rollback
 
-        store, url = _store(store_url)
+        store, url = _store(store_url, create=False)  # acts on an existing run
         run_id = parse_address(run_id, store, step="forbidden").run
         opts = None if detach else _resume_opts(store, run_id, workers, lease_ttl, secret_files, secret_stdin)
         status = str(request_rollback(store, run_id))
@@ -525,10 +526,10 @@ def _children(s: dict[str, Any]) -> str:
 
 def _failure_lines(s: dict[str, Any], indent: str = "  ") -> list[str]:
     """A failed step explained: the reason in words, its stderr's last lines, where to see more."""
-    lines = [f"{indent}failed: {s['step']} (attempt {s['attempt']}): {s['reason']}"]
+    lines = [f"{indent}failed: {s['step']} (attempt {s['attempt']}): {printable(s['reason'] or '')}"]
     if s.get("stderr_tail"):
         lines.append(f"{indent}  stderr (last lines):")
-        lines += [f"{indent}  | {ln}" for ln in s["stderr_tail"].splitlines()]
+        lines += [f"{indent}  | {printable(ln)}" for ln in s["stderr_tail"].splitlines()]
     if s.get("more"):
         lines.append(f"{indent}  more: {s['more']}")
     return lines
@@ -536,7 +537,7 @@ def _failure_lines(s: dict[str, Any], indent: str = "  ") -> list[str]:
 
 def _print_status(st: dict[str, Any]) -> None:
     click.echo(f"run {st['run_id']} ({st['name']}): {st['status']} in {_secs(st['duration_s'])}"
-               + (f" — {st['reason']}" if st["reason"] else ""))
+               + (f" — {printable(st['reason'])}" if st["reason"] else ""))
     if st.get("stalled"):
         click.echo(f"  stalled: {st['stalled']} serves this run (start one: dagcraft worker --run {st['run_id']})")
     for s in st["steps"]:
@@ -549,7 +550,7 @@ def _print_status(st: dict[str, Any]) -> None:
         if s["cached_from"]:
             extra.append(f"cached from {s['cached_from']}")
         if s["reason"] and s["status"] not in ("succeeded",):
-            extra.append(s["reason"])
+            extra.append(printable(s["reason"]))
         dur = _secs(s["duration_s"]) if s["duration_s"] is not None else ""
         worker = (s["worker"] or "")[-24:]
         click.echo(f"{indent}{s['step']:<40} {s['status']:<12} {dur:>7} {worker:<24} {'; '.join(extra)}".rstrip())

@@ -71,7 +71,7 @@ from dagcraft.workflows import (
     render_command,
     render_rollback,
 )
-from dagcraft.workflows.template import RenderCancelled, RenderTimedOut
+from dagcraft.workflows.template import MAX_OUTPUT, RenderCancelled, RenderTimedOut
 
 GLOB_CHARS = set("*?[")
 log = logging.getLogger(__name__)
@@ -221,9 +221,15 @@ def parse_outputs(path: Path) -> dict[str, Any]:
     they are JSON, e.g. ``count=3`` or ``items=["a","b"]``, else kept as strings).
 
     Raises InvalidInput naming the output when a name or value holds a NUL byte: the step
-    fails for good (a rerun would write the same), rather than as a retryable internal error."""
+    fails for good (a rerun would write the same), rather than as a retryable internal error;
+    likewise when the file is larger than ``MAX_OUTPUT`` bytes (outputs live in the step state,
+    which every status read and scheduler poll loads)."""
     if not path.exists():
         return {}
+    size = path.stat().st_size
+    if size > MAX_OUTPUT:
+        raise InvalidInput(f"outputs are {size} bytes, more than the limit of {MAX_OUTPUT} "
+                           "(write big data as an artifact)")
     text = path.read_text("utf-8", "replace").strip()
     if not text:
         return {}
@@ -807,6 +813,13 @@ class Attempt:
         if not self.cfg.keep_workdirs:
             # the outbox queued its own copies of what did not land: nothing here is needed
             shutil.rmtree(self.dir, ignore_errors=True)
+            # and the step and run directories above it once empty (they piled up in /tmp); a
+            # sibling attempt creating them again concurrently is handled by private_dir
+            for parent in (self.dir.parent, self.dir.parent.parent):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break  # not empty (another attempt of this run), or already gone
         for sem, lease in zip(self.w.semaphores, self.w.semaphore_leases, strict=True):
             try:
                 sem.release(lease)

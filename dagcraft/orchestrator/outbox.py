@@ -34,16 +34,23 @@ def private_dir(path: Path, root: Path) -> Path:
     ``/tmp`` someone else could have made it first."""
     rel = path.relative_to(root).parts
     root.parent.mkdir(parents=True, exist_ok=True)  # above root: not ours to tighten
-    for level in [root] + [root.joinpath(*rel[:i + 1]) for i in range(len(rel))]:
+    for tries in range(1000):
         try:
-            level.mkdir(mode=0o700)
-        except FileExistsError:
-            pass
-        st = level.lstat()
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            raise PermissionError(f"scratch directory {level} is not a directory of this user")
-        if stat.S_IMODE(st.st_mode) != 0o700:
-            level.chmod(0o700)
+            for level in [root] + [root.joinpath(*rel[:i + 1]) for i in range(len(rel))]:
+                try:
+                    level.mkdir(mode=0o700)
+                except FileExistsError:
+                    pass
+                st = level.lstat()
+                if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                    raise PermissionError(f"scratch directory {level} is not a directory of this user")
+                if stat.S_IMODE(st.st_mode) != 0o700:
+                    level.chmod(0o700)
+            return path
+        except FileNotFoundError:
+            # an attempt that just ended removed an empty parent between two of our steps
+            if tries == 999:
+                raise
     return path
 
 

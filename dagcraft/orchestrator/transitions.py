@@ -68,6 +68,7 @@ from dagcraft.primitives import lease as leases
 from dagcraft.primitives.persist import ONCE, Persistence
 from dagcraft.primitives.store import Store, cas
 from dagcraft.tracing import seal
+from dagcraft.tracing.redact import Redactor
 from dagcraft.tracing.seal import Signer
 
 if TYPE_CHECKING:
@@ -218,7 +219,9 @@ def skip(view: LocalView, sid: str, reason: str) -> bool:
 
 
 def fail_unstarted(view: LocalView, sid: str, reason: str) -> bool:
-    """pending → failed: the step could not even be started (its condition or fan-out failed)."""
+    """pending → failed: the step could not even be started (its condition or fan-out failed).
+    The reason is redacted: an evaluation error may quote a value (`got str '<secret>'`)."""
+    reason = Redactor(view.wf.secret_values()).redact(reason)
     return _transition(view, sid, _end_unstarted(StepStatus.FAILED, reason, view.store.now(),
                                                  ReasonKind.CONDITION_ERROR),
                        allowed=frozenset({StepStatus.PENDING})) is not None

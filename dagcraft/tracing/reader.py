@@ -249,6 +249,11 @@ def verify(path: Path | str, allow_open: bool = False, *, expect_head: str | Non
             if ev.prev != expected:
                 if expected is None:
                     bad(no, "first line has a prev hash (lines before it were removed)")
+                elif prev_line is not None and prev_line.endswith(b"\r") \
+                        and ev.prev == hashlib.sha256(prev_line[:-1]).hexdigest():
+                    # hashes cover the exact bytes: a converted file cannot verify, but say why
+                    bad(no, f"line {no - 1} ends with CRLF: the file's line endings were converted "
+                            f"(a text-mode copy, git autocrlf?); traces are written with LF only")
                 else:
                     bad(no, f"prev hash does not match line {no - 1}: line {no - 1} was edited, or "
                             f"a line was removed, inserted or reordered here")

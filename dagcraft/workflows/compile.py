@@ -66,6 +66,9 @@ _JINJA_GLOBALS = {"range", "dict", "lipsum", "cycler", "joiner", "namespace", "t
                   "True", "False", "None"}
 _RUN_KEYS = ("id", "name", "spec_dir")
 _SAFE_ID_VALUE = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+#: a step id is one store key segment, also inside a journal entry `<ulid>~<rev>~<status>~<step>`
+#: (primitives.keys.MAX_SEGMENT = 200: 26 + 3 + at most 12 for the status leave 9 digits of rev)
+MAX_STEP_ID = 150
 
 
 def matrix_id_value(value: Any) -> str:
@@ -656,6 +659,13 @@ class _Compiler:
             inputs = self.inputs_for(path, s, instances)
             for idv, values in combos:
                 cid = concrete_id(tid, idv)
+                # refused here, not by a store write at run time (a foreach child adds `[999]`)
+                room = MAX_STEP_ID - (len(f"[{MAX_FANOUT - 1}]") if s.foreach is not None else 0)
+                if len(cid) > room:
+                    where = path + (("matrix",) if values else ("id",))
+                    suffix = " with its foreach suffix [999]" if s.foreach is not None else ""
+                    raise self.err(where, f"step id {cid[:40]!r}...{suffix} is longer than the limit of "
+                                          f"{MAX_STEP_ID} characters")
                 if cid in steps:
                     raise self.err(path + ("matrix",), f"two matrix instances get the same id {cid!r}")
                 steps[cid] = ConcreteStep(

@@ -8,6 +8,7 @@ no positions and no unexpanded matrix, and serialise to canonical JSON for the s
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Annotated, Any, Literal
 
 import networkx as nx
@@ -261,7 +262,7 @@ class AgentDef(_Model):
 
 class OutputsSpec(_Model):
     values: list[Annotated[str, AfterValidator(lambda x: check_id(x, "output name"))]] = []
-    artifacts: list[Annotated[str, AfterValidator(lambda x: check_relpath(x, "artifact glob"))]] = []
+    artifacts: list[Annotated[str, AfterValidator(lambda x: check_artifact_path(x, "artifact glob"))]] = []
 
 
 def check_relpath(value: str, what: str) -> str:
@@ -274,6 +275,18 @@ def check_relpath(value: str, what: str) -> str:
     return value
 
 
+def check_artifact_path(value: str, what: str) -> str:
+    """:func:`check_relpath`, and every segment one valid store key segment (the rule of
+    ``primitives.keys.validate_segment``, which the worker applies at run time): not empty,
+    not ``.``, no control characters, at most 200 characters."""
+    check_relpath(value, what)
+    for part in value.split("/"):
+        if part in ("", ".") or len(part) > 200 or any(unicodedata.category(c) == "Cc" for c in part):
+            raise ValueError(f"invalid {what} {value!r}: each '/'-separated part must be 1-200 characters, "
+                             "not '.', without control characters")
+    return value
+
+
 class InputSpec(_Model):
     from_: str = Field(alias="from")
     artifact: str
@@ -282,12 +295,12 @@ class InputSpec(_Model):
     @field_validator("artifact")
     @classmethod
     def _artifact(cls, v: str) -> str:
-        return check_relpath(v, "artifact name")
+        return check_artifact_path(v, "artifact name")
 
     @field_validator("as_")
     @classmethod
     def _dest(cls, v: str | None) -> str | None:
-        return None if v is None else check_relpath(v, "input destination ('as')")
+        return None if v is None else check_artifact_path(v, "input destination ('as')")
 
 
 class ApprovalSpec(_Model):

@@ -223,7 +223,7 @@ def test_json_on_run_resume_retry(tmp_path, monkeypatch):
 # -- plain output, trace headers and totals, hints ---------------------------------------------------
 
 def test_plain_output_does_not_wrap_through_a_pipe(tmp_path):
-    long_id = "step_" + "x" * 150
+    long_id = "step_" + "x" * 140  # step ids are at most 150 characters
     spec = write_spec(tmp_path, f"""
         name: wide
         steps:

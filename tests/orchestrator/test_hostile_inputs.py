@@ -74,6 +74,41 @@ def test_nul_in_an_output_fails_the_step_for_good_naming_it(local_store, tmp_pat
     assert a["reason"] == "output 'x' contains a NUL byte"
 
 
+# -- output size (audit) -----------------------------------------------------------------------
+def test_outputs_larger_than_the_limit_fail_the_step_and_are_never_stored(local_store, tmp_path):
+    """Outputs are hostile data that every status read and scheduler poll loads with the step
+    state: more than MAX_OUTPUT bytes fail the step for good instead of a 60 MB state.json."""
+    from dagcraft.workflows.template import MAX_OUTPUT
+
+    src = tmp_path / "outputs.src"
+    src.write_text("v=" + "a" * MAX_OUTPUT + "\n")
+    rid, st = run_spec(local_store, tmp_path, f"""
+        name: big
+        steps:
+          - id: a
+            run: "cat {src} > $DAGCRAFT_OUTPUT"
+            retries: 2
+    """)
+    a = steps(st)["a"]
+    assert a["status"] == "failed" and a["attempt"] == 1, a
+    assert a["reason"] == f"outputs are {MAX_OUTPUT + 3} bytes, more than the limit of {MAX_OUTPUT} " \
+                          "(write big data as an artifact)"
+    assert a["outputs"] == {}
+    got = local_store.get(layout.step_state(rid, "a"))
+    assert got is not None and len(got[0]) < 64 << 10
+
+
+def test_outputs_just_under_the_limit_are_kept(local_store, tmp_path):
+    src = tmp_path / "outputs.src"
+    src.write_text("v=" + "a" * 1000 + "\n")
+    _, st = run_spec(local_store, tmp_path, f"""
+        name: ok
+        steps:
+          - {{id: a, run: "cat {src} > $DAGCRAFT_OUTPUT"}}
+    """)
+    assert steps(st)["a"]["outputs"] == {"v": "a" * 1000}
+
+
 # -- symlinked artifacts -----------------------------------------------------------------------
 def test_artifact_symlinked_outside_the_workdir_fails_and_is_never_uploaded(local_store, tmp_path):
     secret = tmp_path / "secret.txt"
@@ -159,10 +194,38 @@ def test_wait_for_cli_unknown_step_exits_4(tmp_path):
 
 # -- read-only commands at a mistyped path -----------------------------------------------------
 @pytest.mark.parametrize("args", [("status", "r1"), ("runs",), ("logs", "r1", "a"), ("trace", "summary", "r1"),
-                                  ("trace", "verify", "r1")])
+                                  ("trace", "verify", "r1"),
+                                  # audit: commands on an existing run, and the agent's readers
+                                  ("cancel", "r1"), ("resume", "r1"), ("retry", "r1/a"), ("rollback", "r1"),
+                                  ("agent", "memory", "get", "k", "--run", "r1"),
+                                  ("agent", "memory", "list", "--run", "r1"),
+                                  ("agent", "memory", "history", "k", "--run", "r1"),
+                                  ("agent", "artifact", "list", "--run", "r1"),
+                                  ("agent", "artifact", "get", "f", "--run", "r1"),
+                                  ("agent", "wait-for", "a", "--run", "r1", "--timeout", "1")])
 def test_read_only_commands_never_create_a_store(tmp_path, args):
     typo = tmp_path / "stroe"
     proc = cli(*args, "--store", str(typo), cwd=tmp_path)
     assert proc.returncode == 4, proc.stderr
     assert proc.stderr.strip() == f"dagcraft: no store at {typo}"
     assert not typo.exists()
+
+
+# -- terminal escapes (audit) ------------------------------------------------------------------
+def test_status_and_run_never_print_a_step_s_terminal_escapes(tmp_path):
+    """A step's stderr (its tail is shown by `run` and `status`) is hostile: an OSC sequence can
+    retitle the terminal or write the clipboard, CSI can clear the screen. Shown escaped."""
+    spec = write_spec(tmp_path, r"""
+        name: esc
+        steps:
+          - id: a
+            run: 'printf "\033]52;c;cHduZWQ=\007\033[2Jred\302\233Z\n" >&2; exit 1'
+    """)
+    store = tmp_path / "store"
+    ran = cli("run", str(spec), "--store", str(store), "--workers", "1", "--no-report", "--run-id", "e1")
+    shown = cli("status", "e1", "--store", str(store))
+    assert ran.returncode == 1 and shown.returncode == 1, (ran.stderr, shown.stderr)
+    for out in (ran.stdout + ran.stderr, shown.stdout + shown.stderr):
+        assert "red" in out
+        assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out, repr(out)
+        assert "\\x1b]52;c;cHduZWQ=\\x07" in out, out

@@ -153,6 +153,8 @@ def test_scratch_dirs_are_private_and_removed(local_store, tmp_path):
     modes = [m.split(" ")[0] for m in out["modes"].strip(";").split(";")]
     assert modes == ["700"] * 4, out["modes"]  # attempt dir, step dir, run dir, tmp_root
     assert not Path(out["dir"]).exists()
+    # audit: the empty step and run directories above it go too (they piled up in /tmp)
+    assert not (tmp_path / "work" / rid).exists(), list((tmp_path / "work").rglob("*"))
     assert stat.S_IMODE((tmp_path / "work").stat().st_mode) == 0o700
 
 
@@ -217,6 +219,27 @@ def test_a_foreach_over_a_secret_is_refused(local_store, tmp_path, monkeypatch):
     assert store_hits(local_store, SECRET) == []
 
 
+@pytest.mark.parametrize("field", [
+    'foreach: "${{ params.token }}"',  # not a list: the error quoted the value
+    'when: "${{ params.token.nope.x }}"',
+])
+def test_a_fan_out_or_condition_error_quoting_the_secret_is_redacted(local_store, tmp_path, monkeypatch, field):
+    """Audit: a step that cannot start records its error as the reason: redacted like any other."""
+    monkeypatch.setenv("DAGCRAFT_PARAM_TOKEN", SECRET)
+    rid, st = run_spec(local_store, tmp_path, f"""
+        name: fan
+        params:
+          token: {{type: string, secret: true}}
+        steps:
+          - id: each
+            {field}
+            run: ["echo", "x"]
+    """, params={"token": SECRET})
+    assert st["status"] == "failed"
+    assert SECRET not in steps(st)["each"]["reason"]
+    assert store_hits(local_store, SECRET) == []
+
+
 def test_a_worker_without_the_secret_fails_the_step_that_needs_it(local_store, tmp_path, monkeypatch):
     """Not given the secret, a worker must not run the store's placeholder in its place."""
     monkeypatch.delenv("DAGCRAFT_PARAM_TOKEN", raising=False)
@@ -237,3 +260,33 @@ def test_a_worker_without_the_secret_fails_the_step_that_needs_it(local_store, t
     assert by["needs_it"]["status"] == "failed" and by["needs_it"]["attempt"] == 1
     assert "secret parameter 'token' is not set" in by["needs_it"]["reason"]
     assert not (tmp_path / "ran").exists()
+
+
+def test_private_dir_survives_parents_removed_concurrently(tmp_path):
+    """Attempts remove their empty step/run directories when they end; a sibling attempt
+    creating its scratch dir at that moment must still get it (private_dir starts over)."""
+    import threading
+
+    from dagcraft.orchestrator.outbox import private_dir
+
+    root = tmp_path / "work"
+    stop = threading.Event()
+
+    def remover() -> None:
+        while not stop.is_set():
+            for d in (root / "r" / "s", root / "r"):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+
+    t = threading.Thread(target=remover)
+    t.start()
+    try:
+        for i in range(100):
+            made = private_dir(root / "r" / "s" / str(i), root)
+            assert made.is_dir()  # its non-empty parents cannot be removed under it
+            made.rmdir()
+    finally:
+        stop.set()
+        t.join()

@@ -301,3 +301,14 @@ def test_read_trace_errors(tmp_path):
     with pytest.raises(InvalidInput, match=":1:"):
         read_trace(p)
     assert verify(p).first_bad_line == 1
+
+
+def test_crlf_line_endings_are_named_not_blamed_on_an_edit(tmp_path):
+    """A trace whose line endings were converted (a text-mode copy, git autocrlf) no longer has
+    the bytes that were hashed: it does not verify, and the message says why instead of
+    "line 1 was edited"."""
+    p = make_trace(tmp_path / "t.jsonl")
+    p.write_bytes(p.read_bytes().replace(b"\n", b"\r\n"))
+    rep = verify(p)
+    assert not rep.ok and rep.status == "tampered" and rep.first_bad_line == 2
+    assert "CRLF" in rep.message() and "edited" not in rep.message(), rep.message()

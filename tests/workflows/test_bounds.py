@@ -266,3 +266,49 @@ def test_template_value_too_large_for_an_env_var():
     """, {"v": "x" * 200_000})
     with pytest.raises(SpecError, match="longer than 100000 bytes"):
         render_command(wf, wf.steps["s"], RenderContext())
+
+
+# ----------------------------------------------------------------------------- ids (audit)
+@pytest.mark.parametrize("spec", [
+    "name: x\nsteps:\n  - id: " + "s" * 151 + "\n    run: echo\n",
+    "name: x\nsteps:\n  - id: s\n    matrix: {" + "k" * 70 + ": [" + "v" * 40 + "], " + "j" * 70 + ": [x]}\n    run: echo\n",
+    # a foreach child is `id[999]`: the id itself must leave room for that suffix
+    "name: x\nsteps:\n  - id: " + "f" * 146 + "\n    foreach: '${{ [1, 2] }}'\n    run: echo\n",
+], ids=["plain", "matrix", "foreach"])
+def test_step_ids_too_long_for_the_store_are_refused_by_validate(tmp_path: Path, spec: str):
+    """A step id is one store key segment, also inside a journal entry: `validate` must refuse
+    what the store would refuse at run time (where the step was retried forever, and a foreach
+    child that could never be created left its run `running`)."""
+    code, err = _validate(tmp_path, spec)
+    assert code == 2, err
+    assert "longer than the limit of 150 characters" in err, err
+    assert err.startswith(f"dagcraft: {tmp_path / 'p.yaml'}:") and "steps[0]." in err, err
+
+
+def test_step_ids_of_the_longest_allowed_length_run(local_store, tmp_path: Path):
+    plain, fe = "s" * 150, "f" * 145
+    _, result = run_spec(local_store, tmp_path, f"""
+    name: x
+    steps:
+      - {{id: {plain}, run: "echo hi"}}
+      - {{id: {fe}, needs: [{plain}], foreach: "${{{{ range(3) | list }}}}", run: "echo ${{{{ item }}}}"}}
+    """)
+    assert result["status"] == "succeeded", result
+    assert steps(result)[f"{fe}[2]"]["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("field", [
+    "outputs: {artifacts: [%s]}",
+    "inputs: [{from: up, artifact: %s}]",
+    "inputs: [{from: up, artifact: out.txt, as: %s}]",
+])
+@pytest.mark.parametrize("bad", ['"."', '"./out.txt"', '"x\\ny"', '"d/"', '"' + "a" * 201 + '"'])
+def test_artifact_paths_the_store_refuses_are_refused_by_validate(tmp_path: Path, field: str, bad: str):
+    """An artifact glob/name/destination is a store key below its step: `validate` refuses
+    what the store refuses at run time ('.' segments, control characters, empty or over-long
+    segments), instead of a step that can only fail."""
+    spec = ("name: x\nsteps:\n  - {id: up, run: 'echo > out.txt', outputs: {artifacts: ['out.txt']}}\n"
+            "  - id: s\n    needs: [up]\n    run: echo\n    " + field % bad + "\n")
+    code, err = _validate(tmp_path, spec)
+    assert code == 2, err
+    assert "steps[1]." in err and ("artifact" in err or "destination" in err), err
