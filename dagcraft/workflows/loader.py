@@ -300,7 +300,7 @@ def _clean_loc(data: Any, loc: tuple) -> tuple:
 #: which model each spec section is, in words ("X is a <where> field")
 _WHERE = {"Spec": "workflow-level", "StepSpec": "step", "DefaultsSpec": "defaults", "AgentDef": "agent",
           "ParamSpec": "param", "RetrySpec": "retries", "RetryOnSpec": "retries.retry_on",
-          "OutputsSpec": "outputs", "InputSpec": "inputs"}
+          "OutputsSpec": "outputs", "InputSpec": "inputs", "ApprovalSpec": "approval", "WorktreeSpec": "worktree"}
 
 
 def _models(model: type[BaseModel], seen: set[type] | None = None) -> list[type[BaseModel]]:

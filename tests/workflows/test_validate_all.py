@@ -245,7 +245,7 @@ def test_a_step_field_at_the_top_says_where_it_belongs(tmp_path):
             run: [echo]
     """)
     r = _validate(path)
-    assert "'timeout' is a step or defaults field, not a workflow-level field" in r.stderr
+    assert "'timeout' is a step, defaults or approval field, not a workflow-level field" in r.stderr
 
 
 def test_a_misspelt_step_field_suggests_a_step_field(tmp_path):
