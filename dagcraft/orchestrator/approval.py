@@ -14,8 +14,6 @@ continues with ``dagcraft resume`` after the decision.
 
 from __future__ import annotations
 
-import getpass
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from dagcraft.orchestrator.model import (
     StepStatus,
 )
 from dagcraft.orchestrator.ops import list_runs, load_states, read_record
+from dagcraft.orchestrator.submission import user_at_host
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives.persist import ONCE
 from dagcraft.primitives.store import Store
@@ -44,11 +43,7 @@ MAX_COMMENT = 2000
 
 def decider() -> str:
     """``user@host``: who decides when ``--as`` is not given."""
-    try:
-        user = getpass.getuser()
-    except Exception:  # no passwd entry in some containers
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
+    return user_at_host()
 
 
 def decide(store: Store, run_id: str, step_id: str, approve: bool, *, by: str | None = None,

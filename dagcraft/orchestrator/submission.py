@@ -24,13 +24,18 @@ from dagcraft.workflows import CompiledWorkflow, compile_workflow, load_spec, pa
 REDACTED = "[redacted]"
 
 
-def identity() -> str:
-    """``user@host:pid``: who submitted or which worker holds a lease."""
+def user_at_host() -> str:
+    """``user@host``: the person (or service account) behind this process."""
     try:
         user = getpass.getuser()
     except Exception:  # no passwd entry in some containers
         user = "unknown"
-    return f"{user}@{socket.gethostname()}:{os.getpid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def identity() -> str:
+    """``user@host:pid``: who submitted or which worker holds a lease."""
+    return f"{user_at_host()}:{os.getpid()}"
 
 
 def new_run_id(name: str) -> str:

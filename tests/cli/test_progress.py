@@ -9,22 +9,7 @@ from rich.console import Console
 
 from dagcraft.cli.progress import Progress, snapshot
 from dagcraft.orchestrator.view import LocalView
-from tests.orchestrator.helpers import drive_inline, submit_spec, write_spec
-
-FANOUT = """
-    name: fanout
-    steps:
-      - id: plan
-        run: 'echo ''items=["a","b","c"]'' >> $DAGCRAFT_OUTPUT'
-        outputs: {values: [items]}
-      - id: each
-        needs: [plan]
-        foreach: "${{ steps.plan.outputs.items }}"
-        run: "echo ${{ item }}"
-      - id: merge
-        needs: [each]
-        run: "true"
-"""
+from tests.orchestrator.helpers import FANOUT, drive_inline, submit_spec, write_spec
 
 
 def _frame(view: LocalView) -> str:

@@ -96,3 +96,20 @@ def read_trace_events(store: Any, run_id: str, step: str, attempt: int | str) ->
     got = store.get(f"{layout.attempt_prefix(run_id, step, attempt)}/trace.jsonl")
     assert got is not None, f"no trace for {step} attempt {attempt}"
     return [json.loads(line) for line in got[0].decode().splitlines() if line.strip()]
+
+
+#: plan → foreach each over 3 items → merge (3 submitted steps, 6 concrete ones)
+FANOUT = """
+    name: fanout
+    steps:
+      - id: plan
+        run: 'echo ''items=["a","b","c"]'' >> $DAGCRAFT_OUTPUT'
+        outputs: {values: [items]}
+      - id: each
+        needs: [plan]
+        foreach: "${{ steps.plan.outputs.items }}"
+        run: "echo ${{ item }}"
+      - id: merge
+        needs: [each]
+        run: "true"
+"""

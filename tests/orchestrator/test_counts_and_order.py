@@ -8,22 +8,7 @@ import re
 
 from dagcraft.orchestrator import layout, run_status
 from dagcraft.orchestrator.model import load_state
-from tests.orchestrator.helpers import cli, run_spec, steps, write_spec
-
-FANOUT = """
-    name: fanout
-    steps:
-      - id: plan
-        run: 'echo ''items=["a","b","c"]'' >> $DAGCRAFT_OUTPUT'
-        outputs: {values: [items]}
-      - id: each
-        needs: [plan]
-        foreach: "${{ steps.plan.outputs.items }}"
-        run: "echo ${{ item }}"
-      - id: merge
-        needs: [each]
-        run: "true"
-"""
+from tests.orchestrator.helpers import FANOUT, cli, run_spec, steps, write_spec
 
 
 def test_summary_counts_what_was_submitted_and_one_duration(local_store, tmp_path):
