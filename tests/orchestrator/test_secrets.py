@@ -273,7 +273,10 @@ def test_private_dir_survives_parents_removed_concurrently(tmp_path):
     stop = threading.Event()
 
     def remover() -> None:
-        while not stop.is_set():
+        # an adversary removing empty parents thousands of times a second (as ending attempts
+        # do, far less often); paced so that it races private_dir instead of starving it
+        # of the GIL, which only a tight loop on one core could do
+        while not stop.wait(0.0002):
             for d in (root / "r" / "s", root / "r"):
                 try:
                     d.rmdir()

@@ -111,7 +111,8 @@ def test_logs_follow_streams_until_the_attempt_ends(tmp_path):
     store = open_store(store_url)
     try:
         wait_for(lambda: steps(run_status(store, "follow-1"))["chatty"]["status"] == "running"
-                 if store.get("runs/follow-1/run.json") else False, what="the step to run")
+                 # control.json is the submit's last write: before it the run is not visible
+                 if store.get("runs/follow-1/control.json") else False, what="the step to run")
         t0 = time.monotonic()
         res = cli("logs", "follow-1", "chatty", "--follow", "--store", store_url, timeout=60)
         run.wait(timeout=60)
