@@ -13,7 +13,10 @@ model, ``assistant`` messages with ``tool_use``, ``user`` messages with ``tool_r
 - a prompt mentioning "subtask" gets a plan: subtasks are the ``;``-separated parts of the text
   after ``for:`` (three generic ones if there is only one part), listed in the written files and
   output as ``subtasks``;
-- a prompt mentioning "review" outputs ``verdict`` (``approve``);
+- a prompt mentioning "review" outputs ``verdict`` and ``comments``: ``changes_requested`` (with
+  the changes it asks for) when the prompt says ``round 1`` (a loop's first review round, e.g.
+  ``Review round ${{ loop.iteration }}``), else ``approve`` (``LGTM``); so a review/fix loop
+  approves on its second round;
 - a prompt that carries a failing check's output fed back (a line with ``FAIL`` in it, e.g.
   from ``${{ attempt.previous.check.output }}``) gets the line ``status: fixed`` in every file
   it writes; without one it writes ``status: draft``. So a step whose ``check:`` requires
@@ -120,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     if subtasks is not None:
         outputs["subtasks"] = subtasks
     if "review" in low:
-        outputs["verdict"] = "approve"
+        first_round = re.search(r"\bround 1\b", low) is not None
+        outputs["verdict"] = "changes_requested" if first_round else "approve"
+        outputs["comments"] = "add a test for the error path" if first_round else "LGTM"
 
     turn = 0
     for name in files_to_write(prompt):
