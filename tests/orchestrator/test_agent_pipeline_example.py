@@ -27,13 +27,13 @@ from dagcraft.orchestrator.model import AttemptStatus, ReasonKind
 from dagcraft.orchestrator.ops import load_states
 from dagcraft.primitives import open_store
 from tests.conftest import server_store_url
-from tests.orchestrator.helpers import (REPO, cli, read_trace_events, spawn_cli, steps, unsupported_spec_fields,
-                                        wait_for)
+from tests.orchestrator import helpers
+from tests.orchestrator.helpers import REPO, cli, read_trace_events, spawn_cli, steps, wait_for
 
 EXAMPLE = REPO / "examples" / "agent-pipeline" / "pipeline.yaml"
 FAKE = REPO / "examples" / "agents" / "fake_agent.py"
 SUBTASKS = ["json output", "watch mode", "docs"]  # the example's default `feature`, split on ';'
-MISSING = unsupported_spec_fields(EXAMPLE.read_text())
+MISSING = helpers.unsupported_spec_fields(EXAMPLE.read_text())
 needs_loop_and_budget = pytest.mark.skipif(bool(MISSING), reason=f"spec fields not merged yet: {MISSING}")
 
 
@@ -121,7 +121,7 @@ def assert_pipeline(proc: subprocess.CompletedProcess[str], status: dict[str, An
     children = by["implement"]["children"]
     assert children == [f"implement[{i}]" for i in range(len(SUBTASKS))]
     states = load_states(store, rid)
-    for i, child in enumerate(children):
+    for child in children:
         hist = states[child].history
         assert [h.status for h in hist] == [AttemptStatus.FAILED, AttemptStatus.SUCCEEDED], child
         assert hist[0].reason_kind is ReasonKind.CHECK_FAILED and hist[0].check_exit_code == 1
@@ -146,7 +146,19 @@ def assert_pipeline(proc: subprocess.CompletedProcess[str], status: dict[str, An
         body = git(repo, "show", f"{merged['commit']}:changes/{slug}.md")
         assert body.returncode == 0 and "status: fixed" in body.stdout, body.stderr
     assert git(repo, "fsck", "--strict").returncode == 0
+    # spend: every agent call's usage and cost is in its attempt's trace, failed attempts included
+    total = trace_total(store, rid)
+    budget = yaml.safe_load(EXAMPLE.read_text())["budget"]
+    assert total["statuses"].get("retrying") == len(SUBTASKS)  # the failed first attempts count too
+    assert 0 < total["cost_usd"] <= budget["usd"], total
+    assert 0 < total["tokens_in"] + total["tokens_out"] <= budget["tokens"], total
     return by
+
+
+def trace_total(store: Any, rid: str) -> dict[str, Any]:
+    got = cli("trace", "summary", rid, "--store", store.url, "--json")
+    assert got.returncode == 0, got.stderr
+    return dict(json.loads(got.stdout)["total"])
 
 
 # ----------------------------------------------------------------------------- now (no loop, no budget)
@@ -223,10 +235,10 @@ def test_example_end_to_end(tmp_path: Path, store_url: str) -> None:
     assert polish.get("iterations", polish.get("iteration")) == 2, polish
     assert by["review"]["outputs"]["verdict"] == "approve"  # the final iteration's
     # spend is recorded and under every limit the example sets (lead: adjust to B's status fields)
-    spend = status["spend"]
-    assert 0 < spend["usd"] <= 1.00 and 0 < spend["tokens"] <= 200_000, spend
-    spec = yaml.safe_load(EXAMPLE.read_text())
-    assert spec["budget"] == {"usd": 1.00, "tokens": 200000}
+    spend, budget = status["spend"], yaml.safe_load(EXAMPLE.read_text())["budget"]
+    assert 0 < spend["usd"] <= budget["usd"] and 0 < spend["tokens"] <= budget["tokens"], spend
+    # counted once: the store's spend is what the traces of all attempts report
+    assert spend["usd"] == pytest.approx(trace_total(store, status["run_id"])["cost_usd"], abs=1e-5)
     report = Path(proc.stdout.split("report: ", 1)[1].split()[0])
     assert report.exists()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from dagcraft.workflows import compile_file
 from dagcraft.workflows.graph_render import SVG_CSS, to_svg
 from dagcraft.workflows.spec import CompiledWorkflow, ConcreteStep
+from tests.orchestrator.helpers import unsupported_spec_fields
 
 REPO = Path(__file__).resolve().parents[2]
 NS = "{http://www.w3.org/2000/svg}"
@@ -31,6 +32,8 @@ def x_of(g: ET.Element) -> float:
 
 def test_every_example_draws_every_step_and_edge() -> None:
     for spec in sorted(REPO.glob("examples/*/pipeline.yaml")):
+        if unsupported_spec_fields(spec.read_text()):
+            continue  # uses loop/budget, not merged on this branch yet
         wf = compile_file(spec, {})
         svg = to_svg(wf)
         root = ET.fromstring(svg)  # well-formed XML
