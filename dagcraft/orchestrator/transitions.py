@@ -18,6 +18,7 @@ Step transitions (``pending`` etc. are :class:`StepStatus` values)::
     skip          pending → skipped                   `when` false, or not started after a failure
     cancel_unstarted pending | retrying | expanded | waiting_approval → cancelled
     expand        pending → expanded (or succeeded when there are no items); children created pending
+    iterate       expanded → expanded            a loop's `until` was false: the next iteration's body steps created
     settle_parent expanded → succeeded | failed | skipped | cancelled, once every child is terminal
     lost          running → pending | failed | cancelled, rolling_back → succeeded: the lease expired
     compensate    succeeded → rolling_back            a compensation attempt takes the step's lease
@@ -290,10 +291,9 @@ def _utc(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def expand(view: LocalView, sid: str, children: list[StepState]) -> bool:
-    """pending → expanded: a foreach parent creates its children (pending, each with its own
-    definition), then records them. A child left by an earlier expansion of a reset run
-    (retired) is revived with its new definition."""
+def _create_children(view: LocalView, children: list[StepState]) -> None:
+    """Write new child records (pending, each with its own definition). A child left by an
+    earlier expansion of a reset run (retired) is revived with its new definition."""
     for child in children:
         try:
             etag = write_state(view.store, view.run_id, child, None, view.persist)
@@ -305,6 +305,12 @@ def expand(view: LocalView, sid: str, children: list[StepState]) -> bool:
             continue
         view.apply(child, etag)
         view.journal.mark_seen(announce(view.store, view.run_id, child, view.persist))
+
+
+def expand(view: LocalView, sid: str, children: list[StepState]) -> bool:
+    """pending → expanded: a foreach parent (or a loop, with its first iteration's body
+    steps) creates its children, then records them."""
+    _create_children(view, children)
     ids = [c.step_id for c in children]
 
     def change(s: StepState) -> None:
@@ -316,6 +322,24 @@ def expand(view: LocalView, sid: str, children: list[StepState]) -> bool:
     return _transition(view, sid, change, allowed=frozenset({StepStatus.PENDING})) is not None
 
 
+def iterate(view: LocalView, sid: str, children: list[StepState]) -> bool:
+    """expanded → expanded: a loop whose last iteration ended with ``until`` false creates the
+    next iteration's body steps and appends them to its children (earlier iterations' records,
+    attempts and traces stay). False when the loop moved on (another worker iterated or
+    settled it first); a child record written by the loser of that race is never scheduled:
+    only children the parent lists run."""
+    ids = [c.step_id for c in children]
+    cur = view.fresh(sid)
+    if cur.status != StepStatus.EXPANDED or any(i in cur.children for i in ids):
+        return False
+    _create_children(view, children)
+
+    def change(s: StepState) -> None:
+        s.children = [*s.children, *ids]
+
+    return _transition(view, sid, change, allowed=frozenset({StepStatus.EXPANDED}), fresh=False) is not None
+
+
 def _reviver(definition: dict[str, Any] | None) -> Change:
     def change(s: StepState) -> None:
         _clear(s, "revived by a new expansion")
@@ -324,13 +348,19 @@ def _reviver(definition: dict[str, Any] | None) -> Change:
     return change
 
 
-def settle_parent(view: LocalView, sid: str, status: StepStatus) -> bool:
-    """expanded → the aggregate status of its children (all terminal)."""
+def settle_parent(view: LocalView, sid: str, status: StepStatus, *, reason: str | None = None,
+                  reason_kind: ReasonKind | None = None, outputs: dict[str, Any] | None = None) -> bool:
+    """expanded → the aggregate status of its children (all terminal); a loop also records
+    why it ended and its ``outputs`` (``iterations``, ``until``)."""
     now = view.store.now()
 
     def change(s: StepState) -> None:
         s.status = status
         s.finished_at = now
+        if reason is not None:
+            s.reason, s.reason_kind = reason, reason_kind
+        if outputs is not None:
+            s.outputs = outputs
 
     return _transition(view, sid, change, allowed=frozenset({StepStatus.EXPANDED})) is not None
 
