@@ -107,6 +107,15 @@ def step_span(st: StepState, children: Sequence[StepState] = ()) -> tuple[float 
     return st.started_at, st.finished_at if st.status in TERMINAL else None
 
 
+def loop_summary(st: StepState, kids: Sequence[StepState], loop: dict[str, Any]) -> dict[str, Any]:
+    """A loop step's progress as every viewer shows it: ``iterations`` started so far, its
+    ``max_iterations`` and ``on_max``, and ``until`` — true/false as evaluated after the last
+    iteration, None while it runs (or when it failed before evaluating it)."""
+    started = max((int((k.definition or {}).get("iteration") or 0) for k in kids), default=0)
+    return {"iterations": started, "max_iterations": loop.get("max_iterations"), "on_max": loop.get("on_max"),
+            "until": st.outputs.get("until") if st.status in TERMINAL else None}
+
+
 def run_status(store: Store, run_id: str) -> dict[str, Any]:
     """Run record summary, control, timing (:class:`RunTiming`) and every step's state (reads
     each step once). ``counts`` counts the steps that were submitted (foreach children are
@@ -145,6 +154,10 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
             for k in kids:
                 cc[str(k.status)] = cc.get(str(k.status), 0) + 1
             item["children_counts"] = cc
+        item["iteration"] = (st.definition or {}).get("iteration")  # a loop body step's iteration
+        loop = (rec.workflow.get("steps", {}).get(st.step_id) or {}).get("loop")
+        if loop:
+            item["loop"] = loop_summary(st, kids, loop)
         steps.append(item)
     counts: dict[str, int] = {}
     for s in steps:
