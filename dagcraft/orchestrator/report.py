@@ -23,8 +23,8 @@ from dagcraft.orchestrator.model import (
 )
 from dagcraft.orchestrator.ops import (
     load_states,
-    loop_summary,
     logs_command,
+    loop_summary,
     ordered_states,
     read_control,
     read_record,

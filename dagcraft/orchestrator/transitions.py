@@ -26,6 +26,7 @@ Step transitions (``pending`` etc. are :class:`StepStatus` values)::
     await_approval pending → waiting_approval       an approval gate opens (its `when` is true)
     decide_approval waiting_approval → pending | succeeded | failed   approve (a pure gate succeeds) or reject
     reset         any → pending                       resume --retry-failed, retry --from
+    reopen_loop   any → expanded                      retry --from a loop body step: the loop continues from it
     retire        any → skipped                       a foreach child whose parent was reset
 
 Holder transitions (heartbeat and the commits) go through :class:`Hold`: a CAS from the etag
@@ -433,10 +434,27 @@ def reset(view: LocalView, sid: str, reason: str) -> None:
     _retrying(view, sid, lambda s: _clear(s, reason), "reset")
 
 
+def reopen_loop(view: LocalView, sid: str, children: list[str], reason: str) -> None:
+    """any → expanded: a loop is continued from inside one of its iterations (retry --from a
+    body step, resume --retry-failed): it keeps ``children`` (earlier iterations, and the
+    part of the reset iteration that is not re-run; the caller reset or retired the rest),
+    its outputs are cleared and its ``until`` is evaluated again once they are done."""
+
+    def change(s: StepState) -> None:
+        s.status = StepStatus.EXPANDED
+        s.children = list(children)
+        s.reason, s.reason_kind = reason, None
+        s.outputs = {}
+        s.finished_at = None
+
+    _retrying(view, sid, change, "reset")
+
+
 def retire(view: LocalView, sid: str, reason: str) -> None:
     """any → skipped: a foreach child of a reset parent, until the parent expands again
     (which may produce different items, and revives the children it still has)."""
-    if view.fresh(sid).status == StepStatus.SKIPPED:
+    cur = view.fresh(sid)
+    if cur.status == StepStatus.SKIPPED and (cur.reason or "").startswith("superseded"):
         return
 
     def change(s: StepState) -> None:
