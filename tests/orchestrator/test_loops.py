@@ -271,12 +271,12 @@ steps:
      "steps[2].needs[0]: 'review' is a step of loop 'polish''s body; need the loop 'polish'"),
     ({"body": "        - id: nested\n          loop: {max_iterations: 2, until: 'true', steps: [{id: inner, run: 'true'}]}\n"},
      16,
-     "steps[1].loop.steps[0].loop: nested loops are not supported"),
+     "steps[1].loop.steps[1].loop: nested loops are not supported"),
     ({"review": "\n          foreach: \"${{ [1, 2] }}\""}, 14,
      "steps[1].loop.steps[0].foreach: 'foreach' inside a loop body is not supported"),
     ({"max": 0}, 9, "steps[1].loop.max_iterations: Input should be greater than or equal to 1"),
     ({"max": 101}, 9, "steps[1].loop.max_iterations: Input should be less than or equal to 100"),
-    ({"after": "  - id: merge\n    needs: [polish]\n    run: \"echo ${{ loop.iteration }}\"\n"}, 18,
+    ({"after": "  - id: merge\n    needs: [polish]\n    run: \"echo ${{ loop.iteration }}\"\n"}, 17,
      "steps[2].run: 'loop' is not available here (only in the body steps of a loop)"),
 ])
 def test_loop_compile_errors_name_file_line_and_field(tmp_path, fields, line, message):
