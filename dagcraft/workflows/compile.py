@@ -109,6 +109,10 @@ INSTANCE_FIELDS = ("id", "key", "matrix", "item", "outputs", "artifacts", "statu
 def spec_hash_of(wf: CompiledWorkflow) -> str:
     """sha256 of the canonical JSON (sorted keys) of ``wf`` without hash/location fields."""
     data = wf.model_dump(mode="json", exclude={"spec_hash", "spec_dir", "source"})
+    for step in data["steps"].values():
+        for name in ("loop", "iteration"):  # unset: hashed as before loops existed
+            if step.get(name) is None:
+                step.pop(name, None)
     for name in wf.secret_params:
         v = data["params"].get(name)
         if v is not None:
