@@ -328,7 +328,7 @@ def iterate(view: LocalView, sid: str, children: list[StepState]) -> bool:
     next iteration's body steps and appends them to its children (earlier iterations' records,
     attempts and traces stay). False when the loop moved on (another worker iterated or
     settled it first); a child record written by the loser of that race is never scheduled:
-    only children the parent lists run."""
+    only children the parent lists run, and the loser retires what it wrote."""
     ids = [c.step_id for c in children]
     cur = view.fresh(sid)
     if cur.status != StepStatus.EXPANDED or any(i in cur.children for i in ids):
@@ -338,7 +338,14 @@ def iterate(view: LocalView, sid: str, children: list[StepState]) -> bool:
     def change(s: StepState) -> None:
         s.children = [*s.children, *ids]
 
-    return _transition(view, sid, change, allowed=frozenset({StepStatus.EXPANDED}), fresh=False) is not None
+    if _transition(view, sid, change, allowed=frozenset({StepStatus.EXPANDED}), fresh=False) is not None:
+        return True
+    if not set(ids) & set(view.fresh(sid).children):
+        # another worker settled the loop meanwhile: the records just written would wait forever
+        for cid in ids:
+            if view.fresh(cid).status == StepStatus.PENDING:
+                retire(view, cid, "superseded: the loop ended before this iteration started")
+    return False
 
 
 def _reviver(definition: dict[str, Any] | None) -> Change:

@@ -323,6 +323,8 @@ class _Compiler:
                     raise self.err(path, f"unknown matrix key {head!r}{_hint(head, sorted(keys))}")
             if name == "steps" and isinstance(head, str) and step is not None:
                 self._check_step_ref(path, step, ancestors, chain)
+            if name == "loop" and step is not None:
+                self._check_loop_ref(path, step, chain)
         self.check_static_bounds(path, raw if expr is None else expr, expression=expr is not None)
 
     @_collects
@@ -409,6 +411,20 @@ class _Compiler:
         if name == "loop":
             return " (only in the body steps of a loop)"
         return ""
+
+    def _check_loop_ref(self, path: tuple, step: StepSpec, chain: list[Any]) -> None:
+        """``loop.iteration`` / ``loop.previous.steps.<body id>`` of the loop ``step`` is in (or is)."""
+        if not chain or not isinstance(chain[0], str):
+            return
+        if chain[0] not in ("iteration", "previous"):
+            raise self.err(path, f"unknown loop field {chain[0]!r}; available: iteration, previous")
+        loop = step if step.loop is not None else self.by_id[self.loop_of[step.id]][1] if step.id in self.loop_of else None
+        if loop is None or loop.loop is None or len(chain) < 3 or chain[0] != "previous" or chain[1] != "steps":
+            return
+        body = [b.id for b in loop.loop.steps]
+        if isinstance(chain[2], str) and chain[2] not in body:
+            raise self.err(path, f"loop.previous.steps.{chain[2]}: {chain[2]!r} is not a step of loop "
+                                 f"{loop.id!r}'s body{_hint(chain[2], body)}")
 
     def _check_step_ref(self, path: tuple, step: StepSpec, ancestors: set[str], chain: list[Any]) -> None:
         ref = chain[0]

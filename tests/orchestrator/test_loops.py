@@ -274,6 +274,8 @@ steps:
      "steps[1].loop.steps[1].loop: nested loops are not supported"),
     ({"review": "\n          foreach: \"${{ [1, 2] }}\""}, 14,
      "steps[1].loop.steps[0].foreach: 'foreach' inside a loop body is not supported"),
+    ({"review": "\n          env: {P: \"${{ loop.previous.steps.fixx.outputs.x | default('') }}\"}"}, 14,
+     "steps[1].loop.steps[0].env.P: loop.previous.steps.fixx: 'fixx' is not a step of loop 'polish''s body"),
     ({"max": 0}, 9, "steps[1].loop.max_iterations: Input should be greater than or equal to 1"),
     ({"max": 101}, 9, "steps[1].loop.max_iterations: Input should be less than or equal to 100"),
     ({"after": "  - id: merge\n    needs: [polish]\n    run: \"echo ${{ loop.iteration }}\"\n"}, 17,
