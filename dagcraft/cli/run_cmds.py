@@ -545,8 +545,14 @@ def _print_status(st: dict[str, Any]) -> None:
         extra = []
         if s["attempt"]:
             extra.append(f"attempt {s['attempt']}")
-        if s.get("children_counts"):
+        if s.get("loop"):
+            lp = s["loop"]
+            until = "" if lp["until"] is None else f", until {str(lp['until']).lower()}"
+            extra.append(f"iteration {lp['iterations']} of max {lp['max_iterations']}{until}")
+        elif s.get("children_counts"):
             extra.append(_children(s))
+        if s.get("iteration"):
+            extra.append(f"iteration {s['iteration']}")
         if s["cached_from"]:
             extra.append(f"cached from {s['cached_from']}")
         if s["reason"] and s["status"] not in ("succeeded",):

@@ -32,9 +32,42 @@ def for_step(view: LocalView, sid: str, *, with_steps: bool = True, include_self
         ids = view.context_ids(sid) | ({sid} if include_self else set())
         steps = view.steps_context(only=ids)
     rec = view.record
+    parent = view.state(sid).parent
+    loop = None if step.iteration is None or parent is None else loop_vars(view, parent, step.iteration)
     return RenderContext(params=view.wf.params,
                          run={"id": view.run_id, "name": rec.name, "spec_dir": rec.spec_dir or ""},
-                         steps=steps, matrix=step.matrix, item=step.item, env=without_secret_env(os.environ))
+                         steps=steps, matrix=step.matrix, item=step.item, env=without_secret_env(os.environ),
+                         loop=loop)
+
+
+def iteration_ids(view: LocalView, loop_id: str, iteration: int) -> list[str]:
+    """The body steps of iteration ``iteration`` of loop ``loop_id`` (as far as it expanded)."""
+    return [c for c in view.state(loop_id).children if c in view.steps and view.steps[c].iteration == iteration]
+
+
+def loop_vars(view: LocalView, loop_id: str, iteration: int) -> dict[str, Any]:
+    """``loop``: ``iteration`` (1-based) and ``previous`` — None in iteration 1, else
+    ``{steps: {<body id>: {outputs, artifacts, status}}}`` of iteration - 1, from the committed
+    records (so every worker on every host renders the same)."""
+    previous: dict[str, Any] | None = None
+    if iteration > 1:
+        prev = iteration_ids(view, loop_id, iteration - 1)
+        view.ensure_fresh(prev)
+        previous = {"steps": {view.steps[c].template_id: {
+            "outputs": view.state(c).outputs, "artifacts": {n: p.get("digest", "") for n, p in
+                                                            view.state(c).artifacts.items()},
+            "status": str(view.state(c).status)} for c in prev}}
+    return {"iteration": iteration, "previous": previous}
+
+
+def for_until(view: LocalView, loop_id: str, iteration: int) -> RenderContext:
+    """The context loop ``loop_id``'s ``until`` is evaluated in after iteration ``iteration``:
+    the loop's own context, with ``steps.<body id>`` that iteration's body results."""
+    ctx = for_step(view, loop_id)
+    body = set(iteration_ids(view, loop_id, iteration))
+    view.ensure_fresh(body)
+    steps = {**ctx.steps, **view.steps_context(only=body)}
+    return ctx.model_copy(update={"steps": steps, "loop": loop_vars(view, loop_id, iteration)})
 
 
 def with_artifact_paths(ctx: RenderContext, instances: dict[str, list[str]],

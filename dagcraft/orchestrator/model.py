@@ -115,6 +115,7 @@ class ReasonKind(_Name):
     INTERRUPTED = "interrupted"  # its worker handed it back (Ctrl-C)
     CHECK_FAILED = "check_failed"  # its command exited 0, its `check:` did not
     REJECTED = "rejected"  # its approval gate was rejected (by a person, or by its timeout)
+    MAX_ITERATIONS = "max_iterations"  # a loop reached max_iterations with `until` false (on_max: fail)
 
     @property
     def words(self) -> str:

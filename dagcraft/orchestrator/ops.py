@@ -107,6 +107,15 @@ def step_span(st: StepState, children: Sequence[StepState] = ()) -> tuple[float 
     return st.started_at, st.finished_at if st.status in TERMINAL else None
 
 
+def loop_summary(st: StepState, kids: Sequence[StepState], loop: dict[str, Any]) -> dict[str, Any]:
+    """A loop step's progress as every viewer shows it: ``iterations`` started so far, its
+    ``max_iterations`` and ``on_max``, and ``until`` — true/false as evaluated after the last
+    iteration, None while it runs (or when it failed before evaluating it)."""
+    started = max((int((k.definition or {}).get("iteration") or 0) for k in kids), default=0)
+    return {"iterations": started, "max_iterations": loop.get("max_iterations"), "on_max": loop.get("on_max"),
+            "until": st.outputs.get("until") if st.status in TERMINAL else None}
+
+
 def run_status(store: Store, run_id: str) -> dict[str, Any]:
     """Run record summary, control, timing (:class:`RunTiming`) and every step's state (reads
     each step once). ``counts`` counts the steps that were submitted (foreach children are
@@ -145,6 +154,10 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
             for k in kids:
                 cc[str(k.status)] = cc.get(str(k.status), 0) + 1
             item["children_counts"] = cc
+        item["iteration"] = (st.definition or {}).get("iteration")  # a loop body step's iteration
+        loop = (rec.workflow.get("steps", {}).get(st.step_id) or {}).get("loop")
+        if loop:
+            item["loop"] = loop_summary(st, kids, loop)
         steps.append(item)
     counts: dict[str, int] = {}
     for s in steps:
@@ -332,12 +345,31 @@ def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False) -> 
             reset += [s for s in view.all_ids() if view.status(s) in (StepStatus.SKIPPED, StepStatus.CANCELLED)
                       and not view.state(s).parent and s not in reset]
         for sid in reset:
-            transitions.reset(view, sid, "reset by resume")
+            resumed_at = _loop_resume_point(view, sid)
+            if resumed_at is not None:
+                _reset_loop_from(view, resumed_at, "reset by resume")
+            else:
+                transitions.reset(view, sid, "reset by resume")
         transitions.reopen(view, "resumed")
         _reindex(store, run_id)
     else:
         _reindex(store, run_id)
     return view.control.status
+
+
+def _loop_resume_point(view: LocalView, sid: str) -> str | None:
+    """Where ``resume --retry-failed`` continues loop ``sid``: the first body step of its last
+    iteration that failed, was cancelled or was not started because of a failure (earlier
+    iterations are not redone). None: not a loop, or none such (it is reset as a whole)."""
+    if view.steps[sid].loop is None or not view.state(sid).children:
+        return None
+    k = max(view.steps[c].iteration or 0 for c in view.state(sid).children)
+    for c in view.state(sid).children:
+        st = view.state(c)
+        if view.steps[c].iteration == k and (st.status in (StepStatus.FAILED, StepStatus.CANCELLED) or (
+                st.status == StepStatus.SKIPPED and (st.reason or "").startswith("not started"))):
+            return c
+    return None
 
 
 def _clear_corrupt(view: LocalView) -> None:
@@ -351,27 +383,73 @@ def _clear_corrupt(view: LocalView) -> None:
         view.store.delete(key)
 
 
+def _latest_body_step(view: LocalView, body_id: str) -> str | None:
+    """The instance of loop body step ``body_id`` in its loop's latest iteration (None: no
+    loop has a body step of that id, or it has not run)."""
+    best: str | None = None
+    for sid, step in view.steps.items():
+        if step.iteration is not None and step.template_id == body_id and view.state(sid).parent and (
+                best is None or (view.steps[best].iteration or 0) < step.iteration):
+            best = sid
+    return best
+
+
+def _reset_loop_from(view: LocalView, child: str, reason: str) -> list[str]:
+    """Continue a loop from body step ``child`` of iteration k: it and the body steps after it
+    in that iteration go back to pending, later iterations are retired, earlier iterations
+    (and their attempts and traces) are kept, and the loop evaluates ``until`` again when
+    iteration k is done. Returns the steps reset."""
+    loop_id = view.state(child).parent
+    assert loop_id is not None
+    k = view.steps[child].iteration or 0
+    children = view.fresh(loop_id).children
+    same = [c for c in children if view.steps[c].iteration == k]
+    deps = view.dependents()
+    again = {child} | (view.descendants(child, deps) & set(same))
+    ordered = [c for c in same if c in again]
+    for c in ordered:
+        transitions.reset(view, c, reason)
+    for c in children:
+        if (view.steps[c].iteration or 0) > k:
+            transitions.retire(view, c, f"superseded: {reason}")
+    transitions.reopen_loop(view, loop_id, [c for c in children if (view.steps[c].iteration or 0) <= k], reason)
+    return ordered
+
+
 def retry_from(store: Store, run_id: str, step: str) -> list[str]:
     """Reset ``step`` (a concrete id, or a template id meaning all its instances) and every
-    step downstream of it to pending; earlier attempts' traces and history are kept."""
+    step downstream of it to pending; earlier attempts' traces and history are kept.
+
+    A loop body step (``polish#2.review``, or ``review`` meaning its latest iteration's)
+    continues the loop from that step of that iteration: the steps after it in the iteration
+    run again, later iterations are dropped (their records kept, retired), earlier ones are
+    kept, ``until`` is evaluated again — and everything downstream of the loop is reset."""
     view = LocalView(store, run_id, detail=True, persist=ONCE)
     _clear_corrupt(view)
-    roots = [s for s in view.steps if s == step or (view.steps[s].template_id == step and not view.state(s).parent)]
+    body = step if step in view.steps and view.steps[step].iteration is not None else _latest_body_step(view, step)
+    reason = f"reset by retry --from {step}"
+    again: list[str] = []
+    if body is not None and view.state(body).parent:
+        again = _reset_loop_from(view, body, reason)
+        roots = [view.state(body).parent or body]
+    else:
+        roots = [s for s in view.steps if s == step or (view.steps[s].template_id == step and not view.state(s).parent)]
     if not roots:
         raise NotFound(f"step {step!r} not found in run {run_id!r}")
     deps = view.dependents()
     targets: set[str] = set()
     for r in roots:
         parent = view.state(r).parent
-        targets.add(parent or r)
+        if body is None:
+            targets.add(parent or r)
         targets |= view.descendants(parent or r, deps)
     targets = {t for t in targets if not view.state(t).parent}
     ordered = [s for s in view.all_ids() if s in targets]
     for sid in ordered:
-        transitions.reset(view, sid, f"reset by retry --from {step}")
+        transitions.reset(view, sid, reason)
     transitions.reopen(view, f"retry from {step}")
     _reindex(store, run_id)
-    return ordered
+    return again + ordered
 
 
 def request_rollback(store: Store, run_id: str) -> str:

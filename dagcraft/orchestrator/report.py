@@ -24,6 +24,7 @@ from dagcraft.orchestrator.model import (
 from dagcraft.orchestrator.ops import (
     load_states,
     logs_command,
+    loop_summary,
     ordered_states,
     read_control,
     read_record,
@@ -136,7 +137,10 @@ def report_view(store: Store, run_id: str) -> Any:
                                   needs=list(definition.get("needs", [])), reason=st.reason,
                                   reason_kind=None if st.reason_kind is None else str(st.reason_kind),
                                   started_ms=_ms(start), finished_ms=_ms(end), agent=definition.get("agent"),
-                                  parent=parent, children=list(st.children), more=more))
+                                  parent=parent, children=list(st.children), more=more,
+                                  iteration=definition.get("iteration") if st.definition else None,
+                                  loop=loop_summary(st, [states[c] for c in st.children if c in states],
+                                                    definition["loop"]) if definition.get("loop") else None))
     timing = run_timing(rec, ctl, states.values(), now)
     return RunView(run_id=run_id, name=rec.name, status=ctl.status, reason=ctl.reason,
                    created_ms=int(rec.submitted_at * 1000), finished_ms=_ms(timing.finished_at), params=rec.params,

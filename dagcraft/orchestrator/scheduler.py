@@ -16,7 +16,7 @@ from typing import Any
 
 from dagcraft.errors import Conflict, DagcraftError, InvalidInput
 from dagcraft.orchestrator import approval, context, layout, transitions
-from dagcraft.orchestrator.model import AttemptKind, Decision, RunStatus, StepState, StepStatus
+from dagcraft.orchestrator.model import AttemptKind, Decision, ReasonKind, RunStatus, StepState, StepStatus
 from dagcraft.orchestrator.transitions import Hold
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives import lease as leases
@@ -27,8 +27,10 @@ from dagcraft.workflows import (
     ConcreteStep,
     RenderContext,
     evaluate_foreach,
+    evaluate_until,
     evaluate_when,
     expand_foreach,
+    expand_loop,
 )
 
 ALWAYS_MARKERS = ("always()", "failure()", "cancelled()")
@@ -89,11 +91,15 @@ class Scheduler:
         return out
 
     def settle_parents(self) -> None:
-        """A foreach parent finishes when all its children have."""
+        """A foreach parent finishes when all its children have; a loop, when its current
+        iteration's body steps have (then it iterates again, or finishes)."""
         view = self.view
         for sid in view.ids(view.expanded_ids):
             st = view.state(sid)
             if not all(view.is_terminal(c) for c in st.children):
+                continue
+            if view.steps[sid].loop is not None:
+                self._settle_loop(sid)
                 continue
             kids = [view.status(c) for c in st.children]
             if StepStatus.FAILED in kids:
@@ -105,6 +111,54 @@ class Scheduler:
             else:
                 status = StepStatus.SUCCEEDED
             transitions.settle_parent(view, sid, status)
+
+    def _settle_loop(self, sid: str) -> None:
+        """Iteration k of loop ``sid`` is done: a failed (cancelled) body step fails (cancels)
+        the loop; else ``until`` is evaluated over the iteration's results — true: the loop
+        succeeded; false: iteration k+1 starts, or at ``max_iterations`` ``on_max`` decides.
+        While the run is failing no new iteration starts (the loop is skipped)."""
+        view = self.view
+        step = view.steps[sid]
+        assert step.loop is not None
+        k = max((view.steps[c].iteration or 0) for c in view.state(sid).children)
+        current = context.iteration_ids(view, sid, k)
+        kids = {c: view.status(c) for c in current}
+        failed = [c for c, k_st in kids.items() if k_st == StepStatus.FAILED]
+        if failed:
+            transitions.settle_parent(view, sid, StepStatus.FAILED, reason=f"iteration {k}: step {failed[0]!r} failed",
+                                      reason_kind=view.state(failed[0]).reason_kind,
+                                      outputs={"iterations": k, "until": None})
+            return
+        if StepStatus.CANCELLED in kids.values():
+            transitions.settle_parent(view, sid, StepStatus.CANCELLED, reason=f"iteration {k} was cancelled",
+                                      reason_kind=ReasonKind.CANCELLED, outputs={"iterations": k, "until": None})
+            return
+        try:
+            done = evaluate_until(step, context.for_until(view, sid, k))
+        except DagcraftError as exc:
+            reason = Redactor(view.wf.secret_values()).redact(f"until: {exc}")
+            transitions.settle_parent(view, sid, StepStatus.FAILED, reason=reason,
+                                      reason_kind=ReasonKind.CONDITION_ERROR, outputs={"iterations": k, "until": None})
+            return
+        out = {"iterations": k, "until": done}
+        loop = step.loop
+        if done:
+            transitions.settle_parent(view, sid, StepStatus.SUCCEEDED, reason=f"until true after iteration {k}",
+                                      outputs=out)
+        elif view.failing() and view.wf.on_failure in ("stop", "rollback"):
+            transitions.settle_parent(view, sid, StepStatus.SKIPPED, reason=f"not continued after iteration {k}: "
+                                      f"a step failed (on_failure: {view.wf.on_failure})", outputs=out)
+        elif k < loop.max_iterations:
+            children = expand_loop(step, k + 1)
+            transitions.iterate(view, sid, [StepState(step_id=c.id, definition=c.model_dump(mode="json"), parent=sid)
+                                            for c in children])
+        elif loop.on_max == "continue":
+            transitions.settle_parent(view, sid, StepStatus.SUCCEEDED, reason=f"max_iterations {loop.max_iterations} "
+                                      "reached with until still false (on_max: continue)", outputs=out)
+        else:
+            transitions.settle_parent(view, sid, StepStatus.FAILED, reason=f"loop {sid!r} reached max_iterations "
+                                      f"{loop.max_iterations} with until still false (on_max: fail)",
+                                      reason_kind=ReasonKind.MAX_ITERATIONS, outputs=out)
 
     def decide(self, capacity: int) -> list[WorkItem]:
         """Skip, expand, or claim ready steps; returns what to execute (at most ``capacity``)."""
@@ -181,6 +235,11 @@ class Scheduler:
             return False
         if step.foreach and not st.children:
             self._expand(sid)
+            return False
+        if step.loop is not None:
+            children = expand_loop(step, 1)
+            transitions.expand(view, sid, [StepState(step_id=c.id, definition=c.model_dump(mode="json"), parent=sid)
+                                           for c in children])
             return False
         # needs are terminal, so the answer cannot change until the step itself does
         self._decided[sid] = st.rev
@@ -271,8 +330,12 @@ class Scheduler:
             step = self.view.steps[sid]
             st = self.view.state(sid)
             if st.parent:
+                if step.iteration is not None:  # a loop body step: its latest iteration among ``among``
+                    prev = out.get(step.template_id)
+                    if not prev or (self.view.steps[prev[0]].iteration or 0) < step.iteration:
+                        out[step.template_id] = [sid]
                 continue
-            out.setdefault(step.template_id, []).extend(st.children or [sid])
+            out.setdefault(step.template_id, []).extend((st.children if step.loop is None else []) or [sid])
         return out
 
     def _upstream_artifacts(self, sid: str) -> dict[str, dict[str, dict[str, Any]]]:

@@ -25,7 +25,7 @@ import time
 
 from dagcraft.errors import Conflict, DagcraftError
 from dagcraft.orchestrator import layout, transitions
-from dagcraft.orchestrator.model import RunStatus, StepStatus
+from dagcraft.orchestrator.model import ReasonKind, RunStatus, StepStatus
 from dagcraft.orchestrator.retry import LOST_WORKER_RETRIES
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives import lease as leases
@@ -159,7 +159,9 @@ class Supervisor:
         failed = view.ids(view.failed_ids)
         if not failed:
             self._finish(RunStatus.SUCCEEDED, None)
-        elif view.wf.on_failure == "rollback":
-            self._finish(RunStatus.ROLLED_BACK, f"step {failed[0]!r} failed")
-        else:
-            self._finish(RunStatus.FAILED, f"step {failed[0]!r} failed")
+            return
+        why = f"step {failed[0]!r} failed"
+        first = view.fresh(failed[0])
+        if first.reason_kind is ReasonKind.MAX_ITERATIONS and first.reason:
+            why = f"{why}: {first.reason}"  # a loop at its cap: say so, not only that it failed
+        self._finish(RunStatus.ROLLED_BACK if view.wf.on_failure == "rollback" else RunStatus.FAILED, why)

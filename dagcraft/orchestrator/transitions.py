@@ -18,6 +18,7 @@ Step transitions (``pending`` etc. are :class:`StepStatus` values)::
     skip          pending → skipped                   `when` false, or not started after a failure
     cancel_unstarted pending | retrying | expanded | waiting_approval → cancelled
     expand        pending → expanded (or succeeded when there are no items); children created pending
+    iterate       expanded → expanded            a loop's `until` was false: the next iteration's body steps created
     settle_parent expanded → succeeded | failed | skipped | cancelled, once every child is terminal
     lost          running → pending | failed | cancelled, rolling_back → succeeded: the lease expired
     compensate    succeeded → rolling_back            a compensation attempt takes the step's lease
@@ -25,6 +26,7 @@ Step transitions (``pending`` etc. are :class:`StepStatus` values)::
     await_approval pending → waiting_approval       an approval gate opens (its `when` is true)
     decide_approval waiting_approval → pending | succeeded | failed   approve (a pure gate succeeds) or reject
     reset         any → pending                       resume --retry-failed, retry --from
+    reopen_loop   any → expanded                      retry --from a loop body step: the loop continues from it
     retire        any → skipped                       a foreach child whose parent was reset
 
 Holder transitions (heartbeat and the commits) go through :class:`Hold`: a CAS from the etag
@@ -290,10 +292,9 @@ def _utc(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def expand(view: LocalView, sid: str, children: list[StepState]) -> bool:
-    """pending → expanded: a foreach parent creates its children (pending, each with its own
-    definition), then records them. A child left by an earlier expansion of a reset run
-    (retired) is revived with its new definition."""
+def _create_children(view: LocalView, children: list[StepState]) -> None:
+    """Write new child records (pending, each with its own definition). A child left by an
+    earlier expansion of a reset run (retired) is revived with its new definition."""
     for child in children:
         try:
             etag = write_state(view.store, view.run_id, child, None, view.persist)
@@ -305,6 +306,12 @@ def expand(view: LocalView, sid: str, children: list[StepState]) -> bool:
             continue
         view.apply(child, etag)
         view.journal.mark_seen(announce(view.store, view.run_id, child, view.persist))
+
+
+def expand(view: LocalView, sid: str, children: list[StepState]) -> bool:
+    """pending → expanded: a foreach parent (or a loop, with its first iteration's body
+    steps) creates its children, then records them."""
+    _create_children(view, children)
     ids = [c.step_id for c in children]
 
     def change(s: StepState) -> None:
@@ -316,6 +323,31 @@ def expand(view: LocalView, sid: str, children: list[StepState]) -> bool:
     return _transition(view, sid, change, allowed=frozenset({StepStatus.PENDING})) is not None
 
 
+def iterate(view: LocalView, sid: str, children: list[StepState]) -> bool:
+    """expanded → expanded: a loop whose last iteration ended with ``until`` false creates the
+    next iteration's body steps and appends them to its children (earlier iterations' records,
+    attempts and traces stay). False when the loop moved on (another worker iterated or
+    settled it first); a child record written by the loser of that race is never scheduled:
+    only children the parent lists run, and the loser retires what it wrote."""
+    ids = [c.step_id for c in children]
+    cur = view.fresh(sid)
+    if cur.status != StepStatus.EXPANDED or any(i in cur.children for i in ids):
+        return False
+    _create_children(view, children)
+
+    def change(s: StepState) -> None:
+        s.children = [*s.children, *ids]
+
+    if _transition(view, sid, change, allowed=frozenset({StepStatus.EXPANDED}), fresh=False) is not None:
+        return True
+    if not set(ids) & set(view.fresh(sid).children):
+        # another worker settled the loop meanwhile: the records just written would wait forever
+        for cid in ids:
+            if view.fresh(cid).status == StepStatus.PENDING:
+                retire(view, cid, "superseded: the loop ended before this iteration started")
+    return False
+
+
 def _reviver(definition: dict[str, Any] | None) -> Change:
     def change(s: StepState) -> None:
         _clear(s, "revived by a new expansion")
@@ -324,13 +356,19 @@ def _reviver(definition: dict[str, Any] | None) -> Change:
     return change
 
 
-def settle_parent(view: LocalView, sid: str, status: StepStatus) -> bool:
-    """expanded → the aggregate status of its children (all terminal)."""
+def settle_parent(view: LocalView, sid: str, status: StepStatus, *, reason: str | None = None,
+                  reason_kind: ReasonKind | None = None, outputs: dict[str, Any] | None = None) -> bool:
+    """expanded → the aggregate status of its children (all terminal); a loop also records
+    why it ended and its ``outputs`` (``iterations``, ``until``)."""
     now = view.store.now()
 
     def change(s: StepState) -> None:
         s.status = status
         s.finished_at = now
+        if reason is not None:
+            s.reason, s.reason_kind = reason, reason_kind
+        if outputs is not None:
+            s.outputs = outputs
 
     return _transition(view, sid, change, allowed=frozenset({StepStatus.EXPANDED})) is not None
 
@@ -403,10 +441,27 @@ def reset(view: LocalView, sid: str, reason: str) -> None:
     _retrying(view, sid, lambda s: _clear(s, reason), "reset")
 
 
+def reopen_loop(view: LocalView, sid: str, children: list[str], reason: str) -> None:
+    """any → expanded: a loop is continued from inside one of its iterations (retry --from a
+    body step, resume --retry-failed): it keeps ``children`` (earlier iterations, and the
+    part of the reset iteration that is not re-run; the caller reset or retired the rest),
+    its outputs are cleared and its ``until`` is evaluated again once they are done."""
+
+    def change(s: StepState) -> None:
+        s.status = StepStatus.EXPANDED
+        s.children = list(children)
+        s.reason, s.reason_kind = reason, None
+        s.outputs = {}
+        s.finished_at = None
+
+    _retrying(view, sid, change, "reset")
+
+
 def retire(view: LocalView, sid: str, reason: str) -> None:
     """any → skipped: a foreach child of a reset parent, until the parent expands again
     (which may produce different items, and revives the children it still has)."""
-    if view.fresh(sid).status == StepStatus.SKIPPED:
+    cur = view.fresh(sid)
+    if cur.status == StepStatus.SKIPPED and (cur.reason or "").startswith("superseded"):
         return
 
     def change(s: StepState) -> None:

@@ -462,12 +462,21 @@ class LocalView:
             return self._ctx_cache[1]
         artifact_paths = artifact_paths or {}
         groups: dict[str, list[str]] = {}
+        latest: dict[str, str] = {}  # loop body id -> its instance of the latest iteration asked for
         for sid in (self.ids(only) if only is not None else self.all_ids()):  # instance order
             step = self.steps[sid]
             if self.state(sid).parent:
+                if step.iteration is not None:
+                    prev = latest.get(step.template_id)
+                    if prev is None or (self.steps[prev].iteration or 0) < step.iteration:
+                        latest[step.template_id] = sid
                 continue  # children are reported through their parent
             groups.setdefault(step.template_id, []).append(sid)
         out: dict[str, dict[str, Any]] = {}
+        for tid, sid in latest.items():
+            st = self.state(sid)
+            out[tid] = {"outputs": st.outputs, "artifacts": self._artifact_view(sid, artifact_paths),
+                        "status": st.status, "iteration": self.steps[sid].iteration}
         for tid, ids in groups.items():
             first = self.steps[ids[0]]
             if len(ids) == 1 and not first.matrix and not first.foreach:

@@ -58,6 +58,9 @@ class StepView(BaseModel):
     children: list[str] = Field(default_factory=list)
     #: the command that prints the whole stderr of its last failed attempt
     more: str | None = None
+    #: a loop body step's iteration (1-based); a loop's progress (``ops.loop_summary``)
+    iteration: int | None = None
+    loop: dict[str, Any] | None = None
 
 
 class RunView(BaseModel):
@@ -256,7 +259,7 @@ def render_run_html(view: RunView) -> str:
             failed_steps.append(failure)
             if atts and s.more:
                 atts[-1]["more"] = s.more
-        sections.append({"title": s.step_id, "anchor": f"step-{_anchor(s.step_id)}", "status": s.status,
+        sections.append({"title": s.step_id + (f" (iteration {s.iteration})" if s.iteration else ""), "anchor": f"step-{_anchor(s.step_id)}", "status": s.status,
                          "cls": status_class(s.status), "needs": s.needs, "attempts": atts, "child": bool(s.parent),
                          "dur": fmt_dur(step_dur), "note": note, "failure": failure,
                          "fanout": _fanout(s, kids) if kids else "", "agent": s.agent,
@@ -283,6 +286,9 @@ def _words(kind: str | None, reason: str | None = None) -> str:
 def _fanout(s: StepView, kids: list[StepView]) -> str:
     ok = sum(1 for k in kids if status_class(k.status) == "ok")
     dur = (s.finished_ms - s.started_ms) if s.finished_ms and s.started_ms else None
+    if s.loop:
+        until = "" if s.loop.get("until") is None else f", until {str(s.loop['until']).lower()}"
+        return f"iteration {s.loop.get('iterations')} of max {s.loop.get('max_iterations')}{until} · total {fmt_dur(dur)}"
     return f"{ok} of {len(kids)} succeeded · total {fmt_dur(dur)}"
 
 

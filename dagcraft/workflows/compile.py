@@ -38,6 +38,7 @@ from dagcraft.workflows.spec import (
     CompiledWorkflow,
     ConcreteStep,
     InputDecl,
+    LoopDef,
     RetryPolicy,
     RetrySpec,
     Spec,
@@ -108,6 +109,10 @@ INSTANCE_FIELDS = ("id", "key", "matrix", "item", "outputs", "artifacts", "statu
 def spec_hash_of(wf: CompiledWorkflow) -> str:
     """sha256 of the canonical JSON (sorted keys) of ``wf`` without hash/location fields."""
     data = wf.model_dump(mode="json", exclude={"spec_hash", "spec_dir", "source"})
+    for step in data["steps"].values():
+        for name in ("loop", "iteration"):  # unset: hashed as before loops existed
+            if step.get(name) is None:
+                step.pop(name, None)
     for name in wf.secret_params:
         v = data["params"].get(name)
         if v is not None:
@@ -158,9 +163,15 @@ class _Compiler:
         self.pos = spec._positions
         self.keypos = spec._key_positions
         # (path, StepSpec, is_finally) in spec order; main steps first.
-        self.templates: list[tuple[tuple, StepSpec, bool]] = [
-            (("steps", i), s, False) for i, s in enumerate(spec.steps)
-        ] + [(("finally", i), s, True) for i, s in enumerate(spec.finally_)]
+        self.templates: list[tuple[tuple, StepSpec, bool]] = []
+        #: body step id -> its loop's id (a loop's body steps follow it in ``templates``)
+        self.loop_of: dict[str, str] = {}
+        for section, fin, seq in (("steps", False, spec.steps), ("finally", True, spec.finally_)):
+            for i, s in enumerate(seq):
+                self.templates.append(((section, i), s, fin))
+                for j, b in enumerate(s.loop.steps if s.loop is not None else []):
+                    self.templates.append(((section, i, "loop", "steps", j), b, fin))
+                    self.loop_of.setdefault(b.id, s.id)
         self.by_id: dict[str, tuple[tuple, StepSpec, bool]] = {}
         self.params: dict[str, Any] = {}
         self.errors: list[SpecError] = []  # noted by the checks; raised together after them
@@ -188,6 +199,7 @@ class _Compiler:
         g = nx.DiGraph()
         g.add_nodes_from(self.by_id)
         for path, s, fin in self.templates:
+            loop = self._loop_at(path)
             for j, need in enumerate(s.needs):
                 if need == s.id:
                     self.errors.append(self.err(path + ("needs", j), f"step {s.id!r} cannot need itself"))
@@ -196,8 +208,24 @@ class _Compiler:
                 elif self.by_id[need][2] and not fin:
                     self.errors.append(self.err(path + ("needs", j),
                                                 f"{need!r} is a finally step; only finally steps may need it"))
+                elif loop is not None and self._loop_at(self.by_id[need][0]) != loop:
+                    self.errors.append(self.err(path + ("needs", j), f"{need!r} is outside loop {loop!r}: a body "
+                                                f"step may need only steps of its loop's body (put {need!r} in "
+                                                f"the needs of {loop!r})"))
+                elif loop is None and self._loop_at(self.by_id[need][0]) is not None:
+                    inner = self._loop_at(self.by_id[need][0])
+                    self.errors.append(self.err(path + ("needs", j), f"{need!r} is a step of loop {inner!r}'s "
+                                                f"body; need the loop {inner!r} (then steps.{need} is its last "
+                                                "iteration's)"))
                 else:
                     g.add_edge(need, s.id)
+            if loop is not None:
+                self._check_body_step(path, s)
+                # a body step runs after the loop's needs, and before whatever follows the loop
+                for need in self.by_id[loop][1].needs:
+                    if need in self.by_id and self._loop_at(self.by_id[need][0]) is None:
+                        g.add_edge(need, s.id)
+                g.add_edge(s.id, loop)
         try:
             cycle = nx.find_cycle(g)
         except nx.NetworkXNoCycle:
@@ -220,6 +248,23 @@ class _Compiler:
                     g.add_edge(leaf, s.id)
         self.graph = g
         return g
+
+    def _loop_at(self, path: tuple) -> str | None:
+        """The id of the loop whose body ``path`` (a step's path) is in, else None."""
+        if len(path) < 5 or path[2] != "loop":
+            return None
+        return self.spec_step(path[:2]).id
+
+    def spec_step(self, path: tuple) -> StepSpec:
+        seq = self.spec.steps if path[0] == "steps" else self.spec.finally_
+        return seq[path[1]]
+
+    def _check_body_step(self, path: tuple, s: StepSpec) -> None:
+        for field, what in (("loop", "nested loops are not supported"),
+                            ("foreach", "'foreach' inside a loop body is not supported"),
+                            ("matrix", "'matrix' inside a loop body is not supported")):
+            if getattr(s, field) is not None:
+                self.errors.append(self.err(path + (field,), what, key=True))
 
     def check_agents(self) -> None:
         for path, s, _ in self.templates:
@@ -263,7 +308,7 @@ class _Compiler:
         for name, chain in refs:
             head = chain[0] if chain else None
             if name not in allow:
-                if name in ("params", "steps", "matrix", "item", "run", "env", "prompt", "attempt") or name in STATUS_FUNCTIONS:
+                if name in ("params", "steps", "matrix", "item", "run", "env", "prompt", "attempt", "loop") or name in STATUS_FUNCTIONS:
                     raise self.err(path, f"{name!r} is not available here{self._why(name, step)}")
                 if name in _JINJA_GLOBALS:
                     continue
@@ -278,7 +323,27 @@ class _Compiler:
                     raise self.err(path, f"unknown matrix key {head!r}{_hint(head, sorted(keys))}")
             if name == "steps" and isinstance(head, str) and step is not None:
                 self._check_step_ref(path, step, ancestors, chain)
+            if name == "loop" and step is not None:
+                self._check_loop_ref(path, step, chain)
         self.check_static_bounds(path, raw if expr is None else expr, expression=expr is not None)
+
+    @_collects
+    def check_until(self, path: tuple, s: StepSpec) -> None:
+        """``until`` is an expression over the loop's body results (and params, run, env, loop)."""
+        assert s.loop is not None
+        where = path + ("loop", "until")
+        body = {b.id for b in s.loop.steps}
+        try:
+            refs = template_refs(split_expression(s.loop.until) or s.loop.until.strip(), expression=True)
+        except (TemplateError, EvaluationLimit):
+            refs = []  # bad syntax: the check below reports it
+        for name, chain in refs:
+            if name == "steps" and chain and isinstance(chain[0], str) and chain[0] not in body:
+                raise self.err(where, f"until may reference only steps of the loop's body "
+                                      f"({', '.join(sorted(body))}), not {chain[0]!r}{_hint(chain[0], body)}")
+        # checked as if it were a step after the whole body: every body step is upstream of it
+        self.check_template(where, s.loop.until, step=s, allow={"params", "run", "env", "steps", "loop"},
+                            expression=True)
 
     def check_static_bounds(self, path: tuple, raw: str, *, expression: bool) -> None:
         """Expressions that depend only on params and Jinja's globals are evaluated now, so one
@@ -343,7 +408,23 @@ class _Compiler:
             return " (only in an agent's command)"
         if name == "attempt":
             return " (only in a step's run, prompt, env and check)"
+        if name == "loop":
+            return " (only in the body steps of a loop)"
         return ""
+
+    def _check_loop_ref(self, path: tuple, step: StepSpec, chain: list[Any]) -> None:
+        """``loop.iteration`` / ``loop.previous.steps.<body id>`` of the loop ``step`` is in (or is)."""
+        if not chain or not isinstance(chain[0], str):
+            return
+        if chain[0] not in ("iteration", "previous"):
+            raise self.err(path, f"unknown loop field {chain[0]!r}; available: iteration, previous")
+        loop = step if step.loop is not None else self.by_id[self.loop_of[step.id]][1] if step.id in self.loop_of else None
+        if loop is None or loop.loop is None or len(chain) < 3 or chain[0] != "previous" or chain[1] != "steps":
+            return
+        body = [b.id for b in loop.loop.steps]
+        if isinstance(chain[2], str) and chain[2] not in body:
+            raise self.err(path, f"loop.previous.steps.{chain[2]}: {chain[2]!r} is not a step of loop "
+                                 f"{loop.id!r}'s body{_hint(chain[2], body)}")
 
     def _check_step_ref(self, path: tuple, step: StepSpec, ancestors: set[str], chain: list[Any]) -> None:
         ref = chain[0]
@@ -441,6 +522,10 @@ class _Compiler:
             self.check_env(("agents", name, "env"), agent.env)
         for path, s, _ in self.templates:
             allow = base | {"steps"}
+            if self._loop_at(path) is not None:
+                allow.add("loop")
+            if s.loop is not None:
+                self.check_until(path, s)
             if s.matrix is not None:
                 allow.add("matrix")
                 for k, v in s.matrix.items():
@@ -582,6 +667,9 @@ class _Compiler:
                 raise self.err(where + ("from",), f"unknown step {src_id!r}{_hint(src_id, self.by_id)}")
             if src_id not in ancestors:
                 raise self.err(where + ("from",), f"step {src_id!r} is not upstream of {s.id!r} (add it to needs)")
+            if src_id in self.loop_of and self.loop_of.get(s.id) != self.loop_of[src_id]:
+                raise self.err(where + ("from",), f"step {src_id!r} is in the body of loop {self.loop_of[src_id]!r}: "
+                                                  "inputs from it are available only inside the loop")
             src = self.by_id[src_id][1]
             if not any(fnmatch.fnmatchcase(inp.artifact, g) for g in src.outputs.artifacts):
                 declared = ", ".join(src.outputs.artifacts) or "none"
@@ -620,6 +708,61 @@ class _Compiler:
                                    f"{'/'.join(p or '<instance key>' for p in pattern)})")
         return out
 
+    def concrete(self, path: tuple, s: StepSpec, fin: bool, cid: str, needs: list[str], values: dict[str, Any],
+                 inputs: list[InputDecl]) -> ConcreteStep:
+        """The concrete step ``cid`` of template ``s`` (defaults applied)."""
+        d = self.spec.defaults
+        tid = s.id
+        timeout = s.timeout if s.timeout is not None else d.timeout
+        if timeout is not None and timeout <= 0:
+            raise self.err(path + ("timeout",) if s.timeout is not None else ("defaults", "timeout"), "timeout must be positive")
+        r = s.retries or d.retries or RetrySpec()
+        policy = RetryPolicy(
+            limit=r.limit,
+            backoff_s=r.backoff,
+            max_backoff_s=max(r.max_backoff, r.backoff),
+            retry_on_exit_codes=list(r.retry_on.exit_codes),
+            retry_on_patterns=list(r.retry_on.patterns),
+        )
+        return ConcreteStep(
+            id=cid,
+            template_id=tid,
+            needs=list(needs),
+            run=s.run,
+            agent=s.agent,
+            prompt=s.prompt,
+            env={**d.env, **s.env},
+            workdir=s.workdir if s.workdir is not None else d.workdir,
+            timeout_s=timeout,
+            retries=policy,
+            when=s.when if s.when is not None else ("${{ always() }}" if fin else "${{ success() }}"),
+            matrix=dict(values),
+            foreach=s.foreach,
+            outputs_values=list(s.outputs.values),
+            outputs_artifacts=list(s.outputs.artifacts),
+            inputs=inputs,
+            rollback=s.rollback,
+            check=s.check,
+            worktree=s.worktree,
+            cache=s.cache,
+            tags=list(s.tags),
+            is_finally=fin,
+            approval=s.approval,
+        )
+
+    def loop_def(self, path: tuple, s: StepSpec, fin: bool) -> LoopDef:
+        """The compiled body of loop ``s``: body-local ids and needs, in a topological order."""
+        assert s.loop is not None
+        body = {b.id: (path + ("loop", "steps", j), b) for j, b in enumerate(s.loop.steps)}
+        order = list(nx.lexicographical_topological_sort(self.graph.subgraph(body),
+                                                         key=lambda t: f"{list(body).index(t):08d}"))
+        steps = []
+        for bid in order:
+            bpath, b = body[bid]
+            inputs = self.inputs_for(bpath, b, {})
+            steps.append(self.concrete(bpath, b, fin, bid, list(dict.fromkeys(b.needs)), {}, inputs))
+        return LoopDef(max_iterations=s.loop.max_iterations, until=s.loop.until, on_max=s.loop.on_max, body=steps)
+
     def compile(self) -> CompiledWorkflow:
         graph = self.check_ids_and_needs()
         self.check_agents()
@@ -631,29 +774,20 @@ class _Compiler:
         raise_all(self.errors)
         order_index = {s.id: n for n, (_, s, _) in enumerate(self.templates)}
         topo = list(nx.lexicographical_topological_sort(graph, key=lambda t: f"{order_index[t]:08d}"))
-        d = self.spec.defaults
         instances: dict[str, list[str]] = {}
         steps: dict[str, ConcreteStep] = {}
         for tid in topo:
+            if tid in self.loop_of:
+                continue  # built with its loop, run per iteration
             path, s, fin = self.by_id[tid]
             needs: list[str] = []
             for need in list(dict.fromkeys(s.needs)) + sorted(
-                (p for p in graph.predecessors(tid) if p not in s.needs), key=lambda t: order_index[t]
+                (p for p in graph.predecessors(tid) if p not in s.needs and p not in self.loop_of),
+                key=lambda t: order_index[t]
             ):
                 for cid in instances[need]:
                     if cid not in needs:
                         needs.append(cid)
-            timeout = s.timeout if s.timeout is not None else d.timeout
-            if timeout is not None and timeout <= 0:
-                raise self.err(path + ("timeout",) if s.timeout is not None else ("defaults", "timeout"), "timeout must be positive")
-            r = s.retries or d.retries or RetrySpec()
-            policy = RetryPolicy(
-                limit=r.limit,
-                backoff_s=r.backoff,
-                max_backoff_s=max(r.max_backoff, r.backoff),
-                retry_on_exit_codes=list(r.retry_on.exit_codes),
-                retry_on_patterns=list(r.retry_on.patterns),
-            )
             ids: list[str] = []
             combos = self.matrix_instances(path, s, params)
             inputs = self.inputs_for(path, s, instances)
@@ -668,31 +802,9 @@ class _Compiler:
                                           f"{MAX_STEP_ID} characters")
                 if cid in steps:
                     raise self.err(path + ("matrix",), f"two matrix instances get the same id {cid!r}")
-                steps[cid] = ConcreteStep(
-                    id=cid,
-                    template_id=tid,
-                    needs=list(needs),
-                    run=s.run,
-                    agent=s.agent,
-                    prompt=s.prompt,
-                    env={**d.env, **s.env},
-                    workdir=s.workdir if s.workdir is not None else d.workdir,
-                    timeout_s=timeout,
-                    retries=policy,
-                    when=s.when if s.when is not None else ("${{ always() }}" if fin else "${{ success() }}"),
-                    matrix=dict(values),
-                    foreach=s.foreach,
-                    outputs_values=list(s.outputs.values),
-                    outputs_artifacts=list(s.outputs.artifacts),
-                    inputs=inputs,
-                    rollback=s.rollback,
-                    check=s.check,
-                    worktree=s.worktree,
-                    cache=s.cache,
-                    tags=list(s.tags),
-                    is_finally=fin,
-                    approval=s.approval,
-                )
+                steps[cid] = self.concrete(path, s, fin, cid, needs, values, inputs)
+                if s.loop is not None:
+                    steps[cid].loop = self.loop_def(path, s, fin)
                 ids.append(cid)
             instances[tid] = ids
             if len(steps) > MAX_STEPS:

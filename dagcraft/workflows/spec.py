@@ -375,6 +375,8 @@ class StepSpec(_Model):
     cache: bool = False
     tags: list[str] = []
     approval: ApprovalSpec | None = None
+    #: a bounded loop: this step is a group of body steps run again until ``until`` holds
+    loop: LoopSpec | None = None
 
     @field_validator("id")
     @classmethod
@@ -420,6 +422,12 @@ class StepSpec(_Model):
 
     @model_validator(mode="after")
     def _shape(self) -> StepSpec:
+        if self.loop is not None:
+            used = [f for f in ("run", "agent", "prompt", "matrix", "foreach", "approval", "rollback", "check",
+                                "worktree") if getattr(self, f) is not None]
+            if used:
+                raise ValueError(f"a loop step runs its body steps; it cannot have {used[0]!r}")
+            return self
         if self.run is None and self.agent is None and self.approval is None:
             raise ValueError("a step needs either 'run' or 'agent' (or only 'approval', a pure gate)")
         if self.run is not None and self.agent is not None:
@@ -431,6 +439,22 @@ class StepSpec(_Model):
         if self.matrix is not None and self.foreach is not None:
             raise ValueError("'matrix' and 'foreach' cannot be combined on one step")
         return self
+
+
+#: the most iterations a loop may declare: each iteration is a set of stored step records
+MAX_LOOP_ITERATIONS = 100
+
+
+class LoopSpec(_Model):
+    """``loop:`` — run ``steps`` (the body) as iteration 1, 2, … until ``until`` (evaluated
+    over that iteration's body results) is true, at most ``max_iterations`` times; at the
+    cap ``on_max`` decides: ``fail`` the loop, or ``continue`` with the last iteration's
+    results. Body steps see ``loop.iteration`` (1-based) and ``loop.previous``."""
+
+    max_iterations: int = Field(ge=1, le=MAX_LOOP_ITERATIONS)
+    until: str
+    on_max: Literal["fail", "continue"] = "fail"
+    steps: list[StepSpec] = Field(min_length=1)
 
 
 def spec_json_schema() -> dict[str, Any]:
@@ -532,11 +556,31 @@ class ConcreteStep(_Model):
     tags: list[str] = []
     is_finally: bool = False
     approval: ApprovalSpec | None = None
+    #: a loop step: its compiled body (expanded per iteration at run time)
+    loop: LoopDef | None = None
+    #: a loop body step instance: the iteration it belongs to (1-based)
+    iteration: int | None = None
 
     @property
     def compensates(self) -> bool:
         """True if a rollback has something to undo: a command, or a branch to delete."""
         return bool(self.rollback) or bool(self.worktree and self.worktree.delete_on_rollback)
+
+
+class LoopDef(_Model):
+    """A compiled loop. ``body`` steps have body-local ids and needs; iteration ``k`` runs them
+    as children ``<loop>#<k>.<body id>`` (see :func:`loop_child_id`)."""
+
+    max_iterations: int
+    until: str
+    on_max: Literal["fail", "continue"] = "fail"
+    body: list[ConcreteStep]
+
+
+def loop_child_id(loop_id: str, iteration: int, body_id: str) -> str:
+    """The concrete id of body step ``body_id`` in iteration ``iteration`` of loop ``loop_id``:
+    ``polish#2.review`` (``#`` and ``.`` never occur in a step id, so it cannot clash)."""
+    return f"{loop_id}#{iteration}.{body_id}"
 
 
 class CompiledWorkflow(_Model):
@@ -590,6 +634,8 @@ class RenderContext(BaseModel):
     #: ``attempt.number`` and ``attempt.previous`` (None on attempt 1): only in a step's
     #: command, prompt, env and check (see docs/spec.md "check")
     attempt: dict[str, Any] | None = None
+    #: ``loop.iteration`` and ``loop.previous`` (None in iteration 1): only in a loop body step
+    loop: dict[str, Any] | None = None
 
 
 class RenderedCommand(BaseModel):
@@ -602,3 +648,8 @@ class RenderedCommand(BaseModel):
     env: dict[str, str] = {}
     adapter: str = "generic"
     workdir: str | None = None
+
+
+# loops nest step models in step models: resolve the forward references now
+for _m in (StepSpec, LoopSpec, Spec, ConcreteStep, LoopDef, CompiledWorkflow):
+    _m.model_rebuild()

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, Undefined, UndefinedError, nodes
+from jinja2 import ChainableUndefined, StrictUndefined, TemplateError, Undefined, UndefinedError, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import _PassArg
@@ -44,6 +44,7 @@ from dagcraft.workflows.spec import (
     ConcreteStep,
     RenderContext,
     RenderedCommand,
+    loop_child_id,
 )
 
 MAX_FANOUT = 1000  # most instances one matrix/foreach step may expand to
@@ -693,6 +694,13 @@ def _variables(wf: CompiledWorkflow | None, step: ConcreteStep, ctx: RenderConte
     }
     if ctx.attempt is not None:  # only an attempt's own command, prompt, env and check
         variables["attempt"] = ctx.attempt
+    if ctx.loop is not None:  # only a loop's body steps (and its `until`)
+        loop = dict(ctx.loop)
+        if loop.get("previous") is None:
+            # iteration 1 has no previous one: undefined, and so is anything read through it, so
+            # `loop.previous.steps.fix.outputs.x | default('none')` works in every iteration
+            loop["previous"] = ChainableUndefined(name="loop.previous")
+        variables["loop"] = loop
     return variables
 
 
@@ -889,3 +897,37 @@ def expand_foreach(step: ConcreteStep, items: list[Any]) -> list[ConcreteStep]:
         step.model_copy(update={"id": f"{step.id}[{i}]", "foreach": None, "item": it, "needs": list(step.needs)}, deep=True)
         for i, it in enumerate(items)
     ]
+
+
+def evaluate_until(step: ConcreteStep, ctx: RenderContext) -> bool:
+    """Whether loop ``step`` is done after the iteration ``ctx`` describes (its ``steps`` are
+    that iteration's body results). A string result of ``false``/``0``/``no``/empty is false.
+    SpecError naming the step if it cannot be evaluated."""
+    if step.loop is None:
+        raise SpecError(f"step {step.id!r}: not a loop step")
+    try:
+        value = evaluate_expression(step.loop.until, _variables(None, step, ctx), bare_is_expression=True)
+    except _CAUGHT as exc:
+        raise _fail(step, "until", exc) from None
+    return _truthy(value)
+
+
+def expand_loop(step: ConcreteStep, iteration: int) -> list[ConcreteStep]:
+    """The body steps of iteration ``iteration`` of loop ``step``, as concrete steps
+    ``<loop>#<k>.<body id>`` (:func:`loop_child_id`): needs and inputs between body steps point
+    at the same iteration's instances; every body step also needs the loop's own needs (so it
+    sees what the loop sees)."""
+    if step.loop is None:
+        raise SpecError(f"step {step.id!r}: not a loop step")
+    body = {b.id for b in step.loop.body}
+
+    def here(sid: str) -> str:
+        return loop_child_id(step.id, iteration, sid) if sid in body else sid
+
+    out = []
+    for b in step.loop.body:
+        needs = [here(n) for n in b.needs] + [n for n in step.needs if n not in b.needs]
+        inputs = [i.model_copy(update={"step": here(i.step)}) for i in b.inputs]
+        out.append(b.model_copy(update={"id": here(b.id), "needs": needs, "inputs": inputs, "iteration": iteration},
+                                deep=True))
+    return out
