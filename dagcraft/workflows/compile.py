@@ -692,6 +692,7 @@ class _Compiler:
                     tags=list(s.tags),
                     is_finally=fin,
                     approval=s.approval,
+                    budget=s.budget,
                 )
                 ids.append(cid)
             instances[tid] = ids
@@ -705,6 +706,7 @@ class _Compiler:
             agents=self.spec.agents,
             on_failure=self.spec.on_failure,
             max_parallel=self.spec.max_parallel,
+            budget=self.spec.budget,
             steps=steps,
             spec_dir=self.spec._spec_dir,
             source=self.source,
