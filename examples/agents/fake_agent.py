@@ -29,6 +29,7 @@ on stderr and exit 75; later attempts succeed); ``ratelimit`` (always exit 75, "
 ``spend`` keeps spending until killed: an assistant message with usage
 (``$FAKE_AGENT_TOKENS_IN`` / ``$FAKE_AGENT_TOKENS_OUT`` tokens, default 1000 / 500) every
 ``$FAKE_AGENT_TICK`` seconds (default 0.1), and no cost (the agent's ``prices`` give one);
+with ``$FAKE_AGENT_ROUNDS`` set it succeeds after that many messages (a result without cost);
 with ``$FAKE_AGENT_SPEND_LOG`` set, its pid first and then one line per message
 (``<CLOCK_MONOTONIC time> <tokens so far>``) are appended there, so a test can tell when a
 limit was crossed and when the process died.
@@ -98,8 +99,9 @@ def spend_forever(session_id: str, model: str, fmt: str) -> int:
     if log_path:
         with open(log_path, "a", encoding="utf-8") as fh:
             fh.write(f"pid {os.getpid()}\n")
+    rounds = int(os.environ.get("FAKE_AGENT_ROUNDS", "0") or 0)
     n = 0
-    while True:  # until a budget (or a timeout, or cancel) kills our process group
+    while not rounds or n < rounds:  # until a budget (or a timeout, or cancel) kills our process group
         n += 1
         u = {"input_tokens": tin, "output_tokens": tout}
         if fmt == "json":
@@ -114,6 +116,14 @@ def spend_forever(session_id: str, model: str, fmt: str) -> int:
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
         time.sleep(tick)
+    if fmt != "json":
+        emit({"type": "result", "subtype": "success", "is_error": False, "session_id": session_id,
+              "num_turns": n, "result": f"spent {n} rounds"}, fmt)
+    out_file = os.environ.get("DAGCRAFT_OUTPUT")
+    if out_file:
+        with open(out_file, "w", encoding="utf-8") as fh:
+            json.dump({"summary": f"spent {n} rounds", "session_id": session_id}, fh)
+    return 0
 
 
 def codex_style(prompt: str, session_id: str) -> int:
