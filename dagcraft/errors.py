@@ -83,6 +83,12 @@ class CorruptRecord(IntegrityError, ValueError):
         self.detail = detail
 
 
+class BudgetExceeded(DagcraftError):
+    """A budget limit was reached; the run is resumable with a raised limit (exit 6)."""
+
+    exit_code = 6
+
+
 class TimedOut(DagcraftError):
     """A wait or a step timed out (exit 124)."""
 
@@ -101,6 +107,7 @@ EXIT_USAGE = 2
 EXIT_CONFLICT = 3
 EXIT_NOT_FOUND = 4
 EXIT_STORE = 5
+EXIT_BUDGET = 6
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 

@@ -24,7 +24,7 @@ from dagcraft.orchestrator.ops import step_span
 
 STYLE = {"succeeded": "green", "failed": "bold red", "running": "cyan", "retrying": "yellow",
          "skipped": "dim", "cancelled": "magenta", "pending": "white", "expanded": "cyan",
-         "rolling_back": "yellow", "rolled_back": "magenta"}
+         "rolling_back": "yellow", "rolled_back": "magenta", "budget_exceeded": "red"}
 MAX_ROWS = 40
 
 

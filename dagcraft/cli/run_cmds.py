@@ -22,7 +22,7 @@ from dagcraft.cli.common import (
     printable,
     resolve_run,
 )
-from dagcraft.errors import DagcraftError, Failed, InvalidInput
+from dagcraft.errors import EXIT_BUDGET, DagcraftError, Failed, InvalidInput
 
 KEEP_HELP = "keep each attempt's scratch directory (private, 0700) instead of removing it afterwards"
 SIGNING_HELP = ("Ed25519 private key (PEM) that signs the seal of the runs it finishes "
@@ -145,6 +145,10 @@ def _drive_and_report(store: Any, url: str, run_id: str, opts: Any, report: str 
                 click.echo("    " + command_hint("dagcraft", "approve", run_id, s["step"], "--store", url)
                            + "  (or reject), then: " + command_hint("dagcraft", "resume", run_id, "--store", url))
         return
+    if status == "budget_exceeded":
+        click.echo("  budget exhausted; raise a limit and continue: "
+                   + command_hint("dagcraft", "resume", run_id, "--budget", "usd=N", "--store", url))
+        sys.exit(EXIT_BUDGET)
     if status != "succeeded":
         sys.exit(1)
 
@@ -301,10 +305,13 @@ def register(cli: click.Group) -> None:
             while True:
                 st = run_status(store, run_id)
                 show(st)
-                if not watch or st["status"] in ("succeeded", "failed", "cancelled", "rolled_back"):
+                if not watch or st["status"] in ("succeeded", "failed", "cancelled", "rolled_back",
+                                                 "budget_exceeded"):
                     break
                 time.sleep(1.0)
                 click.echo("")
+        if st["status"] == "budget_exceeded":
+            sys.exit(EXIT_BUDGET)
         if st["status"] in ("failed", "cancelled", "rolled_back"):
             sys.exit(1)
 
@@ -385,19 +392,22 @@ def register(cli: click.Group) -> None:
     @click.option("--report", type=click.Path(dir_okay=False), help="where to write the HTML report")
     @no_report_opt
     @click.option("--signing-key", type=click.Path(dir_okay=False), help=SIGNING_HELP)
+    @click.option("--budget", "budget_raises", multiple=True, metavar="KEY=VALUE",
+                  help="raise a budget limit: usd, tokens, agent.NAME.usd|tokens, step.ID.usd|tokens (repeatable)")
     @secret_options
     @json_option
     def resume(run_id: str, store_url: str | None, workers: int | None, retry_failed: bool, lease_ttl: float,
-               report: str | None, no_report: bool, signing_key: str | None, secret_files: tuple[str, ...],
-               secret_stdin: str | None, as_json: bool) -> None:
-        """Continue the interrupted run RUN; succeeded steps never run again."""
+               report: str | None, no_report: bool, signing_key: str | None, budget_raises: tuple[str, ...],
+               secret_files: tuple[str, ...], secret_stdin: str | None, as_json: bool) -> None:
+        """Continue the interrupted run RUN; succeeded steps never run again. A run stopped on
+        a budget continues with the limits raised by --budget."""
         from dagcraft.orchestrator import prepare_resume
         from dagcraft.tracing.seal import load_signer
 
         load_signer(signing_key)  # a bad key: exit 2, nothing reopened
         store, url = _store(store_url, create=False)  # acts on an existing run
         run_id = parse_address(run_id, store, step="forbidden").run
-        status = prepare_resume(store, run_id, retry_failed=retry_failed)
+        status = prepare_resume(store, run_id, retry_failed=retry_failed, budget_raises=budget_raises)
         if status in ("succeeded",) or (status in ("failed", "rolled_back") and not retry_failed):
             click.echo(f"run {run_id} already {status}" + ("" if status == "succeeded" else
                                                            "; use --retry-failed to re-run failed steps"),
@@ -560,12 +570,31 @@ def _print_status(st: dict[str, Any]) -> None:
         dur = _secs(s["duration_s"]) if s["duration_s"] is not None else ""
         worker = (s["worker"] or "")[-24:]
         click.echo(f"{indent}{s['step']:<40} {s['status']:<12} {dur:>7} {worker:<24} {'; '.join(extra)}".rstrip())
+    for line in _spend_lines(st.get("budget")):
+        click.echo(line)
     failed = [s for s in st["steps"] if s["status"] == "failed" and not s.get("children")]
     if failed:
         click.echo("")
     for s in failed:
         for line in _failure_lines(s):
             click.echo(line)
+
+
+def _spend_lines(b: dict[str, Any] | None) -> list[str]:
+    """Spend against the limits (``status``'s ``budget``): the run, then per agent and step."""
+    if not b or not (b["attempts"] or any(b["run"][k] is not None for k in ("limit_usd", "limit_tokens"))):
+        return []
+
+    def fmt(row: dict[str, Any]) -> str:
+        usd = f"${row['usd']:.4f}" + (f" of ${row['limit_usd']:.4f}" if row["limit_usd"] is not None else "")
+        tok = f"{row['tokens']:,} tokens" + (f" of {int(row['limit_tokens']):,}" if row["limit_tokens"] is not None
+                                              else "")
+        return f"{usd}, {tok}"
+
+    lines = ["", f"spend: {fmt(b['run'])}"]
+    lines += [f"  agent {name:<34} {fmt(row)}" for name, row in b["agents"].items()]
+    lines += [f"  step  {name:<34} {fmt(row)}" for name, row in b["steps"].items()]
+    return lines
 
 
 __all__ = ["Failed", "register"]

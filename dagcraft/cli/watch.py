@@ -14,7 +14,7 @@ from rich.text import Text
 
 from dagcraft.cli.progress import STYLE
 
-FINISHED = ("succeeded", "failed", "cancelled", "rolled_back")
+FINISHED = ("succeeded", "failed", "cancelled", "rolled_back", "budget_exceeded")
 
 
 def _dur(seconds: float | None) -> str:

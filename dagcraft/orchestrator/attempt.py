@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from dagcraft.errors import Conflict, DagcraftError, Fenced, InvalidInput, StoreUnavailable
-from dagcraft.orchestrator import context, layout, transitions, worktree
+from dagcraft.orchestrator import budget, context, layout, transitions, worktree
 from dagcraft.orchestrator.model import (
     CHECK_OUTPUT_BYTES,
     STDERR_TAIL_BYTES,
@@ -312,6 +312,17 @@ class Attempt:
         #: the attempt's git worktree (``worktree:`` steps), removed in _finish
         self.worktree: worktree.Worktree | None = None
         self._log_sizes: dict[str, int] = {}
+        # budgets (agent run attempts only): this attempt's live spend, the rest of the run's
+        # spend as last read from the ledger, the limits raised by `resume --budget`, and the
+        # limit that stopped the agent (None: none did)
+        self._metered = self.kind is AttemptKind.RUN and work.step.agent is not None
+        self._spend = budget.Spend(step=work.step.id, attempt=self.n, agent=work.step.agent, worker=cfg.worker_id)
+        self._spend_written: budget.Spend | None = None
+        self._others = budget.Totals()
+        self._raised: dict[str, float] = {}
+        self._limited = False
+        self._budget_hit: str | None = None
+        self._spend_lock = threading.Lock()
 
     @property
     def label(self) -> str:
@@ -351,6 +362,8 @@ class Attempt:
         interval = log_snapshot_interval(self.store)
         while not self._stop_hb.wait(interval):
             self._snapshot_logs()
+            if self._metered:
+                self._sync_spend()
 
     def _snapshot_logs(self) -> None:
         """Upload each log that grew since its last upload: one PUT per grown log, none when
@@ -367,6 +380,65 @@ class Attempt:
                     self.store.put_file(f"{self._prefix}/{name}", p)
                 except DagcraftError:
                     pass
+
+    # -- budgets -----------------------------------------------------------------------------
+    def _read_budget(self) -> None:
+        """The limits raised by ``resume --budget`` (control.json) and the rest of the run's
+        spend; whether any limit applies to this step at all."""
+        got = self.store.get(layout.control(self.w.run_id))
+        if got is not None:
+            try:
+                self._raised = dict(json.loads(got[0]).get("budget") or {})
+            except (ValueError, AttributeError):
+                self._raised = {}
+        step = self.w.step
+        scopes = [("run", None), ("agent", step.agent), ("step", step.id)]
+        self._limited = any(budget.limit(self.w.wf, self._raised, sc, name, m, step) is not None
+                            for sc, name in scopes for m in budget.METRICS)
+        if self._limited:
+            self._others = budget.totals(budget.ledger(self.store, self.w.run_id), skip=(step.id, self.n))
+
+    def _on_usage(self, usage: dict[str, Any]) -> bool:
+        """Called by the traced exec as the agent's usage grows: True stops the agent (its
+        process group is killed at once) when run, agent or step spend reaches a limit."""
+        agent = self.w.wf.agents.get(self.w.step.agent or "")
+        tin, tout, cost, source = budget.spend_of(usage, agent)
+        with self._spend_lock:
+            self._spend = self._spend.model_copy(update={"tokens_in": tin, "tokens_out": tout, "cost_usd": cost,
+                                                         "cost_from": source})
+            spend, others = self._spend, self._others
+        if not self._limited:
+            return False
+        hit = budget.exceeded(self.w.wf, self._raised, budget.add(others, spend), self.w.step)
+        if hit is None:
+            return False
+        self._budget_hit = hit
+        if self.trace is not None:
+            self.trace.append("x.dagcraft.budget_exceeded", {"step": self.w.step.id, "attempt": self.n,
+                                                             "reason": hit, "cost_usd": spend.cost_usd,
+                                                             "tokens": spend.tokens})
+        return True
+
+    def _sync_spend(self, *, final: bool = False) -> None:
+        """Write this attempt's spend when it changed (its own key), and re-read the rest of
+        the run's (other attempts, other hosts) while a limit applies. Best effort while
+        running; the final write rides out an outage like the commit."""
+        with self._spend_lock:
+            spend = self._spend.model_copy(update={"final": final, "updated_at": self.store.now()})
+        try:
+            if final or self._spend_written is None or \
+                    spend.model_dump(exclude={"updated_at"}) != self._spend_written.model_dump(exclude={"updated_at"}):
+                if final:
+                    self.cfg.persist.call(lambda: budget.record(self.store, self.w.run_id, spend), what="record spend")
+                else:
+                    budget.record(self.store, self.w.run_id, spend)
+                self._spend_written = spend
+            if self._limited and not final:
+                others = budget.totals(budget.ledger(self.store, self.w.run_id), skip=(spend.step, spend.attempt))
+                with self._spend_lock:
+                    self._others = others
+        except DagcraftError as exc:
+            log.warning("%s/%s: spend not recorded: %s", self.w.run_id, self.label, exc)
 
     def _lose(self, why: str) -> None:
         if self.trace is not None:
@@ -465,6 +537,15 @@ class Attempt:
             hit = self._cache_lookup(cache_key)
             if hit is not None:
                 return hit
+        if self._metered:
+            # no agent call starts once a limit that applies to it is reached, on any host
+            self._read_budget()
+            reached = budget.exceeded(self.w.wf, self._raised, self._others, step) if self._limited else None
+            if reached is not None:
+                self.trace.append("x.dagcraft.budget_exceeded", {"step": step.id, "attempt": self.n,
+                                                                 "reason": reached, "started": False})
+                return Outcome(AttemptStatus.FAILED, reason=f"not started: {reached}",
+                               kind=ReasonKind.BUDGET_EXCEEDED)
         outcome = self._exec(cmd, workdir)
         if outcome.status is AttemptStatus.SUCCEEDED and self.kind is AttemptKind.RUN and step.check is not None:
             outcome = self._check(ctx, workdir, outcome)
@@ -548,11 +629,17 @@ class Attempt:
         if self.kind is AttemptKind.ROLLBACK:
             env["DAGCRAFT_ROLLBACK"] = "1"
         logs = (self.dir / f"{log_prefix}stdout.log", self.dir / f"{log_prefix}stderr.log")
+        metered = self._metered and not log_prefix
         res = traced_exec(cmd.argv, writer=self.trace, env=env, cwd=workdir, stdout_log=logs[0],
                           stderr_log=logs[1], timeout=step.timeout_s, adapter=cmd.adapter,
-                          echo=self.cfg.echo, cancel=self.cancel, grace=self.cfg.grace)
+                          echo=self.cfg.echo, cancel=self.cancel, grace=self.cfg.grace,
+                          on_usage=self._on_usage if metered else None)
         base: dict[str, Any] = {"exit_code": res.exit_code, "signal": res.signal, "timed_out": res.timed_out,
                                 "logs": logs}
+        if metered and self._budget_hit is not None:
+            # stopped on a limit: failed for good (retrying would spend more); resumable with a
+            # raised limit (`resume --budget`)
+            return Outcome(AttemptStatus.FAILED, reason=self._budget_hit, kind=ReasonKind.BUDGET_EXCEEDED, **base)
         if res.cancelled or self.cancel.is_set():
             why = self.cancel_reason or AttemptStatus.CANCELLED
             kind = {AttemptStatus.LOST: ReasonKind.LOST_WORKER,
@@ -767,6 +854,9 @@ class Attempt:
         assert self.trace is not None
         step = self.w.step
         committed: StepState | None = None
+        if self._metered:
+            # final before the commit: once the step shows ended, its spend is in the ledger
+            self._sync_spend(final=True)
         if outcome.status is not AttemptStatus.LOST:
             transition, status, retry_in = self._decide(outcome)
             self._close_trace(outcome, str(status), retry_in)

@@ -8,6 +8,7 @@ runs/<run>/journal/<ulid>~<step|@control>         append-only change notificatio
 runs/<run>/steps/<step>/state.json                step state, changed only by CAS (StepState)
 runs/<run>/steps/<step>/attempts/<n>/trace.jsonl  per-attempt trace (+ stdout.log, stderr.log)
 runs/<run>/steps/<step>/artifacts/<name>          artifact pointers (blobs in blobs/sha256/)
+runs/<run>/spend/<step>/<n>                       an attempt's spend (budget.Spend), written by its worker only
 runs/<run>/supervisor                             supervisor lease
 runs/<run>/semaphores/parallel/<i>                max_parallel slots
 shared/semaphores/agent-<name>/<i>                per-agent concurrency caps, across runs and hosts
@@ -81,6 +82,15 @@ def attempt_prefix(run_id: str, step_id: str, attempt: int | str) -> str:
 def step_scope(run_id: str, step_id: str) -> str:
     """Artifact scope of a step: pointers live at ``<scope>/artifacts/<name>``."""
     return step_prefix(run_id, step_id)
+
+
+def spend_prefix(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/spend/"
+
+
+def spend_entry(run_id: str, step_id: str, attempt: int) -> str:
+    """One run attempt's spend: one key per attempt, so it is counted once whoever reads it."""
+    return f"{spend_prefix(run_id)}{validate_segment(step_id, 'step id')}/{int(attempt)}"
 
 
 def supervisor(run_id: str) -> str:

@@ -71,10 +71,12 @@ class RunStatus(_Name):
     FAILED = "failed"
     CANCELLED = "cancelled"
     ROLLED_BACK = "rolled_back"
+    #: a step stopped on a budget limit (exit 6); ``resume --budget`` raises it and continues
+    BUDGET_EXCEEDED = "budget_exceeded"
 
 
 RUN_FINISHED: frozenset[RunStatus] = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED,
-                                                RunStatus.ROLLED_BACK})
+                                                RunStatus.ROLLED_BACK, RunStatus.BUDGET_EXCEEDED})
 
 
 class AttemptKind(_Name):
@@ -116,6 +118,7 @@ class ReasonKind(_Name):
     CHECK_FAILED = "check_failed"  # its command exited 0, its `check:` did not
     REJECTED = "rejected"  # its approval gate was rejected (by a person, or by its timeout)
     MAX_ITERATIONS = "max_iterations"  # a loop reached max_iterations with `until` false (on_max: fail)
+    BUDGET_EXCEEDED = "budget_exceeded"  # a run, agent or step budget limit was reached
 
     @property
     def words(self) -> str:
@@ -172,6 +175,9 @@ class Control(BaseModel):
     generation: int = 0
     #: set by the transition that finishes the run
     seal: RunSeal | None = None
+    #: budget limits raised by ``resume --budget`` (key as in ``budget.parse_raise``: ``usd``,
+    #: ``agent.coder.tokens``, ``step.implement.usd`` …); each overrides the spec's limit
+    budget: dict[str, float] = Field(default_factory=dict)
 
 
 class AttemptInfo(BaseModel):

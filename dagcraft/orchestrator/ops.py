@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dagcraft.errors import Conflict, CorruptRecord, DagcraftError, InvalidInput, NotFound
-from dagcraft.orchestrator import layout, registry, transitions
+from dagcraft.orchestrator import budget, layout, registry, transitions
 from dagcraft.orchestrator.model import (
     RUN_FINISHED,
     TERMINAL,
@@ -23,6 +23,7 @@ from dagcraft.orchestrator.model import (
     AttemptStatus,
     Control,
     CorruptNote,
+    ReasonKind,
     RunRecord,
     RunStatus,
     StepState,
@@ -35,11 +36,12 @@ from dagcraft.orchestrator.model import (
 )
 from dagcraft.orchestrator.submission import identity
 from dagcraft.orchestrator.supervisor import Supervisor
-from dagcraft.orchestrator.view import LocalView
+from dagcraft.orchestrator.view import LocalView, workflow_of
 from dagcraft.primitives.local import LocalStore
 from dagcraft.primitives.persist import ONCE
 from dagcraft.primitives.store import Store
 from dagcraft.primitives.ulid import new_ulid
+from dagcraft.workflows import ConcreteStep
 
 
 def read_record(store: Store, run_id: str) -> RunRecord:
@@ -172,9 +174,26 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
             "duration_s": None if timing.duration_s is None else round(timing.duration_s, 3),
             "timing": timing.model_dump(mode="json"), "generation": ctl.generation,
             "spec_hash": rec.spec_hash, "params": rec.params, "counts": counts, "steps": steps,
+            "budget": spend_summary(store, rec, ctl, states),
             # approval gates waiting for `dagcraft approve|reject` (a run left only with these
             # reads as stalled once its workers exited: it waits for a person, then `resume`)
             "waiting_approval": [s["step"] for s in steps if s["status"] == StepStatus.WAITING_APPROVAL]}
+
+
+def spend_summary(store: Store, rec: RunRecord, ctl: Control, states: dict[str, StepState]) -> dict[str, Any] | None:
+    """Spend per run, agent and step against the limits in force (``budget.summary``), from
+    the ledger; None for a workflow without agents (nothing can spend: no request made)."""
+    wf = workflow_of(rec, store.url, with_secrets=False)
+    if not wf.agents:
+        return None
+    steps = dict(wf.steps)
+    for sid, st in states.items():
+        if st.definition is not None and sid not in steps:
+            try:
+                steps[sid] = ConcreteStep.model_validate(st.definition)
+            except ValueError:
+                continue  # reported by the workers that read it; a summary row without limits
+    return budget.summary(wf, ctl.budget, budget.ledger(store, rec.run_id), steps)
 
 
 #: what ``list_runs`` reports as the status of a run whose records cannot be read. Never
@@ -327,11 +346,16 @@ def _finish_cancel(view: LocalView, wait_s: float) -> str:
         sup.release()
 
 
-def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False) -> str:
+def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False,
+                   budget_raises: Sequence[str] = ()) -> str:
     """Make an interrupted run continuable. Succeeded steps are never reset. With
     ``retry_failed``, failed steps and the steps skipped or cancelled because of them go back
-    to pending. Returns the run status afterwards."""
+    to pending. A run that ended ``budget_exceeded`` resumes its budget-stopped steps (and the
+    steps skipped or cancelled after them); ``budget_raises`` (``KEY=VALUE``, see
+    ``budget.parse_raise``; all checked before anything is written) raise limits in control.json,
+    by the CAS that reopens the run. Returns the run status afterwards."""
     view = LocalView(store, run_id, detail=True, persist=ONCE)
+    raised = dict(budget.parse_raise(text, view.wf) for text in budget_raises)
     _clear_corrupt(view)
     status = view.control.status
     resettable = {StepStatus.CANCELLED} | ({StepStatus.FAILED} if retry_failed else set())
@@ -341,7 +365,10 @@ def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False) -> 
         if status in ("failed", "rolled_back") and not retry_failed:
             return status
         reset = [s for s in view.all_ids() if view.status(s) in resettable and not view.state(s).parent]
-        if retry_failed:
+        if status == RunStatus.BUDGET_EXCEEDED:
+            reset += [s for s in view.all_ids() if view.status(s) == StepStatus.FAILED and not view.state(s).parent
+                      and s not in reset and _budget_stopped(view, s)]
+        if retry_failed or status == RunStatus.BUDGET_EXCEEDED:
             reset += [s for s in view.all_ids() if view.status(s) in (StepStatus.SKIPPED, StepStatus.CANCELLED)
                       and not view.state(s).parent and s not in reset]
         for sid in reset:
@@ -350,9 +377,11 @@ def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False) -> 
                 _reset_loop_from(view, resumed_at, "reset by resume")
             else:
                 transitions.reset(view, sid, "reset by resume")
-        transitions.reopen(view, "resumed")
+        transitions.reopen(view, "resumed", raised)
         _reindex(store, run_id)
     else:
+        if raised:
+            transitions.reopen(view, "budget raised", raised)
         _reindex(store, run_id)
     return view.control.status
 
@@ -370,6 +399,13 @@ def _loop_resume_point(view: LocalView, sid: str) -> str | None:
                 st.status == StepStatus.SKIPPED and (st.reason or "").startswith("not started"))):
             return c
     return None
+
+
+def _budget_stopped(view: LocalView, sid: str) -> bool:
+    """The step (or one of its foreach children) failed on a budget limit."""
+    st = view.state(sid)
+    return st.reason_kind == ReasonKind.BUDGET_EXCEEDED or any(
+        view.state(c).reason_kind == ReasonKind.BUDGET_EXCEEDED for c in st.children if c in view.states)
 
 
 def _clear_corrupt(view: LocalView) -> None:

@@ -29,6 +29,7 @@ from dagcraft.orchestrator.ops import (
     read_control,
     read_record,
     run_status,
+    spend_summary,
     step_span,
 )
 from dagcraft.orchestrator.view import workflow_of
@@ -148,7 +149,8 @@ def report_view(store: Store, run_id: str) -> Any:
                    duration_ms=None if timing.duration_s is None else int(timing.duration_s * 1000),
                    queued_ms=None if timing.queued_s is None else int(timing.queued_s * 1000),
                    dag_svg=to_svg(workflow_of(rec, store.url, with_secrets=False),
-                                  {sid: str(st.status) for sid, st in states.items()}))
+                                  {sid: str(st.status) for sid, st in states.items()}),
+                   budget=spend_summary(store, rec, ctl, states))
 
 
 def write_report(store: Store, run_id: str, out: Path | None = None) -> Path:

@@ -157,6 +157,13 @@ class Supervisor:
         if not view.finished():
             return
         failed = view.ids(view.failed_ids)
+        if failed:
+            # a budget stop is resumable with a raised limit: its own status (exit 6)
+            view.ensure_fresh(failed)
+            stopped = [s for s in failed if view.state(s).reason_kind == ReasonKind.BUDGET_EXCEEDED]
+            if stopped:
+                self._finish(RunStatus.BUDGET_EXCEEDED, f"step {stopped[0]!r}: {view.state(stopped[0]).reason}")
+                return
         if not failed:
             self._finish(RunStatus.SUCCEEDED, None)
             return

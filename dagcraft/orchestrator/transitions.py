@@ -624,12 +624,20 @@ def _seal(view: LocalView, status: RunStatus, signer: Signer | None) -> RunSeal:
     return RunSeal(digest=d, steps=len(states), key_id=signer.key_id, signature=signer.sign(d))
 
 
-def reopen(view: LocalView, reason: str) -> None:
-    """finished → running, bumping the generation (resume, retry --from)."""
+def reopen(view: LocalView, reason: str, budget: dict[str, float] | None = None) -> None:
+    """finished → running, bumping the generation (resume, retry --from); ``budget``: limits
+    raised by ``resume --budget``, merged into control's by the same CAS (so its journal entry
+    announces them)."""
     for _ in range(5):
-        if view.control.status == RunStatus.RUNNING:
+        if view.control.status == RunStatus.RUNNING and not budget:
             return
         ctl = view.control.model_copy()
+        if budget:
+            ctl.budget = {**ctl.budget, **budget}
+            if ctl.status == RunStatus.RUNNING:  # only the limits change
+                if _write_control(view, dump(ctl), ctl):
+                    return
+                continue
         ctl.generation += 1
         ctl.status = RunStatus.RUNNING
         ctl.reason = reason

@@ -36,6 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from dagcraft.errors import (
+    EXIT_BUDGET,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -295,6 +296,8 @@ class Worker:
             return EXIT_FAILED
         if status is None:
             return EXIT_OK if self.waiting_for_approval(self.only_run) else EXIT_INTERRUPTED
+        if status == RunStatus.BUDGET_EXCEEDED:
+            return EXIT_BUDGET
         return EXIT_OK if status == RunStatus.SUCCEEDED else EXIT_FAILED
 
     def run(self) -> int:

@@ -257,12 +257,17 @@ def _killpg(pgid: int, sig: int) -> None:
 def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | None = None,
                 cwd: Path | None = None, stdout_log: Path, stderr_log: Path, timeout: float | None = None,
                 adapter: str = "generic", echo: bool = False, cancel: threading.Event | None = None,
-                grace: float = 5.0) -> ExecResult:
+                grace: float = 5.0, on_usage: Callable[[dict[str, Any]], bool] | None = None) -> ExecResult:
     """Run ``argv`` (exec'd directly; wrap shell strings as ``["sh", "-c", s]``) under the trace.
 
     ``env`` is the child's complete environment (None inherits ours). Returns when the child has
     exited and its output is fully logged. Spawn failures return exit code 127 (not found) or
     126 (not executable) with ``error`` set, mirroring a shell. See the module docstring.
+
+    ``on_usage`` is called (on the stdout reader thread) with the adapter's running usage after
+    every stdout line that changed it; when it returns True the child's whole process group is
+    SIGKILLed at once — no grace: what is over a limit must not go on spending — and the
+    result is ``cancelled`` (a ``step.cancelled`` event with ``reason: "usage limit"``).
     """
     if not argv or not all(isinstance(a, str) for a in argv):
         raise InvalidInput(f"traced_exec needs a non-empty list of strings, got {argv!r}")
@@ -310,8 +315,18 @@ def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | N
             except Exception:  # a trace write problem must not stop the output pump
                 pass
 
+    stopped = threading.Event()  # on_usage asked for the stop
+
+    def on_line(line: bytes) -> None:
+        before_usage = dict(ad.usage)
+        emit(ad.feed(line))
+        if on_usage is not None and not stopped.is_set() and ad.usage != before_usage and on_usage(dict(ad.usage)):
+            stopped.set()
+            _killpg(pgid, _signal.SIGKILL)
+            emit([("step.cancelled", {"pid": proc.pid, "grace_s": 0, "reason": "usage limit"})])
+
     out_pump = _Pump(proc.stdout, stdout_log, redactor, sys.stdout.buffer if echo else None,
-                     lambda line: emit(ad.feed(line)), lambda n, head: emit(ad.feed_overlong(n, head)))
+                     on_line, lambda n, head: emit(ad.feed_overlong(n, head)))
     err_pump = _Pump(proc.stderr, stderr_log, redactor, sys.stderr.buffer if echo else None, None, None)
     out_pump.start()
     err_pump.start()
@@ -370,6 +385,7 @@ def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | N
     finally:
         for s, h in old_handlers.items():
             _signal.signal(s, h)
+    cancelled = cancelled or stopped.is_set()
     duration_ms = int((time.monotonic() - t0) * 1000)
     until = time.monotonic() + STRAGGLER_WAIT
     for pump in (out_pump, err_pump):

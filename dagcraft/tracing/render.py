@@ -80,6 +80,9 @@ class RunView(BaseModel):
     #: DAG picture slot: inline SVG markup (``workflows.graph_render.to_svg``, trusted: built by
     #: dagcraft, node labels escaped there) shown above the timeline; None: no picture
     dag_svg: str | None = None
+    #: spend against the limits (``orchestrator.budget.summary``: run, agents, steps), from the
+    #: store's ledger; None: no ledger (a trace file rendered on its own)
+    budget: dict[str, Any] | None = None
 
 
 _env: Environment | None = None
@@ -169,11 +172,40 @@ def _spend(view: RunView) -> list[dict[str, Any]]:
             row["models"].update(summ["models"])
             if summ["cost_usd"] is not None:
                 row["cost"] = (row["cost"] or 0.0) + summ["cost_usd"]
+    # the ledger, when there is one, is the spend: it has what price tables computed and what
+    # lost attempts spent, which no trace holds; the traces still give calls and models
+    ledger = (view.budget or {}).get("agents", {})
+    for name, b in ledger.items():
+        if not (b["usd"] or b["tokens"] or b["limit_usd"] is not None or b["limit_tokens"] is not None):
+            continue
+        row = rows.setdefault(name, {"agent": name, "steps": set(), "attempts": 0, "calls": 0, "tokens_in": 0,
+                                     "tokens_out": 0, "cost": None, "models": set()})
+        row["cost"] = b["usd"]
+        row["limit"] = _limits(b)
     out = []
     for row in sorted(rows.values(), key=lambda r: (-(r["cost"] or 0.0), -r["tokens_in"] - r["tokens_out"])):
-        out.append({**row, "steps": len(row["steps"]), "models": ", ".join(sorted(row["models"])) or "—",
+        out.append({"limit": "—", **row, "steps": len(row["steps"]), "models": ", ".join(sorted(row["models"])) or "—",
                     "cost": "—" if row["cost"] is None else f"${row['cost']:.4f}"})
     return out
+
+
+def _limits(b: dict[str, Any]) -> str:
+    """A budget row's limits in words (``$5.0000 · 200,000 tokens``), or ``—``."""
+    parts = ([f"${b['limit_usd']:.4f}"] if b.get("limit_usd") is not None else []) + \
+        ([f"{int(b['limit_tokens']):,} tokens"] if b.get("limit_tokens") is not None else [])
+    return " · ".join(parts) or "—"
+
+
+def _step_spend(view: RunView) -> list[dict[str, Any]]:
+    """Spend per step against its limits, from the ledger (every attempt, each instance on its
+    own), with the run's total first."""
+    if not view.budget or not (view.budget.get("attempts") or _limits(view.budget["run"]) != "—"):
+        return []
+    rows = [{"step": "(run)", "usd": f"${view.budget['run']['usd']:.4f}", "tokens": view.budget["run"]["tokens"],
+             "limit": _limits(view.budget["run"])}]
+    for sid, b in view.budget.get("steps", {}).items():
+        rows.append({"step": sid, "usd": f"${b['usd']:.4f}", "tokens": b["tokens"], "limit": _limits(b)})
+    return rows
 
 
 def render_run_html(view: RunView) -> str:
@@ -268,7 +300,7 @@ def render_run_html(view: RunView) -> str:
              ("finished", fmt_time(view.finished_ms))]
     ctx = {"title": f"{view.name} · {view.run_id}", "heading": view.name, "subtitle": f"run {view.run_id}",
            "status": view.status, "status_cls": status_class(view.status), "run_reason": view.reason,
-           "times": times, "cards": cards, "failures": failed_steps, "spend": _spend(view),
+           "times": times, "cards": cards, "failures": failed_steps, "spend": _spend(view), "step_spend": _step_spend(view),
            "dag_svg": view.dag_svg,
            "gantt": {"rows": rows, "ticks": _ticks(t0, span),
                      "queued": fmt_dur(queued) if queued else None} if rows else None,

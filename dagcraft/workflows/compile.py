@@ -110,7 +110,7 @@ def spec_hash_of(wf: CompiledWorkflow) -> str:
     """sha256 of the canonical JSON (sorted keys) of ``wf`` without hash/location fields."""
     data = wf.model_dump(mode="json", exclude={"spec_hash", "spec_dir", "source"})
     for step in data["steps"].values():
-        for name in ("loop", "iteration"):  # unset: hashed as before loops existed
+        for name in ("loop", "iteration", "budget"):  # unset: hashed as before these existed
             if step.get(name) is None:
                 step.pop(name, None)
     for name in wf.secret_params:
@@ -748,6 +748,7 @@ class _Compiler:
             tags=list(s.tags),
             is_finally=fin,
             approval=s.approval,
+            budget=s.budget,
         )
 
     def loop_def(self, path: tuple, s: StepSpec, fin: bool) -> LoopDef:
@@ -817,6 +818,7 @@ class _Compiler:
             agents=self.spec.agents,
             on_failure=self.spec.on_failure,
             max_parallel=self.spec.max_parallel,
+            budget=self.spec.budget,
             steps=steps,
             spec_dir=self.spec._spec_dir,
             source=self.source,

@@ -251,6 +251,22 @@ class RetrySpec(_Model):
         return v
 
 
+class BudgetSpec(_Model):
+    """``budget:`` limits (run, agent or step); every field optional. ``tokens`` counts
+    tokens_in + tokens_out. Enforced by ``orchestrator.budget`` (docs/spec.md "Budgets")."""
+
+    usd: float | None = Field(None, ge=0)
+    tokens: int | None = Field(None, ge=0)
+
+
+class PricesSpec(_Model):
+    """An agent's ``prices:`` in USD per million tokens: its cost when its CLI reports tokens
+    but no cost (and its running cost until the CLI reports one)."""
+
+    input_per_mtok: float = Field(0.0, ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+
+
 class AgentDef(_Model):
     """A named agent CLI. ``command`` items are templates; ``${{ prompt }}`` is the step's prompt."""
 
@@ -258,6 +274,9 @@ class AgentDef(_Model):
     adapter: Literal["claude", "codex", "generic"] = "generic"
     env: EnvMap = {}
     max_concurrent: int | None = Field(None, ge=1)
+    #: limits summed over every attempt of every step using this agent in the run
+    budget: BudgetSpec | None = None
+    prices: PricesSpec | None = None
 
 
 class OutputsSpec(_Model):
@@ -377,6 +396,8 @@ class StepSpec(_Model):
     approval: ApprovalSpec | None = None
     #: a bounded loop: this step is a group of body steps run again until ``until`` holds
     loop: LoopSpec | None = None
+    #: limits summed over all attempts of this step (each matrix/foreach instance on its own)
+    budget: BudgetSpec | None = None
 
     @field_validator("id")
     @classmethod
@@ -487,6 +508,8 @@ class Spec(_Model):
     finally_: list[StepSpec] = Field([], alias="finally")
     on_failure: Literal["stop", "rollback", "continue"] = "stop"
     max_parallel: int | None = Field(None, ge=1)
+    #: run-level limits, summed over every attempt of the run
+    budget: BudgetSpec | None = None
 
     # Filled by the loader: path tuple -> (line, col) of the value, and of the mapping key.
     _positions: dict[tuple, tuple[int, int]] = PrivateAttr(default_factory=dict)
@@ -560,6 +583,7 @@ class ConcreteStep(_Model):
     loop: LoopDef | None = None
     #: a loop body step instance: the iteration it belongs to (1-based)
     iteration: int | None = None
+    budget: BudgetSpec | None = None
 
     @property
     def compensates(self) -> bool:
@@ -594,6 +618,7 @@ class CompiledWorkflow(_Model):
     agents: dict[str, AgentDef] = {}
     on_failure: Literal["stop", "rollback", "continue"] = "stop"
     max_parallel: int | None = None
+    budget: BudgetSpec | None = None
     steps: dict[str, ConcreteStep] = {}
     # Not part of the hash: where the spec file lives (``run.spec_dir``) and how to name it.
     spec_dir: str | None = None

@@ -29,6 +29,15 @@ Modes (``$FAKE_AGENT_MODE``): ``ok`` (default); ``fail`` (error result, exit 1);
 until killed); ``flaky`` (on attempt 1, i.e. ``$DAGCRAFT_ATTEMPT`` unset or ``1``: "rate limit"
 on stderr and exit 75; later attempts succeed); ``ratelimit`` (always exit 75, "rate limit").
 ``$FAKE_AGENT_DELAY`` seconds of simulated work (default 0.02).
+``spend`` keeps spending until killed: an assistant message with usage
+(``$FAKE_AGENT_TOKENS_IN`` / ``$FAKE_AGENT_TOKENS_OUT`` tokens, default 1000 / 500) every
+``$FAKE_AGENT_TICK`` seconds (default 0.1), and no cost (the agent's ``prices`` give one);
+with ``$FAKE_AGENT_ROUNDS`` set it succeeds after that many messages (a result without cost);
+with ``$FAKE_AGENT_SPEND_LOG`` set, its pid first and then one line per message
+(``<CLOCK_MONOTONIC time> <tokens so far>``) are appended there, so a test can tell when a
+limit was crossed and when the process died.
+With ``--output-format json`` the output is Codex-style (``codex exec --json``: thread, turn
+and item events, usage tokens in ``turn.completed``, no cost).
 """
 
 from __future__ import annotations
@@ -85,6 +94,58 @@ def usage(prompt: str, text: str) -> dict:
     }
 
 
+def spend_forever(session_id: str, model: str, fmt: str) -> int:
+    tin = int(os.environ.get("FAKE_AGENT_TOKENS_IN", "1000"))
+    tout = int(os.environ.get("FAKE_AGENT_TOKENS_OUT", "500"))
+    tick = float(os.environ.get("FAKE_AGENT_TICK", "0.1"))
+    log_path = os.environ.get("FAKE_AGENT_SPEND_LOG")
+    if log_path:
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"pid {os.getpid()}\n")
+    rounds = int(os.environ.get("FAKE_AGENT_ROUNDS", "0") or 0)
+    n = 0
+    while not rounds or n < rounds:  # until a budget (or a timeout, or cancel) kills our process group
+        n += 1
+        u = {"input_tokens": tin, "output_tokens": tout}
+        if fmt == "json":
+            line = {"type": "turn.completed", "usage": u}
+        else:
+            line = {"type": "assistant", "session_id": session_id, "message": {
+                "id": f"msg_spend{n:06d}", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": f"thinking, round {n}"}], "stop_reason": None, "usage": u}}
+        if log_path:  # logged before it is printed: the log's time is never after the crossing
+            with open(log_path, "a", encoding="utf-8") as fh:
+                fh.write(f"{time.monotonic():.6f} {n * (tin + tout)}\n")
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+        time.sleep(tick)
+    if fmt != "json":
+        emit({"type": "result", "subtype": "success", "is_error": False, "session_id": session_id,
+              "num_turns": n, "result": f"spent {n} rounds"}, fmt)
+    out_file = os.environ.get("DAGCRAFT_OUTPUT")
+    if out_file:
+        with open(out_file, "w", encoding="utf-8") as fh:
+            json.dump({"summary": f"spent {n} rounds", "session_id": session_id}, fh)
+    return 0
+
+
+def codex_style(prompt: str, session_id: str) -> int:
+    """``codex exec --json``-shaped events: tokens per turn, never a cost."""
+    text = f"Done: {prompt[:80]}"
+    u = usage(prompt, text)
+    for line in ({"type": "thread.started", "thread_id": session_id}, {"type": "turn.started"},
+                 {"type": "item.completed", "item": {"id": "item_0", "type": "agent_message", "text": text}},
+                 {"type": "turn.completed", "usage": {"input_tokens": u["input_tokens"], "cached_input_tokens": 0,
+                                                      "output_tokens": u["output_tokens"]}}):
+        sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
+    out_file = os.environ.get("DAGCRAFT_OUTPUT")
+    if out_file:
+        with open(out_file, "w", encoding="utf-8") as fh:
+            json.dump({"summary": text, "session_id": session_id}, fh)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fake_agent", description="Fake coding agent for dagcraft examples.")
     ap.add_argument("-p", "--print", dest="prompt", required=True, help="the prompt")
@@ -102,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     emit({"type": "system", "subtype": "init", "session_id": session_id, "model": args.model, "cwd": cwd,
           "tools": ["Read", "Write", "Bash"], "permissionMode": "default"}, fmt)
 
+    if mode == "spend":
+        return spend_forever(session_id, args.model, fmt)
+    if fmt == "json":
+        return codex_style(prompt, session_id)
     if mode == "hang":
         while True:  # until the orchestrator's timeout or cancel kills our process group
             time.sleep(3600)
