@@ -97,9 +97,9 @@ _cache_lock = threading.Lock()
 
 
 def _remedy(store: Store) -> str:
-    return (f"this server cannot coordinate dagcraft workers; use a store that supports S3 conditional "
-            f"writes (AWS S3, MinIO, Ceph RGW >= 18) or a local directory "
-            f"(probe again: dagcraft store check {store.url})")
+    return (f"dagcraft cannot coordinate workers on it; use a server that enforces S3 conditional "
+            f"writes (If-None-Match and If-Match on PUT, as AWS S3 and MinIO do) or a local directory, "
+            f"then probe again with: dagcraft store check {store.url}")
 
 
 def _raw(store: Store) -> Any:
@@ -226,7 +226,8 @@ def probe(store: Store) -> Capabilities:
     expect = sorted([k_cas, k_dir, k_pct])
     return Capabilities(create_if_absent=create_if_absent, if_match_quoted=quoted, if_match_unquoted=unquoted,
                         cas_refuses_stale=refuses_stale, if_match_missing_status=missing_status,
-                        multipart_create_if_absent=multipart, list_byte_order=listed == expect,
+                        multipart_create_if_absent=multipart,
+                        list_byte_order=[k for k in listed if k in expect] == expect,
                         start_after_exact=all(k > k_pct for k in after),
                         start_after_complete=set(expect[1:]) <= set(after),
                         conditional_delete=conditional_delete)

@@ -463,7 +463,8 @@ class S3Store:
                 st = int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 200))
             except bex.ClientError as exc:
                 if _code(exc) == "NoSuchBucket" or _code(exc) in _AUTH:
-                    return self._call(op, **args)  # raises the one-line StoreUnavailable
+                    self._call(op, **args)  # raises the one-line StoreUnavailable
+                    raise
                 st, resp = _status(exc) or 500, dict(exc.response)
             except (bex.BotoCoreError,) + _BODY_ERRORS as exc:
                 raise StoreUnavailable(f"{self.where}: {self._what(op, args)}: cannot reach endpoint "
