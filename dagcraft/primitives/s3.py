@@ -8,8 +8,13 @@ Imported lazily (boto3 costs ~150 ms to import): only ``s3://`` stores load this
 - Conditional writes: ``put(if_none_match=True)`` sends ``If-None-Match: *``,
   ``put(if_match=etag)`` sends ``If-Match``; HTTP 412 (PreconditionFailed), 409
   (ConditionalRequestConflict) and 404 on If-Match raise :class:`Conflict`. Atomicity is the
-  server's: S3 guarantees one winner among concurrent conditional writers (run
-  ``dagcraft store check`` to verify a backend enforces the conditions at all).
+  server's: S3 guarantees one winner among concurrent conditional writers.
+- Adapted to the bucket's probed capabilities (``apply_capabilities``, from
+  :mod:`dagcraft.primitives.capabilities`): ``If-Match`` unquoted where the quoted form is
+  refused (Ceph RGW); a create-if-absent ``put_file`` is one streamed PUT (up to 5 GiB) where
+  CompleteMultipartUpload ignores ``If-None-Match``; ``list`` always sorts and filters
+  ``start_after`` client side, and sends ``start_after``/``limit`` to the server only where it
+  lists in byte order (not SeaweedFS). Until a record is applied, AWS behaviour is assumed.
 - Transient errors (connection errors/resets, timeouts, 5xx, throttling) are retried with
   tenacity: exponential backoff with full jitter, at most ``attempts`` tries. botocore's own
   retries are disabled so every HTTP request is visible and counted in ``stats``. ``get``

@@ -132,7 +132,7 @@ def test_rgw_example_pipeline_runs(deviant, tmp_path):
 
 def _big_file(tmp_path: Path) -> Path:
     path = tmp_path / "big.bin"
-    path.write_bytes(b"x" * (6 << 20))  # two parts of a multipart upload (5 MiB minimum part)
+    path.write_bytes(b"x" * (6 << 20))  # over the 1 MiB threshold the tests set: a multipart upload
     return path
 
 
