@@ -270,3 +270,18 @@ def test_unreachable_store_is_store_unavailable(tmp_path):
     store = open_store(s3_url("nobucket", "p", endpoint="http://127.0.0.1:9"))
     with pytest.raises(StoreUnavailable):
         capabilities.require(store)
+
+
+def test_create_if_absent_beyond_one_put_is_refused_where_multipart_is_not_enforced(moto_store, tmp_path):
+    from dagcraft.errors import InvalidInput
+    from dagcraft.primitives.s3 import MAX_SINGLE_PUT
+
+    moto_store.apply_capabilities(capabilities.Capabilities.full().model_copy(
+        update={"multipart_create_if_absent": False}))
+    huge = tmp_path / "huge.bin"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_SINGLE_PUT + 1)  # sparse: nothing is read before the refusal
+    moto_store.stats.clear()
+    with pytest.raises(InvalidInput, match="5368709120 bytes"):
+        moto_store.put_file("huge", huge, if_none_match=True)
+    assert sum(moto_store.stats.values()) == 0
