@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import html
 import http.client
 import random
+import re
 import socket
 import socketserver
 import struct
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -646,3 +649,126 @@ class FaultProxy:
 
     def __repr__(self) -> str:
         return f"FaultProxy({self.url or 'stopped'} -> {self.upstream})"
+
+
+# --------------------------------------------------------------------------------------------
+# S3DeviantProxy: the real S3 servers' deviations from AWS, in front of the moto server
+# --------------------------------------------------------------------------------------------
+DEVIATIONS = ("refuse_quoted_if_match", "refuse_if_match", "multipart_ignores_if_none_match",
+              "tree_order_list", "loser_500", "no_conditionals")
+
+
+def _tree_key(key: str) -> list[str]:
+    """SeaweedFS's listing order: a directory walk, entries by name (``a/b`` before ``a%b/c``)."""
+    return key.split("/")
+
+
+class S3DeviantProxy(FaultProxy):
+    """A :class:`FaultProxy` whose upstream (the real moto server) behaves like a real-world
+    S3 server that deviates from AWS, per ``deviations`` (any of :data:`DEVIATIONS`):
+
+    - ``refuse_quoted_if_match`` (Ceph RGW): a PUT with a quoted ``If-Match`` is answered 412
+      without reaching the upstream; the unquoted form is forwarded (and enforced).
+    - ``refuse_if_match``: every PUT with ``If-Match`` is answered 412 (refuses valid writes).
+    - ``multipart_ignores_if_none_match`` (RGW): ``If-None-Match`` is stripped from
+      CompleteMultipartUpload (a second create overwrites) and its ETag comes back empty.
+    - ``tree_order_list`` (SeaweedFS): ListObjectsV2 returns keys in tree order and applies
+      ``start-after`` in that order (so it returns keys before it and skips some after it).
+    - ``loser_500`` (RGW): a fraction ``loser_500_rate`` of 412 answers to PUTs outside
+      ``_dagcraft/`` become HTTP 500 InternalError.
+    - ``no_conditionals``: ``If-None-Match`` and ``If-Match`` are stripped from every request
+      (a server without conditional writes; every write lands).
+
+    ``deviated`` counts each deviation applied.
+    """
+
+    def __init__(self, upstream: str, deviations: set[str] | frozenset[str] = frozenset(), seed: int = 0,
+                 loser_500_rate: float = 0.3) -> None:
+        super().__init__(upstream, seed)
+        unknown = set(deviations) - set(DEVIATIONS)
+        if unknown:
+            raise ValueError(f"unknown deviations {sorted(unknown)}; expected some of {DEVIATIONS}")
+        self.deviations = set(deviations)
+        self.loser_500_rate = loser_500_rate
+        self._dev_rng = random.Random(seed)
+        self.deviated: Counter[str] = Counter()
+
+    def _note(self, what: str) -> None:
+        with self._lock:
+            self.deviated[what] += 1
+
+    @staticmethod
+    def _error(status: int, code: str) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{code} '
+                f"(S3DeviantProxy)</Message><RequestId>deviant</RequestId></Error>").encode()
+        return status, code, [("Content-Type", "application/xml"), ("Date", email.utils.formatdate(usegmt=True)),
+                              ("Content-Length", str(len(body)))], body
+
+    def _drop_header(self, req: _Request, name: str) -> bool:
+        if req.headers.get(name) is None:
+            return False
+        del req.headers[name]
+        return True
+
+    def _forward(self, req: _Request) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        d = self.deviations
+        method = req.method.upper()
+        complete = method == "POST" and "uploadId=" in req.target
+        if method == "PUT" and req.headers.get("If-Match") is not None:
+            quoted = (req.headers.get("If-Match") or "").startswith('"')
+            if "refuse_if_match" in d or ("refuse_quoted_if_match" in d and quoted):
+                self._note("refused_if_match")
+                return self._error(412, "PreconditionFailed")
+        if "no_conditionals" in d:
+            if self._drop_header(req, "If-None-Match") | self._drop_header(req, "If-Match"):
+                self._note("no_conditionals")
+        if complete and "multipart_ignores_if_none_match" in d and self._drop_header(req, "If-None-Match"):
+            self._note("multipart_ignored")
+        listing = method == "GET" and "list-type=2" in req.target and "tree_order_list" in d
+        start_after: str | None = None
+        if listing:
+            path, _, query = req.target.partition("?")
+            params = [p for p in query.split("&") if p]
+            kept = []
+            for p in params:
+                if p.startswith("start-after="):
+                    start_after = urllib.parse.unquote(p.split("=", 1)[1])
+                else:
+                    kept.append(p)
+            req.target = path + "?" + "&".join(kept)
+        status, reason, headers, body = super()._forward(req)
+        if listing and status == 200:
+            body = self._tree_order(body, start_after)
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            headers.append(("Content-Length", str(len(body))))
+        if complete and status == 200 and "multipart_ignores_if_none_match" in d:
+            body = re.sub(rb"<ETag>[^<]*</ETag>", b"<ETag></ETag>", body)
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            headers.append(("Content-Length", str(len(body))))
+        if ("loser_500" in d and status == 412 and method == "PUT" and "_dagcraft/" not in req.target):
+            with self._lock:
+                hit = self._dev_rng.random() < self.loser_500_rate
+            if hit:
+                self._note("loser_500")
+                return self._error(500, "InternalError")
+        return status, reason, headers, body
+
+    def _tree_order(self, body: bytes, start_after: str | None) -> bytes:
+        items = re.findall(rb"<Contents>.*?</Contents>", body, flags=re.S)
+        if not items:
+            return body
+
+        def key_of(item: bytes) -> str:
+            m = re.search(rb"<Key>(.*?)</Key>", item, flags=re.S)
+            return html.unescape(m.group(1).decode()) if m else ""
+
+        ordered = sorted(items, key=lambda it: _tree_key(key_of(it)))
+        if start_after is not None:
+            ordered = [it for it in ordered if _tree_key(key_of(it)) > _tree_key(start_after)]
+        if [key_of(i) for i in ordered] != sorted(key_of(i) for i in items):
+            self._note("tree_order_list")
+        head = body[:body.index(items[0])]
+        tail = body[body.rindex(items[-1]) + len(items[-1]):]
+        tail = re.sub(rb"<KeyCount>\d+</KeyCount>", f"<KeyCount>{len(ordered)}</KeyCount>".encode(), tail)
+        head = re.sub(rb"<KeyCount>\d+</KeyCount>", f"<KeyCount>{len(ordered)}</KeyCount>".encode(), head)
+        return head + b"".join(ordered) + tail

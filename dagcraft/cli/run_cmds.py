@@ -30,14 +30,19 @@ SIGNING_HELP = ("Ed25519 private key (PEM) that signs the seal of the runs it fi
 STORE_HELP = "store URL: a directory or s3://bucket/prefix[?endpoint=URL] (default $DAGCRAFT_STORE, else .dagcraft)"
 
 
-def _store(url: str | None, *, create: bool = True) -> tuple[Any, str]:
+def _store(url: str | None, *, create: bool = True, coordinate: bool = False) -> tuple[Any, str]:
     """The store and its URL for children. ``create=False`` for read-only commands: a
-    mistyped path is "no store at PATH" (exit 4), never a new empty store."""
+    mistyped path is "no store at PATH" (exit 4), never a new empty store. ``coordinate``
+    (run, submit, worker): refuse, exit 5 with one line, a store whose probed capabilities
+    cannot give dagcraft's guarantees, before anything is written (else workers hang)."""
     from dagcraft.primitives import open_store
+    from dagcraft.primitives.capabilities import require
     from dagcraft.primitives.url import resolve_store_url
 
     resolved = resolve_store_url(url)
     store = open_store(resolved, create=create)
+    if coordinate:
+        require(store)
     # children (workers, steps) must reach the same store whatever their cwd
     root = getattr(store, "root", None)
     return store, (str(root) if root is not None else resolved)
@@ -211,7 +216,7 @@ def register(cli: click.Group) -> None:
         # a bad spec stops here: exit 2, nothing written
         wf = compile_with_secrets(spec, params, secret_files, secret_stdin)
         opts = _pool_opts(workers, lease_ttl, _secret_env(wf), keep_workdirs, signing_key)  # so does a bad key
-        store, url = _store(store_url)
+        store, url = _store(store_url, coordinate=True)
         rid = submit(store, wf, run_id=run_id, spec_dir=str(Path(spec).resolve().parent))
         click.echo(f"run {rid} submitted ({len(wf.steps)} steps) to {url}", err=as_json)
         _drive(as_json, store, url, rid, opts, report, no_report)
@@ -230,7 +235,7 @@ def register(cli: click.Group) -> None:
         from dagcraft.orchestrator import submit
 
         wf = compile_with_secrets(spec, params, secret_files, secret_stdin)
-        store, url = _store(store_url)
+        store, url = _store(store_url, coordinate=True)
         rid = submit(store, wf, run_id=run_id, spec_dir=str(Path(spec).resolve().parent))
         if as_json:
             echo_json({"run_id": rid, "name": wf.name, "steps": len(wf.steps), "store": url})
@@ -264,7 +269,7 @@ def register(cli: click.Group) -> None:
         signer = take_signer(signing_key)  # and out of the environment the steps inherit
         # the worker reads secrets from its environment (load_run); its steps never see them
         os.environ.update(secret_env(read_secret_options(secret_files, secret_stdin)))
-        store, url = _store(store_url)
+        store, url = _store(store_url, coordinate=True)
         if run_id is not None:
             run_id = resolve_run(store, run_id)
         cfg = WorkerConfig(store=store, store_url=url, worker_id=identity(), lease_ttl=lease_ttl, echo=echo,
@@ -405,7 +410,7 @@ def register(cli: click.Group) -> None:
         from dagcraft.tracing.seal import load_signer
 
         load_signer(signing_key)  # a bad key: exit 2, nothing reopened
-        store, url = _store(store_url, create=False)  # acts on an existing run
+        store, url = _store(store_url, create=False, coordinate=True)  # acts on an existing run
         run_id = parse_address(run_id, store, step="forbidden").run
         status = prepare_resume(store, run_id, retry_failed=retry_failed, budget_raises=budget_raises)
         if status in ("succeeded",) or (status in ("failed", "rolled_back") and not retry_failed):
@@ -438,7 +443,7 @@ def register(cli: click.Group) -> None:
         names the step as RUN/STEP, or RUN with --from STEP."""
         from dagcraft.orchestrator import retry_from
 
-        store, url = _store(store_url, create=False)  # acts on an existing run
+        store, url = _store(store_url, create=False, coordinate=True)  # acts on an existing run
         addr = parse_address(address, store)
         if addr.step and from_step and addr.step != from_step:
             raise InvalidInput(f"{addr.label()} and --from {from_step} name different steps")
@@ -505,7 +510,7 @@ def register(cli: click.Group) -> None:
         """Run the compensations of RUN's succeeded steps, in reverse order (RUN finished)."""
         from dagcraft.orchestrator import request_rollback
 
-        store, url = _store(store_url, create=False)  # acts on an existing run
+        store, url = _store(store_url, create=False, coordinate=True)  # acts on an existing run
         run_id = parse_address(run_id, store, step="forbidden").run
         opts = None if detach else _resume_opts(store, run_id, workers, lease_ttl, secret_files, secret_stdin)
         status = str(request_rollback(store, run_id))

@@ -1,37 +1,31 @@
-"""``check_store``: prove a backend enforces conditional writes (used by ``dagcraft store check``
-and before workers run). Requests: 4 PUT + 1 GET + 1 LIST + 1 DELETE on a probe key."""
+"""``check_store``: measure what a backend does (used by ``dagcraft store check``). Always probes
+afresh (:func:`~dagcraft.primitives.capabilities.probe`: a fixed number of requests on scratch
+keys) and records the result, so a fixed or upgraded server is re-measured on demand."""
 
 from __future__ import annotations
 
-from dagcraft.errors import Conflict
+from dagcraft.primitives import capabilities
 from dagcraft.primitives.store import Store
-from dagcraft.primitives.ulid import new_ulid
 
 
-def check_store(store: Store) -> list[str]:
-    """Return what the store fails to enforce (empty list = all good). Raises StoreUnavailable
-    when the store cannot be reached at all."""
-    key = f"_dagcraft/check/{new_ulid()}"
-    problems: list[str] = []
-    e1 = store.put(key, b"probe-1", if_none_match=True)
-    try:
-        store.put(key, b"probe-2", if_none_match=True)
-        problems.append("If-None-Match (a second create-if-absent succeeded)")
-    except Conflict:
-        pass
-    cur = store.get(key)
-    e_now = cur[1] if cur else e1
-    try:
-        store.put(key, b"probe-3", if_match="0" * 32 if e_now != "0" * 32 else "1" * 32)
-        problems.append("If-Match (a write with a stale etag succeeded)")
-    except Conflict:
-        pass
-    cur = store.get(key)
-    try:
-        store.put(key, b"probe-4", if_match=cur[1] if cur else e_now)
-    except Conflict:
-        problems.append("If-Match (a write with the current etag was refused)")
-    if key not in store.list("_dagcraft/check/"):
-        problems.append("list (a written key is not listed)")
-    store.delete(key)
-    return problems
+def check_store(store: Store) -> tuple[list[str], capabilities.Capabilities]:
+    """(the required guarantees the store lacks — empty: dagcraft can coordinate on it —, the
+    measured record). Raises StoreUnavailable when the store cannot be reached at all."""
+    caps = capabilities.load(store, reprobe=True)
+    return caps.missing(), caps
+
+
+def adaptations(caps: capabilities.Capabilities) -> list[str]:
+    """What dagcraft does differently on this store (empty on AWS S3 and local), one phrase each."""
+    out = []
+    if not caps.if_match_quoted and caps.if_match_unquoted:
+        out.append("sends If-Match unquoted (the server refuses the quoted form)")
+    if not caps.multipart_create_if_absent:
+        out.append("creates large objects with one conditional PUT (the server ignores If-None-Match on "
+                   "multipart uploads; limit 5 GiB)")
+    if not caps.list_server_side:
+        out.append("lists whole prefixes and sorts/cuts them itself (the server's LIST order or "
+                   "start_after is not byte order)")
+    elif not caps.start_after_exact:
+        out.append("filters start_after itself (the server returns keys before it)")
+    return out

@@ -8,8 +8,13 @@ Imported lazily (boto3 costs ~150 ms to import): only ``s3://`` stores load this
 - Conditional writes: ``put(if_none_match=True)`` sends ``If-None-Match: *``,
   ``put(if_match=etag)`` sends ``If-Match``; HTTP 412 (PreconditionFailed), 409
   (ConditionalRequestConflict) and 404 on If-Match raise :class:`Conflict`. Atomicity is the
-  server's: S3 guarantees one winner among concurrent conditional writers (run
-  ``dagcraft store check`` to verify a backend enforces the conditions at all).
+  server's: S3 guarantees one winner among concurrent conditional writers.
+- Adapted to the bucket's probed capabilities (``apply_capabilities``, from
+  :mod:`dagcraft.primitives.capabilities`): ``If-Match`` unquoted where the quoted form is
+  refused (Ceph RGW); a create-if-absent ``put_file`` is one streamed PUT (up to 5 GiB) where
+  CompleteMultipartUpload ignores ``If-None-Match``; ``list`` always sorts and filters
+  ``start_after`` client side, and sends ``start_after``/``limit`` to the server only where it
+  lists in byte order (not SeaweedFS). Until a record is applied, AWS behaviour is assumed.
 - Transient errors (connection errors/resets, timeouts, 5xx, throttling) are retried with
   tenacity: exponential backoff with full jitter, at most ``attempts`` tries. botocore's own
   retries are disabled so every HTTP request is visible and counted in ``stats``. ``get``
@@ -48,6 +53,7 @@ import tenacity
 import urllib3.exceptions as u3ex
 
 from dagcraft.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
+from dagcraft.primitives.capabilities import Capabilities
 from dagcraft.primitives.keys import validate_key, validate_prefix
 from dagcraft.primitives.ulid import new_ulid
 
@@ -114,6 +120,9 @@ def make_client(endpoint_url: str | None = None, region: str | None = None) -> A
                           region_name=region or session.region_name or "us-east-1", config=cfg)
 
 
+#: S3's largest single PUT (5 GiB)
+MAX_SINGLE_PUT = 5 << 30
+
 #: upper bound assumed for the time between the server stamping Date and us reading it
 _MAX_LATENCY = 0.1
 
@@ -137,6 +146,11 @@ class S3Store:
         self.max_wait = max_wait
         self.page_size = 1000
         self._client = client
+        # adapted to the bucket's probed capabilities (apply_capabilities); until then the
+        # AWS behaviour is assumed
+        self._quote_if_match = True
+        self._multipart_conditional = True
+        self._list_server_side = True
         self._client_lock = threading.Lock()
         self._offset = 0.0
         # bounds on (server clock - local clock) learned from Date headers; see _learn_clock
@@ -300,7 +314,7 @@ class S3Store:
         if if_none_match:
             kw["IfNoneMatch"] = "*"
         if if_match is not None:
-            kw["IfMatch"] = f'"{if_match}"'
+            kw["IfMatch"] = f'"{if_match}"' if self._quote_if_match else if_match
         tries = [0]
         try:
             if reopen is None:
@@ -338,23 +352,31 @@ class S3Store:
         return None
 
     def list(self, prefix: str, start_after: str | None = None, limit: int | None = None) -> list[str]:
+        """Sorted and cut by ``start_after`` client side whatever the server's order (sorting
+        what is already sorted is linear). ``start_after`` and ``limit`` reach the server only
+        when the probe confirmed it lists in byte order and never skips a key after
+        ``start_after``; else every key under ``prefix`` is listed (correct, costlier)."""
         validate_prefix(prefix)
         base = f"{self.prefix}/" if self.prefix else ""
+        server_side = self._list_server_side
         out: list[str] = []
         token: str | None = None
-        while limit is None or len(out) < limit:
-            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base + prefix,
-                                  "MaxKeys": self.page_size if limit is None else min(self.page_size, limit - len(out))}
+        while not server_side or limit is None or len(out) < limit:
+            page = self.page_size if limit is None or not server_side else min(self.page_size, limit - len(out))
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base + prefix, "MaxKeys": page}
             if token:
                 kw["ContinuationToken"] = token
-            elif start_after is not None:
+            elif start_after is not None and server_side:
                 kw["StartAfter"] = base + start_after
             resp = self._call("list_objects_v2", **kw)
             for item in resp.get("Contents", []):
-                out.append(item["Key"][len(base):])
+                key = item["Key"][len(base):]
+                if start_after is None or key > start_after:
+                    out.append(key)
             if not resp.get("IsTruncated"):
                 break
             token = resp.get("NextContinuationToken")
+        out.sort()
         return out if limit is None else out[:limit]
 
     def delete(self, key: str) -> None:
@@ -373,7 +395,14 @@ class S3Store:
             size = path.stat().st_size
         except FileNotFoundError:
             raise NotFound(f"no such file: {path}") from None
-        if size <= self.multipart_threshold:
+        # A server that ignores If-None-Match on CompleteMultipartUpload (Ceph RGW) would let
+        # a second create overwrite silently: there a create-if-absent is one streamed PUT,
+        # which it does enforce, up to S3's single-PUT limit, and refused beyond it.
+        single = size <= self.multipart_threshold or (if_none_match and not self._multipart_conditional)
+        if single and size > MAX_SINGLE_PUT:
+            raise InvalidInput(f"put {key}: {size} bytes is more than {self.where} can create-if-absent "
+                               f"({MAX_SINGLE_PUT} bytes: it ignores If-None-Match on multipart uploads)")
+        if single:
             return self._put(k, key, {}, if_none_match, None, reopen=lambda: open(path, "rb"))
         return self._multipart(k, key, path, if_none_match)
 
@@ -403,13 +432,53 @@ class S3Store:
                         return landed
                     raise Conflict(f"{key}: already exists") from None
                 raise
-            return _etag(resp)
+            # RGW answers a completed upload with an empty ETag: ask for the stored one
+            return _etag(resp) or self.head(key) or ""
         except BaseException:
             try:
                 self._call("abort_multipart_upload", Bucket=self.bucket, Key=k, UploadId=upload_id)
             except Exception:
                 pass
             raise
+
+    def apply_capabilities(self, caps: Capabilities) -> None:
+        """Adapt to the bucket's probed behaviour: the If-Match form it accepts, whether a
+        multipart create-if-absent is enforced, whether listings may be cut server side."""
+        self._quote_if_match = caps.if_match_quoted or not caps.if_match_unquoted
+        self._multipart_conditional = caps.multipart_create_if_absent
+        self._list_server_side = caps.list_server_side
+
+    def raw(self, op: str, key: str, **kw: Any) -> tuple[int, dict[str, Any]]:
+        """One client call ``op`` on store key ``key`` (the prefix for ``list_objects_v2``,
+        whose response gains ``Keys``: the store keys listed): no error mapping and only
+        5xx retried, so the capability probe measures the server itself. Returns (HTTP
+        status, response). Unreachable endpoint: StoreUnavailable."""
+        base = f"{self.prefix}/" if self.prefix else ""
+        args: dict[str, Any] = {"Bucket": self.bucket, **kw}
+        if op == "list_objects_v2":
+            args["Prefix"] = base + key
+            if "StartAfter" in kw:
+                args["StartAfter"] = base + kw["StartAfter"]
+        else:
+            args["Key"] = self._key(key)
+        st, resp = 500, {}
+        for _ in range(3):  # a 5xx is the server's trouble, not its answer: ask again
+            try:
+                resp = getattr(self.client, op)(**args)
+                st = int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 200))
+            except bex.ClientError as exc:
+                if _code(exc) == "NoSuchBucket" or _code(exc) in _AUTH:
+                    self._call(op, **args)  # raises the one-line StoreUnavailable
+                    raise
+                st, resp = _status(exc) or 500, dict(exc.response)
+            except (bex.BotoCoreError,) + _BODY_ERRORS as exc:
+                raise StoreUnavailable(f"{self.where}: {self._what(op, args)}: cannot reach endpoint "
+                                       f"({type(exc).__name__})") from None
+            if st < 500:
+                break
+        if op == "list_objects_v2":
+            resp["Keys"] = [c["Key"][len(base):] for c in resp.get("Contents", [])]
+        return st, resp
 
     def open_read(self, key: str) -> BinaryIO:
         k = self._key(key)
