@@ -241,12 +241,12 @@ def test_example_end_to_end(tmp_path: Path, store_url: str) -> None:
     # traces, whatever their ids): two reviews, round 1 asking for changes, and one fix
     assert review_and_fix_traces(store, status["run_id"]) == (2, 1)
     assert by["polish"]["status"] == "succeeded"
-    # spend is recorded and under every limit the example sets (lead: adjust to B's status fields)
-    spend, budget = status["spend"], yaml.safe_load(EXAMPLE.read_text())["budget"]
+    # spend is recorded and under every limit the example sets
+    spend, budget = status["budget"]["run"], yaml.safe_load(EXAMPLE.read_text())["budget"]
     assert 0 < spend["usd"] <= budget["usd"] and 0 < spend["tokens"] <= budget["tokens"], spend
     # counted once: the store's spend is what the traces of all attempts report
     assert spend["usd"] == pytest.approx(trace_total(store, status["run_id"])["cost_usd"], abs=1e-5)
-    report = Path(proc.stdout.split("report: ", 1)[1].split()[0])
+    report = tmp_path / proc.stdout.split("report: ", 1)[1].split()[0]  # relative to the run's cwd
     assert report.exists()
 
 
