@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from dagcraft.orchestrator import budget, layout, list_runs, run_status
+from dagcraft.orchestrator import budget, layout, list_runs, run_status, write_report
 from dagcraft.orchestrator.model import AttemptStatus
 from dagcraft.orchestrator.ops import load_states
 from dagcraft.primitives import open_store
@@ -253,6 +253,10 @@ def test_price_table_for_a_tokens_only_adapter(tmp_path, local_store):
     proc = cli("status", status["run_id"], "--store", store_url)
     assert proc.returncode == 0, proc.stderr
     assert "spend: $" in proc.stdout and "agent codex" in proc.stdout and "step  by_prices" in proc.stdout
+    # and the report, from the same ledger: the priced cost (in no trace) per agent and per step
+    html = write_report(store, status["run_id"], tmp_path / "report.html").read_text()
+    assert "Spend per agent" in html and "Spend per step" in html
+    assert f"${codex.cost_usd:.4f}" in html
 
 
 def test_failed_attempts_spend_counts(tmp_path, local_store):
