@@ -299,9 +299,7 @@ def test_two_workers_never_double_count(tmp_path, store_url):
     states = load_states(store, rid)
     # one entry per attempt that ran, written by the worker that ran it
     attempts = {(sid, h.attempt): h.worker for sid, st in states.items() for h in st.history}
-    assert set(ledger) == set(attempts)
-    assert {e.worker for e in ledger.values()} == set(attempts.values())
-    assert len({e.worker for e in ledger.values()}) == 2, "both workers should have run agent steps"
+    assert {k: e.worker for k, e in ledger.items()} == attempts
     assert all(e.tokens == 3 * TICK_TOKENS for e in ledger.values())
     assert status["budget"]["run"]["tokens"] == len(ledger) * 3 * TICK_TOKENS
     assert status["budget"]["run"]["usd"] == pytest.approx(len(ledger) * 3 * TICK_USD)
