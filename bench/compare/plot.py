@@ -24,12 +24,12 @@ colors = {"make": "#999999", "dagcraft": "#d62728", "luigi": "#1f77b4", "snakema
           "prefect": "#9467bd"}
 
 fig, axes = plt.subplots(1, len(summary), figsize=(5.2 * len(summary), 3.6))
-for ax, (wl, per_tool) in zip(axes, summary.items()):
+for ax, (wl, per_tool) in zip(axes, summary.items(), strict=True):
     med = [per_tool[t]["median"] or 0.0 for t in tools]
-    lo = [m - (per_tool[t]["min"] if per_tool[t]["min"] is not None else m) for t, m in zip(tools, med)]
-    hi = [(per_tool[t]["max"] if per_tool[t]["max"] is not None else m) - m for t, m in zip(tools, med)]
+    lo = [m - (per_tool[t]["min"] if per_tool[t]["min"] is not None else m) for t, m in zip(tools, med, strict=True)]
+    hi = [(per_tool[t]["max"] if per_tool[t]["max"] is not None else m) - m for t, m in zip(tools, med, strict=True)]
     bars = ax.bar(tools, med, yerr=[lo, hi], capsize=3, color=[colors.get(t, "#777777") for t in tools])
-    for b, t, m in zip(bars, tools, med):
+    for b, t, m in zip(bars, tools, med, strict=True):
         label = "failed" if per_tool[t]["median"] is None else f"{m:.1f} s"
         ax.annotate(label, (b.get_x() + b.get_width() / 2, m), xytext=(0, 3), textcoords="offset points",
                     ha="center", va="bottom", fontsize=8)
