@@ -24,7 +24,7 @@ What it does, in order:
    ``workers=N`` with the local scheduler, Prefect's ``ThreadPoolTaskRunner(max_workers=N)``
    (each task runs the command via ``subprocess``), ``dagcraft run --workers N --no-report`` on a
    fresh local store (a new temp directory per run). Default output of each tool, to a log file.
-5. One untimed warm-up run per tool and workload on one layer (page cache, .pyc files, Prefect's
+5. One untimed warm-up run per tool (``true``, one layer) (page cache, .pyc files, Prefect's
    database), then ``--rounds`` interleaved rounds: round r runs every tool once per workload,
    the tool order rotated by r. Wall time is from process start to exit (start-up included: it is
    what a user waits for).
@@ -211,8 +211,10 @@ def prepare(tool: str, dag: dict[str, list[str]], work: str, jobs: int, base: Pa
     if tool == "prefect":
         # a persistent PREFECT_HOME (its SQLite database created by the warm-up), as a user has
         home = venvs.parent / "prefect-home"
+        # the ephemeral server's 20 s start-up timeout is too short for a loaded machine (the first
+        # start also migrates the database): a slow start is measured, not turned into a failure
         env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "DO_NOT_TRACK": "1"}
+               "DO_NOT_TRACK": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
         return Prepared([str(venv_python(venvs, "prefect")), str(HELPERS / "run_prefect.py"),
                          str(dag_json), str(jobs)], base, markers, env)
     if tool == "dagcraft":
@@ -243,9 +245,14 @@ def run_once(tool: str, dag: dict[str, list[str]], work: str, jobs: int, make: s
         try:
             rc: int | None = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, 9)
-            p.wait()
             rc = None
+        except BaseException:  # interrupted: take the tool's whole process group down with us
+            os.killpg(p.pid, 9)
+            raise
+        finally:
+            if p.returncode is None:
+                os.killpg(p.pid, 9)
+                p.wait()
         wall = time.perf_counter() - t0
     done = {m.name for m in prep.markers.iterdir()}
     missing = len(set(dag) - done)
@@ -310,8 +317,8 @@ def markdown(summary: dict[str, dict[str, Any]], tools: Sequence[str], meta: dic
         f"Measured {meta['date']} with `{meta['command']}`.",
         "",
         f"Machine: {meta['cores']} cores, {meta['platform']}, Python {meta['python']}; "
-        f"{meta['steps']} steps, {meta['jobs']} parallel jobs, medians of {meta['rounds']} interleaved "
-        f"round(s). Load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end.",
+        f"{meta['steps']} steps, {meta['jobs']} parallel jobs, medians of {meta['rounds_done']} interleaved "
+        f"round(s){'' if meta['rounds_done'] == meta['rounds'] else ' (of %d asked; stopped early)' % meta['rounds']}. Load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end.",
     ]
     if max(load) > meta["cores"]:
         lines += ["", f"**Taken under load**: the machine was shared with other work (load average above "
@@ -387,11 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rounds": a.rounds, "versions": versions, "loadavg_start": os.getloadavg()[0],
     }
     runs: list[dict[str, Any]] = []
+    for t in tools:
+        r = run_once(t, warm, WORKLOADS["true"], a.jobs, make, a.venvs, scratch, a.timeout)
+        log(f"warm-up {t:9} {r['wall_s']:7.2f} s {'ok' if r['ok'] else r['error']}")
     try:
-        for wl, work in WORKLOADS.items():
-            for t in tools:
-                r = run_once(t, warm, work, a.jobs, make, a.venvs, scratch, a.timeout)
-                log(f"warm-up {t:9} {wl:5} {r['wall_s']:7.2f} s {'ok' if r['ok'] else r['error']}")
         for rnd in range(a.rounds):
             for wl, work in WORKLOADS.items():
                 for t in rotated(tools, rnd):
@@ -399,14 +405,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                     r.update(round=rnd, workload=wl)
                     runs.append(r)
                     log(f"round {rnd} {t:9} {wl:5} {r['wall_s']:7.2f} s {'ok' if r['ok'] else r['error']}")
-    finally:
-        meta["loadavg_end"] = os.getloadavg()[0]
-        if all(r["ok"] for r in runs):
-            shutil.rmtree(scratch, ignore_errors=True)
+            # after every complete round, so an interrupted bench still leaves its finished rounds
+            meta["rounds_done"] = rnd + 1
+            report(a, tools, meta, runs, plot_py)
+    except KeyboardInterrupt:
+        log(f"interrupted: the report keeps the {meta.get('rounds_done', 0)} complete round(s)")
+        return 130
+    if all(r["ok"] for r in runs):
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0 if runs and all(r["ok"] for r in runs) else 1
+
+
+def report(a: argparse.Namespace, tools: Sequence[str], meta: dict[str, Any], runs: list[dict[str, Any]],
+           plot_py: Path) -> None:
+    """Write the JSON, the chart and the Markdown block for the runs so far."""
+    meta["loadavg_end"] = os.getloadavg()[0]
     summary = summarise(runs, tools)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
-
     chart_rel: str | None = None
     a.chart.parent.mkdir(parents=True, exist_ok=True)
     p = subprocess.run([str(plot_py), str(HELPERS / "plot.py"), str(a.json), str(a.chart)],
@@ -418,8 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     block = markdown(summary, tools, meta, chart_rel)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     write_doc(a.out, block)
-    print(block)
-    return 0 if runs and all(r["ok"] for r in runs) else 1
+    print(block, flush=True)
 
 
 if __name__ == "__main__":

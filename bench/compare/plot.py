@@ -38,6 +38,6 @@ for ax, (wl, per_tool) in zip(axes, summary.items(), strict=True):
     ax.margins(y=0.15)
     ax.tick_params(axis="x", labelsize=9)
 fig.suptitle(f"{meta['steps']} steps (layers of {meta['layer']}), {meta['jobs']} parallel jobs, "
-             f"median of {meta['rounds']} round(s), {meta['cores']} cores", fontsize=10)
+             f"median of {meta['rounds_done']} round(s), {meta['cores']} cores", fontsize=10)
 fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=110)
