@@ -312,13 +312,14 @@ def markdown(summary: dict[str, dict[str, Any]], tools: Sequence[str], meta: dic
                       ratio(s["median"], summary[wl].get("dagcraft", {}).get("median"))]
         rows.append("| " + " | ".join(cells) + " |")
     load = meta["loadavg_start"], meta["loadavg_end"]
+    early = "" if meta["rounds_done"] == meta["rounds"] else f" (of {meta['rounds']} asked; stopped early)"
     lines = [
         BEGIN,
         f"Measured {meta['date']} with `{meta['command']}`.",
         "",
         f"Machine: {meta['cores']} cores, {meta['platform']}, Python {meta['python']}; "
         f"{meta['steps']} steps, {meta['jobs']} parallel jobs, medians of {meta['rounds_done']} interleaved "
-        f"round(s){'' if meta['rounds_done'] == meta['rounds'] else ' (of %d asked; stopped early)' % meta['rounds']}. Load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end.",
+        f"round(s){early}. Load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end.",
     ]
     if max(load) > meta["cores"]:
         lines += ["", f"**Taken under load**: the machine was shared with other work (load average above "
