@@ -31,7 +31,8 @@ What it does, in order:
 6. Medians per tool and workload, ratios to make and to dagcraft, written as a Markdown block
    between ``<!-- compare:begin -->`` and ``<!-- compare:end -->`` in ``--out`` (the rest of the
    file is left as it is), a PNG bar chart at ``--chart``, and every raw number in
-   ``bench/results/compare.json``.
+   ``bench/results/compare.json``; all three after every complete round, so an interrupted
+   bench leaves its finished rounds. ``--report-only`` re-renders the block and chart from the JSON.
 
 The bench is not part of the test suite. Exit 0 when every run of every tool succeeded, 1 if
 any failed (the table then says which).
@@ -324,7 +325,7 @@ def markdown(summary: dict[str, dict[str, Any]], tools: Sequence[str], meta: dic
     if max(load) > meta["cores"]:
         lines += ["", f"**Taken under load**: the machine was shared with other work (load average above "
                   f"its {meta['cores']} cores), so absolute times are inflated and noisier than on an idle "
-                  "machine; the ratios between tools, measured interleaved, are the comparable part."]
+                  "machine, and the load shifts the ratios too: compare only within one run."]
     lines += ["", "Versions: " + "; ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".", "", *rows]
     if chart_rel:
         lines += ["", f"![Side-by-side wall times (medians; bars span min to max)]({chart_rel})"]
@@ -369,12 +370,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=BENCH / "results" / "compare.json")
     ap.add_argument("--venvs", type=Path, default=Path.home() / ".cache" / "dagcraft-bench" / "venvs")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds before one run counts as failed")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-write the doc block and chart from --json without running anything")
     a = ap.parse_args(argv)
     tools = [t.strip() for t in a.tools.split(",") if t.strip()]
     bad = [t for t in tools if t not in TOOLS]
     if bad or not tools:
         ap.error(f"--tools: unknown {', '.join(bad)} (choose from {', '.join(TOOLS)})")
     command = "python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.report_only:
+        saved = json.loads(a.json.read_text())
+        report(a, list(saved["meta"]["versions"]), saved["meta"], saved["runs"],
+               ensure_venv(a.venvs, "plot"), keep_load=True)
+        return 0
 
     make = ensure_make() if "make" in tools else "make"
     a.venvs.mkdir(parents=True, exist_ok=True)
@@ -418,9 +426,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report(a: argparse.Namespace, tools: Sequence[str], meta: dict[str, Any], runs: list[dict[str, Any]],
-           plot_py: Path) -> None:
+           plot_py: Path, keep_load: bool = False) -> None:
     """Write the JSON, the chart and the Markdown block for the runs so far."""
-    meta["loadavg_end"] = os.getloadavg()[0]
+    if not keep_load:
+        meta["loadavg_end"] = os.getloadavg()[0]
     summary = summarise(runs, tools)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))

@@ -31,7 +31,8 @@ for ax, (wl, per_tool) in zip(axes, summary.items(), strict=True):
     bars = ax.bar(tools, med, yerr=[lo, hi], capsize=3, color=[colors.get(t, "#777777") for t in tools])
     for b, t, m in zip(bars, tools, med, strict=True):
         label = "failed" if per_tool[t]["median"] is None else f"{m:.1f} s"
-        ax.annotate(label, (b.get_x() + b.get_width() / 2, m), xytext=(0, 3), textcoords="offset points",
+        top = per_tool[t]["max"] if per_tool[t]["max"] is not None else m  # above the error bar
+        ax.annotate(label, (b.get_x() + b.get_width() / 2, top), xytext=(0, 3), textcoords="offset points",
                     ha="center", va="bottom", fontsize=8)
     ax.set_title(titles.get(wl, wl), fontsize=10)
     ax.set_ylabel("wall time, s (lower is better)")
