@@ -33,7 +33,6 @@ from dagcraft.orchestrator.ops import (
 from dagcraft.orchestrator.view import workflow_of
 from dagcraft.primitives.store import Store
 from dagcraft.tracing import RunVerifyReport, TraceStatus, VerifyReport, read_trace, seal, verify
-from dagcraft.workflows.graph_render import to_svg
 
 
 def _attempt_dirs(store: Store, run_id: str, step: str) -> list[str]:
@@ -138,6 +137,8 @@ def report_view(store: Store, run_id: str) -> Any:
                                   started_ms=_ms(start), finished_ms=_ms(end), agent=definition.get("agent"),
                                   parent=parent, children=list(st.children), more=more))
     timing = run_timing(rec, ctl, states.values(), now)
+    from dagcraft.workflows.graph_render import to_svg  # networkx: only when a report is drawn
+
     return RunView(run_id=run_id, name=rec.name, status=ctl.status, reason=ctl.reason,
                    created_ms=int(rec.submitted_at * 1000), finished_ms=_ms(timing.finished_at), params=rec.params,
                    steps=steps, first_claim_ms=_ms(timing.first_claim_at),
