@@ -100,6 +100,7 @@ class LocalStore:
         self.fsync = fsync
         self._clock = clock or time.time
         self._objects = self.root / "objects"
+        self._objects_s = str(self._objects)
         self._tmp = self.root / "tmp"
         self._locks = self.root / "locks"
         with self._io("open", "(store root)"):
@@ -127,13 +128,19 @@ class LocalStore:
 
     # -- paths -------------------------------------------------------------------------
     def _path(self, key: str) -> Path:
+        return Path(self._fspath(key))
+
+    def _fspath(self, key: str) -> str:
+        """The object file of ``key``, as a string (plain string joins: a pathlib join per
+        read costs more than the read itself)."""
         validate_key(key)
         parts = key.split("/")
         last = parts[-1]
+        head = [self._objects_s, *(_esc(p) for p in parts[:-1])]
         if _ULID_NAME.match(last):
-            return self._objects.joinpath(*(_esc(p) for p in parts[:-1]), _SHARD + last[:_SHARD_LEN],
-                                          _esc(last) + _SUFFIX)
-        return self._objects.joinpath(*(_esc(p) for p in parts[:-1]), _esc(last) + _SUFFIX)
+            head.append(_SHARD + last[:_SHARD_LEN])
+        head.append(_esc(last) + _SUFFIX)
+        return "/".join(head)
 
     @staticmethod
     def _flat(path: Path) -> Path | None:
@@ -215,13 +222,14 @@ class LocalStore:
 
     # -- protocol ----------------------------------------------------------------------
     def get(self, key: str) -> tuple[bytes, str] | None:
-        path = self._path(key)
+        fspath = self._fspath(key)
         self.stats["get"] += 1
         with self._io("get", key):
             try:
-                data = path.read_bytes()
+                with open(fspath, "rb") as f:
+                    data = f.read()
             except FileNotFoundError:
-                flat = self._flat(path)
+                flat = self._flat(Path(fspath))
                 if flat is None:
                     return None
                 try:
