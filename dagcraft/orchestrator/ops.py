@@ -531,4 +531,18 @@ def follow_log(store: Store, run_id: str, step: str, write: Callable[[bytes], No
 
 
 def status_json(store: Store, run_id: str) -> str:
-    return json.dumps(run_status(store, run_id), indent=2, sort_keys=True, default=str)
+    return dumps_status(run_status(store, run_id))
+
+
+_STEPS_MARK = "\x00steps\x00"
+
+
+def dumps_status(st: dict[str, Any]) -> str:
+    """:func:`run_status` as JSON: indented, with one compact line per step. (``indent=``
+    makes ``json`` use its pure-Python encoder — over a second for 10,000 steps; each step
+    line here is encoded in C.)"""
+    head = {**st, "steps": _STEPS_MARK}
+    text = json.dumps(head, indent=2, sort_keys=True, default=str)
+    lines = ",\n    ".join(json.dumps(step, sort_keys=True, default=str) for step in st.get("steps", []))
+    steps = f"[\n    {lines}\n  ]" if lines else "[]"
+    return text.replace(json.dumps(_STEPS_MARK), steps, 1)
