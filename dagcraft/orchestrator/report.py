@@ -98,7 +98,7 @@ def report_view(store: Store, run_id: str) -> Any:
     rec = read_record(store, run_id)
     ctl = read_control(store, run_id)
     compiled = rec.workflow.get("steps", {})
-    states = load_states(store, run_id)
+    states = load_states(store, run_id, rec)
     now = store.now()
     steps = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,8 +188,8 @@ def verify_sealed(store: Store, target: str, *, public_key: Ed25519PublicKey | N
         raise NotFound(f"{target!r} is neither a trace file nor RUN[/STEP[/ATTEMPT]]")
     run_id = parts[0]
     rec = read_record(store, run_id)  # NotFound for an unknown run
-    states = load_states(store, run_id)
-    if len(parts) >= 2 and parts[1] not in states:
+    states = load_states(store, run_id, rec)
+    if len(parts) >= 2 and parts[1] not in states and parts[1] not in rec.workflow.get("steps", {}):
         raise NotFound(f"run {run_id} has no step {parts[1]!r}")
     ctl = read_control(store, run_id)
     out = RunVerifyReport(target=target, ok=False, run_status=str(ctl.status))
