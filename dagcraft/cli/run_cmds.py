@@ -294,13 +294,14 @@ def register(cli: click.Group) -> None:
         """Show RUN's status and its steps. Exit 1 if the run failed."""
         from dagcraft.cli.watch import watch as watch_status
         from dagcraft.orchestrator import run_status
+        from dagcraft.orchestrator.ops import dumps_status
 
         store, _ = _store(store_url, create=False)
         run_id = parse_address(run_id, store, step="forbidden").run
 
         def show(st: dict[str, Any]) -> None:
             if as_json:
-                click.echo(json.dumps(st, indent=2, sort_keys=True, default=str))
+                click.echo(dumps_status(st))
             else:
                 _print_status(st)
 

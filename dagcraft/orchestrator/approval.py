@@ -115,7 +115,7 @@ def waiting(store: Store) -> list[dict[str, Any]]:
             continue
         try:
             rec = read_record(store, run["run_id"])
-            states = load_states(store, run["run_id"])
+            states = load_states(store, run["run_id"], rec)
         except NotFound:
             continue
         for st in states.values():

@@ -35,7 +35,6 @@ from dagcraft.orchestrator.ops import (
 from dagcraft.orchestrator.view import workflow_of
 from dagcraft.primitives.store import Store
 from dagcraft.tracing import RunVerifyReport, TraceStatus, VerifyReport, read_trace, seal, verify
-from dagcraft.workflows.graph_render import to_svg
 
 
 def _attempt_dirs(store: Store, run_id: str, step: str) -> list[str]:
@@ -101,7 +100,7 @@ def report_view(store: Store, run_id: str) -> Any:
     rec = read_record(store, run_id)
     ctl = read_control(store, run_id)
     compiled = rec.workflow.get("steps", {})
-    states = load_states(store, run_id)
+    states = load_states(store, run_id, rec)
     now = store.now()
     steps = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,6 +142,8 @@ def report_view(store: Store, run_id: str) -> Any:
                                   loop=loop_summary(st, [states[c] for c in st.children if c in states],
                                                     definition["loop"]) if definition.get("loop") else None))
     timing = run_timing(rec, ctl, states.values(), now)
+    from dagcraft.workflows.graph_render import to_svg  # networkx: only when a report is drawn
+
     return RunView(run_id=run_id, name=rec.name, status=ctl.status, reason=ctl.reason,
                    created_ms=int(rec.submitted_at * 1000), finished_ms=_ms(timing.finished_at), params=rec.params,
                    steps=steps, first_claim_ms=_ms(timing.first_claim_at),
@@ -193,8 +194,8 @@ def verify_sealed(store: Store, target: str, *, public_key: Ed25519PublicKey | N
         raise NotFound(f"{target!r} is neither a trace file nor RUN[/STEP[/ATTEMPT]]")
     run_id = parts[0]
     rec = read_record(store, run_id)  # NotFound for an unknown run
-    states = load_states(store, run_id)
-    if len(parts) >= 2 and parts[1] not in states:
+    states = load_states(store, run_id, rec)
+    if len(parts) >= 2 and parts[1] not in states and parts[1] not in rec.workflow.get("steps", {}):
         raise NotFound(f"run {run_id} has no step {parts[1]!r}")
     ctl = read_control(store, run_id)
     out = RunVerifyReport(target=target, ok=False, run_status=str(ctl.status))

@@ -73,12 +73,47 @@ class Scheduler:
         self._decided: dict[str, int] = {}  # step -> state rev whose `when` evaluated true
         self._full: set[str] = set()
         self._rng = random.Random(f"{worker_id}/{view.run_id}")
+        self._cand: set[str] | None = None  # see _candidates
+        self._dependents: dict[str, set[str]] = {}
+        self._known: set[str] = set()
+
+    def _candidates(self) -> set[str]:
+        """Open steps whose needs are all terminal: a superset of the ready steps, kept up to
+        date from the steps the view re-indexed since the last call (each, and the steps that
+        need it), so a cycle costs what changed, not the size of the DAG."""
+        view = self.view
+        touched, view.touched = view.touched, set()
+        if self._cand is None:
+            self._dependents = {}
+            for sid, step in view.steps.items():
+                for n in step.needs:
+                    self._dependents.setdefault(n, set()).add(sid)
+            self._known = set(view.steps)
+            self._cand = {sid for sid in view.open_ids if self._eligible(sid)}
+            return self._cand
+        recheck = set(touched)
+        for sid in touched:
+            if sid not in self._known and sid in view.steps:  # a foreach child, new to us
+                self._known.add(sid)
+                for n in view.steps[sid].needs:
+                    self._dependents.setdefault(n, set()).add(sid)
+            recheck.update(self._dependents.get(sid, ()))
+        for sid in recheck:
+            if sid in view.open_ids and self._eligible(sid):
+                self._cand.add(sid)
+            else:
+                self._cand.discard(sid)
+        return self._cand
+
+    def _eligible(self, sid: str) -> bool:
+        # a retrying step's needs were done when it first ran; ready() decides its time
+        return self.view.status(sid) == StepStatus.RETRYING or self.view.needs_done(sid)
 
     def ready(self) -> list[str]:
         view = self.view
         now = None
         out = []
-        for sid in view.ids(view.open_ids):
+        for sid in view.ids(self._candidates()):
             st = view.state(sid)
             if st.parent and sid not in view.state(st.parent).children:
                 continue  # a foreach child runs only once its parent has expanded to it

@@ -185,6 +185,9 @@ class LocalView:
         self.failed_ids: set[str] = set()
         self.waiting_ids: set[str] = set()  # approval gates waiting for a decision
         self.expanded_ids: set[str] = set()  # foreach parents waiting for their children
+        #: steps whose status was (re)indexed since a consumer last drained this set (the
+        #: scheduler: it re-checks only these and their dependents, never the whole DAG)
+        self.touched: set[str] = set()
         self.control: Control = Control()
         self.control_etag: str | None = None
         self.journal = JournalReader(store, run_id, lookback_s=lookback_s)
@@ -329,6 +332,7 @@ class LocalView:
 
     def _index(self, step_id: str, status: str) -> None:
         # the scheduler and supervisor scan only these sets, not the whole DAG, every cycle
+        self.touched.add(step_id)
         for members, wanted in ((self.open_ids, status in OPEN), (self.active_ids, status in ACTIVE),
                                 (self.failed_ids, status == StepStatus.FAILED),
                                 (self.expanded_ids, status == StepStatus.EXPANDED),

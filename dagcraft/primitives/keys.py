@@ -18,6 +18,8 @@ MAX_KEY_BYTES = 1024
 
 
 def _bad_char(value: str) -> str | None:
+    if value.isprintable():  # the common case, in C: printable excludes every Cc character
+        return None
     for ch in value:
         if ch == "\x00":
             return "NUL"

@@ -3,12 +3,22 @@
 On-disk layout under ``root``::
 
     objects/<seg>/<seg>/.../<seg>%   one file per object (directories: the key's segments)
+    objects/.../%s<8 chars>/<ulid>…%  an object whose last segment starts with a ULID
     tmp/                             temp files being written (never listed)
     locks/<hh>/<sha256(key)>         per-key fcntl lock files for conditional writes
 
 Segments are escaped (``%`` -> ``%25``) and every object file name ends with a single ``%``,
 so the key ``a`` (file ``a%``) and the key ``a/b`` (directory ``a``) never collide, and a
 directory can never be mistaken for an object.
+
+**Time shards.** Append-only ``<ulid>~…`` names (the run journal, ``runs-index/``) grow by
+thousands per run and are listed with ``start_after`` on every poll. Such a file lives in a
+shard directory ``%s<first 8 ULID chars>`` (one per ~1 s of ULID time) of its parent
+directory, so ``list(start_after=k)`` reads the parent (one entry per second) and only the
+shards at or after ``k``: its cost follows what is new, not the run's length. ``%s`` cannot
+start an escaped segment (every ``%`` in one is ``%25``), so shards never collide with keys.
+Listing semantics are unchanged (keys, order, ``start_after``, ``limit``); a file written
+flat by an older version is still found (reads fall back to the flat path, lists merge both).
 
 Guarantees (across threads and processes on one machine, on a local POSIX filesystem):
 
@@ -20,8 +30,16 @@ Guarantees (across threads and processes on one machine, on a local POSIX filesy
   ``os.replace`` a fully written temp file. ``flock`` locks are per open file description, so
   they exclude threads of one process as well as other processes.
 - **No torn reads, crash safety**: objects only ever appear by ``link``/``replace`` of a
-  complete, fsynced file, so a reader sees the old or the new object; a crash mid-write leaves
-  the old object and at worst a stray temp file under ``tmp/`` (never listed).
+  complete file, so a reader sees the old or the new object; a crash of the process mid-write
+  leaves the old object and at worst a stray temp file under ``tmp/`` (never listed). An
+  acknowledged write survives the crash of the process that made it (it is in the kernel's
+  page cache before ``link``/``replace`` returns); no fsync is needed for that.
+- **Machine crash** (power loss, kernel panic): with ``fsync=True`` (default) every object
+  with content is fsynced before it appears, so after a reboot an object is whole or absent
+  (old), never empty or torn. Empty objects (journal entries, ``runs-index/`` entries: the
+  key is the message) are not fsynced: there is nothing to tear, and a notification lost with
+  the machine is caught by the readers' periodic full resync. Directories are never fsynced,
+  so the last writes before a machine crash may be lost (not torn) either way.
 - **Etag** = the first 32 hex digits of the SHA-256 of the content: two different contents
   never share an etag; identical content has the same etag (as on S3, where it is the MD5).
   Records that must change on every write (leases, memory) carry a unique ``write_id``.
@@ -37,6 +55,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -49,6 +68,10 @@ from dagcraft.primitives.ulid import new_ulid
 
 _SUFFIX = "%"
 _CHUNK = 1 << 20
+#: a last segment starting with a ULID (26 Crockford base32 chars, then ``~`` or the end)
+_ULID_NAME = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}(?:~|$)")
+_SHARD = "%s"  # shard directory marker: never the start of an escaped segment
+_SHARD_LEN = 8  # ULID chars in a shard name: 2**10 ms of ULID time per shard
 
 
 def _esc(seg: str) -> str:
@@ -77,6 +100,7 @@ class LocalStore:
         self.fsync = fsync
         self._clock = clock or time.time
         self._objects = self.root / "objects"
+        self._objects_s = str(self._objects)
         self._tmp = self.root / "tmp"
         self._locks = self.root / "locks"
         with self._io("open", "(store root)"):
@@ -104,16 +128,41 @@ class LocalStore:
 
     # -- paths -------------------------------------------------------------------------
     def _path(self, key: str) -> Path:
+        return Path(self._fspath(key))
+
+    def _fspath(self, key: str) -> str:
+        """The object file of ``key``, as a string (plain string joins: a pathlib join per
+        read costs more than the read itself)."""
         validate_key(key)
         parts = key.split("/")
-        return self._objects.joinpath(*(_esc(p) for p in parts[:-1]), _esc(parts[-1]) + _SUFFIX)
+        last = parts[-1]
+        head = [self._objects_s, *(_esc(p) for p in parts[:-1])]
+        if _ULID_NAME.match(last):
+            head.append(_SHARD + last[:_SHARD_LEN])
+        head.append(_esc(last) + _SUFFIX)
+        return "/".join(head)
+
+    @staticmethod
+    def _flat(path: Path) -> Path | None:
+        """The pre-shard path of a sharded object path (stores written by older versions)."""
+        if path.parent.name.startswith(_SHARD):
+            return path.parent.parent / path.name
+        return None
+
+    def _resolve(self, path: Path) -> Path:
+        """``path``, or the flat path of the same key when only that exists (an older store)."""
+        flat = self._flat(path)
+        if flat is not None and not os.path.lexists(path) and os.path.lexists(flat):
+            return flat
+        return path
 
     def _lock_path(self, key: str) -> Path:
         h = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
         return self._locks / h[:2] / h
 
     def _write_temp(self, data: bytes | None = None, src: Path | None = None) -> tuple[Path, str]:
-        """Write a complete temp file (fsynced) and return (path, etag)."""
+        """Write a complete temp file (fsynced unless empty or ``fsync=False``) and return
+        (path, etag)."""
         tmp = self._tmp / f"{new_ulid()}-{os.getpid()}"
         h = hashlib.sha256()
         try:
@@ -137,7 +186,7 @@ class LocalStore:
                         while view:
                             n = os.write(fd, view)
                             view = view[n:]
-            if self.fsync:
+            if self.fsync and (src is not None or data):  # empty objects: nothing to tear
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -173,13 +222,20 @@ class LocalStore:
 
     # -- protocol ----------------------------------------------------------------------
     def get(self, key: str) -> tuple[bytes, str] | None:
-        path = self._path(key)
+        fspath = self._fspath(key)
         self.stats["get"] += 1
         with self._io("get", key):
             try:
-                data = path.read_bytes()
+                with open(fspath, "rb") as f:
+                    data = f.read()
             except FileNotFoundError:
-                return None
+                flat = self._flat(Path(fspath))
+                if flat is None:
+                    return None
+                try:
+                    data = flat.read_bytes()
+                except (FileNotFoundError, NotADirectoryError):
+                    return None
             except NotADirectoryError:
                 return None
         return data, _etag_of(data)
@@ -204,6 +260,7 @@ class LocalStore:
 
     def _commit(self, key: str, path: Path, tmp: Path, etag: str, if_none_match: bool,
                 if_match: str | None) -> str:
+        path = self._resolve(path)
         try:
             if if_none_match and if_match is None:
                 for _ in range(3):
@@ -255,12 +312,34 @@ class LocalStore:
 
     def _walk(self, d: Path, dir_key: str, prefix: str, start_after: str | None,
               limit: int | None, out: builtins.list[str]) -> bool:
-        """Append keys under ``d`` (whose keys start with ``dir_key``) in order; True when full."""
+        """Append keys under ``d`` (whose keys start with ``dir_key``) in order; True when full.
+
+        Entries that cannot hold a wanted key are dropped before sorting: a directory (or a
+        time shard) holds only keys starting with its prefix, so one whose prefix is outside
+        ``prefix`` or wholly at or before ``start_after`` is never opened."""
+        items: list[tuple[str, bool, str]] = []  # (sort key, is_dir, path)
+        if not self._scan(d, dir_key, prefix, start_after, items):
+            return False
+        items.sort()
+        for full, is_dir, path in items:
+            if is_dir:
+                if self._walk(Path(path), full, prefix, start_after, limit, out):
+                    return True
+            else:
+                out.append(full)
+                if limit is not None and len(out) >= limit:
+                    return True
+        return False
+
+    @staticmethod
+    def _scan(d: Path | str, dir_key: str, prefix: str, start_after: str | None,
+              items: builtins.list[tuple[str, bool, str]]) -> bool:
+        """Add the wanted entries of directory ``d`` to ``items``, the files of its wanted time
+        shards included (so they sort with everything else); False when ``d`` does not exist."""
         try:
             entries = list(os.scandir(d))
         except (FileNotFoundError, NotADirectoryError):
             return False
-        items: list[tuple[str, bool, str]] = []  # (sort key, is_dir, path)
         for e in entries:
             name = e.name
             try:
@@ -270,31 +349,25 @@ class LocalStore:
             if is_dir:
                 if name.endswith(_SUFFIX):
                     continue
-                full = dir_key + _unesc(name) + "/"
-            else:
-                if not name.endswith(_SUFFIX):
-                    continue
-                full = dir_key + _unesc(name[: -len(_SUFFIX)])
-            items.append((full, is_dir, e.path))
-        items.sort()
-        for full, is_dir, path in items:
-            if is_dir:
-                # every key below starts with `full` (which ends with '/')
+                shard = name.startswith(_SHARD)
+                # every key below starts with `full`
+                full = dir_key + (name[len(_SHARD):] if shard else _unesc(name) + "/")
                 if not (full.startswith(prefix) or prefix.startswith(full)):
                     continue
                 if start_after is not None and start_after >= full and not start_after.startswith(full):
                     continue
-                if self._walk(Path(path), full, prefix, start_after, limit, out):
-                    return True
+                if shard:
+                    LocalStore._scan(e.path, dir_key, prefix, start_after, items)
+                else:
+                    items.append((full, True, e.path))
             else:
-                if not full.startswith(prefix):
+                if not name.endswith(_SUFFIX):
                     continue
-                if start_after is not None and full <= start_after:
+                full = dir_key + _unesc(name[: -len(_SUFFIX)])
+                if not full.startswith(prefix) or (start_after is not None and full <= start_after):
                     continue
-                out.append(full)
-                if limit is not None and len(out) >= limit:
-                    return True
-        return False
+                items.append((full, False, e.path))
+        return True
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -302,7 +375,7 @@ class LocalStore:
         with self._io("delete", key):
             fd = self._lock(key)
             try:
-                path.unlink(missing_ok=True)
+                self._resolve(path).unlink(missing_ok=True)
             except NotADirectoryError:
                 pass
             finally:
@@ -317,7 +390,7 @@ class LocalStore:
         self.stats["head"] += 1
         with self._io("head", key):
             try:
-                return self._current_etag(path)
+                return self._current_etag(self._resolve(path))
             except NotADirectoryError:
                 return None
 
@@ -326,6 +399,6 @@ class LocalStore:
         self.stats["get"] += 1
         with self._io("get", key):
             try:
-                return open(path, "rb")
+                return open(self._resolve(path), "rb")
             except (FileNotFoundError, NotADirectoryError):
                 raise NotFound(f"{key}: not found") from None

@@ -61,6 +61,10 @@ _PEM_BEGIN = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
 _PEM_END = re.compile(rb"-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----")
 
 
+_CLEAN_MAX_LEN = 200  # strings longer than this are always scanned
+_CLEAN_MAX = 4096  # entries in a Redactor's memo of clean strings
+
+
 class Redactor:
     """Replaces secrets with ``[redacted]``; thread-safe; :attr:`count` = total replacements."""
 
@@ -72,6 +76,10 @@ class Redactor:
         self._bytes_pats = [(re.compile(p.encode()), g) for p, g in _PATTERNS]
         self._exact_str: re.Pattern[str] | None = None
         self._exact_bytes: re.Pattern[bytes] | None = None
+        #: short strings already found clean (event keys, tool names, argv words repeat in
+        #: every event: ~14 regex passes each were most of a traced exec's CPU); emptied
+        #: whenever a secret is added
+        self._clean: dict[str, None] = {}
         for s in secrets:
             self.add(s)
 
@@ -80,6 +88,7 @@ class Redactor:
         if not isinstance(secret, str) or len(secret) < MIN_SECRET_LEN:
             return
         with self._lock:
+            self._clean = {}
             self._secrets.add(secret)
             ordered = sorted(self._secrets, key=len, reverse=True)  # longest first: no partial leftovers
             self._exact_str = re.compile("|".join(re.escape(s) for s in ordered))
@@ -97,6 +106,10 @@ class Redactor:
 
     def redact_text(self, s: str) -> str:
         """Return ``s`` with every secret replaced."""
+        clean = self._clean
+        if s in clean:
+            return s
+        orig = s
         n = 0
         if self._exact_str is not None:
             s, k = self._exact_str.subn(REDACTED, s)
@@ -105,6 +118,8 @@ class Redactor:
             s, k = _sub(pat, group, s, REDACTED)
             n += k
         self._bump(n)
+        if not n and len(orig) <= _CLEAN_MAX_LEN and len(clean) < _CLEAN_MAX:
+            clean[orig] = None
         return s
 
     def redact_bytes(self, b: bytes) -> bytes:

@@ -26,9 +26,8 @@ from dagcraft.orchestrator.model import (
     AttemptKind,
     StepState,
     StepStatus,
-    load_state,
 )
-from dagcraft.orchestrator.ops import list_runs, load_states, run_status
+from dagcraft.orchestrator.ops import list_runs, load_states, read_step_state, run_status
 from dagcraft.primitives.store import Store
 from dagcraft.tracing.event import TraceEvent
 from dagcraft.tracing.summary import describe
@@ -156,13 +155,9 @@ def _events(store: Store, key: str) -> dict[str, Any]:
 
 
 def step_state(store: Store, run_id: str, step: str) -> StepState:
-    """The step's state (NotFound naming the step or the run)."""
-    got = store.get(layout.step_state(run_id, step))
-    if got is None:
-        if store.get(layout.run_record(run_id)) is None:
-            raise NotFound(f"run {run_id!r} not found in {store.url}")
-        raise NotFound(f"step {step!r} not found in run {run_id!r}")
-    return load_state(got[0])
+    """The step's state (NotFound naming the step or the run); a submitted step without a
+    record yet is pending."""
+    return read_step_state(store, run_id, step)
 
 
 def step_json(store: Store, run_id: str, step: str, attempt: str | None = None) -> dict[str, Any]:

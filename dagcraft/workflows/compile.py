@@ -24,9 +24,8 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import networkx as nx
 from jinja2 import TemplateError
 
 from dagcraft.errors import InvalidInput, SpecError
@@ -60,6 +59,9 @@ from dagcraft.workflows.template import (
     template_refs,
     to_text,
 )
+
+if TYPE_CHECKING:
+    import networkx as nx  # imported where used: ~0.2 s a worker never needs
 
 _EVAL_OR_LIMIT: tuple[type[BaseException], ...] = (*EVAL_ERRORS, EvaluationLimit)
 MAX_STEPS = 10_000  # concrete steps in one compiled workflow
@@ -190,6 +192,8 @@ class _Compiler:
 
     # ------------------------------------------------------------------ structure
     def check_ids_and_needs(self) -> nx.DiGraph:
+        import networkx as nx
+
         for path, s, fin in self.templates:
             if s.id in self.by_id:
                 first = format_path(self.by_id[s.id][0])
@@ -291,6 +295,8 @@ class _Compiler:
         allow: set[str],
         expression: bool = False,
     ) -> None:
+        if not expression and "${{" not in raw and "\x00" not in raw:
+            return  # plain text (blocks and comments need a NUL): no names, nothing to parse
         expr = split_expression(raw)
         if expr is None and expression and "${{" not in raw:
             expr = raw.strip()
@@ -304,7 +310,12 @@ class _Compiler:
         except (TemplateError, EvaluationLimit) as exc:
             msg = getattr(exc, "message", None) or str(exc)
             raise self.err(path, f"bad template: {msg}") from None
-        ancestors = nx.ancestors(self.graph, step.id) if step is not None else set()
+        import networkx as nx
+
+        # ancestors only when a `steps.` reference needs them: one graph walk per step adds
+        # up to seconds on a 10,000-step spec
+        needs_anc = step is not None and any(name == "steps" for name, _ in refs)
+        ancestors = nx.ancestors(self.graph, step.id) if needs_anc and step is not None else set()
         for name, chain in refs:
             head = chain[0] if chain else None
             if name not in allow:
@@ -659,7 +670,9 @@ class _Compiler:
         files: dict[str, int] = {}  # destination -> index of the input that writes it
         dirs: dict[str, int] = {}  # directories above those files
         patterns: list[tuple[int, list[str | None]]] = []  # foreach inputs: None is any instance key
-        ancestors = nx.ancestors(self.graph, s.id)
+        import networkx as nx
+
+        ancestors = nx.ancestors(self.graph, s.id) if s.inputs else set()
         for k, inp in enumerate(s.inputs):
             where = path + ("inputs", k)
             src_id = inp.from_
@@ -774,6 +787,8 @@ class _Compiler:
         self.check_templates()
         raise_all(self.errors)
         order_index = {s.id: n for n, (_, s, _) in enumerate(self.templates)}
+        import networkx as nx
+
         topo = list(nx.lexicographical_topological_sort(graph, key=lambda t: f"{order_index[t]:08d}"))
         instances: dict[str, list[str]] = {}
         steps: dict[str, ConcreteStep] = {}

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import networkx as nx
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -23,6 +22,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 ID_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|h|m|s))+$")
@@ -166,7 +168,8 @@ def check_matrix_entries(value: Any, what: str) -> Any:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # built on first use: a worker validates only the compiled models, never a YAML spec
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, defer_build=True)
 
 
 # ----------------------------------------------------------------------------- spec as written
@@ -626,6 +629,8 @@ class CompiledWorkflow(_Model):
 
     def graph(self) -> nx.DiGraph:
         """Nodes are concrete step ids (attribute ``step``); an edge ``a -> b`` means b needs a."""
+        import networkx as nx  # here, not at import: workers never build the graph
+
         g = nx.DiGraph()
         for sid, step in self.steps.items():
             g.add_node(sid, step=step)

@@ -131,7 +131,7 @@ def test_run_whose_record_turns_corrupt_mid_run_stops_with_one_error(tmp_path):
         name: mid
         steps:
           - id: a
-            run: "echo 'not json' > $DAGCRAFT_STORE/objects/runs/$DAGCRAFT_RUN_ID/steps/b/state.json%"
+            run: "mkdir -p $DAGCRAFT_STORE/objects/runs/$DAGCRAFT_RUN_ID/steps/b && echo 'not json' > $DAGCRAFT_STORE/objects/runs/$DAGCRAFT_RUN_ID/steps/b/state.json%"
           - id: b
             needs: [a]
             run: "true"

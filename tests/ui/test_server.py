@@ -296,7 +296,7 @@ def test_cli_ctrl_c_is_exit_130(local_store: Any) -> None:
 
 
 def test_requests_per_poll_as_documented(tmp_path: Path) -> None:
-    """docs/ui.md: a run page poll is 2 LISTs + 2 GETs per step + 2; the step panel up to 4
+    """docs/ui.md: a run page poll is 2 GETs per step + 3; the step panel up to 4
     GETs; the run list 2 LISTs + 2 GETs per run; many tabs within CACHE_S cost one poll."""
     from collections import Counter
 
@@ -316,9 +316,9 @@ def test_requests_per_poll_as_documented(tmp_path: Path) -> None:
         after.subtract(before)
         return {k: v for k, v in after.items() if v}
 
-    assert cost(lambda: data.run_json(store, rid)) == {"list": 2, "get": 2 * n + 2}
+    assert cost(lambda: data.run_json(store, rid)) == {"get": 2 * n + 3}
     assert cost(lambda: data.step_json(store, rid, "s3")) == {"get": 4}
     assert cost(lambda: data.runs_json(store)) == {"list": 2, "get": 2}  # index + corrupt marks
     with client_for(store) as c:
         polls = cost(lambda: [c.get(f"/api/runs/{rid}") for _ in range(5)])
-    assert polls == {"list": 2, "get": 2 * n + 2}  # five tabs, one read of the store
+    assert polls == {"get": 2 * n + 3}  # five tabs, one read of the store

@@ -1,0 +1,161 @@
+"""LocalStore's time-sharded layout: ``<ulid>~…`` names live in per-second shard directories,
+and the Store protocol's listing semantics stay exactly those of a sorted key set."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dagcraft.errors import Conflict
+from dagcraft.primitives import LocalStore
+from dagcraft.primitives.ulid import new_ulid, ulid_floor
+
+# ULIDs spread over a few shards (1,024 ms each) and a few within one shard; built from their
+# time (new_ulid never goes back before the newest id this process made)
+_T0 = 1_760_000_000_000 // 1024 * 1024
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+ulids = st.builds(lambda ms, rand: ulid_floor(_T0 + ms)[:10] + rand,
+                  st.sampled_from([0, 1, 500, 1023, 1024, 1025, 5000, 70_000]),
+                  st.text(alphabet=_CROCKFORD, min_size=16, max_size=16))
+tails = st.sampled_from(["", "~a", "~@control", "~3~succeeded~s1", "~x%y", "~%25", "~b/c", "~~"])
+plain = st.sampled_from(["a", "a%", "b", "0", "01", "0000000000", "zz", "~", "state.json"])
+
+
+@st.composite
+def keys(draw: st.DrawFn) -> str:
+    parent = draw(st.sampled_from(["", "j/", "j/k/", "runs/r/journal/"]))
+    kind = draw(st.integers(0, 3))
+    if kind == 0:
+        return parent + draw(plain)
+    u = draw(ulids)
+    if kind == 1:  # a ULID-looking prefix that is not a full ULID name: stays flat
+        return parent + u[: draw(st.integers(1, 25))]
+    return parent + u + draw(tails)
+
+
+def _reference(all_keys: set[str], prefix: str, start_after: str | None, limit: int | None) -> list[str]:
+    out = sorted(k for k in all_keys if k.startswith(prefix) and (start_after is None or k > start_after))
+    return out if limit is None else out[:limit]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), written=st.lists(keys(), min_size=1, max_size=30, unique=True))
+def test_list_matches_a_sorted_key_set(tmp_path_factory, data, written):
+    s = LocalStore(tmp_path_factory.mktemp("lay"))
+    present: set[str] = set()
+    for k in written:
+        s.put(k, k.encode(), if_none_match=True)
+        present.add(k)
+    for k in present:
+        assert s.get(k) == (k.encode(), s.head(k))
+    candidates = sorted(present) + ["", "j/", "runs/r/journal/", "j/0", "j/01"]
+    for _ in range(8):
+        some = data.draw(st.sampled_from(candidates))
+        prefix = data.draw(st.sampled_from(["", some[: len(some) // 2], some, "j/", "runs/r/journal/"]))
+        start_after = data.draw(st.one_of(st.none(), st.sampled_from(candidates),
+                                          st.sampled_from(candidates).map(lambda c: c[:-1] if c else c)))
+        limit = data.draw(st.one_of(st.none(), st.integers(1, 5)))
+        assert s.list(prefix, start_after=start_after, limit=limit) == _reference(present, prefix, start_after,
+                                                                                  limit)
+
+
+def test_ulid_names_are_sharded_and_plain_names_are_not(tmp_path):
+    s = LocalStore(tmp_path)
+    u = new_ulid()
+    s.put(f"runs/r/journal/{u}~s1", b"", if_none_match=True)
+    s.put("runs/r/journal/notes", b"x")
+    journal = tmp_path / "objects" / "runs" / "r" / "journal"
+    assert sorted(p.name for p in journal.iterdir()) == sorted([f"%s{u[:8]}", "notes%"])
+    assert (journal / f"%s{u[:8]}" / f"{u}~s1%").is_file()
+    assert s.list("runs/r/journal/") == [f"runs/r/journal/{u}~s1", "runs/r/journal/notes"]
+    with pytest.raises(Conflict):
+        s.put(f"runs/r/journal/{u}~s1", b"", if_none_match=True)
+
+
+def test_list_after_a_key_opens_only_newer_shards(tmp_path, monkeypatch):
+    s = LocalStore(tmp_path)
+    keys = [f"j/{ulid_floor(_T0 + 1024 * i)[:-1]}1~s{i}" for i in range(50)]  # one shard each
+    for k in keys:
+        s.put(k, b"", if_none_match=True)
+    opened: list[str] = []
+    real = os.scandir
+
+    def counting(path):  # type: ignore[no-untyped-def]
+        opened.append(os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", counting)
+    assert s.list("j/", start_after=keys[47]) == keys[48:]
+    # the parent directory, and the shards of keys[47] (at or after it) and later: not the 47 before
+    assert len(opened) == 1 + 3, opened
+    opened.clear()
+    assert s.list("j/") == keys
+    assert len(opened) == 1 + 50
+
+
+def test_objects_written_flat_by_an_older_version_are_still_found(tmp_path):
+    s = LocalStore(tmp_path)
+    u = new_ulid()
+    key = f"runs/r/journal/{u}~s1"
+    flat = tmp_path / "objects" / "runs" / "r" / "journal" / f"{u}~s1%"
+    flat.parent.mkdir(parents=True)
+    flat.write_bytes(b"old")
+    newer = f"runs/r/journal/{new_ulid()}~s2"
+    s.put(newer, b"", if_none_match=True)
+    got = s.get(key)
+    assert got is not None and got[0] == b"old"
+    assert s.head(key) == got[1]
+    assert s.list("runs/r/journal/") == [key, newer]
+    assert s.list("runs/r/journal/", start_after=key) == [newer]
+    with s.open_read(key) as f:
+        assert f.read() == b"old"
+    with pytest.raises(Conflict):
+        s.put(key, b"dup", if_none_match=True)
+    etag = s.put(key, b"new", if_match=got[1])
+    assert s.get(key) == (b"new", etag) and flat.read_bytes() == b"new"
+    s.delete(key)
+    assert s.get(key) is None and not flat.exists()
+
+
+_APPENDER = r"""
+import sys
+from dagcraft.primitives import LocalStore
+from dagcraft.primitives.ulid import new_ulid, ulid_floor
+s = LocalStore(sys.argv[1])
+while True:
+    key = f"runs/r/journal/{new_ulid()}~s"
+    s.put(key, b"", if_none_match=True)
+    s.put(f"runs/r/steps/{key[-28:-2]}/state.json", b'{"x": 1}', if_none_match=True)
+    print(key, flush=True)  # acknowledged: both writes returned
+"""
+
+
+def test_unsynced_empty_entries_survive_kill_9_of_their_writer(tmp_path):
+    """Journal entries are not fsynced (empty: nothing to tear). A writer killed with SIGKILL
+    mid-stream loses nothing it acknowledged and leaves no partial or stray object."""
+    root = tmp_path / "st"
+    LocalStore(root)
+    p = subprocess.Popen([sys.executable, "-c", _APPENDER, str(root)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    acked = [p.stdout.readline().strip() for _ in range(200)]
+    p.kill()
+    p.wait()
+    acked += [line.strip() for line in p.stdout if line.strip()]
+    s = LocalStore(root)
+    listed = s.list("runs/r/journal/")
+    assert set(acked) <= set(listed)
+    assert len(listed) - len(acked) <= 1  # at most the entry being written when killed
+    for key in listed:
+        assert s.get(key) == (b"", s.head(key))
+    states = s.list("runs/r/steps/")
+    assert len(states) >= len(acked)
+    for key in states:
+        got = s.get(key)
+        assert got is not None and got[0] == b'{"x": 1}'  # whole, never torn
+    assert not any(Path(root, "objects").rglob("*-*"))  # no temp file ever landed among objects
