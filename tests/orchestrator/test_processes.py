@@ -13,7 +13,7 @@ import pytest
 from dagcraft.orchestrator import layout, run_status
 from dagcraft.orchestrator.model import load_state
 from dagcraft.primitives import open_store
-from tests.conftest import server_store_url
+from tests.conftest import REALSERVER, server_store_url
 from tests.orchestrator.helpers import (
     cli,
     killpg,
@@ -67,11 +67,19 @@ def test_exactly_once_200_steps_4_workers_moto_server(tmp_path, moto_server):
     _exactly_once(tmp_path, server_store_url(moto_server), 200)
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.mark.realserver
+def test_exactly_once_200_steps_4_workers_real_server(tmp_path, real_s3_url):
+    _exactly_once(tmp_path, real_s3_url, 200)
+
+
+@pytest.fixture(params=["local", "s3", REALSERVER])
 def store_url(request, tmp_path) -> str:
-    """A fresh store for subprocesses: a local directory, or a bucket on the moto server."""
+    """A fresh store for subprocesses: a local directory, a bucket on the moto server, or a prefix
+    on the real server of the real-server tier."""
     if request.param == "local":
         return str(tmp_path / "store")
+    if request.param == "realserver":
+        return request.getfixturevalue("real_s3_url")
     return server_store_url(request.getfixturevalue("moto_server"))
 
 
