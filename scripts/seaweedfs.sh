@@ -117,6 +117,7 @@ EOF
   echo "export DAGCRAFT_TEST_S3_ACCESS_KEY=$ACCESS_KEY"
   echo "export DAGCRAFT_TEST_S3_SECRET_KEY=$SECRET_KEY"
   echo "export DAGCRAFT_TEST_S3_REGION=$REGION"
+  echo "export DAGCRAFT_TEST_S3_SERVER=seaweedfs"  # for tests/conftest.py's KNOWN_GAPS
 }
 
 case "${1:-}" in

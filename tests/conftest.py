@@ -17,8 +17,9 @@
   gets a fresh prefix in one bucket on that server: the given bucket, else one created for the
   session and deleted at its end. Without it those tests are skipped. The key pair is exported as
   ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (moto accepts any), so subprocesses given
-  ``real_s3_url`` as ``--store`` authenticate too. Run the tier: ``pytest -m realserver``
-  (docs/store.md, "Testing against a real server").
+  ``real_s3_url`` as ``--store`` authenticate too. ``DAGCRAFT_TEST_S3_SERVER`` names the server
+  for its known gaps (``KNOWN_GAPS``). Run the tier: ``pytest -m realserver`` (docs/store.md,
+  "Testing against a real server").
 - ``server_store_url(moto_server, prefix)`` / ``new_server_bucket(moto_server)``: helpers to
   build a fresh bucket and its store URL yourself.
 """
@@ -188,6 +189,26 @@ def real_s3_url(real_s3: RealS3) -> str:
 
 # the tier's parameter: ``pytest.param`` so ``-m realserver`` selects exactly these cases
 REALSERVER = pytest.param("realserver", marks=pytest.mark.realserver)
+
+# Which server the tier runs against (the scripts export it: ``seaweedfs``, ``ceph-rgw``), and
+# that server's known gaps from issue 12, fixed by the capability work in dagcraft/primitives/s3.py.
+# Until then those tests are xfail(strict=False) on that server only, so CI stays green; an entry
+# is deleted when its fix lands (an xpass in the report says it is time).
+REAL_S3_SERVER = os.environ.get("DAGCRAFT_TEST_S3_SERVER", "").strip()
+KNOWN_GAPS: dict[str, dict[str, str]] = {
+    "seaweedfs": {
+        "test_list_order_prefix_start_after_limit":
+            "issue 12: SeaweedFS lists in tree order ('a/b' before 'a%b/c'), not byte order",
+    },
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gaps = KNOWN_GAPS.get(REAL_S3_SERVER, {})
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if name in gaps and item.get_closest_marker("realserver"):
+            item.add_marker(pytest.mark.xfail(strict=False, reason=f"{REAL_S3_SERVER}: {gaps[name]}"))
 
 
 @pytest.fixture(params=["local", "moto", "s3server", REALSERVER])

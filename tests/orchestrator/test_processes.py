@@ -90,11 +90,12 @@ def _state(store, rid: str, step: str):
 
 def test_kill_9_worker_mid_step_is_recovered(tmp_path, store_url):
     marker = tmp_path / "started"
+    release = tmp_path / "release"  # attempt 1 blocks until the test is done with it: no race
     spec = write_spec(tmp_path, f"""
         name: crash
         steps:
           - id: slow
-            run: "echo $DAGCRAFT_ATTEMPT >> {marker}; sleep 2; echo ok"
+            run: "echo $DAGCRAFT_ATTEMPT >> {marker}; [ $DAGCRAFT_ATTEMPT -gt 1 ] || while [ ! -e {release} ]; do sleep 0.05; done; echo ok"
           - id: after
             needs: [slow]
             run: "true"
@@ -114,6 +115,7 @@ def test_kill_9_worker_mid_step_is_recovered(tmp_path, store_url):
         second.wait(timeout=120)
         assert second.returncode == 0
     finally:
+        release.touch()  # ends the orphaned attempt 1 (its own session outlives the kill)
         killpg(first)
     status = run_status(store, rid)
     assert status["status"] == "succeeded"
