@@ -160,7 +160,10 @@ class S3Store:
         self._now_lock = threading.Lock()
         if client is not None:
             self._hook(client)
-        q = f"?endpoint={_safe_endpoint(endpoint_url)}" if endpoint_url else ""
+        # the URL reopens this store (subprocesses' --store, printed hints): endpoint and region
+        params = [f"endpoint={_safe_endpoint(endpoint_url)}"] if endpoint_url else []
+        params += [f"region={region}"] if region else []
+        q = "?" + "&".join(params) if params else ""
         self.url = f"s3://{bucket}/{self.prefix}{q}" if self.prefix else f"s3://{bucket}{q}"
         self.where = f"s3://{bucket}/{self.prefix} at {_safe_endpoint(self.endpoint_url)}"
 

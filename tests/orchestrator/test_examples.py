@@ -67,7 +67,15 @@ def test_rollback_example_compensates_in_reverse(tmp_path):
 
 
 def test_example_on_s3_moto_server(tmp_path, moto_server):
-    url = server_store_url(moto_server)
+    _example_on_s3(tmp_path, server_store_url(moto_server))
+
+
+@pytest.mark.realserver
+def test_example_on_real_server(tmp_path, real_s3_url):
+    _example_on_s3(tmp_path, real_s3_url)
+
+
+def _example_on_s3(tmp_path: Path, url: str) -> None:
     proc, status, _ = _run(tmp_path, "research-fanout", store=url)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert status["status"] == "succeeded"

@@ -13,7 +13,7 @@ import pytest
 from dagcraft.orchestrator import layout, run_status
 from dagcraft.orchestrator.model import load_state
 from dagcraft.primitives import open_store
-from tests.conftest import server_store_url
+from tests.conftest import REALSERVER, server_store_url
 from tests.orchestrator.helpers import (
     cli,
     killpg,
@@ -67,11 +67,19 @@ def test_exactly_once_200_steps_4_workers_moto_server(tmp_path, moto_server):
     _exactly_once(tmp_path, server_store_url(moto_server), 200)
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.mark.realserver
+def test_exactly_once_200_steps_4_workers_real_server(tmp_path, real_s3_url):
+    _exactly_once(tmp_path, real_s3_url, 200)
+
+
+@pytest.fixture(params=["local", "s3", REALSERVER])
 def store_url(request, tmp_path) -> str:
-    """A fresh store for subprocesses: a local directory, or a bucket on the moto server."""
+    """A fresh store for subprocesses: a local directory, a bucket on the moto server, or a prefix
+    on the real server of the real-server tier."""
     if request.param == "local":
         return str(tmp_path / "store")
+    if request.param == "realserver":
+        return request.getfixturevalue("real_s3_url")
     return server_store_url(request.getfixturevalue("moto_server"))
 
 
@@ -82,11 +90,12 @@ def _state(store, rid: str, step: str):
 
 def test_kill_9_worker_mid_step_is_recovered(tmp_path, store_url):
     marker = tmp_path / "started"
+    release = tmp_path / "release"  # attempt 1 blocks until the test is done with it: no race
     spec = write_spec(tmp_path, f"""
         name: crash
         steps:
           - id: slow
-            run: "echo $DAGCRAFT_ATTEMPT >> {marker}; sleep 2; echo ok"
+            run: "echo $DAGCRAFT_ATTEMPT >> {marker}; [ $DAGCRAFT_ATTEMPT -gt 1 ] || while [ ! -e {release} ]; do sleep 0.05; done; echo ok"
           - id: after
             needs: [slow]
             run: "true"
@@ -106,6 +115,7 @@ def test_kill_9_worker_mid_step_is_recovered(tmp_path, store_url):
         second.wait(timeout=120)
         assert second.returncode == 0
     finally:
+        release.touch()  # ends the orphaned attempt 1 (its own session outlives the kill)
         killpg(first)
     status = run_status(store, rid)
     assert status["status"] == "succeeded"

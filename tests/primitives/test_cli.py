@@ -110,6 +110,12 @@ def test_store_check(run, moto_server):
     assert code == 0 and json.loads(out)["ok"] is True
 
 
+@pytest.mark.realserver
+def test_store_check_real_server(run, real_s3_url):
+    code, out, err = run("store", "check", real_s3_url, "--json")
+    assert code == 0 and json.loads(out)["ok"] is True, (code, out, err)
+
+
 @pytest.mark.parametrize("args", [
     ["agent", "memory", "set", "../etc", "1"], ["agent", "memory", "get", "/abs"], ["agent", "memory", "get", "a\x01b"],
     ["agent", "send", "a/b", "x"], ["agent", "claim", "../x"], ["agent", "artifact", "get", "../../x"], ["agent", "inbox", "--as", "a/b"],

@@ -54,6 +54,16 @@ def test_open_store_resolution(tmp_path, monkeypatch):
             open_store(bad)
 
 
+def test_s3_store_url_reopens_the_same_store():
+    # store.url is what subprocesses and printed hints get as --store: it must keep the region
+    for url in ["s3://bkt/p?endpoint=http://127.0.0.1:9000&region=eu-west-1", "s3://bkt/p?region=eu-west-1",
+                "s3://bkt/p?endpoint=http://127.0.0.1:9000", "s3://bkt"]:
+        s = open_store(url)
+        again = open_store(s.url)
+        assert (again.bucket, again.prefix, again.endpoint_url, again.region) == \
+            (s.bucket, s.prefix, s.endpoint_url, s.region), url
+
+
 _WRITER = r"""
 import sys
 from dagcraft.primitives import LocalStore

@@ -96,7 +96,8 @@ mailbox.ack(s, "shared", "bob", [m.id for m in msgs])
 """
 
 
-@pytest.mark.parametrize("backend", ["local_store", "s3_server_store"])
+@pytest.mark.parametrize("backend", ["local_store", "s3_server_store",
+                                     pytest.param("real_s3_store", marks=pytest.mark.realserver)])
 def test_mailbox_reader_killed_between_read_and_ack(request, backend):
     s = request.getfixturevalue(backend)
     m = mailbox.send(s, "shared", sender="alice", to="bob", body="work item")
@@ -148,8 +149,9 @@ def test_artifact_bad_names(local_store, tmp_path, bad):
         artifacts.put(local_store, f, scope="shared", name=bad, uploader="a")
 
 
-def test_artifact_multipart_streamed(moto_store, tmp_path):
-    s = moto_store
+@pytest.mark.parametrize("backend", ["moto_store", pytest.param("real_s3_store", marks=pytest.mark.realserver)])
+def test_artifact_multipart_streamed(request, backend, tmp_path):
+    s = request.getfixturevalue(backend)
     s.multipart_threshold = 5 << 20
     s.part_size = 5 << 20
     f = tmp_path / "big.bin"

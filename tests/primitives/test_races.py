@@ -66,3 +66,9 @@ def test_race_local(local_store):
 @pytest.mark.timeout(300)
 def test_race_serialized_moto_server(s3_server_store):
     _check(race(s3_server_store.url), s3_server_store)
+
+
+@pytest.mark.realserver
+@pytest.mark.timeout(300)
+def test_race_real_server(real_s3_store):
+    _check(race(real_s3_store.url), real_s3_store)
