@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dagcraft.errors import Conflict, CorruptRecord, DagcraftError, InvalidInput, NotFound
-from dagcraft.orchestrator import layout, registry, transitions
+from dagcraft.orchestrator import journal, layout, registry, transitions
 from dagcraft.orchestrator.model import (
     RUN_FINISHED,
     TERMINAL,
@@ -39,7 +39,6 @@ from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives.local import LocalStore
 from dagcraft.primitives.persist import ONCE
 from dagcraft.primitives.store import Store
-from dagcraft.primitives.ulid import new_ulid
 
 
 def read_record(store: Store, run_id: str) -> RunRecord:
@@ -264,7 +263,7 @@ def latest_run_id(store: Store) -> str:
 
 def _reindex(store: Store, run_id: str) -> None:
     # workers serving every run discover reopened runs through a fresh index entry
-    store.put(layout.runs_index_entry(new_ulid(), run_id), b"", if_none_match=True)
+    journal.index_run(store, run_id)
 
 
 def cancel(store: Store, run_id: str, reason: str = "cancelled by user", *, wait_s: float = 60.0) -> str:

@@ -6,6 +6,7 @@ record it changes, so a stale view costs at most a failed CAS, never a wrong tra
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import random
@@ -165,8 +166,12 @@ def fan_in(instances: list[dict[str, Any]], status: str) -> dict[str, Any]:
 class LocalView:
     """Step states and run control of one run, refreshed incrementally."""
 
+    #: step states re-read per paced resync at most: its cost is bounded whatever the run's size
+    RESYNC_BATCH = 32
+
     def __init__(self, store: Store, run_id: str, *, lookback_s: float = 30.0, resync_s: float = 60.0,
-                 detail: bool = False, persist: Persistence | None = None) -> None:
+                 detail: bool = False, persist: Persistence | None = None,
+                 resync_batch: int = RESYNC_BATCH) -> None:
         self.store = store
         self.run_id = run_id
         #: how long transitions made through this view ride out a store outage
@@ -189,6 +194,8 @@ class LocalView:
         self.control_etag: str | None = None
         self.journal = JournalReader(store, run_id, lookback_s=lookback_s)
         self.resync_s = resync_s
+        self.resync_batch = max(1, resync_batch)
+        self._resync_cursor: tuple[int, str] | None = None  # where the paced scan of open steps is
         self._rng = random.Random()
         self._next_resync = time.monotonic() + self._resync_interval()
         for sid in self.steps:
@@ -203,11 +210,11 @@ class LocalView:
 
     # -- reading -------------------------------------------------------------------------
     def refresh(self) -> list[str]:
-        """Apply journal entries since the last call; every ``resync_s`` also re-read every
-        step (the safety net for a writer that died between its CAS and its journal entry)."""
+        """Apply journal entries since the last call; every ``resync_s`` also make one paced
+        resync (the safety net for a writer that died between its CAS and its journal entry)."""
         if time.monotonic() >= self._next_resync:
             try:
-                self.full_resync()
+                self.paced_resync()
             finally:
                 # paced from the end of the last one, with jitter: never back to back, and
                 # many workers do not resync in step
@@ -249,6 +256,36 @@ class LocalView:
 
     def _resync_interval(self) -> float:
         return self.resync_s * self._rng.uniform(0.75, 1.25)
+
+    def resync_picks(self) -> list[str]:
+        """The steps the next paced resync re-reads: at most ``resync_batch``. First every step
+        held as running, compensating, waiting for approval or expanded (a change to one of
+        those that no journal entry announced would stall the run: nobody else touches it);
+        the rest of the batch goes to open steps, round robin from where the last one
+        stopped, so each is re-read at least every ``ceil(open / batch)`` resyncs. Terminal
+        steps are never re-read: what changes them again (resume, retry) writes control,
+        which every resync re-reads. (An open step changed without notice also heals on its
+        own: whoever tries to claim or skip it loses the CAS and reads the record.)"""
+        urgent = self.ids(self.active_ids | self.waiting_ids | self.expanded_ids)
+        picks = urgent[:self.resync_batch]
+        room = self.resync_batch - len(picks)
+        if room <= 0 or not self.open_ids:
+            return picks
+        ranked = sorted((self.order.get(s, 0), s) for s in self.open_ids)
+        start = 0 if self._resync_cursor is None else bisect.bisect_right(ranked, self._resync_cursor)
+        chosen = (ranked[start:] + ranked[:start])[:room]
+        self._resync_cursor = chosen[-1]
+        return picks + [sid for _, sid in chosen]
+
+    def paced_resync(self) -> None:
+        """Re-read control and the :meth:`resync_picks` (one GET each, in parallel): at most
+        ``resync_batch + 1`` GETs per ``resync_s``, whatever the run's size or length."""
+        self.refresh_control()
+        picks = self.resync_picks()
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcraft-resync") as pool:
+            got = list(pool.map(self.store.get, [layout.step_state(self.run_id, sid) for sid in picks]))
+        for sid, rec in zip(picks, got, strict=True):
+            self.apply_record(sid, rec)
 
     def full_resync(self) -> None:
         """Re-read control and every step state (reads in parallel: over S3 a large run would
