@@ -475,9 +475,25 @@ class LocalView:
             stack.extend(self.steps[cur].needs)
         return seen
 
+    def reads_upstream(self, step_id: str) -> bool:
+        """Whether step ``step_id`` may read an upstream step's results (outputs, artifacts,
+        fan-out instances): it declares inputs or a foreach, or its templates mention
+        ``steps`` or ``artifacts``. A textual check of the raw templates, erring towards yes."""
+        step = self.steps[step_id]
+        if step.inputs or step.foreach or step.worktree is not None:
+            return True
+        text = json.dumps([step.run, step.prompt, step.env, step.workdir, step.when, step.rollback, step.check])
+        return "steps" in text or "artifacts" in text
+
     def context_ids(self, step_id: str) -> set[str]:
         """Ancestors plus their foreach children, read in full: what a template may see."""
         ids = self.ancestors(step_id)
+        if not self.reads_upstream(step_id):
+            # its statuses (all it can see) came with the journal entries: nothing to read,
+            # so a pool of workers does not read every finished step once per worker
+            for sid in list(ids):
+                ids.update(self.state(sid).children)
+            return ids
         for sid in list(ids):
             ids.update(self.state(sid).children)
         self.ensure_fresh(ids)
