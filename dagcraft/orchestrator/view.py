@@ -277,15 +277,17 @@ class LocalView:
         self._resync_cursor = chosen[-1]
         return picks + [sid for _, sid in chosen]
 
-    def paced_resync(self) -> None:
+    def paced_resync(self) -> list[str]:
         """Re-read control and the :meth:`resync_picks` (one GET each, in parallel): at most
-        ``resync_batch + 1`` GETs per ``resync_s``, whatever the run's size or length."""
+        ``resync_batch + 1`` GETs per ``resync_s``, whatever the run's size or length.
+        Returns the steps re-read."""
         self.refresh_control()
         picks = self.resync_picks()
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcraft-resync") as pool:
             got = list(pool.map(self.store.get, [layout.step_state(self.run_id, sid) for sid in picks]))
         for sid, rec in zip(picks, got, strict=True):
             self.apply_record(sid, rec)
+        return picks
 
     def full_resync(self) -> None:
         """Re-read control and every step state (reads in parallel: over S3 a large run would

@@ -66,7 +66,7 @@ class SimStore(LocalStore):
 
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
         for frag in self.drop:
-            if "/journal/" in key and frag in key:
+            if "/journal/" in key and key.endswith(frag):
                 self.drop.remove(frag)
                 self.dropped.append(key)
                 return "dropped"
@@ -118,6 +118,10 @@ class Pool:
         self.intervals: list[float] = []
         self.cycles = Counter[int]()
         self.gen: list[int] = []
+        #: with ``kill_on_drop``, a worker whose journal PUT was dropped dies on the spot (its
+        #: events are ignored from then on: no more cycles, beats or attempt ends)
+        self.kill_on_drop = False
+        self.dead: set[int] = set()
         for i in range(n):
             cfg = WorkerConfig(store=store, store_url=store.url, worker_id=f"w{i}", lease_ttl=lease_ttl,
                                tmp_root=tmp / f"w{i}", grace=1.0)
@@ -162,6 +166,9 @@ class Pool:
                     raise AssertionError(f"not done after {limit_s:.0f} simulated seconds")
                 self.clock.t = max(self.clock.t, ev.at)
                 w = self.workers[ev.worker]
+                if ev.worker in self.dead:
+                    continue
+                dropped = len(self.store.dropped)
                 if ev.kind == "finish":
                     self._finish(ev.worker, *ev.payload)
                 elif ev.kind == "beat":
@@ -172,8 +179,10 @@ class Pool:
                     self.cycles[ev.worker] += 1
                     self.intervals[ev.worker] = w.next_interval(changed, self.intervals[ev.worker])
                     self._cycle_at(ev.worker, self.clock.t + self.intervals[ev.worker])
-                    if done():
-                        return
+                if self.kill_on_drop and len(self.store.dropped) > dropped:
+                    self.dead.add(ev.worker)
+                if ev.kind == "cycle" and done():
+                    return
         raise AssertionError("no more events")
 
 
