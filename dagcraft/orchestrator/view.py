@@ -196,6 +196,7 @@ class LocalView:
         self.resync_s = resync_s
         self.resync_batch = max(1, resync_batch)
         self._resync_cursor: tuple[int, str] | None = None  # where the paced scan of open steps is
+        self._changed_at: dict[str, float] = {}  # step -> when this view last saw it change
         self._rng = random.Random()
         self._next_resync = time.monotonic() + self._resync_interval()
         for sid in self.steps:
@@ -258,17 +259,19 @@ class LocalView:
         return self.resync_s * self._rng.uniform(0.75, 1.25)
 
     def resync_picks(self) -> list[str]:
-        """The steps the next paced resync re-reads: at most ``resync_batch``. First every step
-        held as running, compensating, waiting for approval or expanded (a change to one of
-        those that no journal entry announced would stall the run: nobody else touches it);
-        the rest of the batch goes to open steps, round robin from where the last one
-        stopped, so each is re-read at least every ``ceil(open / batch)`` resyncs. Terminal
-        steps are never re-read: what changes them again (resume, retry) writes control,
-        which every resync re-reads. (An open step changed without notice also heals on its
-        own: whoever tries to claim or skip it loses the CAS and reads the record.)"""
-        urgent = self.ids(self.active_ids | self.waiting_ids | self.expanded_ids)
-        picks = urgent[:self.resync_batch]
-        room = self.resync_batch - len(picks)
+        """The steps the next paced resync re-reads, at most ``resync_batch``: first those held
+        as running, compensating, waiting for approval or expanded that have not changed for
+        ``resync_s`` (a change to one of those that no journal entry announced would stall the
+        run; a step that changed recently is not suspect yet), then ``resync_batch // 8`` open
+        steps, round robin from where the last resync stopped. Terminal steps are never
+        re-read: what reopens them (resume, retry) writes control, which every resync re-reads.
+        An open step changed without notice also heals on its own: whoever tries to claim or
+        skip it loses the CAS and reads the record."""
+        now = time.monotonic()
+        quiet = [sid for sid in self.ids(self.active_ids | self.waiting_ids | self.expanded_ids)
+                 if now - self._changed_at.get(sid, 0.0) >= self.resync_s]
+        picks = quiet[:self.resync_batch]
+        room = min(self.resync_batch - len(picks), max(1, self.resync_batch // 8))
         if room <= 0 or not self.open_ids:
             return picks
         ranked = sorted((self.order.get(s, 0), s) for s in self.open_ids)
@@ -279,7 +282,8 @@ class LocalView:
 
     def paced_resync(self) -> list[str]:
         """Re-read control and the :meth:`resync_picks` (one GET each, in parallel): at most
-        ``resync_batch + 1`` GETs per ``resync_s``, whatever the run's size or length.
+        ``resync_batch + 1`` GETs per ``resync_s`` (``resync_batch // 8 + 1`` while no running
+        step is a minute old), whatever the run's size or length.
         Returns the steps re-read."""
         self.refresh_control()
         picks = self.resync_picks()
@@ -367,6 +371,7 @@ class LocalView:
         return sorted(self.steps, key=lambda s: (self.order.get(s, 0), s))
 
     def _index(self, step_id: str, status: str) -> None:
+        self._changed_at[step_id] = time.monotonic()
         # the scheduler and supervisor scan only these sets, not the whole DAG, every cycle
         for members, wanted in ((self.open_ids, status in OPEN), (self.active_ids, status in ACTIVE),
                                 (self.failed_ids, status == StepStatus.FAILED),

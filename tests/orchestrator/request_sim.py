@@ -8,8 +8,9 @@ simulated, so that 10,000 steps x 64 workers fit in a test:
 
 - time: ``time.monotonic`` and the store clock are one :class:`Clock`, advanced from event to
   event (a worker's next cycle, an attempt's end, a registration beat) instead of waited for;
-- execution: a claimed step "runs" for ``step_s`` simulated seconds and then commits
-  ``succeeded`` through the real holder write (``transitions.succeed``: CAS + journal entry).
+- execution: a claimed step "runs" for ``step_s`` simulated seconds, renewing its lease every
+  ``heartbeat_s`` (``transitions.heartbeat``), and then commits ``succeeded`` through the real
+  holder write (``transitions.succeed``: CAS + journal entry).
   A real attempt also uploads its trace and logs (about one PUT per attempt on top: see
   ``docs/store.md``), which this harness leaves out.
 
@@ -138,7 +139,15 @@ class Pool:
         heapq.heappush(self.events, _Event(at, next(self.seq), kind, worker, payload))
 
     def finish_later(self, w: SimWorker, run_id: str, job: SimJob) -> None:
-        self._at(self.clock.t + self.step_s, "finish", self.workers.index(w), (run_id, job))
+        i = self.workers.index(w)
+        end = self.clock.t + self.step_s
+        self._at(end, "finish", i, (run_id, job))
+        # the attempt's heartbeats (real holder writes: 1 PUT each), as a real attempt makes them
+        beat = w.cfg.heartbeat_s
+        t = self.clock.t + beat
+        while t < end:
+            self._at(t, "heartbeat", i, job)
+            t += beat
 
     def _finish(self, i: int, run_id: str, job: SimJob) -> None:
         w = self.workers[i]
@@ -171,6 +180,9 @@ class Pool:
                 dropped = len(self.store.dropped)
                 if ev.kind == "finish":
                     self._finish(ev.worker, *ev.payload)
+                elif ev.kind == "heartbeat":
+                    if ev.payload in (job for _, job in w.running.values()):
+                        transitions.heartbeat(ev.payload.w.hold, w.cfg.lease_ttl)
                 elif ev.kind == "beat":
                     w.registration.beat()
                     self._at(self.clock.t + w.registration.record.beat_s, "beat", ev.worker)
