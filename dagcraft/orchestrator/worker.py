@@ -3,7 +3,10 @@
 A worker serves every run in the store (discovered through ``runs-index/``, read with the
 same look-back as the journal, so a run submitted from a host whose clock is behind is still
 found) or one run. Each cycle costs one LIST per served run plus one GET per changed record —
-never a scan of the DAG. The supervisor role of a run is held by whichever worker holds its
+never a scan of the DAG. Discovery costs one GET of the ``runs-wake`` marker per check (every
+2 s, backing off to every 10 s while nothing new comes), and a LIST of the index only when the
+marker changed or every 30 min: an idle worker costs about $0.005 a day on AWS list prices
+(docs/store.md), and sees a submitted run at its next check. The supervisor role of a run is held by whichever worker holds its
 supervisor lease.
 
 Signals: SIGTERM drains (finish running steps, claim nothing new); SIGINT, or a second
