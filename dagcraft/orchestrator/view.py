@@ -489,11 +489,14 @@ class LocalView:
         step = self.steps[step_id]
         if step.inputs or step.foreach or step.worktree is not None:
             return True
-        text = json.dumps([step.run, step.prompt, step.env, step.workdir, step.when, step.rollback, step.check])
+        approval = step.approval.model_dump(mode="json") if step.approval is not None else None
+        text = json.dumps([step.run, step.prompt, step.env, step.workdir, step.when, step.rollback, step.check,
+                           approval])
         return "steps" in text or "artifacts" in text
 
     def context_ids(self, step_id: str) -> set[str]:
-        """Ancestors plus their foreach children, read in full: what a template may see."""
+        """Ancestors plus their foreach children — read in full when the step may read their
+        results (:meth:`reads_upstream`): what a template may see."""
         ids = self.ancestors(step_id)
         if not self.reads_upstream(step_id):
             # its statuses (all it can see) came with the journal entries: nothing to read,
