@@ -13,8 +13,10 @@ change without notification; readers catch it with the periodic full resync.
 
 from __future__ import annotations
 
+import logging
 import time
 
+from dagcraft.errors import DagcraftError
 from dagcraft.orchestrator import layout
 from dagcraft.primitives.store import Store
 from dagcraft.primitives.ulid import new_ulid, ulid_floor, ulid_time_ms
@@ -26,6 +28,21 @@ def append(store: Store, run_id: str, subject: str, rev: int | None = None, stat
     key = layout.journal_entry(run_id, new_ulid(), subject, rev, status)
     store.put(key, b"", if_none_match=True)
     return key
+
+
+log = logging.getLogger(__name__)
+
+
+def index_run(store: Store, run_id: str) -> None:
+    """Announce a run to the workers serving every run (a submit, or a resume that reopens
+    it): a new ``runs-index/`` entry, then a rewrite of the ``runs-wake`` marker that idle
+    workers watch with one GET instead of listing the index (see ``worker.py``). The marker is
+    best effort: a worker that misses it still finds the entry at its next full listing."""
+    store.put(layout.runs_index_entry(new_ulid(), run_id), b"", if_none_match=True)
+    try:
+        store.put(layout.RUNS_WAKE, new_ulid().encode())
+    except DagcraftError as exc:
+        log.warning("workers not woken for run %s (they find it at their next listing): %s", run_id, exc)
 
 
 class KeyFeed:

@@ -2,6 +2,7 @@
 
 ```
 runs-index/<ulid>~<run_id>                        one entry per submitted run (never rewritten)
+runs-wake                                         rewritten after every runs-index entry (journal.py)
 runs/<run>/run.json                               immutable submitted run (RunRecord)
 runs/<run>/control.json                           run-level status, changed only by CAS (Control)
 runs/<run>/journal/<ulid>~<step|@control>         append-only change notifications
@@ -110,6 +111,10 @@ RUNS_INDEX = "runs-index/"
 
 def runs_index_entry(ulid: str, run_id: str) -> str:
     return f"{RUNS_INDEX}{ulid}~{validate_run_id(run_id)}"
+
+
+#: a tiny key rewritten after every runs-index entry: idle workers GET it instead of listing
+RUNS_WAKE = "runs-wake"
 
 
 def parse_runs_index_key(key: str) -> str:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dagcraft.errors import Conflict, CorruptRecord, DagcraftError, InvalidInput, NotFound
-from dagcraft.orchestrator import budget, layout, registry, transitions
+from dagcraft.orchestrator import budget, journal, layout, registry, transitions
 from dagcraft.orchestrator.model import (
     RUN_FINISHED,
     TERMINAL,
@@ -41,7 +41,6 @@ from dagcraft.orchestrator.view import LocalView, workflow_of
 from dagcraft.primitives.local import LocalStore
 from dagcraft.primitives.persist import ONCE
 from dagcraft.primitives.store import Store
-from dagcraft.primitives.ulid import new_ulid
 from dagcraft.workflows import ConcreteStep
 
 
@@ -343,7 +342,7 @@ def latest_run_id(store: Store) -> str:
 
 def _reindex(store: Store, run_id: str) -> None:
     # workers serving every run discover reopened runs through a fresh index entry
-    store.put(layout.runs_index_entry(new_ulid(), run_id), b"", if_none_match=True)
+    journal.index_run(store, run_id)
 
 
 def cancel(store: Store, run_id: str, reason: str = "cancelled by user", *, wait_s: float = 60.0) -> str:

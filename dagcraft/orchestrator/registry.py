@@ -6,7 +6,8 @@ host, pid, start time, the runs it serves and the steps it is running, and its l
 Guarantees:
 - A registered worker renews its record every ``beat_s`` (a third of its lease TTL, between
   1 and 15 s: 10 s by default): one PUT at start, one PUT per beat, whatever the number of
-  runs or steps it serves. The record is the worker's own key, so the PUT is unconditional.
+  runs or steps it serves. A worker serving every run renews only every ``IDLE_BEAT_S`` while
+  it serves none (the record says so in its ``beat_s``), and at once when it starts serving. The record is the worker's own key, so the PUT is unconditional.
 - A clean exit (drain, hand-back, ``exit_when_idle``) deletes the record (one DELETE). A
   worker killed without exiting stops renewing; its record reads as ``gone`` once its last
   beat is older than ``GONE_AFTER_BEATS`` beats plus ``GRACE_S`` — by then the leases of its
@@ -41,6 +42,9 @@ GONE_AFTER_BEATS = 3.0
 GRACE_S = 2.0
 #: records of gone workers older than this are deleted by the next worker that starts
 PRUNE_AFTER_S = 3600.0
+#: how often a worker serving every run renews its record while it serves none: an idle pool
+#: costs one PUT per worker per 5 minutes, and reads as gone 3 idle beats after it died
+IDLE_BEAT_S = 300.0
 #: what ``status`` and ``runs`` say about an unfinished run that no live worker serves
 STALLED = "no live worker"
 
@@ -96,8 +100,12 @@ class Registration:
     ``snapshot`` is called at each beat and returns (runs served, attempts running)."""
 
     def __init__(self, store: Store, worker_id: str, beat_s: float, *, only_run: str | None = None,
-                 snapshot: Callable[[], tuple[list[str], list[str]]] | None = None) -> None:
+                 snapshot: Callable[[], tuple[list[str], list[str]]] | None = None,
+                 idle_beat_s: float | None = None) -> None:
         self.store = store
+        #: the renewal interval while the snapshot shows no run served (None: always ``beat_s``)
+        self.idle_beat_s = idle_beat_s
+        self._nudged = threading.Event()
         instance = new_ulid()
         self.key = layout.worker_record(worker_id, instance)
         self.beat_s = beat_s
@@ -115,8 +123,10 @@ class Registration:
         try:
             runs, steps = self.snapshot()
             now = self.store.now()
+            # the record promises the interval of its next renewal: liveness is judged by it
+            beat_s = self.idle_beat_s if (self.idle_beat_s is not None and not runs and not steps) else self.beat_s
             rec = self.record.model_copy(update={"beat_at": now, "runs": sorted(runs), "steps": sorted(steps),
-                                                 "started_at": self.record.started_at or now})
+                                                 "started_at": self.record.started_at or now, "beat_s": beat_s})
             self.store.put(self.key, dump(rec))
             self.record = rec
             self.beats += 1
@@ -126,8 +136,16 @@ class Registration:
             self.beaten.set()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.beat_s):
+        while True:
+            self._nudged.wait(self.record.beat_s or self.beat_s)
+            self._nudged.clear()
+            if self._stop.is_set():
+                return
             self.beat()
+
+    def nudge(self) -> None:
+        """Renew now (an idle worker that starts serving a run goes back to ``beat_s`` at once)."""
+        self._nudged.set()
 
     def start(self) -> None:
         """Register (one PUT), prune long-gone records, and start renewing."""
@@ -139,6 +157,7 @@ class Registration:
     def stop(self) -> None:
         """Stop renewing and remove the record: this worker is no longer serving anything."""
         self._stop.set()
+        self._nudged.set()
         if self._thread is not None:
             self._thread.join()
         try:

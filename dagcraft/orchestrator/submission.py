@@ -17,7 +17,6 @@ from dagcraft.orchestrator.model import Control, RunRecord, dump
 from dagcraft.orchestrator.view import secret_env_name
 from dagcraft.primitives.keys import validate_run_id
 from dagcraft.primitives.store import Store
-from dagcraft.primitives.ulid import new_ulid
 from dagcraft.workflows import CompiledWorkflow, compile_workflow, load_spec, parse_params
 
 REDACTED = "[redacted]"
@@ -118,7 +117,7 @@ def submit(
         store.put(layout.control(run_id), dump(Control(updated_at=store.now())), if_none_match=True)
         written.append(layout.control(run_id))
         written.append(journal.append(store, run_id, layout.CONTROL_MARK))
-        store.put(layout.runs_index_entry(new_ulid(), run_id), b"", if_none_match=True)
+        journal.index_run(store, run_id)
     except BaseException:
         _undo(store, [*written, layout.run_record(run_id)])
         raise

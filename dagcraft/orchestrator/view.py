@@ -6,6 +6,7 @@ record it changes, so a stale view costs at most a failed CAS, never a wrong tra
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import random
@@ -165,8 +166,12 @@ def fan_in(instances: list[dict[str, Any]], status: str) -> dict[str, Any]:
 class LocalView:
     """Step states and run control of one run, refreshed incrementally."""
 
+    #: step states re-read per paced resync at most: its cost is bounded whatever the run's size
+    RESYNC_BATCH = 32
+
     def __init__(self, store: Store, run_id: str, *, lookback_s: float = 30.0, resync_s: float = 60.0,
-                 detail: bool = False, persist: Persistence | None = None) -> None:
+                 detail: bool = False, persist: Persistence | None = None,
+                 resync_batch: int = RESYNC_BATCH) -> None:
         self.store = store
         self.run_id = run_id
         #: how long transitions made through this view ride out a store outage
@@ -192,6 +197,9 @@ class LocalView:
         self.control_etag: str | None = None
         self.journal = JournalReader(store, run_id, lookback_s=lookback_s)
         self.resync_s = resync_s
+        self.resync_batch = max(1, resync_batch)
+        self._resync_cursor: tuple[int, str] | None = None  # where the paced scan of open steps is
+        self._changed_at: dict[str, float] = {}  # step -> when this view last saw it change
         self._rng = random.Random()
         self._next_resync = time.monotonic() + self._resync_interval()
         for sid in self.steps:
@@ -206,11 +214,11 @@ class LocalView:
 
     # -- reading -------------------------------------------------------------------------
     def refresh(self) -> list[str]:
-        """Apply journal entries since the last call; every ``resync_s`` also re-read every
-        step (the safety net for a writer that died between its CAS and its journal entry)."""
+        """Apply journal entries since the last call; every ``resync_s`` also make one paced
+        resync (the safety net for a writer that died between its CAS and its journal entry)."""
         if time.monotonic() >= self._next_resync:
             try:
-                self.full_resync()
+                self.paced_resync()
             finally:
                 # paced from the end of the last one, with jitter: never back to back, and
                 # many workers do not resync in step
@@ -252,6 +260,41 @@ class LocalView:
 
     def _resync_interval(self) -> float:
         return self.resync_s * self._rng.uniform(0.75, 1.25)
+
+    def resync_picks(self) -> list[str]:
+        """The steps the next paced resync re-reads, at most ``resync_batch``: first those held
+        as running, compensating, waiting for approval or expanded that have not changed for
+        ``resync_s`` (a change to one of those that no journal entry announced would stall the
+        run; a step that changed recently is not suspect yet), then ``resync_batch // 8`` open
+        steps, round robin from where the last resync stopped. Terminal steps are never
+        re-read: what reopens them (resume, retry) writes control, which every resync re-reads.
+        An open step changed without notice also heals on its own: whoever tries to claim or
+        skip it loses the CAS and reads the record."""
+        now = time.monotonic()
+        quiet = [sid for sid in self.ids(self.active_ids | self.waiting_ids | self.expanded_ids)
+                 if now - self._changed_at.get(sid, 0.0) >= self.resync_s]
+        picks = quiet[:self.resync_batch]
+        room = min(self.resync_batch - len(picks), max(1, self.resync_batch // 8))
+        if room <= 0 or not self.open_ids:
+            return picks
+        ranked = sorted((self.order.get(s, 0), s) for s in self.open_ids)
+        start = 0 if self._resync_cursor is None else bisect.bisect_right(ranked, self._resync_cursor)
+        chosen = (ranked[start:] + ranked[:start])[:room]
+        self._resync_cursor = chosen[-1]
+        return picks + [sid for _, sid in chosen]
+
+    def paced_resync(self) -> list[str]:
+        """Re-read control and the :meth:`resync_picks` (one GET each, in parallel): at most
+        ``resync_batch + 1`` GETs per ``resync_s`` (``resync_batch // 8 + 1`` while no running
+        step is a minute old), whatever the run's size or length.
+        Returns the steps re-read."""
+        self.refresh_control()
+        picks = self.resync_picks()
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcraft-resync") as pool:
+            got = list(pool.map(self.store.get, [layout.step_state(self.run_id, sid) for sid in picks]))
+        for sid, rec in zip(picks, got, strict=True):
+            self.apply_record(sid, rec)
+        return picks
 
     def full_resync(self) -> None:
         """Re-read control and every step state (reads in parallel: over S3 a large run would
@@ -331,6 +374,7 @@ class LocalView:
         return sorted(self.steps, key=lambda s: (self.order.get(s, 0), s))
 
     def _index(self, step_id: str, status: str) -> None:
+        self._changed_at[step_id] = time.monotonic()
         # the scheduler and supervisor scan only these sets, not the whole DAG, every cycle
         self.touched.add(step_id)
         for members, wanted in ((self.open_ids, status in OPEN), (self.active_ids, status in ACTIVE),
@@ -442,9 +486,28 @@ class LocalView:
             stack.extend(self.steps[cur].needs)
         return seen
 
+    def reads_upstream(self, step_id: str) -> bool:
+        """Whether step ``step_id`` may read an upstream step's results (outputs, artifacts,
+        fan-out instances): it declares inputs or a foreach, or its templates mention
+        ``steps`` or ``artifacts``. A textual check of the raw templates, erring towards yes."""
+        step = self.steps[step_id]
+        if step.inputs or step.foreach or step.worktree is not None:
+            return True
+        approval = step.approval.model_dump(mode="json") if step.approval is not None else None
+        text = json.dumps([step.run, step.prompt, step.env, step.workdir, step.when, step.rollback, step.check,
+                           approval])
+        return "steps" in text or "artifacts" in text
+
     def context_ids(self, step_id: str) -> set[str]:
-        """Ancestors plus their foreach children, read in full: what a template may see."""
+        """Ancestors plus their foreach children — read in full when the step may read their
+        results (:meth:`reads_upstream`): what a template may see."""
         ids = self.ancestors(step_id)
+        if not self.reads_upstream(step_id):
+            # its statuses (all it can see) came with the journal entries: nothing to read,
+            # so a pool of workers does not read every finished step once per worker
+            for sid in list(ids):
+                ids.update(self.state(sid).children)
+            return ids
         for sid in list(ids):
             ids.update(self.state(sid).children)
         self.ensure_fresh(ids)

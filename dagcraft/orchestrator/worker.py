@@ -3,7 +3,10 @@
 A worker serves every run in the store (discovered through ``runs-index/``, read with the
 same look-back as the journal, so a run submitted from a host whose clock is behind is still
 found) or one run. Each cycle costs one LIST per served run plus one GET per changed record —
-never a scan of the DAG. The supervisor role of a run is held by whichever worker holds its
+never a scan of the DAG. Discovery costs one GET of the ``runs-wake`` marker per check (every
+2 s, backing off to every 10 s while nothing new comes), and a LIST of the index only when the
+marker changed or every 30 min: an idle worker costs about $0.005 a day on AWS list prices
+(docs/store.md), and sees a submitted run at its next check. The supervisor role of a run is held by whichever worker holds its
 supervisor lease.
 
 Signals: SIGTERM drains (finish running steps, claim nothing new); SIGINT, or a second
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import signal
 import threading
 import time
@@ -57,6 +61,14 @@ from dagcraft.orchestrator.supervisor import Supervisor
 from dagcraft.orchestrator.view import LocalView
 
 log = logging.getLogger(__name__)
+
+#: run discovery (every run served): a check is one GET of the ``runs-wake`` marker, which
+#: every submit and resume rewrites after its ``runs-index/`` entry; the index is listed only
+#: when the marker changed, or every ``INDEX_MAX_S`` in case a submitter died between the two.
+#: Checks back off from DISCOVER_MIN_S, doubling while they find nothing, to WAKE_MAX_S.
+DISCOVER_MIN_S = 2.0
+WAKE_MAX_S = 10.0
+INDEX_MAX_S = 1800.0
 
 
 class RunDriver:
@@ -102,9 +114,14 @@ class Worker:
         self.draining = False
         self.handing_back = False
         self._index = KeyFeed(cfg.store, layout.RUNS_INDEX)
-        self._index_next = 0.0
+        self._index_next = 0.0  # monotonic time of the next discovery check
+        self._discover_s = DISCOVER_MIN_S  # backs off while checks find nothing new
+        self._list_due = 0.0  # the next full listing of the index, whatever the marker says
+        self._wake_etag: str | None = None
+        self._rng = random.Random()
         self.registration = registry.Registration(cfg.store, cfg.worker_id, registry.beat_interval(cfg.lease_ttl),
-                                                  only_run=run_id, snapshot=self._serving)
+                                                  only_run=run_id, snapshot=self._serving,
+                                                  idle_beat_s=registry.IDLE_BEAT_S if run_id is None else None)
 
     def _serving(self) -> tuple[list[str], list[str]]:
         """(runs served, attempts running) for the registration, read from the beat thread."""
@@ -155,6 +172,8 @@ class Worker:
             return
         self.finished_runs.pop(run_id, None)
         self.drivers[run_id] = driver
+        if len(self.drivers) == 1:
+            self.registration.nudge()  # idle until now: renew at the serving rate from here on
 
     def _not_serving(self, run_id: str, exc: DagcraftError) -> None:
         """Contain a run whose records cannot be read: report it once (the bad key), mark it
@@ -177,9 +196,18 @@ class Worker:
         now = time.monotonic()
         if now < self._index_next:
             return
-        self._index_next = now + 2.0
-        for key in self._index.poll():
-            self._serve(layout.parse_runs_index_key(key))
+        got = self.cfg.store.get(layout.RUNS_WAKE)  # read before listing: a later submit changes it
+        etag = got[1] if got is not None else None
+        found = False
+        if etag != self._wake_etag or now >= self._list_due:
+            self._wake_etag = etag
+            self._list_due = now + INDEX_MAX_S
+            for key in self._index.poll():
+                found = True
+                self._serve(layout.parse_runs_index_key(key))
+        self._discover_s = DISCOVER_MIN_S if found else min(WAKE_MAX_S, self._discover_s * 2)
+        # jittered, so a pool of idle workers checks spread out rather than in step
+        self._index_next = now + self._discover_s * self._rng.uniform(0.8, 1.2)
 
     # -- execution -------------------------------------------------------------------------------
     def _on_change(self, run_id: str) -> Callable[[StepState, str, str | None], None]:
@@ -268,6 +296,15 @@ class Worker:
             active = self._serve_cycle(run_id, driver) or active
         return active
 
+    def next_interval(self, changed: bool, interval: float) -> float:
+        """The wait before the next cycle: ``poll_min`` after a cycle that saw a change this
+        worker can act on (it has a free slot, or holds a run's supervisor role), else twice
+        the last wait, up to ``poll_max``. A worker with every slot busy need not chase other
+        workers' changes: the end of one of its own attempts wakes it at once."""
+        actionable = changed and (len(self.running) < self.concurrency
+                                  or any(d.supervisor.lease is not None for d in self.drivers.values()))
+        return self.poll_min if actionable else min(self.poll_max, interval * 2)
+
     def idle_done(self) -> bool:
         if self.running:
             return False
@@ -314,12 +351,10 @@ class Worker:
                     self.on_cycle(self)
                 if self.idle_done():
                     break
-                if changed:
+                if changed and self.inline:
                     interval = self.poll_min
-                    if self.inline:
-                        continue
-                else:
-                    interval = min(self.poll_max, interval * 2)
+                    continue
+                interval = self.next_interval(changed, interval)
                 self.wake.wait(interval)
                 self.wake.clear()
         finally:

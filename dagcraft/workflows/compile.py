@@ -766,6 +766,8 @@ class _Compiler:
 
     def loop_def(self, path: tuple, s: StepSpec, fin: bool) -> LoopDef:
         """The compiled body of loop ``s``: body-local ids and needs, in a topological order."""
+        import networkx as nx
+
         assert s.loop is not None
         body = {b.id: (path + ("loop", "steps", j), b) for j, b in enumerate(s.loop.steps)}
         order = list(nx.lexicographical_topological_sort(self.graph.subgraph(body),
