@@ -123,7 +123,9 @@ def _drive_and_report(store: Any, url: str, run_id: str, opts: Any, report: str 
     session = f"; this session {time.time() - t0:.1f}s" if st["generation"] else ""
     click.echo(f"run {run_id}: {status} in {_secs(st['duration_s'])} ({counts}{session})")
     for s in st["steps"]:
-        if s.get("children_counts"):
+        if s.get("loop"):
+            click.echo(f"  {s['step']}: {_iterations(s['loop'])}")
+        elif s.get("children_counts"):
             click.echo(f"  {s['step']}: {_children(s)}")
     for s in st["steps"]:
         if s["status"] == "failed" and not s.get("children"):
@@ -532,6 +534,12 @@ def _secs(v: float | None) -> str:
     return "—" if v is None else f"{v:.1f}s"
 
 
+def _iterations(lp: dict[str, Any]) -> str:
+    """A loop in words: how far it got and what its ``until`` said last."""
+    until = "" if lp["until"] is None else f", until {str(lp['until']).lower()}"
+    return f"iteration {lp['iterations']} of max {lp['max_iterations']}{until}"
+
+
 def _children(s: dict[str, Any]) -> str:
     cc = s["children_counts"]
     n = sum(cc.values())
@@ -562,9 +570,7 @@ def _print_status(st: dict[str, Any]) -> None:
         if s["attempt"]:
             extra.append(f"attempt {s['attempt']}")
         if s.get("loop"):
-            lp = s["loop"]
-            until = "" if lp["until"] is None else f", until {str(lp['until']).lower()}"
-            extra.append(f"iteration {lp['iterations']} of max {lp['max_iterations']}{until}")
+            extra.append(_iterations(s["loop"]))
         elif s.get("children_counts"):
             extra.append(_children(s))
         if s.get("iteration"):

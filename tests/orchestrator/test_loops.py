@@ -90,6 +90,8 @@ def test_loop_runs_until_true_each_iteration_its_own_attempts(tmp_path, store_ur
     rid = status["run_id"]
     by = steps(status)
     assert status["status"] == "succeeded"
+    # the run's summary says how the loop ended, as `status` does (not "3 of 4 succeeded")
+    assert "polish: iteration 2 of max 3, until true" in proc.stdout, proc.stdout
     body = [s["step"] for s in status["steps"] if s["parent"] == "polish"]
     assert body == ["polish#1.review", "polish#1.fix", "polish#2.review", "polish#2.fix"]  # exactly 2 iterations
     assert by["polish#2.fix"]["status"] == "skipped"  # approved: its `when` is false
