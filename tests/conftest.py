@@ -68,12 +68,17 @@ def local_store(tmp_path: Path):
 def moto_store():
     from moto import mock_aws
 
+    from dagcraft.primitives.capabilities import Capabilities
     from dagcraft.primitives.s3 import S3Store, make_client
 
     with mock_aws():
         client = make_client(None, "us-east-1")
         client.create_bucket(Bucket="dagcraft-test")
-        yield S3Store("dagcraft-test", "pfx", client=client)
+        store = S3Store("dagcraft-test", "pfx", client=client)
+        # moto does everything AWS does (tests/primitives/test_capabilities.py probes it): known
+        # up front, as from a recorded probe, so request counts hold no per-test probe
+        store.apply_capabilities(Capabilities.full())
+        yield store
 
 
 @pytest.fixture(scope="session")
@@ -115,9 +120,12 @@ def server_store_url(endpoint: str, prefix: str = "pfx") -> str:
 
 @pytest.fixture
 def s3_server_store(moto_server: str):
+    from dagcraft.primitives.capabilities import Capabilities
     from dagcraft.primitives.s3 import S3Store
 
-    return S3Store(new_server_bucket(moto_server), "pfx", endpoint_url=moto_server)
+    store = S3Store(new_server_bucket(moto_server), "pfx", endpoint_url=moto_server)
+    store.apply_capabilities(Capabilities.full())  # as for moto_store
+    return store
 
 
 @dataclass(frozen=True)

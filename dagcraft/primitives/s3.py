@@ -151,6 +151,8 @@ class S3Store:
         self._quote_if_match = True
         self._multipart_conditional = True
         self._list_server_side = True
+        self._adapted = False  # capabilities learned (apply_capabilities) by this instance
+        self._adapting = threading.local()
         self._client_lock = threading.Lock()
         self._offset = 0.0
         # bounds on (server clock - local clock) learned from Date headers; see _learn_clock
@@ -317,6 +319,7 @@ class S3Store:
         if if_none_match:
             kw["IfNoneMatch"] = "*"
         if if_match is not None:
+            self._adapt()
             kw["IfMatch"] = f'"{if_match}"' if self._quote_if_match else if_match
         tries = [0]
         try:
@@ -361,6 +364,8 @@ class S3Store:
         ``start_after``; else every key under ``prefix`` is listed (correct, costlier)."""
         validate_prefix(prefix)
         base = f"{self.prefix}/" if self.prefix else ""
+        if start_after is not None or limit is not None:
+            self._adapt()
         server_side = self._list_server_side
         out: list[str] = []
         token: str | None = None
@@ -401,6 +406,8 @@ class S3Store:
         # A server that ignores If-None-Match on CompleteMultipartUpload (Ceph RGW) would let
         # a second create overwrite silently: there a create-if-absent is one streamed PUT,
         # which it does enforce, up to S3's single-PUT limit, and refused beyond it.
+        if if_none_match and size > self.multipart_threshold:
+            self._adapt()
         single = size <= self.multipart_threshold or (if_none_match and not self._multipart_conditional)
         if single and size > MAX_SINGLE_PUT:
             raise InvalidInput(f"put {key}: {size} bytes is more than {self.where} can create-if-absent "
@@ -444,9 +451,27 @@ class S3Store:
                 pass
             raise
 
+    def _adapt(self) -> None:
+        """Before this instance's first request whose form depends on the server (a CAS, a
+        listing cut by ``start_after``/``limit``, a large create-if-absent), learn the bucket's
+        capabilities: one GET of the recorded probe per process (the probe itself only for a
+        bucket never probed), so every command and every step's ``dagcraft agent …`` speaks
+        the form the server accepts, not only those that ``require`` it. The probe's own
+        writes come back here and use the defaults (per-thread guard)."""
+        if self._adapted or getattr(self._adapting, "on", False):
+            return
+        from dagcraft.primitives import capabilities
+
+        self._adapting.on = True
+        try:
+            capabilities.load(self)
+        finally:
+            self._adapting.on = False
+
     def apply_capabilities(self, caps: Capabilities) -> None:
         """Adapt to the bucket's probed behaviour: the If-Match form it accepts, whether a
         multipart create-if-absent is enforced, whether listings may be cut server side."""
+        self._adapted = True
         self._quote_if_match = caps.if_match_quoted or not caps.if_match_unquoted
         self._multipart_conditional = caps.multipart_create_if_absent
         self._list_server_side = caps.list_server_side

@@ -16,6 +16,7 @@ import pytest
 from dagcraft.errors import Conflict, StoreUnavailable
 from dagcraft.orchestrator import list_runs, run_status
 from dagcraft.primitives import capabilities
+from dagcraft.primitives.capabilities import Capabilities
 from dagcraft.primitives.s3 import S3Store
 from dagcraft.primitives.url import open_store, s3_url
 from tests.conftest import new_server_bucket
@@ -110,6 +111,7 @@ def test_local_store_is_capable_without_any_request(local_store):
 def test_rgw_quoted_if_match_is_detected_and_the_unquoted_form_is_sent(deviant):
     proxy, _, store, _ = deviant("refuse_quoted_if_match")
     etag = store.put("k", b"1")
+    store.apply_capabilities(Capabilities.full())  # told AWS's behaviour: the quoted form is sent
     with pytest.raises(Conflict):  # the finding: a valid CAS is refused while the quoted form is sent
         store.put("k", b"2", if_match=etag)
     caps = capabilities.require(store)
@@ -119,6 +121,22 @@ def test_rgw_quoted_if_match_is_detected_and_the_unquoted_form_is_sent(deviant):
         store.put("k", b"3", if_match=etag)
     assert store.get("k") == (b"2", e2)
     assert proxy.deviated["refused_if_match"] >= 2
+
+
+def test_a_fresh_store_adapts_before_its_first_cas_without_being_told(deviant):
+    """Every command and every step's `dagcraft agent ...` call gets the server's form, not
+    only run/submit/worker (which `require` the capabilities): the first CAS loads them."""
+    proxy, url, _, _ = deviant("refuse_quoted_if_match")
+    capabilities.forget()
+    store = open_store(url)
+    etag = store.put("k", b"1")
+    e2 = store.put("k", b"2", if_match=etag)  # probed (once), then sent unquoted
+    assert store.get("k") == (b"2", e2)
+    with pytest.raises(Conflict):
+        store.put("k", b"3", if_match=etag)
+    again = open_store(url)  # a second instance in this process: no probe, no refusal
+    assert again.put("k", b"4", if_match=e2)
+    assert proxy.deviated["refused_if_match"] >= 1
 
 
 def test_rgw_example_pipeline_runs(deviant, tmp_path):
@@ -138,6 +156,7 @@ def _big_file(tmp_path: Path) -> Path:
 
 def test_rgw_multipart_create_if_absent_is_not_relied_on(deviant, tmp_path):
     proxy, url, store, _ = deviant("multipart_ignores_if_none_match")
+    store.apply_capabilities(Capabilities.full())  # told AWS's behaviour: multipart relied on
     store.multipart_threshold = 1 << 20
     big = _big_file(tmp_path)
     store.put_file("a", big, if_none_match=True)
@@ -207,6 +226,7 @@ TREE_KEYS = ["j/a/b", "j/a%b/c", "j/a-b", "j/a!", "j/b"]
 
 def test_seaweedfs_tree_order_is_detected_and_listings_stay_correct(deviant):
     proxy, _, store, _ = deviant("tree_order_list")
+    store.apply_capabilities(Capabilities.full())  # told AWS's behaviour: listings cut server side
     for k in TREE_KEYS:
         store.put(k, b"")
     # the finding: tree order, and start_after both returning an earlier key and skipping later ones
