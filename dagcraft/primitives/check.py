@@ -6,13 +6,27 @@ from __future__ import annotations
 
 from dagcraft.primitives import capabilities
 from dagcraft.primitives.store import Store
+from dagcraft.primitives.ulid import new_ulid
 
 
 def check_store(store: Store) -> tuple[list[str], capabilities.Capabilities]:
     """(the required guarantees the store lacks — empty: dagcraft can coordinate on it —, the
     measured record). Raises StoreUnavailable when the store cannot be reached at all."""
     caps = capabilities.load(store, reprobe=True)
+    if getattr(store, "raw", None) is None:
+        _write_round_trip(store)  # a store that needs no probe must still take writes
     return caps.missing(), caps
+
+
+def _write_round_trip(store: Store) -> None:
+    """Create, CAS and delete one scratch key: a read-only or full store fails here with its
+    StoreUnavailable (exit 5, naming the operation), not at the first step of a run."""
+    key = f"_dagcraft/check/{new_ulid()}"
+    etag = store.put(key, b"check-1", if_none_match=True)
+    try:
+        store.put(key, b"check-2", if_match=etag)
+    finally:
+        store.delete(key)
 
 
 def adaptations(caps: capabilities.Capabilities) -> list[str]:

@@ -131,10 +131,10 @@ def test_submit_that_fails_leaves_nothing_visible(tmp_path, code):
     spec = tmp_path / "big.yaml"
     spec.write_text("name: big\nsteps:\n" + "".join(f"  - id: s{i}\n    run: 'true'\n" for i in range(40)))
     wf = compile_file(spec, {})
-    refused = disk_full(store, "/steps/s3", code)
+    refused = disk_full(store, "/control.json", code)  # after run.json: a half-written submit
     with pytest.raises(StoreUnavailable) as exc:
         submit(store, wf, run_id="half-1")
-    assert refused and str(store.root) in str(exc.value) and "put runs/half-1/steps/s3" in str(exc.value)
+    assert refused and str(store.root) in str(exc.value) and "put runs/half-1/control.json" in str(exc.value)
     assert os.strerror(code) in str(exc.value)
     assert list_runs(store) == []
     assert store.list("runs/half-1/") == []  # nothing half-written is left
@@ -186,7 +186,9 @@ def _in_tmpfs(tmp_path: Path, script: str, size: str = "200k", timeout: float = 
 
 def test_submit_on_a_full_filesystem_is_exit_5_and_leaves_nothing(tmp_path):
     spec = tmp_path / "big.yaml"
-    spec.write_text("name: big\nsteps:\n" + "".join(f"  - id: s{i}\n    run: 'true'\n" for i in range(60)))
+    # a spec snapshot (run.json) larger than the 100 KiB filesystem: submit's first write fails
+    spec.write_text("name: big\nsteps:\n" + "".join(f"  - id: s{i}\n    run: 'echo {'x' * 2000}'\n"
+                                                     for i in range(60)))
     proc = _in_tmpfs(tmp_path, f"""
         $DAG submit {spec} --store "$T/st" --run-id big-1; echo "submit=$?"
         $DAG runs --store "$T/st" --json; echo "runs=$?"
