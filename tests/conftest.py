@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,7 +159,15 @@ def real_s3() -> Iterator[RealS3]:
         else:
             client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REAL_S3_REGION})
     try:
-        yield RealS3(REAL_S3_ENDPOINT, REAL_S3_REGION, bucket, session)
+        real = RealS3(REAL_S3_ENDPOINT, REAL_S3_REGION, bucket, session)
+        # the server's capabilities, probed once for the session (its record under
+        # <session>/caps/), handed to every per-test store as a recorded probe would be
+        from dagcraft.primitives import capabilities
+        from dagcraft.primitives.s3 import S3Store
+
+        _real_caps.append(capabilities.load(S3Store(bucket, f"{session}/caps", endpoint_url=REAL_S3_ENDPOINT,
+                                                    region=REAL_S3_REGION)))
+        yield real
     finally:
         # best effort: remove what this session wrote (a shared bucket keeps everything else)
         try:
@@ -173,6 +182,7 @@ def real_s3() -> Iterator[RealS3]:
 
 
 _real_prefixes = count(1)
+_real_caps: list[Any] = []  # the session's probed capabilities (one entry)
 
 
 def _real_prefix(real: RealS3) -> str:
@@ -184,7 +194,9 @@ def real_s3_store(real_s3: RealS3):
     """An S3Store on a fresh prefix of the real server's bucket."""
     from dagcraft.primitives.s3 import S3Store
 
-    return S3Store(real_s3.bucket, _real_prefix(real_s3), endpoint_url=real_s3.endpoint, region=real_s3.region)
+    store = S3Store(real_s3.bucket, _real_prefix(real_s3), endpoint_url=real_s3.endpoint, region=real_s3.region)
+    store.apply_capabilities(_real_caps[0])
+    return store
 
 
 @pytest.fixture
@@ -199,16 +211,11 @@ def real_s3_url(real_s3: RealS3) -> str:
 REALSERVER = pytest.param("realserver", marks=pytest.mark.realserver)
 
 # Which server the tier runs against (the scripts export it: ``seaweedfs``, ``ceph-rgw``), and
-# that server's known gaps from issue 12, fixed by the capability work in dagcraft/primitives/s3.py.
-# Until then those tests are xfail(strict=False) on that server only, so CI stays green; an entry
-# is deleted when its fix lands (an xpass in the report says it is time).
+# that server's known gaps: tests xfail(strict=False) on that server only. Empty: the gaps found
+# in issue 12 (SeaweedFS's tree-order listing; RGW's quoted If-Match and multipart create) are
+# probed and adapted to (dagcraft/primitives/capabilities.py), and their tests pass.
 REAL_S3_SERVER = os.environ.get("DAGCRAFT_TEST_S3_SERVER", "").strip()
-KNOWN_GAPS: dict[str, dict[str, str]] = {
-    "seaweedfs": {
-        "test_list_order_prefix_start_after_limit":
-            "issue 12: SeaweedFS lists in tree order ('a/b' before 'a%b/c'), not byte order",
-    },
-}
+KNOWN_GAPS: dict[str, dict[str, str]] = {}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
