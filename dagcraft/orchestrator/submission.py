@@ -110,8 +110,8 @@ def submit(
     except Conflict:
         raise Conflict(f"run id {run_id!r} already exists in {store.url}") from None
     # No per-step records: a step without one is pending (every reader says so), and its
-    # first transition creates it (If-None-Match). A 10,000-step submit is four writes, not
-    # 10,004 — on S3 that is 10,000 PUTs fewer per run.
+    # first transition creates it (If-None-Match). A 10,000-step submit is five writes, not
+    # 10,005 — on S3 that is 10,000 PUTs fewer per run.
     written: list[str] = []
     try:
         store.put(layout.control(run_id), dump(Control(updated_at=store.now())), if_none_match=True)

@@ -25,10 +25,11 @@ def chain_spec(n: int) -> str:
 
 
 @pytest.mark.parametrize("n", [10, 1000])
-def test_submit_writes_four_objects_whatever_the_size(tmp_path, n):
+def test_submit_writes_five_objects_whatever_the_size(tmp_path, n):
     store = LocalStore(tmp_path / "store", fsync=False)
     rid = submit_spec(store, write_spec(tmp_path, chain_spec(n)))
-    assert store.stats["put"] == 4  # run.json, control.json, a journal entry, the index entry
+    # run.json, control.json, a journal entry, the index entry, the idle workers' wake key
+    assert store.stats["put"] == 5
     before = dict(store.stats)
     st = run_status(store, rid)
     assert st["counts"] == {"pending": n} and len(st["steps"]) == n
