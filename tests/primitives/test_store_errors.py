@@ -6,9 +6,9 @@ Faults are the OS's own errors raised from inside LocalStore's real calls (its c
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
-import pathlib
 
 import pytest
 
@@ -44,14 +44,14 @@ def test_write_errors_are_store_unavailable_naming_op_and_key(tmp_path, code):
 def test_read_errors_are_store_unavailable(tmp_path, monkeypatch):
     store = LocalStore(tmp_path / "s")
     store.put("a/b", b"x")
-    real = pathlib.Path.read_bytes
+    real = builtins.open
 
-    def read_bytes(self):
-        if str(self).startswith(str(store.root)):
+    def refusing_open(file, *args, **kw):  # the OS refusing the read, whatever the call path
+        if str(file).startswith(str(store.root)):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-        return real(self)
+        return real(file, *args, **kw)
 
-    monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(builtins, "open", refusing_open)
     with pytest.raises(StoreUnavailable, match=r": get a/b: Permission denied$"):
         store.get("a/b")
 
