@@ -61,6 +61,15 @@ class SimStore(LocalStore):
         self.clock = clock
         self.drop: list[str] = []
         self.dropped: list[str] = []
+        #: the worker whose event the pool is processing: its GETs are counted in ``gets_by``,
+        #: by worker and key
+        self.actor: int | None = None
+        self.gets_by: Counter[tuple[int, str]] = Counter()
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        if self.actor is not None:
+            self.gets_by[(self.actor, key)] += 1
+        return super().get(key)
 
     def now(self) -> float:
         return self.clock.time()
@@ -175,6 +184,7 @@ class Pool:
                     raise AssertionError(f"not done after {limit_s:.0f} simulated seconds")
                 self.clock.t = max(self.clock.t, ev.at)
                 w = self.workers[ev.worker]
+                self.store.actor = ev.worker
                 if ev.worker in self.dead:
                     continue
                 dropped = len(self.store.dropped)
