@@ -215,8 +215,9 @@ class FaultyStore:
     def now(self) -> float:
         return self._inner.now()
 
-    def put_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
-        return self._run("put_file", key, lambda: self._inner.put_file(key, path, if_none_match=if_none_match))
+    def put_file(self, key: str, path: Path, *, if_none_match: bool = False, consume: bool = False) -> str:
+        return self._run("put_file", key, lambda: self._inner.put_file(key, path, if_none_match=if_none_match,
+                                                                       consume=consume))
 
     def open_read(self, key: str) -> BinaryIO:
         return self._run("open_read", key, lambda: self._inner.open_read(key), cleanup=lambda f: f.close())

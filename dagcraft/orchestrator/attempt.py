@@ -173,6 +173,27 @@ def classify_exec(res: ExecResult, argv0: str, timeout_s: float | None) -> tuple
     return ReasonKind.EXIT_CODE, f"exit code {res.exit_code}"
 
 
+def clean_run_scratch(tmp_root: Path, run_id: str) -> None:
+    """Remove the run's empty step directories and then its run directory under ``tmp_root``
+    (what attempts leave there once each removed its own directory). Non-empty ones stay: an
+    attempt of another worker on this host, or ``--keep-workdirs``; a sibling attempt creating
+    a directory again concurrently is handled by ``private_dir``."""
+    run_dir = tmp_root / run_id
+    try:
+        step_dirs = list(os.scandir(run_dir))
+    except OSError:
+        return
+    for entry in step_dirs:
+        try:
+            os.rmdir(entry.path)
+        except OSError:
+            pass  # not empty, or not a directory
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
+
+
 def stderr_tail(path: Path, lines: int = STDERR_TAIL_LINES, limit: int = STDERR_TAIL_BYTES) -> str | None:
     """The last ``lines`` lines of a log, at most ``limit`` bytes (cut at a line start when it
     can be), or None for a missing or blank log."""
@@ -897,19 +918,16 @@ class Attempt:
         for name in ("stdout.log", "stderr.log", "check.stdout.log", "check.stderr.log", "trace.jsonl"):
             p = self.dir / name
             if p.exists() and p.stat().st_size > 0:  # an empty log costs no request
-                self.outbox.upload(f"{self._prefix}/{name}", p)
+                # closed for good, and removed just below: the store may take the file itself
+                self.outbox.upload(f"{self._prefix}/{name}", p, consume=not self.cfg.keep_workdirs)
         if not (committed is not None and outcome.status is AttemptStatus.SUCCEEDED):
             self._remove_worktree(delete_branch=True)  # only a committed success publishes its branch
         if not self.cfg.keep_workdirs:
             # the outbox queued its own copies of what did not land: nothing here is needed
+            # the step and run directories above it stay for the run's next attempts (made and
+            # removed per attempt they cost two inodes each time); the worker removes them when
+            # it stops serving the run (clean_run_scratch)
             shutil.rmtree(self.dir, ignore_errors=True)
-            # and the step and run directories above it once empty (they piled up in /tmp); a
-            # sibling attempt creating them again concurrently is handled by private_dir
-            for parent in (self.dir.parent, self.dir.parent.parent):
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break  # not empty (another attempt of this run), or already gone
         for sem, lease in zip(self.w.semaphores, self.w.semaphore_leases, strict=True):
             try:
                 sem.release(lease)

@@ -59,6 +59,8 @@ class _Pending:
     key: str
     path: Path
     note: Path
+    #: the file is handed over (see Store.put_file): our queued copies always are
+    consume: bool = False
     tries: int = 0
     next_at: float = 0.0
 
@@ -86,25 +88,26 @@ class Outbox:
         for note in sorted(self.dir.glob("*.json")):
             try:
                 data = json.loads(note.read_text())
-                item = _Pending(str(data["key"]), Path(data["path"]), note)
+                item = _Pending(str(data["key"]), Path(data["path"]), note, consume=True)
             except (OSError, ValueError, KeyError):
                 continue
             with self._lock:
                 self._pending.setdefault(item.key, item)
 
-    def upload(self, key: str, path: Path) -> bool:
+    def upload(self, key: str, path: Path, *, consume: bool = False) -> bool:
         """Upload ``path`` to ``key`` now; on a store outage queue a copy of it (the caller may
-        delete ``path`` as soon as this returns). True when it landed."""
+        delete ``path`` as soon as this returns). True when it landed. ``consume``: the caller
+        will not change ``path`` again (the store may take the file itself, see put_file)."""
         name = hashlib.sha256(key.encode()).hexdigest()[:32]
         note = self.dir / (name + ".json")
-        item = _Pending(key, path, note)
+        item = _Pending(key, path, note, consume=consume)
         if self._try(item):
             return True
         try:
             private_dir(self.dir, self.root)
             copy = self.dir / (name + ".data")
             shutil.copyfile(path, copy)
-            item.path = copy
+            item.path, item.consume = copy, True
             tmp = note.with_suffix(".tmp")
             tmp.write_text(json.dumps({"key": key, "path": str(copy)}))
             tmp.replace(note)  # a note always names a complete copy
@@ -139,7 +142,7 @@ class Outbox:
 
     def _try(self, item: _Pending) -> bool:
         try:
-            self.store.put_file(item.key, item.path)
+            self.store.put_file(item.key, item.path, consume=item.consume)
             return True
         except StoreUnavailable as exc:
             item.tries += 1

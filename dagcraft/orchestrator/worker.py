@@ -52,7 +52,7 @@ from dagcraft.errors import (
     StoreUnavailable,
 )
 from dagcraft.orchestrator import layout, ops, registry
-from dagcraft.orchestrator.attempt import Attempt, WorkerConfig
+from dagcraft.orchestrator.attempt import Attempt, WorkerConfig, clean_run_scratch
 from dagcraft.orchestrator.journal import KeyFeed
 from dagcraft.orchestrator.model import RUN_FINISHED, AttemptStatus, RunStatus, StepState
 from dagcraft.orchestrator.outbox import Outbox
@@ -265,6 +265,7 @@ class Worker:
                     driver.supervisor.release()
                     self.finished_runs[run_id] = driver.view.control.status
                     del self.drivers[run_id]
+                    clean_run_scratch(self.cfg.tmp_root, run_id)
                 return True
             if not self.draining:
                 capacity = self.concurrency - len(self.running)
@@ -361,8 +362,9 @@ class Worker:
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
             self._reap()
-            for driver in self.drivers.values():
+            for run_id, driver in self.drivers.items():
                 driver.supervisor.release()
+                clean_run_scratch(self.cfg.tmp_root, run_id)
             if self.outbox.drain(min(self.cfg.outage_s, 60.0)):
                 log.error("%d uploads could not be made before exit; a later worker on this host will retry "
                           "them (until then `trace verify` reports those traces missing)", len(self.outbox))

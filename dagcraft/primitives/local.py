@@ -24,7 +24,10 @@ Guarantees (across threads and processes on one machine, on a local POSIX filesy
 
 - **Atomic create-if-absent**: ``put(if_none_match=True)`` writes a temp file fully (and fsyncs
   it), then ``os.link``\\ s it to the target name; ``link`` fails if the name exists, so exactly
-  one of any number of concurrent creators wins, the rest get ``Conflict``.
+  one of any number of concurrent creators wins, the rest get ``Conflict``. An empty object
+  (the key is the message) is made by an exclusive ``open(O_CREAT|O_EXCL)`` in place instead:
+  the same one-winner rule, with nothing to write. ``put_file(consume=True)`` hard-links the
+  handed-over file in as the temp instead of copying it.
 - **Atomic compare-and-swap**: ``put(if_match=etag)`` (and unconditional put and delete) run
   under an exclusive ``flock`` on the key's lock file: compare the current etag, then
   ``os.replace`` a fully written temp file. ``flock`` locks are per open file description, so
@@ -246,17 +249,59 @@ class LocalStore:
         path = self._path(key)
         self.stats["put"] += 1
         with self._io("put", key):
+            if if_none_match and if_match is None and not data:
+                return self._create_empty(key, path)
             tmp, etag = self._write_temp(bytes(data))
             return self._commit(key, path, tmp, etag, if_none_match, if_match)
 
-    def put_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
+    def put_file(self, key: str, path: Path, *, if_none_match: bool = False, consume: bool = False) -> str:
         target = self._path(key)
         self.stats["put"] += 1
         if not Path(path).is_file():
             raise NotFound(f"no such file: {path}")
         with self._io("put", key):
-            tmp, etag = self._write_temp(src=Path(path))
+            tmp, etag = self._take_file(Path(path)) if consume else self._write_temp(src=Path(path))
             return self._commit(key, target, tmp, etag, if_none_match, None)
+
+    def _create_empty(self, key: str, path: Path) -> str:
+        """Create-if-absent of an empty object (journal and index entries: the key is the
+        message): an exclusive create in place, as atomic as the temp-and-link of other
+        objects, with nothing to write and no temp to make and remove."""
+        path = self._resolve(path)
+        for _ in range(3):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                return _etag_of(b"")
+            except FileExistsError:
+                raise Conflict(f"{key}: already exists") from None
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except NotADirectoryError:
+                raise InvalidInput(f"{key}: a parent is not a directory") from None
+        raise StoreUnavailable(f"local store {self.root}: cannot create {key}")
+
+    def _take_file(self, src: Path) -> tuple[Path, str]:
+        """A handed-over file as a temp: hard-linked in (fsynced unless ``fsync=False``), not
+        copied — no bytes written, and no inode made here and freed with the caller's copy.
+        Falls back to a copy when a link cannot be made (another filesystem, a refusing one)."""
+        tmp = self._tmp / f"{new_ulid()}-{os.getpid()}"
+        h = hashlib.sha256()
+        with open(src, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+            if self.fsync:
+                os.fsync(f.fileno())
+        try:
+            os.link(src, tmp)
+        except FileNotFoundError:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, tmp)
+            except OSError:
+                return self._write_temp(src=src)
+        except OSError:  # EXDEV, EPERM (a filesystem without hard links), ...
+            return self._write_temp(src=src)
+        return tmp, h.hexdigest()[:32]
 
     def _commit(self, key: str, path: Path, tmp: Path, etag: str, if_none_match: bool,
                 if_match: str | None) -> str:

@@ -396,7 +396,7 @@ class S3Store:
             self._last_now = t
             return t
 
-    def put_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
+    def put_file(self, key: str, path: Path, *, if_none_match: bool = False, consume: bool = False) -> str:
         k = self._key(key)
         path = Path(path)
         try:

@@ -48,8 +48,11 @@ class Store(Protocol):
         """The store's clock, in seconds since the epoch."""
         ...
 
-    def put_file(self, key: str, path: Path, *, if_none_match: bool = False) -> str:
-        """Stream a local file into ``key`` (multipart on S3); never read whole into memory."""
+    def put_file(self, key: str, path: Path, *, if_none_match: bool = False, consume: bool = False) -> str:
+        """Stream a local file into ``key`` (multipart on S3); never read whole into memory.
+        ``consume``: the caller hands the file over (it will not change it again, and deletes
+        it after the call), so a store may take the file itself instead of a copy (the local
+        store links it in when it is on the same filesystem)."""
         ...
 
     def open_read(self, key: str) -> BinaryIO:

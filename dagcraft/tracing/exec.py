@@ -5,7 +5,7 @@ Guarantees:
   (timeout, ``cancel.set()``, a forwarded SIGINT/SIGTERM) signal the whole group, then SIGKILL
   the group after ``grace`` seconds if it has not exited.
 - **Bounded memory** whatever the child prints: one reader thread per pipe copies 64 KiB chunks
-  to the log file and keeps only a ≤4 KiB preview (first 2000 + last 2000 bytes when longer) and
+  to the log file (created at the stream's first byte: a silent stream leaves no file) and keeps only a ≤4 KiB preview (first 2000 + last 2000 bytes when longer) and
   a partial-line buffer capped at :data:`LINE_LIMIT` (1 MiB; longer lines are written through in
   pieces and reported to the adapter as unparsed).
 - **Redaction before writing**: log lines go through the writer's redactor line by line (see
@@ -116,6 +116,7 @@ class _Pump(threading.Thread):
         self._logged = 0
         self._overlong: tuple[int, bytes] | None = None   # (bytes so far, head) of a cut line
         self._f: BinaryIO | None = None
+        self._opened = False  # the log file is created at the first byte: a silent stream makes none
         #: first error opening, writing or closing the log file (the log is incomplete)
         self.log_error: OSError | None = None
         #: any other error; output after it was drained and counted but not processed
@@ -135,6 +136,15 @@ class _Pump(threading.Thread):
                 pass  # the buffered bytes that failed to write fail again: already recorded
 
     def _write(self, data: bytes) -> None:
+        if not self._opened:
+            # created only once there is something to log: a file made and deleted for every
+            # silent stream costs an inode each time (slow on ext4 without a journal, where
+            # the allocator skips recently freed inodes one by one)
+            self._opened = True
+            try:
+                self._f = self._open_log()
+            except OSError as exc:
+                self._log_failed(exc)
         if self._f is not None:
             try:
                 self._f.write(data)
@@ -197,10 +207,6 @@ class _Pump(threading.Thread):
             self.nbytes += len(chunk)
 
     def _copy(self, fd: int) -> None:
-        try:
-            self._f = self._open_log()
-        except OSError as exc:
-            self._log_failed(exc)
         buf = b""
         while True:
             chunk = os.read(fd, CHUNK)
@@ -291,11 +297,10 @@ def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | N
         code = 127 if isinstance(exc, FileNotFoundError) else 126
         msg = f"cannot execute {argv[0]!r}: {exc.strerror or exc}"
         log_problems = []
-        for p, data in ((stdout_log, b""), (stderr_log, redactor.redact_text(msg).encode() + b"\n")):
-            try:
-                p.write_bytes(data)
-            except OSError as exc:
-                log_problems.append(f"{p.name}: {_describe(exc)}")
+        try:  # stdout stays absent, as for any silent stream
+            stderr_log.write_bytes(redactor.redact_text(msg).encode() + b"\n")
+        except OSError as exc:
+            log_problems.append(f"{stderr_log.name}: {_describe(exc)}")
         res = ExecResult(exit_code=code, signal=None, duration_ms=int((time.monotonic() - t0) * 1000),
                          timed_out=False, cancelled=False, stdout_bytes=0, stderr_bytes=0,
                          stdout_preview="", stderr_preview=redactor.redact_text(msg), error=msg,

@@ -4,6 +4,11 @@ directories (which also hold every attempt's logs and traces). Counts, not timin
 
 from __future__ import annotations
 
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
 import pytest
 
 from dagcraft.errors import NotFound
@@ -50,3 +55,67 @@ def test_a_run_of_unwritten_steps_runs_to_the_end(tmp_path):
     before = dict(store.stats)
     run_status(store, rid)
     assert store.stats["list"] == before.get("list", 0)  # finished: not even the registry
+
+
+def _creations(roots: dict[str, Path]):
+    """Count what is created (a name that did not exist) under each root, via audit events:
+    directories made, files opened with O_CREAT, and hard links made."""
+    made: Counter[str] = Counter()
+    live = [True]
+
+    def where(path: object) -> str | None:
+        if not isinstance(path, (str, os.PathLike)):
+            return None
+        p = os.fspath(path)
+        if isinstance(p, bytes):
+            return None
+        for name, root in roots.items():
+            if p.startswith(str(root) + os.sep):
+                return name
+        return None
+
+    def hook(event: str, args: tuple) -> None:
+        if not live[0]:
+            return
+        if event == "os.mkdir":
+            path = args[0]
+        elif event == "open" and isinstance(args[2], int) and args[2] & os.O_CREAT:
+            path = args[0]
+        elif event == "os.link":
+            path = args[1]
+        else:
+            return
+        name = where(path)
+        if name is not None and not os.path.lexists(path):
+            made[name] += 1
+
+    sys.addaudithook(hook)  # hooks cannot be removed: this one switches itself off
+    return made, live
+
+
+def test_a_silent_step_costs_a_constant_few_files_and_directories(tmp_path):
+    """Each scratch or store file made per attempt is an inode allocated (and, in scratch,
+    freed again at the attempt's end): on ext4 without a journal the allocator skips every
+    recently freed inode one by one, so this churn made per-step cost grow with the run. A
+    silent step's attempt makes 3 things in scratch (its directory, its work directory, its
+    trace: no empty log files, and the step and run directories stay for the run's next
+    attempts), and the store takes the trace by a link, not a copy."""
+    n = 6
+    lines = ["name: churn", "steps:"]
+    for i in range(n):
+        lines += [f"  - id: s{i}", '    run: ["true"]'] + ([f"    needs: [s{i - 1}]"] if i else [])
+    store = LocalStore(tmp_path / "store", fsync=False)
+    rid = submit_spec(store, write_spec(tmp_path, "\n".join(lines) + "\n"))
+    made, live = _creations({"scratch": tmp_path / "work", "store-tmp": tmp_path / "store" / "tmp"})
+    try:
+        st = drive_inline(store, rid, tmp_path, concurrency=1, inline=True, status=False)
+    finally:
+        live[0] = False
+    assert run_status(store, rid)["status"] == "succeeded", st
+    # the run directory once, each step's directory once, then 3 per attempt
+    assert made["scratch"] <= 1 + n + 3 * n, made
+    # per step: a temp for each state write (claim, succeed) and the trace's link (journal
+    # entries are made in place, the trace is not copied); per run: control, the supervisor
+    # lease (2), the worker's registration (2)
+    assert made["store-tmp"] <= 3 * n + 5, made
+    assert not (tmp_path / "work" / rid).exists()  # and the run's scratch is gone at the end

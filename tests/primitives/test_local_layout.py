@@ -159,3 +159,40 @@ def test_unsynced_empty_entries_survive_kill_9_of_their_writer(tmp_path):
         got = s.get(key)
         assert got is not None and got[0] == b'{"x": 1}'  # whole, never torn
     assert not any(Path(root, "objects").rglob("*-*"))  # no temp file ever landed among objects
+
+
+@pytest.mark.parametrize("src_dir", ["same-fs", "/dev/shm"])
+def test_a_handed_over_file_is_linked_in_not_copied(tmp_path, src_dir):
+    """put_file(consume=True) takes the caller's file itself when it can (same filesystem:
+    the object is that inode, no bytes copied); across filesystems it copies. Either way the
+    object is the file's content with the usual etag, and survives the caller deleting it."""
+    store = LocalStore(tmp_path / "store")
+    base = tmp_path if src_dir == "same-fs" else Path(src_dir)
+    if not base.is_dir():
+        pytest.skip(f"{src_dir} is not here")
+    src = base / f"handed-{new_ulid()}"
+    src.write_bytes(b"line\n" * 1000)
+    ino = src.stat().st_ino
+    etag = store.put_file("k/consumed", src, consume=True)
+    obj = store._path("k/consumed")
+    assert (obj.stat().st_ino == ino) == (src_dir == "same-fs")
+    src.unlink()
+    got = store.get("k/consumed")
+    assert got is not None and got[0] == b"line\n" * 1000 and got[1] == etag
+    assert etag == store.put("k/copy", b"line\n" * 1000)
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []  # no temp left behind
+    with pytest.raises(Conflict):  # the conditions hold as for any put
+        src.write_bytes(b"other")
+        store.put_file("k/consumed", src, if_none_match=True, consume=True)
+    assert store.get("k/consumed")[0] == b"line\n" * 1000 and src.read_bytes() == b"other"
+    src.unlink()
+
+
+def test_an_empty_object_is_created_in_place_exactly_once(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    key = f"runs/r/journal/{new_ulid()}~1~running~s"
+    store.put(key, b"", if_none_match=True)
+    with pytest.raises(Conflict):
+        store.put(key, b"", if_none_match=True)
+    assert store.get(key) == (b"", store.put("other/empty", b""))
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []

@@ -233,3 +233,14 @@ def test_logs_written_fine_have_no_log_error(tw, tmp_path):
     assert r.exit_code == 0 and r.log_error is None
     assert (tmp_path / "out.log").stat().st_size == CHATTY_BYTES
     assert "log_error" not in read_trace(tmp_path / "trace.jsonl")[-1].payload
+
+
+def test_a_silent_stream_leaves_no_log_file(tw, tmp_path):
+    """A log file is created at its stream's first byte: a step that prints nothing costs no
+    file (each one made and deleted per attempt is an inode allocated and freed)."""
+    r = run(tw, tmp_path, [PY, "-c", "import sys; print('only err', file=sys.stderr)"])
+    assert r.exit_code == 0 and r.stdout_bytes == 0 and r.log_error is None
+    assert not (tmp_path / "out.log").exists()
+    assert (tmp_path / "err.log").read_bytes() == b"only err\n"
+    r = run(tw, tmp_path, ["true"])
+    assert r.success and not (tmp_path / "out.log").exists()
