@@ -6,10 +6,14 @@ they are well-formed but fake.
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dagcraft.tracing import REDACTED, Redactor
-from dagcraft.tracing.redact import LineRedactor
+from dagcraft.tracing.redact import _LITERALS, _PATTERNS, LineRedactor
 
 A = "abcdefghijklmnopqrstuvwxyz0123456789ABCD"  # 40 alnum characters to cut tokens from
 
@@ -30,6 +34,8 @@ SHAPES: dict[str, str] = {
     "stripe_sk_live": "sk_live_" + A[:24],
     "stripe_rk_live": "rk_live_" + A[:24],
     "stripe_sk_test": "sk_test_" + A[:24],
+    "stripe_whsec": "whsec_" + A[:32],
+    "bearer": "Authorization: Bearer " + A[:30],
     "google_api_key": "AIza" + "SyA-" + A[:31],
     "openai_legacy": "sk-" + A[:20] + "T3BlbkFJ" + A[:20],
     "openai_project": "sk-proj-" + A[:40] + "_" + A[:20],
@@ -99,3 +105,19 @@ def test_ordinary_text_is_left_alone(text):
     r = Redactor()
     assert r.redact_text(text) == text and r.count == 0
     assert r.redact_bytes(text.encode()) == text.encode()
+
+
+@pytest.mark.parametrize("i", range(len(_PATTERNS)))
+def test_every_match_of_a_shape_holds_one_of_its_literals(i):
+    """The literal prefilter skips a pattern on text holding none of its literals: sound only
+    if every string the pattern can match holds one (generated from the pattern itself)."""
+    pattern, _ = _PATTERNS[i]
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.from_regex(pattern, fullmatch=True))
+    def check(s: str) -> None:
+        m = re.search(pattern, s)
+        assert m is not None
+        assert any(lit in m.group(0).lower() for lit in _LITERALS[i]), (pattern, m.group(0))
+
+    check()
