@@ -26,6 +26,7 @@ import hashlib
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
+from typing import BinaryIO
 
 from pydantic import BaseModel
 
@@ -33,7 +34,7 @@ from dagcraft.errors import InvalidInput, NotFound
 from dagcraft.tracing.event import VERSION, TraceEvent, parse_line, validate_kind
 
 
-def _open(path: Path | str):
+def _open(path: Path | str) -> BinaryIO:
     p = Path(path)
     try:
         return p.open("rb")

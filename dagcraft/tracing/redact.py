@@ -173,12 +173,12 @@ class Redactor:
         return obj
 
 
-def _sub(pat: re.Pattern, group: int, s: Any, repl: Any) -> tuple[Any, int]:
+def _sub(pat: re.Pattern[Any], group: int, s: Any, repl: Any) -> tuple[Any, int]:
     if group == 0:
         return pat.subn(repl, s)
     count = 0
 
-    def one(m: re.Match) -> Any:
+    def one(m: re.Match[Any]) -> Any:
         nonlocal count
         count += 1
         whole = m.group(0)
