@@ -76,6 +76,8 @@ def with_artifact_paths(ctx: RenderContext, instances: dict[str, list[str]],
     materialised for this attempt (``paths``: concrete step id → name → path). For a fan-out
     step each instance gets its own file, in every view of it (``artifacts[i]``,
     ``instances[i].artifacts``, ``by_key[k].artifacts``): never one instance's file for all."""
+    if not paths:  # nothing materialised (most steps): no copy of every upstream result
+        return ctx
     steps = copy.deepcopy(ctx.steps)
     for tid, ids in instances.items():
         entry = steps.get(tid)
