@@ -31,6 +31,7 @@ The result's fields and the ``tool.result`` payload are described in ``docs/trac
 from __future__ import annotations
 
 import os
+import select
 import shlex
 import signal as _signal
 import subprocess
@@ -253,6 +254,40 @@ class _Pump(threading.Thread):
         return data.decode("utf-8", errors="replace")
 
 
+class _ExitWaiter:
+    """Waits for the child to exit and reaps it, waking the moment it does: ``Popen.wait(timeout)``
+    would poll with growing sleeps and add milliseconds to every short step. On Linux it waits
+    on a pidfd in the calling thread; elsewhere a thread blocks in ``wait()``."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self._exited = threading.Event()
+        try:
+            self._pidfd: int | None = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # not Linux ≥ 5.3
+            self._pidfd = None
+            threading.Thread(target=self._reap, daemon=True).start()
+
+    def _reap(self) -> None:
+        self.proc.wait()
+        self._exited.set()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Up to ``timeout`` s (None: for ever); True once the child has exited and been reaped."""
+        if self._pidfd is None or self._exited.is_set():
+            return self._exited.wait(timeout)
+        if select.select([self._pidfd], [], [], timeout)[0]:
+            self.proc.wait()
+            self._exited.set()
+            self.close()
+        return self._exited.is_set()
+
+    def close(self) -> None:
+        fd, self._pidfd = self._pidfd, None
+        if fd is not None:
+            os.close(fd)
+
+
 def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -349,13 +384,7 @@ def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | N
             except (ValueError, OSError):
                 pass
 
-    exited = threading.Event()
-
-    def reap() -> None:
-        proc.wait()
-        exited.set()
-
-    threading.Thread(target=reap, daemon=True).start()
+    waiter = _ExitWaiter(proc)
     timed_out = cancelled = False
     kill_at: float | None = None
     deadline = t0 + timeout if timeout is not None else None
@@ -383,11 +412,10 @@ def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | N
                 waits.append(max(0.0, deadline - now))
             if kill_at is not None and kill_at != float("inf"):
                 waits.append(max(0.0, kill_at - now))
-            # exited.wait wakes the moment the waiter thread reaps the child (Popen.wait(timeout)
-            # would poll with growing sleeps and add milliseconds to every short step)
-            if exited.wait(min(waits) if waits else None):
+            if waiter.wait(min(waits) if waits else None):
                 break
     finally:
+        waiter.close()
         for s, h in old_handlers.items():
             _signal.signal(s, h)
     cancelled = cancelled or stopped.is_set()
