@@ -152,8 +152,8 @@ def fork_unsafe_reason() -> str | None:
 def _forked_worker(store_url: str, run_id: str, opts: PoolOptions) -> int:
     """In a forked child: become ``dagcraft worker`` with :func:`worker_argv`'s options and
     return its exit code. What the fork inherited that a fresh worker would not have is reset
-    here: the parent's Python signal handlers (back to the default disposition; ignored
-    signals stay ignored, as across exec), stdin (``/dev/null``), the environment (``opts.env``
+    here: the parent's Python signal handlers (back to a new interpreter's; ignored signals
+    stay ignored, as across exec), stdin (``/dev/null``), the environment (``opts.env``
     applied). The store is opened anew from its URL by :func:`serve`: the parent's store object
     (its boto3 client and connection pool) is never used in the child. Module state is safe to
     inherit: ULIDs reseed at fork (:mod:`dagcraft.primitives.ulid`), the capabilities cache
@@ -168,7 +168,9 @@ def _forked_worker(store_url: str, run_id: str, opts: PoolOptions) -> int:
     for sig in signal.valid_signals():
         try:
             if callable(signal.getsignal(sig)):  # a Python-level handler of the parent
-                signal.signal(sig, signal.SIG_DFL)
+                # as a new interpreter starts: Ctrl-C raises KeyboardInterrupt (exit 130) until
+                # the worker installs its own handlers; every other signal its default action
+                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
         except (OSError, ValueError):
             continue
     fd = os.open(os.devnull, os.O_RDONLY)

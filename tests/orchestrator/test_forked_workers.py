@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -84,11 +85,16 @@ def _started(log: Path, step: str) -> bool:
 def test_run_with_forked_workers_succeeds(tmp_path, store_url, start):
     log, release = tmp_path / "log", tmp_path / "release"
     spec = _blocking_spec(tmp_path, log, release)
-    run = spawn_cli("run", str(spec), "--store", store_url, "--workers", "3", "--run-id", "fk-1",
-                    "--no-report", env=start)
+    # stdin a pipe that stays open: a worker must read /dev/null instead, as an exec'd one does
+    run = subprocess.Popen([sys.executable, "-m", "dagcraft.cli.main", "run", str(spec), "--store", store_url,
+                            "--workers", "3", "--run-id", "fk-1", "--no-report"], env={**os.environ, **start},
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
     try:
         wait_for(lambda: _started(log, "hold"), what="step hold to start")
-        _assert_started_as(run, _worker_pid(open_store(store_url), "fk-1", "hold"), start)
+        worker = _worker_pid(open_store(store_url), "fk-1", "hold")
+        _assert_started_as(run, worker, start)
+        assert os.readlink(f"/proc/{worker}/fd/0") == "/dev/null"
         release.touch()
         out, err = run.communicate(timeout=120)
     finally:
