@@ -91,7 +91,9 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if self.tty:
-            self.live = Live(console=self.console, refresh_per_second=8, transient=False)
+            # redrawn by update() (every poll of the pool), never by a refresh thread: the pool
+            # forks its workers only while this process has no other thread
+            self.live = Live(console=self.console, auto_refresh=False, transient=False)
             self.live.__enter__()
         return self
 
@@ -101,7 +103,7 @@ class Progress:
 
     def update(self, view: Any) -> None:
         if self.live is not None:
-            self.live.update(self.render(view))
+            self.live.update(self.render(view), refresh=True)
             return
         for sid in view.all_ids():
             st = view.state(sid)

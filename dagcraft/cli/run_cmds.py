@@ -264,27 +264,21 @@ def register(cli: click.Group) -> None:
                lease_ttl: float, poll_max: float, echo: bool, quiet: bool, keep_workdirs: bool,
                signing_key: str | None, secret_files: tuple[str, ...], secret_stdin: str | None) -> None:
         """Claim and run ready steps. SIGTERM drains; SIGINT hands running steps back."""
-        from dagcraft.orchestrator import Worker, WorkerConfig, identity
         from dagcraft.orchestrator.view import secret_env
-        from dagcraft.tracing.seal import take_signer
+        from dagcraft.orchestrator.worker import ServeOptions, serve
 
-        signer = take_signer(signing_key)  # and out of the environment the steps inherit
-        # the worker reads secrets from its environment (load_run); its steps never see them
-        os.environ.update(secret_env(read_secret_options(secret_files, secret_stdin)))
-        store, url = _store(store_url, coordinate=True)
-        if run_id is not None:
-            run_id = resolve_run(store, run_id)
-        cfg = WorkerConfig(store=store, store_url=url, worker_id=identity(), lease_ttl=lease_ttl, echo=echo,
-                           keep_workdirs=keep_workdirs, signer=signer)
         def log(msg: str) -> None:
             click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
 
-        w = Worker(cfg, run_id=run_id, concurrency=concurrency, exit_when_idle=exit_when_idle,
-                   poll_max=poll_max, log=None if quiet else log)
-        w.install_signal_handlers()
-        if not quiet:
-            click.echo(f"worker {cfg.worker_id} on {url}" + (f" (run {run_id})" if run_id else ""), err=True)
-        sys.exit(w.run())
+        def announce(worker_id: str, url: str, rid: str | None) -> None:
+            click.echo(f"worker {worker_id} on {url}" + (f" (run {rid})" if rid else ""), err=True)
+
+        opts = ServeOptions(run_id=run_id, concurrency=concurrency, exit_when_idle=exit_when_idle,
+                            lease_ttl=lease_ttl, poll_max=poll_max, echo=echo, keep_workdirs=keep_workdirs,
+                            signing_key=signing_key)
+        sys.exit(serve(store_url, opts,
+                       env=secret_env(read_secret_options(secret_files, secret_stdin)), resolve_run=resolve_run,
+                       log=None if quiet else log, announce=None if quiet else announce))
 
     @cli.command()
     @click.argument("run_id", metavar="RUN")

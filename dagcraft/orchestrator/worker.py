@@ -30,13 +30,15 @@ reported once with the bad key and no longer served; every other run keeps being
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from dagcraft.errors import (
@@ -59,6 +61,7 @@ from dagcraft.orchestrator.outbox import Outbox
 from dagcraft.orchestrator.scheduler import Scheduler, WorkItem
 from dagcraft.orchestrator.supervisor import Supervisor
 from dagcraft.orchestrator.view import LocalView
+from dagcraft.primitives.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -370,3 +373,58 @@ class Worker:
                           "them (until then `trace verify` reports those traces missing)", len(self.outbox))
             self.registration.stop()
         return self.exit_code()
+
+
+@dataclass
+class ServeOptions:
+    """What ``dagcraft worker`` is told on its command line (see :func:`serve`)."""
+
+    #: one run id (resolved), or None for every run in the store
+    run_id: str | None = None
+    concurrency: int = 1
+    exit_when_idle: bool = False
+    lease_ttl: float = 30.0
+    poll_max: float = 1.0
+    echo: bool = False
+    keep_workdirs: bool = False
+    #: path of the Ed25519 key that signs seals (else $DAGCRAFT_SIGNING_KEY, then unsigned)
+    signing_key: str | None = None
+
+
+def serve(store_url: str | None, opts: ServeOptions, *, env: Mapping[str, str] | None = None,
+          resolve_run: Callable[[Store, str], str] | None = None,
+          log: Callable[[str], None] | None = None,
+          announce: Callable[[str, str, str | None], None] | None = None) -> int:
+    """The body of ``dagcraft worker``, for the command and for a pool's forked workers alike:
+    load the signer (and drop ``$DAGCRAFT_SIGNING_KEY`` from the environment the steps
+    inherit), apply ``env`` (secret params, ``DAGCRAFT_PARAM_*``) to ``os.environ``, open a
+    store of this process's own from ``store_url`` (None: $DAGCRAFT_STORE, else .dagcraft)
+    and refuse one without the guarantees (StoreUnavailable, exit 5), resolve the run with ``resolve_run`` (``@latest``), install the
+    worker's signal handlers, call ``announce(worker_id, url, run_id)``, and serve. Returns
+    the worker's exit code (see :meth:`Worker.run`)."""
+    from dagcraft.orchestrator.attempt import WorkerConfig
+    from dagcraft.orchestrator.submission import identity
+    from dagcraft.primitives import open_store
+    from dagcraft.primitives.capabilities import require
+    from dagcraft.primitives.url import resolve_store_url
+    from dagcraft.tracing.seal import take_signer
+
+    signer = take_signer(opts.signing_key)
+    # the worker reads secrets from its environment (load_run); its steps never see them
+    os.environ.update(env or {})
+    resolved = resolve_store_url(store_url)
+    store = open_store(resolved)
+    require(store)
+    root = getattr(store, "root", None)
+    url = str(root) if root is not None else resolved  # children reach it whatever their cwd
+    run_id = opts.run_id
+    if run_id is not None and resolve_run is not None:
+        run_id = resolve_run(store, run_id)
+    cfg = WorkerConfig(store=store, store_url=url, worker_id=identity(), lease_ttl=opts.lease_ttl, echo=opts.echo,
+                       keep_workdirs=opts.keep_workdirs, signer=signer)
+    w = Worker(cfg, run_id=run_id, concurrency=opts.concurrency, exit_when_idle=opts.exit_when_idle,
+               poll_max=opts.poll_max, log=log)
+    w.install_signal_handlers()
+    if announce is not None:
+        announce(cfg.worker_id, url, run_id)
+    return w.run()

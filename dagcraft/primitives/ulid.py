@@ -2,7 +2,9 @@
 
 Within one process ids are strictly increasing (monotonic: ids generated in the same
 millisecond increment the random part). Across processes they sort by millisecond, with
-80 random bits making collisions practically impossible. Thread-safe.
+80 random bits making collisions practically impossible. Thread-safe, and fork-safe: a
+forked child starts its own sequence (else two children forked in one millisecond would
+continue the parent's and could produce the same id).
 """
 
 from __future__ import annotations
@@ -15,6 +17,16 @@ _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _lock = threading.Lock()
 _last_ms = -1
 _last_rand = 0
+
+
+def _reset_after_fork() -> None:
+    global _lock, _last_ms, _last_rand
+    _lock = threading.Lock()
+    _last_ms, _last_rand = -1, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _encode(value: int, length: int) -> str:
