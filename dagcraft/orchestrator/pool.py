@@ -25,13 +25,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from dagcraft.errors import EXIT_FAILED, DagcraftError, Interrupted, exit_code_for
 from dagcraft.orchestrator import ops
 from dagcraft.orchestrator.model import RUN_FINISHED, RunStatus
 from dagcraft.orchestrator.view import LocalView
+from dagcraft.primitives.local import LocalStore
 from dagcraft.primitives.store import Store
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,9 @@ class PoolOptions:
     workers: int = field(default_factory=lambda: os.cpu_count() or 2)
     concurrency: int = 1
     lease_ttl: float = 30.0
-    poll_max: float = 0.5
+    #: the workers' longest idle wait, so how late they see other workers' changes and the
+    #: run's end at worst; None: by store (:func:`default_poll_max`)
+    poll_max: float | None = None
     echo: bool = False
     env: dict[str, str] = field(default_factory=dict)
     keep_workdirs: bool = False
@@ -55,10 +58,23 @@ class PoolOptions:
     signing_key: str | None = None
 
 
+#: a poll of the local store is a directory read; on S3 it is a billed LIST
+LOCAL_POLL_MAX_S = 0.2
+S3_POLL_MAX_S = 0.5
+
+
+def default_poll_max(store: Store) -> float:
+    return LOCAL_POLL_MAX_S if isinstance(store, LocalStore) else S3_POLL_MAX_S
+
+
+def _poll_max(opts: PoolOptions) -> float:
+    return opts.poll_max if opts.poll_max is not None else S3_POLL_MAX_S  # Pool resolves it by store
+
+
 def worker_argv(store_url: str, run_id: str, opts: PoolOptions) -> list[str]:
     return [sys.executable, "-m", "dagcraft.cli.main", "worker", "--store", store_url, "--run", run_id,
             "--exit-when-idle", "--concurrency", str(opts.concurrency), "--lease-ttl", str(opts.lease_ttl),
-            "--poll-max", str(opts.poll_max), "--quiet",
+            "--poll-max", str(_poll_max(opts)), "--quiet",
             *(["--keep-workdirs"] if opts.keep_workdirs else []),
             *(["--signing-key", opts.signing_key] if opts.signing_key else [])]
 
@@ -178,7 +194,7 @@ def _forked_worker(store_url: str, run_id: str, opts: PoolOptions) -> int:
     os.close(fd)
     sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
     serve_opts = ServeOptions(run_id=run_id, concurrency=opts.concurrency, exit_when_idle=True,
-                              lease_ttl=opts.lease_ttl, poll_max=opts.poll_max, keep_workdirs=opts.keep_workdirs,
+                              lease_ttl=opts.lease_ttl, poll_max=_poll_max(opts), keep_workdirs=opts.keep_workdirs,
                               signing_key=opts.signing_key)
     return serve(store_url, serve_opts, env=opts.env)
 
@@ -222,7 +238,7 @@ class Pool:
         self.store = store
         self.store_url = store_url
         self.run_id = run_id
-        self.opts = opts
+        self.opts = opts if opts.poll_max is not None else replace(opts, poll_max=default_poll_max(store))
         self.procs: list[WorkerProcess] = []
         self.restarts = 0
 
