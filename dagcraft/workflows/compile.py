@@ -874,8 +874,9 @@ def compile_workflow(spec: Spec, params: dict[str, Any], *, source: str = "<spec
 
 def compile_file(path: Path, params: dict[str, Any]) -> CompiledWorkflow:
     """:func:`load_spec` + :func:`compile_workflow`."""
-    spec = load_spec(Path(path))
-    return compile_workflow(spec, params, source=spec._source)
+    with paused_gc():
+        spec = load_spec(Path(path))
+        return compile_workflow(spec, params, source=spec._source)
 
 
 def executable_warnings(spec: Spec, search_path: str | None = None) -> list[str]:
