@@ -233,10 +233,9 @@ class _Compiler:
                     if need in self.by_id and self._loop_at(self.by_id[need][0]) is None:
                         g.add_edge(need, s.id)
                 g.add_edge(s.id, loop)
-        try:
+        cycle = None
+        if not nx.is_directed_acyclic_graph(g):  # one cheap pass; find_cycle's walk only for a cycle
             cycle = nx.find_cycle(g)
-        except nx.NetworkXNoCycle:
-            cycle = None
         if cycle:
             nodes_in = [u for u, _ in cycle]
             # Report at the spec-earliest step of the cycle, for a stable message.
