@@ -101,16 +101,18 @@ def _check_bounds(root: yaml.Node, source: str) -> None:
     remembered, never expanded), iteratively (a deep document cannot exhaust the stack).
     Checking the composed nodes instead of a second parse of the text: that parse was a
     fifth of loading a 10,000-step spec."""
-    size: dict[int, int] = {}
+    if isinstance(root, yaml.ScalarNode):
+        return
+    scalar = yaml.ScalarNode
+    size: dict[int, int] = {}  # collections only: a scalar counts 1
     todo: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
     while todo:
         node, depth, children_done = todo.pop()
-        if isinstance(node, yaml.ScalarNode):
-            size[id(node)] = 1
-            continue
         kids = [k for pair in node.value for k in pair] if isinstance(node, yaml.MappingNode) else node.value
         if children_done:
-            n = 1 + sum(size.get(id(k), 1) for k in kids)
+            n = 1
+            for k in kids:
+                n += size.get(id(k), 1)
             if n > MAX_NODES:
                 line, col = _mark(node)
                 raise SpecError(f"{source}:{line}:{col}: more than {MAX_NODES} values once aliases are expanded "
@@ -123,7 +125,9 @@ def _check_bounds(root: yaml.Node, source: str) -> None:
             line, col = _mark(node)
             raise SpecError(f"{source}:{line}:{col}: nesting deeper than {MAX_DEPTH} levels")
         todo.append((node, depth, True))
-        todo.extend((k, depth + 1, False) for k in kids if id(k) not in size)
+        for k in kids:
+            if not isinstance(k, scalar) and id(k) not in size:
+                todo.append((k, depth + 1, False))
 
 
 def _scalar(loader: _Loader, node: yaml.Node, path: tuple) -> Any:
@@ -166,12 +170,14 @@ def _build(loader: _Loader, node: yaml.Node, path: tuple, pos: _Positions, depth
                 raise SpecError(
                     f"{loader.name}:{line}:{col}: {where}: duplicate key {key!r} (first defined at line {first[key][0]})"
                 )
-            first[key] = _mark(key_node)
-            pos.key[path + (key,)] = _mark(key_node)
-            out[key] = _build(loader, value_node, path + (key,), pos, depth + 1)
+            sub = path + (key,)
+            first[key] = pos.key[sub] = _mark(key_node)
+            out[key] = _build(loader, value_node, sub, pos, depth + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_build(loader, item, path + (i,), pos, depth + 1) for i, item in enumerate(node.value)]
+    if node.tag == _STR:
+        return node.value  # the common case, decided without _scalar's checks
     value = _scalar(loader, node, path)
     if isinstance(value, (_dt.date, _dt.datetime)):
         return value.isoformat()  # keep the data JSON-able (spec hash); dates are just strings here

@@ -86,3 +86,12 @@ def test_worker_view_names_a_corrupt_workflow(local_store: Any, tmp_path: Path):
     with pytest.raises(CorruptRecord) as err:
         LocalView(local_store, rid)
     assert "workflow is not valid" in str(err.value) and "run.json" in str(err.value)
+
+
+def test_run_record_bytes_are_the_generic_dump(local_store: Any, tmp_path: Path):
+    # submit serialises the workflow once (dump_run_record): byte for byte what dump() gives
+    from dagcraft.orchestrator.model import RunRecord, dump
+
+    rid = submit_spec(local_store, _spec(tmp_path))
+    body = local_store.get(layout.run_record(rid))[0]
+    assert dump(RunRecord.model_validate_json(body)) == body
