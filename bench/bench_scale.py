@@ -188,6 +188,12 @@ def main() -> None:
               f"{s['work_s']:>7.2f} {s['overhead_per_step_ms']:>17.2f} {s['status_s']:>7.2f} ({s['status_cpu_s']:>5.2f}) "
               f"{s['peak_worker_rss_mib']:>15.1f} {s['worker_cpu_per_step_ms']:>19.2f}  "
               f"{'yes' if s['all_succeeded'] else 'NO'}")
+    ran = [s for s in summary if s.get("rounds") and "status_s" in s]
+    if ran:  # issue 12's three targets, at the largest size run (and memory against the smallest)
+        big, small = ran[-1], ran[0]
+        print(f"targets at {big['steps']} steps: submit {big['submit_s']:.2f} s (target < 2), status "
+              f"{big['status_s']:.2f} s (target < 1), worker peak RSS {big['peak_worker_rss_mib']:.1f} MiB "
+              f"({small['peak_worker_rss_mib']:.1f} MiB at {small['steps']} steps; target: flat)")
     a.json_out.parent.mkdir(parents=True, exist_ok=True)
     a.json_out.write_text(json.dumps({
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.platform(), "cpus": os.cpu_count(),

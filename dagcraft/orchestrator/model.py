@@ -347,6 +347,15 @@ def dump(model: BaseModel) -> bytes:
     return json.dumps(model.model_dump(mode="json"), sort_keys=True).encode()
 
 
+def dump_run_record(record: RunRecord) -> bytes:
+    """:func:`dump` of a run record whose ``workflow`` is JSON data already (a compiled
+    workflow's ``model_dump(mode="json")``): the same bytes, without pydantic walking every
+    step of it again as untyped data."""
+    body = record.model_dump(mode="json", exclude={"workflow"})
+    body["workflow"] = record.workflow
+    return json.dumps(body, sort_keys=True).encode()
+
+
 class CorruptNote(BaseModel):
     """``corrupt/<run>``: a worker found a record of the run unreadable and stopped serving it.
     Informational (``runs`` lists the run as ``corrupt``); removed by a resume that finds the

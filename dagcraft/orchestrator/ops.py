@@ -41,7 +41,7 @@ from dagcraft.orchestrator.view import LocalView, workflow_of
 from dagcraft.primitives.local import LocalStore
 from dagcraft.primitives.persist import ONCE
 from dagcraft.primitives.store import Store
-from dagcraft.workflows import ConcreteStep
+from dagcraft.workflows import ConcreteStep, paused_gc
 
 
 def read_record(store: Store, run_id: str) -> RunRecord:
@@ -171,6 +171,11 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
     at submission. A step that did not succeed carries ``reason_kind`` and, when its last
     attempt failed, that attempt's ``stderr_tail`` and ``more`` (the command that prints the
     whole log)."""
+    with paused_gc():  # 10,000 records read at once: see paused_gc
+        return _run_status(store, run_id)
+
+
+def _run_status(store: Store, run_id: str) -> dict[str, Any]:
     rec = read_record(store, run_id)
     ctl = read_control(store, run_id)
     states = load_states(store, run_id, rec)
@@ -229,6 +234,8 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
 def spend_summary(store: Store, rec: RunRecord, ctl: Control, states: dict[str, StepState]) -> dict[str, Any] | None:
     """Spend per run, agent and step against the limits in force (``budget.summary``), from
     the ledger; None for a workflow without agents (nothing can spend: no request made)."""
+    if not rec.workflow.get("agents"):
+        return None  # known without validating every step of the workflow (a second, at 10,000)
     wf = workflow_of(rec, store.url, with_secrets=False)
     if not wf.agents:
         return None

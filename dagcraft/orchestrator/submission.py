@@ -13,11 +13,11 @@ from typing import Any
 
 from dagcraft.errors import Conflict, DagcraftError, InvalidInput
 from dagcraft.orchestrator import journal, layout
-from dagcraft.orchestrator.model import Control, RunRecord, dump
+from dagcraft.orchestrator.model import Control, RunRecord, dump, dump_run_record
 from dagcraft.orchestrator.view import secret_env_name
 from dagcraft.primitives.keys import validate_run_id
 from dagcraft.primitives.store import Store
-from dagcraft.workflows import CompiledWorkflow, compile_workflow, load_spec, parse_params
+from dagcraft.workflows import CompiledWorkflow, compile_workflow, load_spec, parse_params, paused_gc
 
 REDACTED = "[redacted]"
 
@@ -92,21 +92,23 @@ def submit(
     wrote — best effort, and what a killed submit leaves reads as "not found" — then raises.
     """
     run_id = validate_run_id(run_id or new_run_id(wf.name))
-    data = redacted_workflow(wf)
-    record = RunRecord(
-        run_id=run_id,
-        name=wf.name,
-        spec_hash=wf.spec_hash,
-        workflow=data,
-        order=list(wf.steps),
-        params=data.get("params", {}),
-        secret_params=list(wf.secret_params),
-        spec_dir=spec_dir,
-        submitted_by=submitted_by or identity(),
-        submitted_at=store.now(),
-    )
+    with paused_gc():  # serialising 10,000 steps: see paused_gc
+        data = redacted_workflow(wf)
+        record = RunRecord(
+            run_id=run_id,
+            name=wf.name,
+            spec_hash=wf.spec_hash,
+            workflow=data,
+            order=list(wf.steps),
+            params=data.get("params", {}),
+            secret_params=list(wf.secret_params),
+            spec_dir=spec_dir,
+            submitted_by=submitted_by or identity(),
+            submitted_at=store.now(),
+        )
+        body = dump_run_record(record)
     try:
-        store.put(layout.run_record(run_id), dump(record), if_none_match=True)
+        store.put(layout.run_record(run_id), body, if_none_match=True)
     except Conflict:
         raise Conflict(f"run id {run_id!r} already exists in {store.url}") from None
     # No per-step records: a step without one is pending (every reader says so), and its

@@ -124,15 +124,37 @@ def missing_secrets(wf: CompiledWorkflow, step: ConcreteStep, *, rollback: bool 
             and re.search(rf"params\s*(?:\.\s*{re.escape(name)}\b|\[\s*['\"]{re.escape(name)}['\"])", text)]
 
 
+class _StoredRun(RunRecord):
+    """``run.json`` read straight into the compiled workflow's models."""
+
+    workflow: CompiledWorkflow  # type: ignore[assignment]
+
+
 def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
     """The run record and its workflow, with secret params taken from this process's
-    environment (``DAGCRAFT_PARAM_<NAME>``); secrets are never read from the store."""
+    environment (``DAGCRAFT_PARAM_<NAME>``); secrets are never read from the store.
+    The record's ``workflow`` is left empty: the returned model is the workflow. The JSON is
+    validated into it directly, never held as plain data too (which, at 10,000 steps, was
+    as large as the models and stayed for the worker's life). A record that does not
+    validate is read again the way :func:`workflow_of` does, for its precise CorruptRecord."""
     key = layout.run_record(run_id)
     got = store.get(key)
     if got is None:
         raise NotFound(f"run {run_id!r} not found in {store.url}")
-    record = load_record(RunRecord, got[0], key, store.url)
-    return record, workflow_of(record, store.url)
+    try:
+        stored = _StoredRun.model_validate_json(got[0])
+    except ValidationError:
+        record = load_record(RunRecord, got[0], key, store.url)
+        return record.model_copy(update={"workflow": {}}), workflow_of(record, store.url)
+    wf = stored.workflow
+    for name in stored.secret_params:
+        if secret_env_name(name) in os.environ:
+            wf.params = {**wf.params, name: os.environ[secret_env_name(name)]}
+    if stored.order and set(stored.order) == set(wf.steps):
+        wf.steps = {sid: wf.steps[sid] for sid in stored.order}
+    record = RunRecord.model_construct(**{f: getattr(stored, f) for f in RunRecord.model_fields if f != "workflow"},
+                                       workflow={})
+    return record, wf
 
 
 def workflow_of(record: RunRecord, store_url: str, *, with_secrets: bool = True) -> CompiledWorkflow:

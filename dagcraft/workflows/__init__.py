@@ -17,7 +17,7 @@ from dagcraft.workflows.compile import (
     matrix_id_value,
     spec_hash_of,
 )
-from dagcraft.workflows.loader import SpecErrors, format_path, load_spec, parse_spec
+from dagcraft.workflows.loader import SpecErrors, format_path, load_spec, parse_spec, paused_gc
 from dagcraft.workflows.params import coerce, parse_params, resolve_params
 from dagcraft.workflows.spec import (
     AgentDef,
@@ -87,6 +87,7 @@ __all__ = [
     "parse_duration",
     "parse_params",
     "parse_spec",
+    "paused_gc",
     "render_command",
     "render_check",
     "render_rollback",

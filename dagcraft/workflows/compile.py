@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from jinja2 import TemplateError
 
 from dagcraft.errors import InvalidInput, SpecError
-from dagcraft.workflows.loader import error_at, format_path, load_spec, raise_all, spec_errors
+from dagcraft.workflows.loader import error_at, format_path, load_spec, paused_gc, raise_all, spec_errors
 from dagcraft.workflows.params import ParamError, resolve_params
 from dagcraft.workflows.shell import SPECIAL_VARS
 from dagcraft.workflows.spec import (
@@ -63,6 +63,7 @@ from dagcraft.workflows.template import (
 if TYPE_CHECKING:
     import networkx as nx  # imported where used: ~0.2 s a worker never needs
 
+_NO_RETRIES = RetrySpec()  # read only: a step without retries shares it
 _EVAL_OR_LIMIT: tuple[type[BaseException], ...] = (*EVAL_ERRORS, EvaluationLimit)
 MAX_STEPS = 10_000  # concrete steps in one compiled workflow
 _JINJA_GLOBALS = {"range", "dict", "lipsum", "cycler", "joiner", "namespace", "true", "false", "none",
@@ -132,8 +133,10 @@ def _collects(method: _F) -> _F:
 
     @functools.wraps(method)
     def wrapper(self: _Compiler, *args: Any, **kwargs: Any) -> None:
-        with self.collect():
+        try:  # what self.collect() does, without a generator context manager per template
             method(self, *args, **kwargs)
+        except SpecError as exc:
+            self.errors.extend(spec_errors(exc))
 
     return wrapper  # type: ignore[return-value]
 
@@ -230,10 +233,9 @@ class _Compiler:
                     if need in self.by_id and self._loop_at(self.by_id[need][0]) is None:
                         g.add_edge(need, s.id)
                 g.add_edge(s.id, loop)
-        try:
+        cycle = None
+        if not nx.is_directed_acyclic_graph(g):  # one cheap pass; find_cycle's walk only for a cycle
             cycle = nx.find_cycle(g)
-        except nx.NetworkXNoCycle:
-            cycle = None
         if cycle:
             nodes_in = [u for u, _ in cycle]
             # Report at the spec-earliest step of the cycle, for a stable message.
@@ -729,19 +731,21 @@ class _Compiler:
         timeout = s.timeout if s.timeout is not None else d.timeout
         if timeout is not None and timeout <= 0:
             raise self.err(path + ("timeout",) if s.timeout is not None else ("defaults", "timeout"), "timeout must be positive")
-        r = s.retries or d.retries or RetrySpec()
-        policy = RetryPolicy(
+        r = s.retries or d.retries or _NO_RETRIES
+        # model_construct, not validation: every value below comes from the validated spec
+        # (validating 10,000 steps again, nested models and all, was a second of a submit)
+        policy = RetryPolicy.model_construct(
             limit=r.limit,
             backoff_s=r.backoff,
             max_backoff_s=max(r.max_backoff, r.backoff),
             retry_on_exit_codes=list(r.retry_on.exit_codes),
             retry_on_patterns=list(r.retry_on.patterns),
         )
-        return ConcreteStep(
+        return ConcreteStep.model_construct(
             id=cid,
             template_id=tid,
             needs=list(needs),
-            run=s.run,
+            run=_copy(s.run),
             agent=s.agent,
             prompt=s.prompt,
             env={**d.env, **s.env},
@@ -753,9 +757,9 @@ class _Compiler:
             foreach=s.foreach,
             outputs_values=list(s.outputs.values),
             outputs_artifacts=list(s.outputs.artifacts),
-            inputs=inputs,
-            rollback=s.rollback,
-            check=s.check,
+            inputs=list(inputs),
+            rollback=_copy(s.rollback),
+            check=_copy(s.check),
             worktree=s.worktree,
             cache=s.cache,
             tags=list(s.tags),
@@ -844,6 +848,11 @@ class _Compiler:
         return wf
 
 
+def _copy(command: list[str] | str | None) -> list[str] | str | None:
+    """A step's own copy of a command list (validation used to make one; instances share no list)."""
+    return list(command) if isinstance(command, list) else command
+
+
 def reference_errors(spec: Spec) -> list[SpecError]:
     """Every structure and reference error of ``spec`` (ids, needs, cycles, agents, every
     template), checked without param values: what ``validate`` adds to a spec's field errors."""
@@ -858,13 +867,15 @@ def compile_workflow(spec: Spec, params: dict[str, Any], *, source: str = "<spec
     """Apply ``params`` (``-p`` strings are coerced to the declared types; typed values are
     checked), expand matrices, check every template statically, and build the DAG.
     SpecError (exit 2, one line, ``file:line:col: field: message``) on any problem."""
-    return _Compiler(spec, dict(params or {}), source).compile()
+    with paused_gc():
+        return _Compiler(spec, dict(params or {}), source).compile()
 
 
 def compile_file(path: Path, params: dict[str, Any]) -> CompiledWorkflow:
     """:func:`load_spec` + :func:`compile_workflow`."""
-    spec = load_spec(Path(path))
-    return compile_workflow(spec, params, source=spec._source)
+    with paused_gc():
+        spec = load_spec(Path(path))
+        return compile_workflow(spec, params, source=spec._source)
 
 
 def executable_warnings(spec: Spec, search_path: str | None = None) -> list[str]:

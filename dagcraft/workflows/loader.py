@@ -15,9 +15,12 @@ refused after reading it once, never expanded), integers within 64 bits.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import difflib
+import gc
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from dagcraft.errors import SpecError
 from dagcraft.workflows.spec import Spec
 
 Pos = tuple[int, int]
+_STR = "tag:yaml.org,2002:str"
 
 MAX_SPEC_BYTES = 1 << 20  # 1 MiB of spec text
 MAX_DEPTH = 64  # nested mappings/sequences
@@ -36,9 +40,38 @@ MAX_INT = 2**63 - 1  # integers in a spec fit in 64 bits
 MAX_REPORTED = 50  # errors listed in a SpecErrors message (--json lists them all)
 
 
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Run the block with the cyclic garbage collector off (as it was again after; nests).
+    For building or reading a whole run at once (load, compile, submit, status of 10,000
+    steps): the data is acyclic, yet its ~10^6 live objects make each automatic full
+    collection walk all of them, over half the CPU of a 10,000-step submit. Reference
+    counting still frees everything; a cycle made inside waits for the next collection."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """SafeLoader used only to compose nodes; construction is done by :func:`_build`. The
     libyaml parser when PyYAML has it: the pure-Python one takes ~10 s for a 10,000-step spec."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._tags: dict[tuple[Any, str, Any], str] = {}
+
+    def resolve(self, kind: Any, value: str, implicit: Any) -> str:
+        # A pure function of its arguments (SafeLoader has no path resolvers): the regex
+        # scan per scalar was a third of composing a 10,000-step spec, whose keys repeat.
+        k = (kind, value, implicit)
+        tag = self._tags.get(k)
+        if tag is None:
+            tag = self._tags[k] = super().resolve(kind, value, implicit)
+        return tag
 
 
 def format_path(path: tuple) -> str:
@@ -62,43 +95,47 @@ def _mark(node: yaml.Node) -> Pos:
     return (node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-def _prescan(text: str, source: str) -> None:
-    """Check depth and alias-expanded size on the event stream (iterative: a 10,000-deep
-    document cannot exhaust the stack; an alias counts as the size of what it names)."""
-    sizes: dict[str, int] = {}
-    stack: list[list[Any]] = []  # [expanded values so far, anchor]
-
-    def add(n: int, ev: yaml.Event) -> None:
-        if stack:
-            stack[-1][0] += n
-            if stack[-1][0] > MAX_NODES:
-                line, col = ev.start_mark.line + 1, ev.start_mark.column + 1
+def _check_bounds(root: yaml.Node, source: str) -> None:
+    """Check nesting depth and alias-expanded size on the composed document, before anything
+    is built: each node is visited once (an alias is the very node it names, so its size is
+    remembered, never expanded), iteratively (a deep document cannot exhaust the stack).
+    Checking the composed nodes instead of a second parse of the text: that parse was a
+    fifth of loading a 10,000-step spec."""
+    if isinstance(root, yaml.ScalarNode):
+        return
+    scalar = yaml.ScalarNode
+    size: dict[int, int] = {}  # collections only: a scalar counts 1
+    todo: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    while todo:
+        node, depth, children_done = todo.pop()
+        kids = [k for pair in node.value for k in pair] if isinstance(node, yaml.MappingNode) else node.value
+        if children_done:
+            n = 1
+            for k in kids:
+                n += size.get(id(k), 1)
+            if n > MAX_NODES:
+                line, col = _mark(node)
                 raise SpecError(f"{source}:{line}:{col}: more than {MAX_NODES} values once aliases are expanded "
                                 "(an alias bomb?)")
-
-    for ev in yaml.parse(text, Loader=_Loader):
-        if isinstance(ev, yaml.CollectionStartEvent):
-            stack.append([1, ev.anchor])
-            if len(stack) > MAX_DEPTH:
-                line, col = ev.start_mark.line + 1, ev.start_mark.column + 1
-                raise SpecError(f"{source}:{line}:{col}: nesting deeper than {MAX_DEPTH} levels")
-        elif isinstance(ev, yaml.CollectionEndEvent):
-            n, anchor = stack.pop()
-            if anchor:
-                sizes[anchor] = n
-            add(n, ev)
-        elif isinstance(ev, yaml.ScalarEvent):
-            if ev.anchor:
-                sizes[ev.anchor] = 1
-            add(1, ev)
-        elif isinstance(ev, yaml.AliasEvent):
-            add(sizes.get(ev.anchor or "", 1), ev)
+            size[id(node)] = n
+            continue
+        if id(node) in size:
+            continue  # an alias of a node already counted
+        if depth > MAX_DEPTH:
+            line, col = _mark(node)
+            raise SpecError(f"{source}:{line}:{col}: nesting deeper than {MAX_DEPTH} levels")
+        todo.append((node, depth, True))
+        for k in kids:
+            if not isinstance(k, scalar) and id(k) not in size:
+                todo.append((k, depth + 1, False))
 
 
 def _scalar(loader: _Loader, node: yaml.Node, path: tuple) -> Any:
     def where() -> str:  # built only for an error: formatting it per scalar costs ~10 % of a load
         return f"{loader.name}:{_mark(node)[0]}:{_mark(node)[1]}: {format_path(path) or '<root>'}"
 
+    if node.tag == _STR:
+        return node.value  # what construct_object gives a str node, without its bookkeeping
     if node.tag == "tag:yaml.org,2002:int" and len(str(node.value)) > 40:
         raise SpecError(f"{where()}: integer out of range (at most 64 bits)")
     try:
@@ -133,12 +170,14 @@ def _build(loader: _Loader, node: yaml.Node, path: tuple, pos: _Positions, depth
                 raise SpecError(
                     f"{loader.name}:{line}:{col}: {where}: duplicate key {key!r} (first defined at line {first[key][0]})"
                 )
-            first[key] = _mark(key_node)
-            pos.key[path + (key,)] = _mark(key_node)
-            out[key] = _build(loader, value_node, path + (key,), pos, depth + 1)
+            sub = path + (key,)
+            first[key] = pos.key[sub] = _mark(key_node)
+            out[key] = _build(loader, value_node, sub, pos, depth + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_build(loader, item, path + (i,), pos, depth + 1) for i, item in enumerate(node.value)]
+    if node.tag == _STR:
+        return node.value  # the common case, decided without _scalar's checks
     value = _scalar(loader, node, path)
     if isinstance(value, (_dt.date, _dt.datetime)):
         return value.isoformat()  # keep the data JSON-able (spec hash); dates are just strings here
@@ -157,9 +196,15 @@ def load_yaml(text: str, source: str) -> tuple[Any, _Positions]:
         line = text.count("\n", 0, nul) + 1
         col = nul - (text.rfind("\n", 0, nul) + 1) + 1
         raise SpecError(f"{source}:{line}:{col}: NUL byte in the spec")
+    loader = None
     try:
-        _prescan(text, source)
         loader = _Loader(text)
+        loader.name = source
+        node = loader.get_single_node()
+        if node is None:
+            raise SpecError(f"{source}:1:1: the spec is empty")
+        _check_bounds(node, source)
+        data = _build(loader, node, (), pos)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -169,21 +214,11 @@ def load_yaml(text: str, source: str) -> tuple[Any, _Positions]:
         raise SpecError(f"{source}:{line}:{col}: invalid YAML: {problem}") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
-    loader.name = source
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            raise SpecError(f"{source}:1:1: the spec is empty")
-        data = _build(loader, node, (), pos)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise SpecError(f"{source}:{line}:{col}: invalid YAML: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:  # the pure-Python composer (no libyaml) on a very deep document
+        raise SpecError(f"{source}: nesting deeper than {MAX_DEPTH} levels") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, pos
 
 
@@ -406,6 +441,11 @@ def _short(v: Any) -> str:
 
 def parse_spec(text: str, source: str = "<spec>", spec_dir: str | None = None) -> Spec:
     """Parse and validate spec text. SpecError (positioned, one line) on any problem."""
+    with paused_gc():
+        return _parse_spec(text, source, spec_dir)
+
+
+def _parse_spec(text: str, source: str, spec_dir: str | None) -> Spec:
     data, pos = load_yaml(text, source)
     if not isinstance(data, dict):
         raise SpecError(f"{source}:1:1: the spec must be a mapping (name:, steps:, ...), got {type(data).__name__}")

@@ -388,7 +388,9 @@ class StepSpec(_Model):
     when: str | None = None
     matrix: Annotated[dict[str, Any] | None, WithJsonSchema(_MATRIX_SCHEMA)] = None
     foreach: str | None = None
-    outputs: OutputsSpec = OutputsSpec()
+    # a factory, not a default instance: pydantic deep-copies an unhashable default per step
+    outputs: OutputsSpec = Field(default_factory=OutputsSpec,
+                                 json_schema_extra={"default": {"values": [], "artifacts": []}})
     inputs: list[InputSpec] = []
     rollback: Command = None
     #: an acceptance check run after the command exits 0, in the same workdir (docs/spec.md)

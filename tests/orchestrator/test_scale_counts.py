@@ -1,0 +1,97 @@
+"""``status`` and a worker's view of a large run: counts, never timings (issue 12: a
+10,000-step run's status in under a second; worker memory flat in run size)."""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dagcraft.errors import CorruptRecord
+from dagcraft.orchestrator import layout, run_status
+from dagcraft.orchestrator.view import LocalView
+from dagcraft.workflows import CompiledWorkflow
+from tests.orchestrator.helpers import submit_spec, write_spec
+
+N = 300
+
+
+def _spec(tmp_path: Path) -> Path:
+    lines = ["name: big", "steps:"]
+    for i in range(N):
+        lines += [f"  - id: s{i}", '    run: ["true"]'] + ([f"    needs: [s{i - 30}]"] if i >= 30 else [])
+    return write_spec(tmp_path, "\n".join(lines) + "\n")
+
+
+def test_status_reads_each_step_once_and_validates_no_workflow(local_store: Any, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    rid = submit_spec(local_store, _spec(tmp_path))
+    validated = [0]
+    original = CompiledWorkflow.model_validate
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        validated[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(CompiledWorkflow, "model_validate", counting)
+    reads: dict[str, int] = {}
+    get = local_store.get
+
+    def counting_get(key: str, *args: Any, **kwargs: Any) -> Any:
+        reads[key] = reads.get(key, 0) + 1
+        return get(key, *args, **kwargs)
+
+    monkeypatch.setattr(local_store, "get", counting_get)
+    collections: list[int] = []
+
+    def note(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start" and not gc.isenabled():
+            collections.append(info["generation"])  # an explicit collect(): none is made
+
+    gc.callbacks.append(note)
+    try:
+        st = run_status(local_store, rid)
+    finally:
+        gc.callbacks.remove(note)
+    assert st["counts"] == {"pending": N}
+    # a workflow without agents spends nothing: its 10,000 steps are not validated for that
+    assert validated[0] == 0
+    state_keys = {layout.step_state(rid, f"s{i}") for i in range(N)}
+    state_reads = {k: n for k, n in reads.items() if k in state_keys}
+    assert len(state_reads) == N and set(state_reads.values()) == {1}
+    assert reads[layout.run_record(rid)] == 1
+    assert collections == [] and gc.isenabled()
+
+
+def test_worker_view_keeps_no_plain_copy_of_the_workflow(local_store: Any, tmp_path: Path):
+    rid = submit_spec(local_store, _spec(tmp_path))
+    view = LocalView(local_store, rid)
+    # the workflow is held once, as models: the record's plain-data copy is not kept
+    assert view.record.workflow == {}
+    assert list(view.wf.steps) == view.record.order and len(view.wf.steps) == N
+    assert view.record.name == "big" and view.record.run_id == rid
+    stored = json.loads(local_store.get(layout.run_record(rid))[0])
+    assert view.wf.model_dump(mode="json")["steps"] == stored["workflow"]["steps"]
+
+
+def test_worker_view_names_a_corrupt_workflow(local_store: Any, tmp_path: Path):
+    rid = submit_spec(local_store, _spec(tmp_path))
+    key = layout.run_record(rid)
+    data = json.loads(local_store.get(key)[0])
+    data["workflow"]["steps"]["s3"]["retries"] = "often"
+    local_store.put(key, json.dumps(data).encode())
+    with pytest.raises(CorruptRecord) as err:
+        LocalView(local_store, rid)
+    assert "workflow is not valid" in str(err.value) and "run.json" in str(err.value)
+
+
+def test_run_record_bytes_are_the_generic_dump(local_store: Any, tmp_path: Path):
+    # submit serialises the workflow once (dump_run_record): byte for byte what dump() gives
+    from dagcraft.orchestrator.model import RunRecord, dump
+
+    rid = submit_spec(local_store, _spec(tmp_path))
+    body = local_store.get(layout.run_record(rid))[0]
+    assert dump(RunRecord.model_validate_json(body)) == body
