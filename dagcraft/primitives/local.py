@@ -29,7 +29,7 @@ Guarantees (across threads and processes on one machine, on a local POSIX filesy
   the same one-winner rule, with nothing to write. ``put_file(consume=True)`` hard-links the
   handed-over file in as the temp instead of copying it.
 - **Atomic compare-and-swap**: ``put(if_match=etag)`` (and unconditional put and delete) run
-  under an exclusive ``flock`` on the key's lock file: compare the current etag, then
+  under an exclusive ``flock`` on the key's lock file (one of 4,096 stripes): compare the current etag, then
   ``os.replace`` a fully written temp file. ``flock`` locks are per open file description, so
   they exclude threads of one process as well as other processes.
 - **No torn reads, crash safety**: objects only ever appear by ``link``/``replace`` of a
@@ -75,6 +75,8 @@ _CHUNK = 1 << 20
 _ULID_NAME = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}(?:~|$)")
 _SHARD = "%s"  # shard directory marker: never the start of an escaped segment
 _SHARD_LEN = 8  # ULID chars in a shard name: 2**10 ms of ULID time per shard
+_LOCK_HEX = 3  # hex digits of a key's hash naming its lock stripe
+_LOCK_STRIPES = 16 ** _LOCK_HEX
 
 
 def _esc(seg: str) -> str:
@@ -160,8 +162,11 @@ class LocalStore:
         return path
 
     def _lock_path(self, key: str) -> Path:
+        """The key's lock: one of :data:`_LOCK_STRIPES` files, by the key's hash. Keys sharing a
+        stripe exclude each other too (each call holds one lock, so no deadlock); a file per key
+        made one more inode per step and a lock directory that grew with every key ever written."""
         h = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-        return self._locks / h[:2] / h
+        return self._locks / f"stripe-{h[:_LOCK_HEX]}"
 
     def _write_temp(self, data: bytes | None = None, src: Path | None = None) -> tuple[Path, str]:
         """Write a complete temp file (fsynced unless empty or ``fsync=False``) and return

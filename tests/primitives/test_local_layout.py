@@ -196,3 +196,16 @@ def test_an_empty_object_is_created_in_place_exactly_once(tmp_path):
         store.put(key, b"", if_none_match=True)
     assert store.get(key) == (b"", store.put("other/empty", b""))
     assert list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
+def test_lock_files_are_a_bounded_set_of_stripes(tmp_path):
+    """Locks are striped by key hash: writing ever more keys reuses the same few thousand lock
+    files instead of making one per key (an inode per step, and a directory without bound)."""
+    from dagcraft.primitives.local import _LOCK_STRIPES
+
+    store = LocalStore(tmp_path / "store", fsync=False)
+    for i in range(3 * _LOCK_STRIPES // 2):
+        store.put(f"runs/r/steps/s{i}/state.json", b"{}")
+    locks = list((tmp_path / "store" / "locks").iterdir())
+    assert 0 < len(locks) <= _LOCK_STRIPES
+    assert all(p.is_file() and p.name.startswith("stripe-") for p in locks)
