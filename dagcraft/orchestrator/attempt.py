@@ -52,9 +52,10 @@ from dagcraft.orchestrator.model import (
     StepState,
     StepStatus,
 )
-from dagcraft.orchestrator.outbox import Outbox, private_dir
+from dagcraft.orchestrator.outbox import Outbox
 from dagcraft.orchestrator.retry import backoff_delay, should_retry
 from dagcraft.orchestrator.scheduler import WorkItem
+from dagcraft.orchestrator.scratch import attempt_dir, release_attempt_dir
 from dagcraft.orchestrator.view import missing_secrets, secret_env_name, without_secret_env
 from dagcraft.primitives import artifacts
 from dagcraft.primitives.keys import validate_relpath
@@ -171,27 +172,6 @@ def classify_exec(res: ExecResult, argv0: str, timeout_s: float | None) -> tuple
             return ReasonKind.NOT_EXECUTABLE, f"{res.error} (exit code 126)"
         return ReasonKind.NOT_EXECUTABLE, "exit code 126: command not executable (see its stderr)"
     return ReasonKind.EXIT_CODE, f"exit code {res.exit_code}"
-
-
-def clean_run_scratch(tmp_root: Path, run_id: str) -> None:
-    """Remove the run's empty step directories and then its run directory under ``tmp_root``
-    (what attempts leave there once each removed its own directory). Non-empty ones stay: an
-    attempt of another worker on this host, or ``--keep-workdirs``; a sibling attempt creating
-    a directory again concurrently is handled by ``private_dir``."""
-    run_dir = tmp_root / run_id
-    try:
-        step_dirs = list(os.scandir(run_dir))
-    except OSError:
-        return
-    for entry in step_dirs:
-        try:
-            os.rmdir(entry.path)
-        except OSError:
-            pass  # not empty, or not a directory
-    try:
-        run_dir.rmdir()
-    except OSError:
-        pass
 
 
 def stderr_tail(path: Path, lines: int = STDERR_TAIL_LINES, limit: int = STDERR_TAIL_BYTES) -> str | None:
@@ -477,7 +457,7 @@ class Attempt:
             shutil.rmtree(self.dir, ignore_errors=True)
         # private (0700, as is every level up from tmp_root): it holds the step's outputs
         # before redaction and whatever the step writes there; removed at the end of _finish
-        private_dir(self.dir, self.cfg.tmp_root)
+        attempt_dir(self.dir, self.cfg.tmp_root)
         self.trace = TraceWriter(self.dir / "trace.jsonl", self.w.run_id,
                                  redactor=Redactor(self.w.wf.secret_values()), fsync=False)
         step = self.w.step
@@ -924,10 +904,9 @@ class Attempt:
             self._remove_worktree(delete_branch=True)  # only a committed success publishes its branch
         if not self.cfg.keep_workdirs:
             # the outbox queued its own copies of what did not land: nothing here is needed
-            # the step and run directories above it stay for the run's next attempts (made and
-            # removed per attempt they cost two inodes each time); the worker removes them when
-            # it stops serving the run (clean_run_scratch)
-            shutil.rmtree(self.dir, ignore_errors=True)
+            # emptied and kept as a spare for the next attempt; the step and run directories
+            # above it stay for the run's next attempts, until the worker stops serving it
+            release_attempt_dir(self.dir, self.cfg.tmp_root)
         for sem, lease in zip(self.w.semaphores, self.w.semaphore_leases, strict=True):
             try:
                 sem.release(lease)

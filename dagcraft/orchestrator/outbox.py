@@ -13,45 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dagcraft.errors import DagcraftError, StoreUnavailable
+from dagcraft.orchestrator.scratch import private_dir
 from dagcraft.primitives.store import Store
 
 log = logging.getLogger(__name__)
-
-
-def private_dir(path: Path, root: Path) -> Path:
-    """Create ``path`` and every directory from ``root`` down to it, each 0700 (existing ones
-    are tightened), so that no other user can list or read what a step leaves in scratch.
-    Refuses (PermissionError) a level that is a symlink or owned by another user: in a shared
-    ``/tmp`` someone else could have made it first."""
-    rel = path.relative_to(root).parts
-    root.parent.mkdir(parents=True, exist_ok=True)  # above root: not ours to tighten
-    for tries in range(1000):
-        try:
-            for level in [root] + [root.joinpath(*rel[:i + 1]) for i in range(len(rel))]:
-                try:
-                    level.mkdir(mode=0o700)
-                except FileExistsError:
-                    pass
-                st = level.lstat()
-                if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-                    raise PermissionError(f"scratch directory {level} is not a directory of this user")
-                if stat.S_IMODE(st.st_mode) != 0o700:
-                    level.chmod(0o700)
-            return path
-        except FileNotFoundError:
-            # an attempt that just ended removed an empty parent between two of our steps
-            if tries == 999:
-                raise
-    return path
 
 
 @dataclass

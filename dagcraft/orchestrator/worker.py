@@ -54,11 +54,12 @@ from dagcraft.errors import (
     StoreUnavailable,
 )
 from dagcraft.orchestrator import layout, ops, registry
-from dagcraft.orchestrator.attempt import Attempt, WorkerConfig, clean_run_scratch
+from dagcraft.orchestrator.attempt import Attempt, WorkerConfig
 from dagcraft.orchestrator.journal import KeyFeed
 from dagcraft.orchestrator.model import RUN_FINISHED, AttemptStatus, RunStatus, StepState
 from dagcraft.orchestrator.outbox import Outbox
 from dagcraft.orchestrator.scheduler import Scheduler, WorkItem
+from dagcraft.orchestrator.scratch import clean_run_scratch
 from dagcraft.orchestrator.supervisor import Supervisor
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives.store import Store

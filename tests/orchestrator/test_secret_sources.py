@@ -143,5 +143,5 @@ def test_run_keep_workdirs_flag(tmp_path, keep):
     attempt_dir = tmp / "dagcraft" / "k1" / "use" / "1"
     assert attempt_dir.is_dir() is keep
     if keep:
-        assert (attempt_dir / "stdout.log").exists() and (attempt_dir.stat().st_mode & 0o777) == 0o700
+        assert (attempt_dir / "trace.jsonl").exists() and (attempt_dir.stat().st_mode & 0o777) == 0o700
     assert (tmp / "dagcraft").stat().st_mode & 0o777 == 0o700

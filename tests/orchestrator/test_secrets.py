@@ -267,7 +267,7 @@ def test_private_dir_survives_parents_removed_concurrently(tmp_path):
     creating its scratch dir at that moment must still get it (private_dir starts over)."""
     import threading
 
-    from dagcraft.orchestrator.outbox import private_dir
+    from dagcraft.orchestrator.scratch import private_dir
 
     root = tmp_path / "work"
     stop = threading.Event()
@@ -293,3 +293,35 @@ def test_private_dir_survives_parents_removed_concurrently(tmp_path):
     finally:
         stop.set()
         t.join()
+
+
+def test_a_spare_attempt_dir_is_reused_only_when_private(tmp_path):
+    """Attempt directories are recycled through ``tmp_root/.spare``; a spare that is not a
+    0700 directory of this user (a symlink, a loosened mode) is never used as one."""
+    import os
+
+    from dagcraft.orchestrator.scratch import SPARE_DIR, attempt_dir, private_dir, release_attempt_dir
+
+    root = tmp_path / "dagcraft"
+    first = attempt_dir(root / "r" / "s" / "1", root)
+    (first / "work").mkdir()
+    (first / "work" / "left.txt").write_text("x")
+    (first / "trace.jsonl").write_text("{}")
+    ino = first.stat().st_ino
+    release_attempt_dir(first, root)
+    assert not first.exists() and len(os.listdir(root / SPARE_DIR)) == 1
+    second = attempt_dir(root / "r" / "s" / "2", root)
+    assert second.stat().st_ino == ino  # the same directory, renamed into place
+    assert os.listdir(second) == ["work"] and os.listdir(second / "work") == []
+    assert os.listdir(root / SPARE_DIR) == []
+    # planted spares: a symlink to elsewhere, and a directory anyone can read
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, root / SPARE_DIR / "a")
+    loose = private_dir(root / SPARE_DIR / "b", root)
+    loose.chmod(0o755)
+    for n in ("3", "4"):
+        made = attempt_dir(root / "r" / "s" / n, root)
+        st = made.lstat()
+        assert not made.is_symlink() and (st.st_mode & 0o777) == 0o700 and os.listdir(made) == []
+    assert elsewhere.is_dir() and os.listdir(root / SPARE_DIR) == []
