@@ -59,7 +59,7 @@ class PoolOptions:
 
 
 #: a poll of the local store is a directory read; on S3 it is a billed LIST
-LOCAL_POLL_MAX_S = 0.2
+LOCAL_POLL_MAX_S = 0.1
 S3_POLL_MAX_S = 0.5
 
 
