@@ -272,11 +272,18 @@ class LocalStore:
         """Create-if-absent of an empty object (journal and index entries: the key is the
         message): an exclusive create in place, as atomic as the temp-and-link of other
         objects, with nothing to write and no temp to make and remove."""
-        path = self._resolve(path)
+        self._create_new(key, self._resolve(path),
+                         lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)))
+        return _etag_of(b"")
+
+    def _create_new(self, key: str, path: Path, make: Callable[[Path], None]) -> None:
+        """The one-winner create: ``make(path)`` fails with FileExistsError when the name
+        exists (``link``, ``O_EXCL``); missing parent directories are made and it is tried
+        again (a concurrent remover of an empty parent can race it, hence a few tries)."""
         for _ in range(3):
             try:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-                return _etag_of(b"")
+                make(path)
+                return
             except FileExistsError:
                 raise Conflict(f"{key}: already exists") from None
             except FileNotFoundError:
@@ -313,17 +320,8 @@ class LocalStore:
         path = self._resolve(path)
         try:
             if if_none_match and if_match is None:
-                for _ in range(3):
-                    try:
-                        os.link(tmp, path)
-                        return etag
-                    except FileExistsError:
-                        raise Conflict(f"{key}: already exists") from None
-                    except FileNotFoundError:
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                    except NotADirectoryError:
-                        raise InvalidInput(f"{key}: a parent is not a directory") from None
-                raise StoreUnavailable(f"local store {self.root}: cannot create {key}")
+                self._create_new(key, path, lambda p: os.link(tmp, p))
+                return etag
             fd = self._lock(key)
             try:
                 if if_match is not None or if_none_match:
