@@ -179,15 +179,28 @@ def test_forked_worker_handle_has_popen_semantics():
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
 
+    r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+        # SIGTERM's default action first (an earlier test may have left this process a Python
+        # handler, which the child inherits), then tell the parent it may send it
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+        os.close(r)
+        os.write(w, b"r")
         while True:
             signal.pause()
+    os.close(w)
     h = ForkedWorker(pid)
-    h.terminate()
-    assert h.wait(30) == -signal.SIGTERM  # as Popen: minus the signal that killed it
+    try:
+        assert os.read(r, 1) == b"r"
+        h.terminate()
+        assert h.wait(30) == -signal.SIGTERM  # as Popen: minus the signal that killed it
+    finally:
+        os.close(r)
+        if h.returncode is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 def test_fork_is_refused_with_another_thread_or_when_exec_is_asked(monkeypatch):
