@@ -4,7 +4,7 @@ Guarantees:
 - The child runs in a **new session / process group** (``start_new_session``); stop requests
   (timeout, ``cancel.set()``, a forwarded SIGINT/SIGTERM) signal the whole group, then SIGKILL
   the group after ``grace`` seconds if it has not exited.
-- **Bounded memory** whatever the child prints: one reader thread per pipe copies 64 KiB chunks
+- **Bounded memory** whatever the child prints: the calling thread copies 64 KiB chunks of both pipes
   to the log file (created at the stream's first byte: a silent stream leaves no file) and keeps only a ≤4 KiB preview (first 2000 + last 2000 bytes when longer) and
   a partial-line buffer capped at :data:`LINE_LIMIT` (1 MiB; longer lines are written through in
   pieces and reported to the adapter as unparsed).
@@ -31,7 +31,7 @@ The result's fields and the ``tool.result`` payload are described in ``docs/trac
 from __future__ import annotations
 
 import os
-import select
+import selectors
 import shlex
 import signal as _signal
 import subprocess
@@ -95,29 +95,32 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-class _Pump(threading.Thread):
+class _Pump:
     """Copies one pipe to a log file (redacted, line by line), keeps a bounded preview.
 
-    Whatever goes wrong on our side, the pipe is drained to its end so the child never blocks
-    on a full pipe (nor dies of SIGPIPE): a log that cannot be opened or written (ENOSPC, EIO)
-    stops only the logging, and the first such error is kept in :attr:`log_error`; any other
+    Fed by :func:`traced_exec`'s own loop (``feed`` each chunk read, ``end`` at EOF): no thread
+    per pipe. Whatever goes wrong on our side, the pipe is drained to its end so the child never
+    blocks on a full pipe (nor dies of SIGPIPE): a log that cannot be opened or written (ENOSPC,
+    EIO) stops only the logging, and the first such error is kept in :attr:`log_error`; any other
     error (a bug in a callback) is kept in :attr:`error`, and the rest of the output is only
     counted.
     """
 
     def __init__(self, pipe: Any, log: Path, redactor: Redactor, echo_to: Any | None,
                  on_line: Callable[[bytes], None] | None, on_overlong: Callable[[int, bytes], None] | None) -> None:
-        super().__init__(daemon=True)
         self.pipe, self.log, self.echo_to = pipe, log, echo_to
+        self.fd: int = pipe.fileno()
         self.lr = LineRedactor(redactor)
         self.on_line, self.on_overlong = on_line, on_overlong
         self.nbytes = 0
+        self._buf = b""  # the partial line so far
         self._first = bytearray()
         self._last = bytearray()
         self._logged = 0
         self._overlong: tuple[int, bytes] | None = None   # (bytes so far, head) of a cut line
         self._f: BinaryIO | None = None
         self._opened = False  # the log file is created at the first byte: a silent stream makes none
+        self.ended = False
         #: first error opening, writing or closing the log file (the log is incomplete)
         self.log_error: OSError | None = None
         #: any other error; output after it was drained and counted but not processed
@@ -180,64 +183,62 @@ class _Pump(threading.Thread):
         elif self.on_line:
             self.on_line(line.rstrip(b"\n").rstrip(b"\r"))
 
-    def run(self) -> None:
+    def feed(self, chunk: bytes) -> None:
+        """One chunk read from the pipe (never empty)."""
+        self.nbytes += len(chunk)
+        if self.error is not None:
+            return  # drained and counted only
         try:
-            fd = self.pipe.fileno()
-            try:
-                self._copy(fd)
-            except BaseException as exc:  # surfaced by traced_exec; never kill the process
-                self.error = exc
-                self._drain(fd)
-            finally:
-                f, self._f = self._f, None
-                if f is not None:
-                    try:
-                        f.close()
-                    except OSError as exc:
-                        self.log_error = self.log_error or exc
-        except BaseException as exc:  # pragma: no cover - the pipe itself is broken
-            self.error = self.error or exc
+            self._copy(chunk)
+        except Exception as exc:  # surfaced by traced_exec; never stops the draining
+            self.error = exc
+
+    def end(self) -> None:
+        """The pipe reached EOF (or is abandoned): log the last line, close the log and the pipe."""
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            if self.error is None:
+                if self._buf:
+                    self._line(self._buf)  # final unterminated line
+                elif self._overlong is not None and self.on_overlong:
+                    self.on_overlong(*self._overlong)
+                self._flush()
+        except Exception as exc:
+            self.error = exc
         finally:
+            f, self._f = self._f, None
+            if f is not None:
+                try:
+                    f.close()
+                except OSError as exc:
+                    self.log_error = self.log_error or exc
             try:
                 self.pipe.close()
             except OSError:
                 pass
 
-    def _drain(self, fd: int) -> None:
-        while chunk := os.read(fd, CHUNK):
-            self.nbytes += len(chunk)
-
-    def _copy(self, fd: int) -> None:
-        buf = b""
-        while True:
-            chunk = os.read(fd, CHUNK)
-            if not chunk:
-                break
-            self.nbytes += len(chunk)
-            if self.echo_to is not None:
-                try:
-                    self.echo_to.write(chunk)
-                    self.echo_to.flush()
-                except (OSError, ValueError):
-                    self.echo_to = None  # terminal went away; keep logging
-            parts = (buf + chunk).split(b"\n")
-            buf = parts.pop()
-            for p in parts:
-                self._line(p + b"\n")
-            self._flush()  # live: `dagcraft logs --follow` and cancel checks read the file as it grows
-            if len(buf) > LINE_LIMIT:
-                # overlong line: write it through (redacted as a piece) and stop buffering
-                if self._overlong is None:
-                    self._overlong = (0, buf[:1024])
-                n, head = self._overlong
-                self._overlong = (n + len(buf), head)
-                self._out(self.lr.r.redact_bytes(buf))
-                buf = b""
-        if buf:
-            self._line(buf)  # final unterminated line
-        elif self._overlong is not None and self.on_overlong:
-            self.on_overlong(*self._overlong)
-        self._flush()
+    def _copy(self, chunk: bytes) -> None:
+        if self.echo_to is not None:
+            try:
+                self.echo_to.write(chunk)
+                self.echo_to.flush()
+            except (OSError, ValueError):
+                self.echo_to = None  # terminal went away; keep logging
+        parts = (self._buf + chunk).split(b"\n")
+        self._buf = parts.pop()
+        for p in parts:
+            self._line(p + b"\n")
+        self._flush()  # live: `dagcraft logs --follow` and cancel checks read the file as it grows
+        if len(self._buf) > LINE_LIMIT:
+            # overlong line: write it through (redacted as a piece) and stop buffering
+            if self._overlong is None:
+                self._overlong = (0, self._buf[:1024])
+            n, head = self._overlong
+            self._overlong = (n + len(self._buf), head)
+            self._out(self.lr.r.redact_bytes(self._buf))
+            self._buf = b""
 
     def problem(self) -> str | None:
         """One line naming the log and what went wrong with it, or None."""
@@ -254,35 +255,67 @@ class _Pump(threading.Thread):
         return data.decode("utf-8", errors="replace")
 
 
-class _ExitWaiter:
-    """Waits for the child to exit and reaps it, waking the moment it does: ``Popen.wait(timeout)``
-    would poll with growing sleeps and add milliseconds to every short step. On Linux it waits
-    on a pidfd in the calling thread; elsewhere a thread blocks in ``wait()``."""
+class _Watch:
+    """One loop that waits, in the calling thread, for whatever comes next: output on either
+    pipe (fed to its pump), the child's exit (reaped the moment it happens: ``Popen.wait(timeout)``
+    would poll with growing sleeps and add milliseconds to every short step), or a timeout.
+    On Linux the exit is a pidfd in the same ``select``, so an exec starts no thread; elsewhere
+    one thread blocks in ``wait()`` and the loop looks at it every 50 ms."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], pumps: tuple[_Pump, ...]) -> None:
         self.proc = proc
-        self._exited = threading.Event()
+        self.pumps = {p.fd: p for p in pumps}
+        self.exited_at: float | None = None  # monotonic time the child was reaped
+        self._reaped = threading.Event()
+        self._sel = selectors.DefaultSelector()
+        for fd in self.pumps:
+            self._sel.register(fd, selectors.EVENT_READ)
         try:
             self._pidfd: int | None = os.pidfd_open(proc.pid)
+            self._sel.register(self._pidfd, selectors.EVENT_READ)
         except (AttributeError, OSError):  # not Linux ≥ 5.3
             self._pidfd = None
             threading.Thread(target=self._reap, daemon=True).start()
 
     def _reap(self) -> None:
         self.proc.wait()
-        self._exited.set()
+        self._reaped.set()
 
-    def wait(self, timeout: float | None) -> bool:
-        """Up to ``timeout`` s (None: for ever); True once the child has exited and been reaped."""
-        if self._pidfd is None or self._exited.is_set():
-            return self._exited.wait(timeout)
-        if select.select([self._pidfd], [], [], timeout)[0]:
-            self.proc.wait()
-            self._exited.set()
-            self.close()
-        return self._exited.is_set()
+    @property
+    def exited(self) -> bool:
+        return self.exited_at is not None
+
+    @property
+    def draining(self) -> bool:
+        """Some pipe has not reached EOF yet."""
+        return any(not p.ended for p in self.pumps.values())
+
+    def step(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` s (None: until something happens) and handle what came."""
+        if self._pidfd is None and not self.exited:
+            timeout = 0.05 if timeout is None else min(timeout, 0.05)
+        for key, _ in self._sel.select(timeout):
+            fd = key.fd
+            if fd == self._pidfd:
+                self._sel.unregister(fd)
+                self.proc.wait()
+                self.exited_at = time.monotonic()
+                continue
+            pump = self.pumps[fd]
+            chunk = os.read(fd, CHUNK)
+            if chunk:
+                pump.feed(chunk)
+            else:
+                self._sel.unregister(fd)
+                pump.end()
+        if self._pidfd is None and not self.exited and self._reaped.is_set():
+            self.exited_at = time.monotonic()
 
     def close(self) -> None:
+        """End every pump (EOF or abandoned) and release the selector and the pidfd."""
+        for pump in self.pumps.values():
+            pump.end()
+        self._sel.close()
         fd, self._pidfd = self._pidfd, None
         if fd is not None:
             os.close(fd)
@@ -305,7 +338,7 @@ def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | N
     exited and its output is fully logged. Spawn failures return exit code 127 (not found) or
     126 (not executable) with ``error`` set, mirroring a shell. See the module docstring.
 
-    ``on_usage`` is called (on the stdout reader thread) with the adapter's running usage after
+    ``on_usage`` is called (in the calling thread, as stdout is read) with the adapter's running usage after
     every stdout line that changed it; when it returns True the child's whole process group is
     SIGKILLed at once — no grace: what is over a limit must not go on spending — and the
     result is ``cancelled`` (a ``step.cancelled`` event with ``reason: "usage limit"``).
@@ -368,8 +401,6 @@ def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | N
     out_pump = _Pump(proc.stdout, stdout_log, redactor, sys.stdout.buffer if echo else None,
                      on_line, lambda n, head: emit(ad.feed_overlong(n, head)))
     err_pump = _Pump(proc.stderr, stderr_log, redactor, sys.stderr.buffer if echo else None, None, None)
-    out_pump.start()
-    err_pump.start()
 
     # Forward SIGINT/SIGTERM to the child group (main thread only: handlers live there).
     forwarded: list[int] = []
@@ -384,50 +415,58 @@ def traced_exec(argv: list[str], *, writer: TraceWriter, env: dict[str, str] | N
             except (ValueError, OSError):
                 pass
 
-    waiter = _ExitWaiter(proc)
+    watch = _Watch(proc, (out_pump, err_pump))
     timed_out = cancelled = False
     kill_at: float | None = None
     deadline = t0 + timeout if timeout is not None else None
+    straggler_kill_at: float | None = None  # once the child exited with its pipes still open
+    give_up_at: float | None = None
     try:
-        while True:
+        while not watch.exited or watch.draining:
             now = time.monotonic()
-            if kill_at is None and not (timed_out or cancelled):
-                if deadline is not None and now >= deadline:
-                    timed_out = True
-                    writer.append("step.timeout", {"timeout_s": timeout, "pid": proc.pid, "grace_s": grace})
-                elif cancel is not None and cancel.is_set():
-                    cancelled = True
-                    writer.append("step.cancelled", {"pid": proc.pid, "grace_s": grace})
-                if timed_out or cancelled:
-                    _killpg(pgid, _signal.SIGTERM)
+            waits: list[float] = []
+            if not watch.exited:
+                if kill_at is None and not (timed_out or cancelled):
+                    if deadline is not None and now >= deadline:
+                        timed_out = True
+                        writer.append("step.timeout", {"timeout_s": timeout, "pid": proc.pid, "grace_s": grace})
+                    elif cancel is not None and cancel.is_set():
+                        cancelled = True
+                        writer.append("step.cancelled", {"pid": proc.pid, "grace_s": grace})
+                    if timed_out or cancelled:
+                        _killpg(pgid, _signal.SIGTERM)
+                        kill_at = now + grace
+                if forwarded and kill_at is None:
                     kill_at = now + grace
-            if forwarded and kill_at is None:
-                kill_at = now + grace
-            if kill_at is not None and now >= kill_at:
-                _killpg(pgid, _signal.SIGKILL)
-                kill_at = float("inf")
-            # wake up for the next thing that can happen; cancel and signals need polling
-            waits = [0.05] if (cancel is not None or old_handlers) else []
-            if deadline is not None and not (timed_out or cancelled):
-                waits.append(max(0.0, deadline - now))
-            if kill_at is not None and kill_at != float("inf"):
-                waits.append(max(0.0, kill_at - now))
-            if waiter.wait(min(waits) if waits else None):
-                break
+                if kill_at is not None and now >= kill_at:
+                    _killpg(pgid, _signal.SIGKILL)
+                    kill_at = float("inf")
+                # wake up for the next thing that can happen; cancel and signals need polling
+                if cancel is not None or old_handlers:
+                    waits.append(0.05)
+                if deadline is not None and not (timed_out or cancelled):
+                    waits.append(max(0.0, deadline - now))
+                if kill_at is not None and kill_at != float("inf"):
+                    waits.append(max(0.0, kill_at - now))
+            else:
+                # the child is gone but processes it left in its group still hold our pipes:
+                # end them so the step can finish; past that, stop reading what escaped the group
+                assert watch.exited_at is not None
+                if straggler_kill_at is None:
+                    straggler_kill_at = watch.exited_at + STRAGGLER_WAIT
+                if give_up_at is None and now >= straggler_kill_at:
+                    _killpg(pgid, _signal.SIGKILL)
+                    give_up_at = now + 5.0
+                if give_up_at is not None and now >= give_up_at:
+                    break
+                waits.append(max(0.0, (give_up_at or straggler_kill_at) - now))
+            watch.step(min(waits) if waits else None)
     finally:
-        waiter.close()
+        watch.close()
         for s, h in old_handlers.items():
             _signal.signal(s, h)
     cancelled = cancelled or stopped.is_set()
-    duration_ms = int((time.monotonic() - t0) * 1000)
-    until = time.monotonic() + STRAGGLER_WAIT
-    for pump in (out_pump, err_pump):
-        pump.join(max(0.0, until - time.monotonic()))
-    if out_pump.is_alive() or err_pump.is_alive():
-        # processes left in the group still hold our pipes: end them so the step can finish
-        _killpg(pgid, _signal.SIGKILL)
-        for pump in (out_pump, err_pump):
-            pump.join(5.0)
+    duration_ms = int(((watch.exited_at or time.monotonic()) - t0) * 1000)
     emit(ad.finish())
     log_problems = [m for m in (out_pump.problem(), err_pump.problem()) if m]
     for problem in log_problems:  # the log is truncated: say so in the trace and the result
