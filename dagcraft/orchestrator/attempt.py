@@ -34,7 +34,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from dagcraft.orchestrator.outbox import Outbox
 from dagcraft.orchestrator.retry import backoff_delay, should_retry
 from dagcraft.orchestrator.scheduler import WorkItem
 from dagcraft.orchestrator.scratch import attempt_dir, release_attempt_dir
+from dagcraft.orchestrator.timers import Timers
 from dagcraft.orchestrator.view import missing_secrets, secret_env_name, without_secret_env
 from dagcraft.primitives import artifacts
 from dagcraft.primitives.keys import validate_relpath
@@ -104,6 +106,8 @@ class WorkerConfig:
     keep_workdirs: bool = False
     #: signs the seals of the runs this worker finishes as their supervisor (None: unsigned)
     signer: Signer | None = None
+    #: starts an attempt's heartbeat and log threads once it has run long enough to need them
+    timers: Timers = field(default_factory=Timers, repr=False, compare=False)
 
     @property
     def heartbeat_s(self) -> float:
@@ -307,6 +311,10 @@ class Attempt:
         self.cancel = threading.Event()  # set: kill the child (lease lost, run cancelled, hand back)
         self.cancel_reason: AttemptStatus | None = None
         self._stop_hb = threading.Event()
+        #: the heartbeat and log threads, once started (under _keepers_lock, with _stop_hb)
+        self._keepers: list[threading.Thread] = []
+        self._keepers_lock = threading.Lock()
+        self._t0 = time.monotonic()  # when run() began (set again there): the keepers' periods count from it
         self.name = str(self.n) if self.kind is AttemptKind.RUN else f"rollback-{self.n}"
         self.dir = cfg.tmp_root / work.run_id / work.step.id / self.name
         self.trace: TraceWriter | None = None
@@ -338,8 +346,34 @@ class Attempt:
         self.cancel.set()
 
     # -- heartbeat ---------------------------------------------------------------------------
+    def _waits(self, period: float) -> Iterator[None]:
+        """Yields ``period`` s after the start of the attempt (whenever this keeper thread
+        started), then ``period`` s after the caller's last turn, until the attempt ends."""
+        due = self._t0 + period
+        while not self._stop_hb.wait(max(0.0, due - time.monotonic())):
+            yield
+            due = time.monotonic() + period
+
+    def _start_keepers(self) -> None:
+        """Start the heartbeat and log-streaming threads (by :class:`Timers`, once the first of
+        their periods is due; never after the attempt ended)."""
+        with self._keepers_lock:
+            if self._stop_hb.is_set():
+                return
+            for target, what in ((self._heartbeat, "heartbeat"), (self._stream_logs, "logs")):
+                t = threading.Thread(target=target, name=f"{what}-{self.w.step.id}", daemon=True)
+                t.start()
+                self._keepers.append(t)
+
+    def _stop_keepers(self) -> None:
+        with self._keepers_lock:
+            self._stop_hb.set()
+            keepers = list(self._keepers)
+        for t in keepers:
+            t.join()
+
     def _heartbeat(self) -> None:
-        while not self._stop_hb.wait(self.cfg.heartbeat_s):
+        for _ in self._waits(self.cfg.heartbeat_s):
             try:
                 transitions.heartbeat(self.hold, self.cfg.lease_ttl, stop=self._stop_hb)
             except Fenced as exc:
@@ -360,8 +394,7 @@ class Attempt:
         """While the attempt runs, upload its logs every ``log_snapshot_interval`` (0.5 s on a
         local store, 3 s on S3) when they grew, so ``dagcraft logs --follow`` streams them from
         any host. Its own thread: a heartbeat riding out an outage never delays it."""
-        interval = log_snapshot_interval(self.store)
-        while not self._stop_hb.wait(interval):
+        for _ in self._waits(log_snapshot_interval(self.store)):
             self._snapshot_logs()
             if self._metered:
                 self._sync_spend()
@@ -453,6 +486,7 @@ class Attempt:
 
     # -- main --------------------------------------------------------------------------------
     def run(self) -> StepState:
+        self._t0 = time.monotonic()
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
         # private (0700, as is every level up from tmp_root): it holds the step's outputs
@@ -470,10 +504,9 @@ class Attempt:
                                            "token": self.hold.lease.token, "lease_expires_at": self.hold.lease.expires_at})
         if self.kind is AttemptKind.ROLLBACK:
             self.trace.append("rollback.started", {"step": step.id, "attempt": self.n})
-        hb = threading.Thread(target=self._heartbeat, name=f"heartbeat-{step.id}", daemon=True)
-        hb.start()
-        streamer = threading.Thread(target=self._stream_logs, name=f"logs-{step.id}", daemon=True)
-        streamer.start()
+        # a step that ends before its first beat or log snapshot is due (most do) starts no thread
+        first_due = min(self.cfg.heartbeat_s, log_snapshot_interval(self.store))
+        keepers = self.cfg.timers.after(max(0.0, first_due - (time.monotonic() - self._t0)), self._start_keepers)
         try:
             outcome = self._execute()
         except Exception as exc:  # an engine or store error: the attempt fails, the worker lives
@@ -481,9 +514,8 @@ class Attempt:
             outcome = Outcome(AttemptStatus.FAILED, reason=f"internal error: {type(exc).__name__}: {exc}",
                               kind=ReasonKind.INTERNAL_ERROR, retryable=True)
         finally:
-            self._stop_hb.set()
-            hb.join()
-            streamer.join()
+            self.cfg.timers.cancel(keepers)
+            self._stop_keepers()
         # before the commit: once the step shows succeeded, no worktree holds its branch, so a
         # downstream step may check it out, delete it or rebase it
         self._remove_worktree(delete_branch=False)
