@@ -327,7 +327,8 @@ class Scheduler:
 
     def claim(self, sid: str) -> WorkItem | None:
         view = self.view
-        if view.etag(sid) is None or sid in view.stale:
+        just_read = view.etag(sid) is None or sid in view.stale
+        if just_read:
             if view.refresh_step(sid).status not in (StepStatus.PENDING, StepStatus.RETRYING):
                 return None  # known only by status: read its etag and details once
         sems = self._semaphores(view.steps[sid])
@@ -341,7 +342,8 @@ class Scheduler:
                 _release_all(sems, held)
                 return None
             held.append(got)
-        hold = transitions.claim(view, sid, self.worker_id, self.lease_ttl)
+        # just read: not again (a step never written has no record, so no etag says it was read)
+        hold = transitions.claim(view, sid, self.worker_id, self.lease_ttl, fresh=not just_read)
         if hold is None:
             _release_all(sems, held)
             return None

@@ -167,7 +167,7 @@ def _lease_of(data: bytes) -> leases.LeaseRecord | None:
 
 
 def _take(view: LocalView, sid: str, holder: str, ttl: float, kind: AttemptKind,
-          allowed: frozenset[StepStatus]) -> Hold | None:
+          allowed: frozenset[StepStatus], fresh: bool = True) -> Hold | None:
     now = view.store.now()
 
     def change(s: StepState) -> None:
@@ -184,7 +184,7 @@ def _take(view: LocalView, sid: str, holder: str, ttl: float, kind: AttemptKind,
             s.status = StepStatus.ROLLING_BACK
             s.rollback_attempt += 1
 
-    new = _transition(view, sid, change, allowed=allowed)
+    new = _transition(view, sid, change, allowed=allowed, fresh=fresh)
     if new is None or new.lease is None:
         return None
     handle = leases.Lease(layout.step_state(view.run_id, sid), holder, new.lease.token, view.etag(sid) or "",
@@ -192,10 +192,11 @@ def _take(view: LocalView, sid: str, holder: str, ttl: float, kind: AttemptKind,
     return Hold(view.store, view.run_id, new, handle, view.persist, kind)
 
 
-def claim(view: LocalView, sid: str, holder: str, ttl: float) -> Hold | None:
+def claim(view: LocalView, sid: str, holder: str, ttl: float, *, fresh: bool = True) -> Hold | None:
     """pending | retrying → running: attempt n+1 takes the step's lease. None if another
-    worker won the race (or the step moved on)."""
-    return _take(view, sid, holder, ttl, AttemptKind.RUN, OPEN)
+    worker won the race (or the step moved on). ``fresh=False``: the caller has just read the
+    step's record, so it is not read again (the CAS refuses a version that moved on anyway)."""
+    return _take(view, sid, holder, ttl, AttemptKind.RUN, OPEN, fresh)
 
 
 def compensate(view: LocalView, sid: str, holder: str, ttl: float) -> Hold | None:

@@ -121,3 +121,23 @@ def test_a_silent_step_costs_a_constant_few_files_and_directories(tmp_path):
     # lease (2), the worker's registration (2)
     assert made["store-tmp"] <= 3 * n + 5, made
     assert not (tmp_path / "work" / rid).exists()  # and the run's scratch is gone at the end
+
+
+def test_a_claim_reads_the_step_record_once(tmp_path):
+    """Claiming a step never written (no record) read its record twice: the scheduler read
+    it, found none, and the claim's transition read it again because no etag said it was
+    read. One GET per step now (on S3 one request per step less)."""
+    store = LocalStore(tmp_path / "store", fsync=False)
+    rid = submit_spec(store, write_spec(tmp_path, chain_spec(30)))
+    reads: Counter[str] = Counter()
+    real_get = store.get
+
+    def get(key: str):
+        if key.endswith("/state.json"):
+            reads[key] += 1
+        return real_get(key)
+
+    store.get = get  # type: ignore[method-assign]
+    st = drive_inline(store, rid, tmp_path, concurrency=1, status=False)
+    assert st == {}
+    assert len(reads) == 30 and set(reads.values()) == {1}
