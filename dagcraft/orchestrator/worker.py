@@ -29,6 +29,7 @@ reported once with the bad key and no longer served; every other run keeps being
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -428,4 +429,8 @@ def serve(store_url: str | None, opts: ServeOptions, *, env: Mapping[str, str] |
     w.install_signal_handlers()
     if announce is not None:
         announce(cfg.worker_id, url, run_id)
+    # what is alive now (modules, classes, the store) lives as long as the worker: out of the
+    # collector's way, so its full collections do not walk it again and again (in a forked
+    # worker it also keeps those pages shared with the parent)
+    gc.freeze()
     return w.run()
