@@ -12,8 +12,18 @@ FORMATS = ("text", "mermaid", "dot", "svg")
 
 
 def _label(step: ConcreteStep) -> str:
-    kind = f"agent {step.agent}" if step.agent else ("shell" if isinstance(step.run, str) else "argv")
+    if step.loop is not None:
+        kind = (f"loop of {len(step.loop.body)} step{'s' if len(step.loop.body) != 1 else ''}, "
+                f"at most {step.loop.max_iterations}, until {step.loop.until}")
+    elif step.agent:
+        kind = f"agent {step.agent}"
+    elif step.run is None:
+        kind = "approval gate"  # only ``approval:``: it waits for a person, runs nothing
+    else:
+        kind = "shell" if isinstance(step.run, str) else "argv"
     extra = [kind]
+    if step.approval is not None and step.run is not None:
+        extra.append("approval first")
     if step.foreach:
         extra.append(f"foreach {step.foreach}")
     if step.rollback is not None:
