@@ -405,7 +405,7 @@ class LocalStore:
                 if start_after is not None and start_after >= full and not start_after.startswith(full):
                     continue
                 if shard:
-                    LocalStore._scan(e.path, dir_key, prefix, start_after, items)
+                    LocalStore._scan_shard(e.path, dir_key, prefix, start_after, items)
                 else:
                     items.append((full, True, e.path))
             else:
@@ -416,6 +416,30 @@ class LocalStore:
                     continue
                 items.append((full, False, e.path))
         return True
+
+    @staticmethod
+    def _scan_shard(d: str, dir_key: str, prefix: str, start_after: str | None,
+                    items: builtins.list[tuple[str, bool, str]]) -> None:
+        """:meth:`_scan` of a time shard: it holds only object files (names ending in ``%``),
+        so names are enough (no per-entry type check), and only the wanted ones become keys.
+        Polled on every cycle by every worker: its newest shard holds up to ~1 s of entries."""
+        try:
+            names = os.listdir(d)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if start_after is not None and start_after.startswith(dir_key):
+            # the poll's case: most entries are at or before ``start_after``; drop them in one
+            # pass (a stem without ``%`` is its own key suffix; escaped ones go the long way)
+            cut = start_after[len(dir_key):]
+            names = [n for n in names if n[:-1] > cut or "%" in n[:-1]]
+        for name in names:
+            if not name.endswith(_SUFFIX):
+                continue  # a temp or foreign file: never an object
+            stem = name[:-1]
+            full = dir_key + (_unesc(stem) if "%" in stem else stem)
+            if (start_after is not None and full <= start_after) or not full.startswith(prefix):
+                continue
+            items.append((full, False, f"{d}/{name}"))
 
     def delete(self, key: str) -> None:
         path = self._path(key)

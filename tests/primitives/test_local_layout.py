@@ -84,13 +84,18 @@ def test_list_after_a_key_opens_only_newer_shards(tmp_path, monkeypatch):
     for k in keys:
         s.put(k, b"", if_none_match=True)
     opened: list[str] = []
-    real = os.scandir
+    real_scandir, real_listdir = os.scandir, os.listdir
 
-    def counting(path):  # type: ignore[no-untyped-def]
+    def scandir(path):  # type: ignore[no-untyped-def]
         opened.append(os.fspath(path))
-        return real(path)
+        return real_scandir(path)
 
-    monkeypatch.setattr(os, "scandir", counting)
+    def listdir(path):  # type: ignore[no-untyped-def]  (a shard's names: no entry types needed)
+        opened.append(os.fspath(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "listdir", listdir)
     assert s.list("j/", start_after=keys[47]) == keys[48:]
     # the parent directory, and the shards of keys[47] (at or after it) and later: not the 47 before
     assert len(opened) == 1 + 3, opened
@@ -209,3 +214,17 @@ def test_lock_files_are_a_bounded_set_of_stripes(tmp_path):
     locks = list((tmp_path / "store" / "locks").iterdir())
     assert 0 < len(locks) <= _LOCK_STRIPES
     assert all(p.is_file() and p.name.startswith("stripe-") for p in locks)
+
+
+def test_a_shard_listed_after_a_key_keeps_byte_order_for_any_name(tmp_path):
+    """The shard fast path drops entries at or before ``start_after`` by comparing raw names:
+    names with ``%`` (escaped on disk), ``#`` or ``!`` (below ``%``) must still sort as keys."""
+    s = LocalStore(tmp_path)
+    u = ulid_floor(_T0)  # one shard for all
+    tails = ["", "~a", "~a!", "~a#1.b", "~a%", "~a%25", "~a%b", "~a~", "~b", "~ab", "~a!x%"]
+    keys = sorted(f"j/{u}{t}" for t in tails)
+    for k in keys:
+        s.put(k, b"", if_none_match=True)
+    for i, after in enumerate(keys):
+        assert s.list("j/", start_after=after) == keys[i + 1:], after
+    assert s.list("j/", start_after=f"j/{u}~a") == [k for k in keys if k > f"j/{u}~a"]
