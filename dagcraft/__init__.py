@@ -11,6 +11,7 @@ from dagcraft.errors import (
     InvalidInput,
     NotFound,
     SpecError,
+    StoreRefused,
     StoreUnavailable,
     TimedOut,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "InvalidInput",
     "NotFound",
     "SpecError",
+    "StoreRefused",
     "StoreUnavailable",
     "TimedOut",
     "__version__",

@@ -62,6 +62,12 @@ class StoreUnavailable(DagcraftError):
     exit_code = 5
 
 
+class StoreRefused(StoreUnavailable):
+    """The store answered and refuses this process for good — a read-only filesystem,
+    permission denied — so waiting for it to come back cannot help: writes that ride out an
+    outage (:class:`~dagcraft.primitives.persist.Persistence`) give up at once (exit 5)."""
+
+
 class IntegrityError(DagcraftError):
     """Stored content does not match its digest (exit 1)."""
 

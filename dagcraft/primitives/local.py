@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -65,7 +66,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from dagcraft.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
+from dagcraft.errors import Conflict, InvalidInput, NotFound, StoreRefused, StoreUnavailable
 from dagcraft.primitives.keys import validate_key, validate_prefix
 from dagcraft.primitives.ulid import new_ulid
 
@@ -121,12 +122,15 @@ class LocalStore:
     def _io(self, op: str, key: str) -> Iterator[None]:
         """The one place filesystem errors become store errors: any OSError a protocol call
         does not handle itself (EACCES, EROFS, ENOSPC, EDQUOT, EIO, a root removed under us)
-        is StoreUnavailable naming the store, the operation and the key."""
+        is StoreUnavailable naming the store, the operation and the key — StoreRefused for the
+        ones that do not pass with time (EROFS, EACCES, EPERM), which nothing waits out."""
         try:
             yield
         except OSError as exc:
             why = exc.strerror or type(exc).__name__
-            raise StoreUnavailable(f"local store {self.root}: {op} {key}: {why}") from None
+            # a read-only filesystem or a denied permission does not pass with time
+            kind = StoreRefused if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else StoreUnavailable
+            raise kind(f"local store {self.root}: {op} {key}: {why}") from None
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"

@@ -19,10 +19,15 @@ from typing import TypeVar
 
 import tenacity
 
-from dagcraft.errors import StoreUnavailable
+from dagcraft.errors import StoreRefused, StoreUnavailable
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+def _outage(exc: BaseException) -> bool:
+    """Worth waiting for: the store is unavailable, not refusing us for good."""
+    return isinstance(exc, StoreUnavailable) and not isinstance(exc, StoreRefused)
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,7 @@ class Persistence:
     def call(self, fn: Callable[[], T], *, what: str = "store write",
              stop: threading.Event | None = None) -> T:
         """``fn()`` until it returns. Raises the last StoreUnavailable when the limit passes
-        or ``stop`` is set; every other exception at once."""
+        or ``stop`` is set; every other exception (StoreRefused included) at once."""
         def note(state: tenacity.RetryCallState) -> None:
             if state.attempt_number in (1, 10) or state.attempt_number % 50 == 0:
                 exc = state.outcome.exception() if state.outcome else None
@@ -46,7 +51,7 @@ class Persistence:
         if stop is not None:
             halt = halt | tenacity.stop_when_event_set(stop)
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(StoreUnavailable),
+            retry=tenacity.retry_if_exception(_outage),
             stop=halt,
             wait=tenacity.wait_random_exponential(multiplier=self.first_wait_s, max=self.max_wait_s),
             before_sleep=note,

@@ -95,3 +95,27 @@ def test_s3_errors_name_the_operation_and_key(moto_store):
             call()
         assert str(exc.value).startswith("s3://no-such-bucket/pfx at ")
         assert f": {what}: bucket 'no-such-bucket' does not exist" in str(exc.value)
+
+
+@pytest.mark.parametrize("code,refused", [(errno.EROFS, True), (errno.EACCES, True), (errno.EPERM, True),
+                                          (errno.ENOSPC, False), (errno.EIO, False)])
+def test_a_refusing_store_is_not_waited_out(tmp_path, code, refused):
+    """A read-only or denied store raised StoreUnavailable like an outage, so an attempt's
+    commit rode it out for 300 s before saying anything. It is StoreRefused now: the writes
+    that ride out outages give up at once (a full disk may still be freed: waited out)."""
+    from dagcraft.errors import StoreRefused
+    from dagcraft.primitives.persist import Persistence
+
+    store = LocalStore(tmp_path / "s")
+    _fail_commits(store, code)
+    calls = 0
+
+    def put() -> str:
+        nonlocal calls
+        calls += 1
+        return store.put("a/b", b"x")
+
+    with pytest.raises(StoreUnavailable) as exc:
+        Persistence(limit_s=0.5, first_wait_s=0.01, max_wait_s=0.02).call(put)
+    assert isinstance(exc.value, StoreRefused) is refused
+    assert (calls == 1) if refused else (calls > 1)
