@@ -7,7 +7,7 @@ of assuming, dagcraft measures:
 
 - :func:`probe` runs a fixed set of requests (:data:`PROBE_REQUESTS`, on scratch keys under
   ``_dagcraft/probe/<ulid>/``, deleted afterwards) and returns a :class:`Capabilities` record.
-- :func:`load` returns the record for a store: cached per process (by store URL); else the one
+- :func:`load` returns the record for a store: the one its store instance already learned; else the one
   recorded at :data:`RECORD_KEY` (1 GET) when it was written by this :data:`PROTOCOL_VERSION`;
   else a fresh probe, recorded (create-if-absent; a concurrent prober's record wins) when the
   store gives every required guarantee. A failed probe is never recorded, so a transient
@@ -22,7 +22,6 @@ its record is :meth:`Capabilities.full`, with no request at all.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -92,10 +91,6 @@ class Capabilities(BaseModel):
         return self.list_byte_order and self.start_after_complete
 
 
-_cache: dict[str, Capabilities] = {}
-_cache_lock = threading.Lock()
-
-
 def _remedy(store: Store) -> str:
     return (f"dagcraft cannot coordinate workers on it; use a server that enforces S3 conditional "
             f"writes (If-None-Match and If-Match on PUT, as AWS S3 and MinIO do) or a local directory, "
@@ -113,8 +108,9 @@ def load(store: Store, *, reprobe: bool = False) -> Capabilities:
     raw = _raw(store)
     if raw is None:
         return Capabilities.full()
-    with _cache_lock:
-        cached = None if reprobe else _cache.get(store.url)
+    # held by the store instance that learned them (no process-wide cache: a store opened
+    # again, as by another process, reads the record again)
+    cached: Capabilities | None = None if reprobe else getattr(store, "capabilities", None)
     if cached is None:
         got = store.get(RECORD_KEY)
         rec = _parse(got[0]) if got is not None else None
@@ -123,8 +119,6 @@ def load(store: Store, *, reprobe: bool = False) -> Capabilities:
             if not rec.missing():
                 _record(store, rec, got[1] if got is not None else None)
         cached = rec
-        with _cache_lock:
-            _cache[store.url] = rec
     _apply(store, cached)
     return cached
 
@@ -137,15 +131,6 @@ def require(store: Store) -> Capabilities:
     if gaps:
         raise StoreUnavailable(f"store {store.url} lacks {'; '.join(gaps)}: {_remedy(store)}")
     return caps
-
-
-def forget(store: Store | None = None) -> None:
-    """Drop the per-process cache (one store, or all): the next :func:`load` reads the record."""
-    with _cache_lock:
-        if store is None:
-            _cache.clear()
-        else:
-            _cache.pop(store.url, None)
 
 
 def _parse(data: bytes) -> Capabilities | None:

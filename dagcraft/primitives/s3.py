@@ -151,7 +151,8 @@ class S3Store:
         self._quote_if_match = True
         self._multipart_conditional = True
         self._list_server_side = True
-        self._adapted = False  # capabilities learned (apply_capabilities) by this instance
+        #: the bucket's capabilities as this instance learned them (apply_capabilities)
+        self.capabilities: Capabilities | None = None
         self._adapting = threading.local()
         self._client_lock = threading.Lock()
         self._offset = 0.0
@@ -454,11 +455,11 @@ class S3Store:
     def _adapt(self) -> None:
         """Before this instance's first request whose form depends on the server (a CAS, a
         listing cut by ``start_after``/``limit``, a large create-if-absent), learn the bucket's
-        capabilities: one GET of the recorded probe per process (the probe itself only for a
+        capabilities: one GET of the recorded probe per store instance (the probe itself only for a
         bucket never probed), so every command and every step's ``dagcraft agent …`` speaks
         the form the server accepts, not only those that ``require`` it. The probe's own
         writes come back here and use the defaults (per-thread guard)."""
-        if self._adapted or getattr(self._adapting, "on", False):
+        if self.capabilities is not None or getattr(self._adapting, "on", False):
             return
         from dagcraft.primitives import capabilities
 
@@ -471,7 +472,7 @@ class S3Store:
     def apply_capabilities(self, caps: Capabilities) -> None:
         """Adapt to the bucket's probed behaviour: the If-Match form it accepts, whether a
         multipart create-if-absent is enforced, whether listings may be cut server side."""
-        self._adapted = True
+        self.capabilities = caps
         self._quote_if_match = caps.if_match_quoted or not caps.if_match_unquoted
         self._multipart_conditional = caps.multipart_create_if_absent
         self._list_server_side = caps.list_server_side

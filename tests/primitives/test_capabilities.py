@@ -26,13 +26,6 @@ from tests.orchestrator.helpers import REPO, cli, steps, write_spec
 EXAMPLES = REPO / "examples"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    capabilities.forget()
-    yield
-    capabilities.forget()
-
-
 @pytest.fixture
 def deviant(moto_server):
     """``make(*deviations)`` → (proxy, URL of a fresh bucket through it, store through it,
@@ -50,6 +43,12 @@ def deviant(moto_server):
     yield make
     for p in proxies:
         p.stop()
+
+
+def _fresh(store: S3Store, prefix: str | None = None) -> S3Store:
+    """Another instance on the same bucket (as another process opens it): it has learned no
+    capabilities yet."""
+    return S3Store(store.bucket, store.prefix if prefix is None else prefix, endpoint_url=store.endpoint_url)
 
 
 def _probe_counts(store) -> Counter:
@@ -74,8 +73,9 @@ def test_probe_on_in_process_moto(moto_store):
 
 
 def test_probed_once_per_bucket_then_one_get_per_process(s3_server_store):
-    store = s3_server_store
-    store.stats.clear()
+    # a prefix never probed, on a store instance that has learned nothing yet
+    store = _fresh(s3_server_store, f"{s3_server_store.prefix}-fresh".lstrip("-"))
+    assert store.capabilities is None
     first = capabilities.load(store)
     expected = Counter(capabilities.PROBE_REQUESTS)
     expected.update({"get": 1, "put": 1})  # read the (absent) record, record the result
@@ -83,8 +83,8 @@ def test_probed_once_per_bucket_then_one_get_per_process(s3_server_store):
     assert json.loads(store.get(capabilities.RECORD_KEY)[0])["protocol"] == capabilities.PROTOCOL_VERSION
     store.stats.clear()
     assert capabilities.load(store) == first
-    assert sum(store.stats.values()) == 0  # cached in this process
-    capabilities.forget()  # as if another process started
+    assert sum(store.stats.values()) == 0  # held by the store instance
+    # another instance (as in another process) reads the record once
     other = S3Store(store.bucket, store.prefix, endpoint_url=store.endpoint_url)
     assert capabilities.require(other) == first
     assert dict(other.stats) == {"get": 1}
@@ -95,7 +95,7 @@ def test_record_of_another_protocol_version_is_probed_again(s3_server_store):
     old = capabilities.Capabilities.full().model_copy(update={"protocol": capabilities.PROTOCOL_VERSION - 1,
                                                               "list_byte_order": False})
     store.put(capabilities.RECORD_KEY, old.model_dump_json().encode())
-    caps = capabilities.load(store)
+    caps = capabilities.load(_fresh(store))
     assert caps.list_byte_order and caps.protocol == capabilities.PROTOCOL_VERSION
     rec = capabilities.Capabilities.model_validate_json(store.get(capabilities.RECORD_KEY)[0])
     assert rec == caps
@@ -114,6 +114,7 @@ def test_rgw_quoted_if_match_is_detected_and_the_unquoted_form_is_sent(deviant):
     store.apply_capabilities(Capabilities.full())  # told AWS's behaviour: the quoted form is sent
     with pytest.raises(Conflict):  # the finding: a valid CAS is refused while the quoted form is sent
         store.put("k", b"2", if_match=etag)
+    store.capabilities = None  # forget what it was told, as a new process would
     caps = capabilities.require(store)
     assert (caps.if_match_quoted, caps.if_match_unquoted, caps.cas_refuses_stale) == (False, True, True)
     e2 = store.put("k", b"2", if_match=etag)
@@ -127,7 +128,6 @@ def test_a_fresh_store_adapts_before_its_first_cas_without_being_told(deviant):
     """Every command and every step's `dagcraft agent ...` call gets the server's form, not
     only run/submit/worker (which `require` the capabilities): the first CAS loads them."""
     proxy, url, _, _ = deviant("refuse_quoted_if_match")
-    capabilities.forget()
     store = open_store(url)
     etag = store.put("k", b"1")
     e2 = store.put("k", b"2", if_match=etag)  # probed (once), then sent unquoted
@@ -162,6 +162,7 @@ def test_rgw_multipart_create_if_absent_is_not_relied_on(deviant, tmp_path):
     store.put_file("a", big, if_none_match=True)
     store.put_file("a", big, if_none_match=True)  # the finding: the second create overwrote silently
     assert proxy.deviated["multipart_ignored"] == 2
+    store.capabilities = None  # forget what it was told, as a new process would
     caps = capabilities.require(store)
     assert not caps.multipart_create_if_absent
     etag = store.put_file("b", big, if_none_match=True)
@@ -233,6 +234,7 @@ def test_seaweedfs_tree_order_is_detected_and_listings_stay_correct(deviant):
     assert store.list("j/") != sorted(TREE_KEYS) or store.list("j/", start_after="j/a!") != ["j/a%b/c", "j/a-b",
                                                                                              "j/a/b", "j/b"]
     assert proxy.deviated["tree_order_list"] > 0
+    store.capabilities = None  # forget what it was told, as a new process would
     caps = capabilities.require(store)
     assert not caps.list_byte_order and not caps.start_after_complete
     assert store.list("j/") == sorted(TREE_KEYS)
