@@ -79,10 +79,30 @@ def test_no_garbage_collection_while_loading_and_compiling(big_spec: Path):
     finally:
         gc.callbacks.remove(note)
     assert len(wf.steps) == N
-    # the collections owed are made once the collector is back on (each walks everything
-    # alive), not one per 700 allocations throughout (a thousand or more here)
-    assert len(runs) <= 3, runs
+    # none: not one per 700 allocations throughout (a thousand or more here), nor the young
+    # collection owed on leaving a block (it would walk everything the block built)
+    assert runs == []
     assert gc.isenabled()
+
+
+def test_leaving_paused_gc_owes_no_collection():
+    from dagcraft.workflows import paused_gc
+
+    runs: list[int] = []
+
+    def note(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            runs.append(info["generation"])
+
+    gc.callbacks.append(note)
+    try:
+        with paused_gc():
+            kept = [[i] for i in range(50_000)]  # tracked objects, as a load or compile makes
+        more = [[i] for i in range(10)]  # the next allocations: no collection over `kept`
+    finally:
+        gc.callbacks.remove(note)
+    assert gc.get_count()[0] < gc.get_threshold()[0]
+    assert runs == [] and len(kept) + len(more) == 50_010
 
 
 def test_concrete_steps_are_built_without_revalidation(big_spec: Path, monkeypatch: pytest.MonkeyPatch):
