@@ -95,3 +95,27 @@ def test_run_record_bytes_are_the_generic_dump(local_store: Any, tmp_path: Path)
     rid = submit_spec(local_store, _spec(tmp_path))
     body = local_store.get(layout.run_record(rid))[0]
     assert dump(RunRecord.model_validate_json(body)) == body
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after running ``code``."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_importing_a_name_of_the_orchestrator_loads_only_its_module():
+    loaded = _modules_after("import json\nfrom dagcraft.orchestrator import submit, run_status")
+    assert {"dagcraft.orchestrator.submission", "dagcraft.orchestrator.ops"} <= loaded
+    # not the worker, the pool or the attempt (and what they import) for a submit or a status
+    assert not loaded & {"dagcraft.orchestrator.worker", "dagcraft.orchestrator.pool",
+                         "dagcraft.orchestrator.attempt", "networkx"}
+    import dagcraft.orchestrator as orch
+
+    assert set(orch.__all__) == set(orch._HOME) and set(orch.__all__) <= set(dir(orch))
+    assert all(getattr(orch, name) is not None for name in orch.__all__)
+    with pytest.raises(AttributeError):
+        orch.no_such_name  # noqa: B018

@@ -136,3 +136,47 @@ def test_paused_gc_restores_the_collector_as_it_was():
         assert not gc.isenabled()  # off before, off after
     finally:
         gc.enable()
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after running ``code``."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_compiling_a_spec_imports_no_networkx(big_spec: Path):
+    loaded = _modules_after(f"from dagcraft.workflows import compile_file\ncompile_file({str(big_spec)!r}, {{}})")
+    assert "dagcraft.workflows.compile" in loaded
+    assert "networkx" not in loaded
+
+
+def test_compile_orders_steps_as_networkx_does():
+    import random
+
+    import networkx as nx
+
+    from dagcraft.workflows.compile import _Graph
+
+    rng = random.Random(12)
+    for _ in range(50):
+        n = rng.randint(1, 40)
+        nodes = [f"n{i}" for i in rng.sample(range(n), n)]
+        ours, theirs = _Graph(nodes), nx.DiGraph()
+        theirs.add_nodes_from(nodes)
+        for j, v in enumerate(nodes):
+            for u in rng.sample(nodes[:j], min(j, rng.randint(0, 3))):
+                ours.add_edge(u, v)
+                theirs.add_edge(u, v)
+        rank = {v: rng.random() for v in nodes}
+        assert ours.topological(rank.__getitem__) == list(nx.lexicographical_topological_sort(theirs, key=rank.__getitem__))
+        assert all(ours.ancestors(v) == nx.ancestors(theirs, v) for v in nodes)
+        assert ours.find_cycle() == []
+        ours.add_edge(nodes[-1], nodes[0])
+        theirs.add_edge(nodes[-1], nodes[0])
+        expected = [] if nx.is_directed_acyclic_graph(theirs) else [(u, v) for u, v, *_ in nx.find_cycle(theirs)]
+        assert ours.find_cycle() == expected
