@@ -282,9 +282,16 @@ class AgentDef(_Model):
     prices: PricesSpec | None = None
 
 
+def _empty(kind: type[list[Any]] | type[dict[str, Any]]) -> Any:
+    """An empty list/dict default that validation makes with a factory call: pydantic
+    deep-copies an unhashable default value each time it applies it (5 deep copies per
+    step of a 10,000-step spec). The schema still shows the default."""
+    return Field(default_factory=kind, json_schema_extra={"default": kind()})
+
+
 class OutputsSpec(_Model):
-    values: list[Annotated[str, AfterValidator(lambda x: check_id(x, "output name"))]] = []
-    artifacts: list[Annotated[str, AfterValidator(lambda x: check_artifact_path(x, "artifact glob"))]] = []
+    values: list[Annotated[str, AfterValidator(lambda x: check_id(x, "output name"))]] = _empty(list)
+    artifacts: list[Annotated[str, AfterValidator(lambda x: check_artifact_path(x, "artifact glob"))]] = _empty(list)
 
 
 def check_relpath(value: str, what: str) -> str:
@@ -377,11 +384,11 @@ class StepSpec(_Model):
     """One step as written. Exactly one of ``run`` or ``agent`` (+ ``prompt``)."""
 
     id: str
-    needs: Annotated[list[str], WithJsonSchema({"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}]})] = []
+    needs: Annotated[list[str], WithJsonSchema({"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}]})] = _empty(list)
     run: Command = None
     agent: str | None = None
     prompt: str | None = None
-    env: EnvMap = {}
+    env: EnvMap = _empty(dict)
     workdir: str | None = None
     timeout: Duration | None = None
     retries: RetrySpec | None = None
@@ -391,13 +398,13 @@ class StepSpec(_Model):
     # a factory, not a default instance: pydantic deep-copies an unhashable default per step
     outputs: OutputsSpec = Field(default_factory=OutputsSpec,
                                  json_schema_extra={"default": {"values": [], "artifacts": []}})
-    inputs: list[InputSpec] = []
+    inputs: list[InputSpec] = _empty(list)
     rollback: Command = None
     #: an acceptance check run after the command exits 0, in the same workdir (docs/spec.md)
     check: Command = None
     worktree: WorktreeSpec | None = None
     cache: bool = False
-    tags: list[str] = []
+    tags: list[str] = _empty(list)
     approval: ApprovalSpec | None = None
     #: a bounded loop: this step is a group of body steps run again until ``until`` holds
     loop: LoopSpec | None = None

@@ -180,3 +180,15 @@ def test_compile_orders_steps_as_networkx_does():
         theirs.add_edge(nodes[-1], nodes[0])
         expected = [] if nx.is_directed_acyclic_graph(theirs) else [(u, v) for u, v, *_ in nx.find_cycle(theirs)]
         assert ours.find_cycle() == expected
+
+
+def test_step_fields_have_no_default_that_validation_deep_copies():
+    from dagcraft.workflows.spec import InputSpec, OutputsSpec, StepSpec
+
+    # pydantic deep-copies an unhashable default each time it applies one: per step of a spec
+    copied = [f"{m.__name__}.{name}" for m in (StepSpec, OutputsSpec, InputSpec)
+              for name, field in m.model_fields.items() if isinstance(field.default, (list, dict, set))]
+    assert copied == []
+    step = StepSpec.model_validate({"id": "a", "run": ["true"]})
+    assert (step.needs, step.env, step.inputs, step.tags, step.outputs.values) == ([], {}, [], [], [])
+    assert step.model_fields_set == {"id", "run"}
