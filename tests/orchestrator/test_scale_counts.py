@@ -119,3 +119,21 @@ def test_importing_a_name_of_the_orchestrator_loads_only_its_module():
     assert all(getattr(orch, name) is not None for name in orch.__all__)
     with pytest.raises(AttributeError):
         orch.no_such_name  # noqa: B018
+
+
+def _cli_modules(*args: str) -> set[str]:
+    """The modules loaded by one ``dagcraft`` command run in a fresh interpreter."""
+    return _modules_after(f"import json\nfrom dagcraft.cli.main import cli\ncli({list(args)!r}, standalone_mode=False)")
+
+
+def test_submit_and_status_import_only_what_they_use(tmp_path: Path):
+    store = str(tmp_path / "store")
+    spec = str(_spec(tmp_path))
+    submitted = _cli_modules("submit", spec, "--store", store, "--run-id", "r1")
+    assert "dagcraft.orchestrator.submission" in submitted
+    assert not submitted & {"networkx", "rich", "dagcraft.orchestrator.view", "dagcraft.orchestrator.worker",
+                            "dagcraft.orchestrator.attempt", "dagcraft.orchestrator.pool"}
+    shown = _cli_modules("status", "r1", "--store", store, "--json")
+    assert "dagcraft.orchestrator.ops" in shown
+    assert not shown & {"networkx", "rich", "dagcraft.cli.watch", "dagcraft.orchestrator.worker",
+                        "dagcraft.orchestrator.pool"}
