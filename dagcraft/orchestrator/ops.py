@@ -129,12 +129,12 @@ def ordered_states(rec: RunRecord, states: dict[str, StepState]) -> list[tuple[S
         if sid in seen:
             continue
         seen.add(sid)
-        st = states.get(sid, StepState(step_id=sid))
+        st = states.get(sid) or StepState(step_id=sid)  # built only for a step without a record
         out.append((st, st.parent))
         for child in st.children:
             if child not in seen:
                 seen.add(child)
-                out.append((states.get(child, StepState(step_id=child)), sid))
+                out.append((states.get(child) or StepState(step_id=child), sid))
     return out
 
 

@@ -87,6 +87,23 @@ def _unesc(name: str) -> str:
     return name.replace("%25", "%")
 
 
+def _read_file(path: str) -> bytes:
+    """The whole file at ``path``, with os calls: a buffered ``open`` per read cost a third of
+    the read (``status`` reads 10,000 records). A short read of a regular file is its end."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        if len(data) <= size:
+            return data
+        parts = [data]  # it grew since the fstat: read on to the end
+        while chunk := os.read(fd, 1 << 20):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
 def _etag_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
@@ -139,13 +156,12 @@ class LocalStore:
         """The object file of ``key``, as a string (plain string joins: a pathlib join per
         read costs more than the read itself)."""
         validate_key(key)
-        parts = key.split("/")
-        last = parts[-1]
-        head = [self._objects_s, *(_esc(p) for p in parts[:-1])]
-        if _ULID_NAME.match(last):
-            head.append(_SHARD + last[:_SHARD_LEN])
-        head.append(_esc(last) + _SUFFIX)
-        return "/".join(head)
+        parent, _, last = key.rpartition("/")
+        if "%" in key:  # escaping is per segment; most keys have nothing to escape
+            parent = "/".join(_esc(p) for p in parent.split("/")) if parent else ""
+        shard = f"{_SHARD}{last[:_SHARD_LEN]}/" if _ULID_NAME.match(last) else ""
+        prefix = f"{self._objects_s}/{parent}/" if parent else f"{self._objects_s}/"
+        return f"{prefix}{shard}{_esc(last)}{_SUFFIX}"
 
     @staticmethod
     def _flat(path: Path) -> Path | None:
@@ -234,8 +250,7 @@ class LocalStore:
         self.stats["get"] += 1
         with self._io("get", key):
             try:
-                with open(fspath, "rb") as f:
-                    data = f.read()
+                data = _read_file(fspath)
             except FileNotFoundError:
                 flat = self._flat(Path(fspath))
                 if flat is None:
