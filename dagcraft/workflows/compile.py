@@ -789,16 +789,16 @@ class _Compiler:
         if timeout is not None and timeout <= 0:
             raise self.err(path + ("timeout",) if s.timeout is not None else ("defaults", "timeout"), "timeout must be positive")
         r = s.retries or d.retries or _NO_RETRIES
-        # model_construct, not validation: every value below comes from the validated spec
+        # constructed, not validated: every value below comes from the validated spec
         # (validating 10,000 steps again, nested models and all, was a second of a submit)
-        policy = RetryPolicy.model_construct(
+        policy = RetryPolicy.construct_trusted(
             limit=r.limit,
             backoff_s=r.backoff,
             max_backoff_s=max(r.max_backoff, r.backoff),
             retry_on_exit_codes=list(r.retry_on.exit_codes),
             retry_on_patterns=list(r.retry_on.patterns),
         )
-        return ConcreteStep.model_construct(
+        return ConcreteStep.construct_trusted(
             id=cid,
             template_id=tid,
             needs=list(needs),

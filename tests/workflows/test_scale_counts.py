@@ -192,3 +192,16 @@ def test_step_fields_have_no_default_that_validation_deep_copies():
     step = StepSpec.model_validate({"id": "a", "run": ["true"]})
     assert (step.needs, step.env, step.inputs, step.tags, step.outputs.values) == ([], {}, [], [], [])
     assert step.model_fields_set == {"id", "run"}
+
+
+def test_construct_trusted_is_model_construct():
+    from dagcraft.workflows.spec import InputDecl
+
+    values = {"id": "a[x=1]", "template_id": "a", "needs": ["b"], "run": ["true"], "matrix": {"x": 1},
+              "inputs": [InputDecl(step="b", artifact="o", dest="o")]}
+    ours, theirs = ConcreteStep.construct_trusted(**values), ConcreteStep.model_construct(**values)
+    assert ours == theirs and list(vars(ours)) == list(vars(theirs))
+    assert ours.model_fields_set == theirs.model_fields_set == set(values)
+    assert ours.env == {} and ours.env is not ConcreteStep.construct_trusted(**values).env  # defaults not shared
+    assert ours.model_dump() == ConcreteStep.model_validate(ours.model_dump()).model_dump()
+    assert RetryPolicy.construct_trusted(limit=2) == RetryPolicy.model_construct(limit=2)
