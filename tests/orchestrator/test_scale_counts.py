@@ -137,3 +137,20 @@ def test_submit_and_status_import_only_what_they_use(tmp_path: Path):
     assert "dagcraft.orchestrator.ops" in shown
     assert not shown & {"networkx", "rich", "dagcraft.cli.watch", "dagcraft.orchestrator.worker",
                         "dagcraft.orchestrator.pool"}
+
+
+def test_the_cli_exit_collection_walks_almost_nothing(tmp_path: Path):
+    import subprocess
+    import sys
+
+    # the interpreter's exit runs a full collection; the CLI leaves it (almost) nothing to walk
+    code = ("import gc, sys\n"
+            "gc.callbacks.append(lambda phase, info: phase == 'start' and sys.is_finalizing()"
+            " and sys.stderr.write(f'walked at exit {len(gc.get_objects())}\\n'))\n"
+            "from dagcraft.cli.main import main\n"
+            f"sys.argv = ['dagcraft', 'submit', {str(_spec(tmp_path))!r}, '--store', {str(tmp_path / 's')!r}]\n"
+            "main()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    walked = [int(line.split()[-1]) for line in out.stderr.splitlines() if line.startswith("walked at exit")]
+    assert out.stdout.startswith("big-") and walked and max(walked) < 5_000, walked
