@@ -16,7 +16,7 @@ from dagcraft.orchestrator import journal, layout
 from dagcraft.orchestrator.model import Control, RunRecord, dump, dump_run_record
 from dagcraft.primitives.keys import validate_run_id
 from dagcraft.primitives.store import Store
-from dagcraft.workflows import CompiledWorkflow, compile_workflow, load_spec, parse_params, paused_gc
+from dagcraft.workflows import CompiledWorkflow, paused_gc
 
 REDACTED = "[redacted]"
 
@@ -58,6 +58,9 @@ def compile_spec(path: Path, pairs: Sequence[str] = (), secrets: Mapping[str, st
     ``DAGCRAFT_PARAM_<NAME>`` variable of ``environ`` (default: this process's environment).
     Only secret params are read from the environment: a stray variable never changes a
     public param. InvalidInput/SpecError (exit 2) on any problem; nothing is written."""
+    # the YAML loader and the compiler: here, not at import (ops imports this module)
+    from dagcraft.workflows import compile_workflow, load_spec, parse_params
+
     spec = load_spec(Path(path))
     params: dict[str, Any] = dict(parse_params(list(pairs)))
     for name, value in (secrets or {}).items():

@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 from jinja2 import TemplateError
 
 from dagcraft.errors import InvalidInput, SpecError
-from dagcraft.workflows.loader import error_at, format_path, load_spec, paused_gc, raise_all, spec_errors
+from dagcraft.workflows.gcpause import paused_gc
+from dagcraft.workflows.loader import error_at, format_path, load_spec, raise_all, spec_errors
 from dagcraft.workflows.params import ParamError, resolve_params
 from dagcraft.workflows.shell import SPECIAL_VARS
 from dagcraft.workflows.spec import (
@@ -44,6 +45,7 @@ from dagcraft.workflows.spec import (
     StepSpec,
     check_matrix_entries,
     check_relpath,
+    instance_key,
 )
 from dagcraft.workflows.template import (
     EVAL_ERRORS,
@@ -92,14 +94,6 @@ def concrete_id(template_id: str, values: dict[str, Any]) -> str:
     return f"{template_id}[{inner}]"
 
 
-def instance_key(step_id: str, template_id: str) -> str:
-    """The key of one instance of a fan-out step: the bracketed part of its concrete id
-    (``reviewer=security`` of ``review[reviewer=security]``, ``2`` of foreach child
-    ``implement[2]``). One path segment, unique among the step's instances (concrete ids are
-    unique). A step that is not an instance is its own key."""
-    if step_id.startswith(template_id + "[") and step_id.endswith("]"):
-        return step_id[len(template_id) + 1 : -1]
-    return step_id
 
 
 #: what ``steps.X.instances[i]`` / ``steps.X.by_key[K]`` hold (see docs/spec.md "Fan-in")

@@ -568,6 +568,16 @@ class Spec(_Model):
         return v
 
 
+def instance_key(step_id: str, template_id: str) -> str:
+    """The key of one instance of a fan-out step: the bracketed part of its concrete id
+    (``reviewer=security`` of ``review[reviewer=security]``, ``2`` of foreach child
+    ``implement[2]``). One path segment, unique among the step's instances (concrete ids are
+    unique). A step that is not an instance is its own key."""
+    if step_id.startswith(template_id + "[") and step_id.endswith("]"):
+        return step_id[len(template_id) + 1 : -1]
+    return step_id
+
+
 # ----------------------------------------------------------------------------- compiled
 
 

@@ -137,6 +137,9 @@ def test_submit_and_status_import_only_what_they_use(tmp_path: Path):
     assert "dagcraft.orchestrator.ops" in shown
     assert not shown & {"networkx", "rich", "dagcraft.cli.watch", "dagcraft.orchestrator.worker",
                         "dagcraft.orchestrator.pool"}
+    # a reader of a run needs the compiled models, not the YAML loader, the compiler or jinja2
+    assert "dagcraft.workflows.spec" in shown
+    assert not shown & {"yaml", "jinja2", "dagcraft.workflows.loader", "dagcraft.workflows.compile"}
 
 
 def test_the_cli_exit_collection_walks_almost_nothing(tmp_path: Path):

@@ -4,6 +4,7 @@ pass: counts, never timings (issue 12: a 10,000-step submit in under 2 s)."""
 from __future__ import annotations
 
 import gc
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +206,17 @@ def test_construct_trusted_is_model_construct():
     assert ours.env == {} and ours.env is not ConcreteStep.construct_trusted(**values).env  # defaults not shared
     assert ours.model_dump() == ConcreteStep.model_validate(ours.model_dump()).model_dump()
     assert RetryPolicy.construct_trusted(limit=2) == RetryPolicy.model_construct(limit=2)
+
+
+def test_the_package_names_resolve_lazily_to_their_modules():
+    import dagcraft.workflows as wf_pkg
+
+    assert set(wf_pkg.__all__) == set(wf_pkg._HOME) and set(wf_pkg.__all__) <= set(dir(wf_pkg))
+    for name in wf_pkg.__all__:
+        value = getattr(wf_pkg, name)
+        assert getattr(importlib.import_module(f"dagcraft.workflows.{wf_pkg._HOME[name]}"), name) is value
+    with pytest.raises(AttributeError):
+        wf_pkg.no_such_name  # noqa: B018
+    from dagcraft.workflows import compile as compile_mod
+
+    assert compile_mod.instance_key("review[a=1]", "review") == "a=1"  # still importable from compile
