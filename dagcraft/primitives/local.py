@@ -142,8 +142,11 @@ class LocalStore:
         try:
             yield
         except OSError as exc:
-            why = exc.strerror or type(exc).__name__
-            raise StoreUnavailable(f"local store {self.root}: {op} {key}: {why}") from None
+            raise self._unavailable(op, key, exc) from None
+
+    def _unavailable(self, op: str, key: str, exc: OSError) -> StoreUnavailable:
+        why = exc.strerror or type(exc).__name__
+        return StoreUnavailable(f"local store {self.root}: {op} {key}: {why}")
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -248,11 +251,12 @@ class LocalStore:
     def get(self, key: str) -> tuple[bytes, str] | None:
         fspath = self._fspath(key)
         self.stats["get"] += 1
-        with self._io("get", key):
+        try:  # what self._io does, without a generator context manager per read
             try:
                 data = _read_file(fspath)
             except FileNotFoundError:
-                flat = self._flat(Path(fspath))
+                # only a sharded path has a flat twin (a pending step's missing state is not)
+                flat = self._flat(Path(fspath)) if fspath.rsplit("/", 2)[-2].startswith(_SHARD) else None
                 if flat is None:
                     return None
                 try:
@@ -261,6 +265,8 @@ class LocalStore:
                     return None
             except NotADirectoryError:
                 return None
+        except OSError as exc:
+            raise self._unavailable("get", key, exc) from None
         return data, _etag_of(data)
 
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
