@@ -126,7 +126,8 @@ def test_key_fast_paths_agree_with_the_segment_rules(tmp_path):
     store = LocalStore(tmp_path / "s")
     rng = random.Random(7)
     alphabet = ["a", "b", ".", "/", "%", "\\", "\x00", "\x07", "é", "~", "[", "=", "01M8SC6NVJ4AQPVR6PWA62YKQ5"]
-    samples = ["a" * 201, "a/" + "b" * 200, "x/" * 600 + "y", "runs/r/steps/s1/state.json", "a/../b", "./a"]
+    samples = ["a" * 201, "a/" + "b" * 200, "b" * 200 + "/a", "x/" * 600 + "y", "runs/r/steps/s1/state.json",
+               "a/../b", "./a", "a/.", "a//b", "/a", "a/", "", "..", "a/.../b"]
     samples += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(3000)]
     for key in samples:
         try:
