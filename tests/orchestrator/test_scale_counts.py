@@ -140,6 +140,9 @@ def test_submit_and_status_import_only_what_they_use(tmp_path: Path):
     # a reader of a run needs the compiled models, not the YAML loader, the compiler or jinja2
     assert "dagcraft.workflows.spec" in shown
     assert not shown & {"yaml", "jinja2", "dagcraft.workflows.loader", "dagcraft.workflows.compile"}
+    # nor what changes a run (the worker's view, transitions, tracing, signing)
+    assert not shown & {"dagcraft.orchestrator.view", "dagcraft.orchestrator.transitions", "dagcraft.tracing",
+                        "cryptography"}
 
 
 def test_the_cli_exit_collection_walks_almost_nothing(tmp_path: Path):
