@@ -690,6 +690,7 @@ def dumps_status(st: dict[str, Any]) -> str:
     line here is encoded in C.)"""
     head = {**st, "steps": _STEPS_MARK}
     text = json.dumps(head, indent=2, sort_keys=True, default=str)
-    lines = ",\n    ".join(json.dumps(step, sort_keys=True, default=str) for step in st.get("steps", []))
+    encode = json.JSONEncoder(sort_keys=True, default=str).encode  # one encoder, not one per step
+    lines = ",\n    ".join(encode(step) for step in st.get("steps", []))
     steps = f"[\n    {lines}\n  ]" if lines else "[]"
     return text.replace(json.dumps(_STEPS_MARK), steps, 1)
