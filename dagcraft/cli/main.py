@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import click
@@ -50,7 +51,12 @@ _register()
 
 
 def main() -> None:
-    cli(prog_name="dagcraft")
+    try:
+        cli(prog_name="dagcraft")
+    finally:
+        # the process is ending: spare the interpreter's exit its full collection over
+        # everything still alive (~40 ms after a 10,000-step submit or status)
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ def secret_options(f: F) -> F:
 
 
 def read_secret_options(secret_files: tuple[str, ...], secret_stdin: str | None) -> dict[str, str]:
+    if not secret_files and secret_stdin is None:
+        return {}  # without loading the worker's view module (a submit needs none of it)
     from dagcraft.orchestrator.view import read_secrets
 
     return read_secrets(secret_files, secret_stdin, sys.stdin if secret_stdin is not None else None)
@@ -288,7 +290,6 @@ def register(cli: click.Group) -> None:
                   help="refresh every second until the run finishes (in place on a terminal)")
     def status(run_id: str, store_url: str | None, as_json: bool, watch: bool) -> None:
         """Show RUN's status and its steps. Exit 1 if the run failed."""
-        from dagcraft.cli.watch import watch as watch_status
         from dagcraft.orchestrator import run_status
         from dagcraft.orchestrator.ops import dumps_status
 
@@ -302,6 +303,8 @@ def register(cli: click.Group) -> None:
                 _print_status(st)
 
         if watch and not as_json:
+            from dagcraft.cli.watch import watch as watch_status  # rich: only to watch
+
             st = watch_status(lambda: run_status(store, run_id), show)
         else:
             while True:

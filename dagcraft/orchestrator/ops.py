@@ -13,10 +13,10 @@ import shlex
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dagcraft.errors import Conflict, CorruptRecord, DagcraftError, InvalidInput, NotFound
-from dagcraft.orchestrator import budget, journal, layout, registry, transitions
+from dagcraft.orchestrator import journal, layout, registry
 from dagcraft.orchestrator.model import (
     RUN_FINISHED,
     TERMINAL,
@@ -36,12 +36,16 @@ from dagcraft.orchestrator.model import (
     run_timing,
 )
 from dagcraft.orchestrator.submission import identity
-from dagcraft.orchestrator.supervisor import Supervisor
-from dagcraft.orchestrator.view import LocalView, workflow_of
 from dagcraft.primitives.local import LocalStore
-from dagcraft.primitives.persist import ONCE
 from dagcraft.primitives.store import Store
 from dagcraft.workflows import ConcreteStep, paused_gc
+
+if TYPE_CHECKING:
+    from dagcraft.orchestrator.view import LocalView
+
+# The operations that change a run (cancel, resume, retry, rollback) import the worker's view,
+# transitions, supervisor and budget where they run: `status` and `runs` need none of them
+# (with what they import, a tenth of a second of every status).
 
 
 def read_record(store: Store, run_id: str) -> RunRecord:
@@ -129,12 +133,12 @@ def ordered_states(rec: RunRecord, states: dict[str, StepState]) -> list[tuple[S
         if sid in seen:
             continue
         seen.add(sid)
-        st = states.get(sid, StepState(step_id=sid))
+        st = states.get(sid) or StepState(step_id=sid)  # built only for a step without a record
         out.append((st, st.parent))
         for child in st.children:
             if child not in seen:
                 seen.add(child)
-                out.append((states.get(child, StepState(step_id=child)), sid))
+                out.append((states.get(child) or StepState(step_id=child), sid))
     return out
 
 
@@ -236,6 +240,9 @@ def spend_summary(store: Store, rec: RunRecord, ctl: Control, states: dict[str, 
     the ledger; None for a workflow without agents (nothing can spend: no request made)."""
     if not rec.workflow.get("agents"):
         return None  # known without validating every step of the workflow (a second, at 10,000)
+    from dagcraft.orchestrator import budget
+    from dagcraft.orchestrator.view import workflow_of
+
     wf = workflow_of(rec, store.url, with_secrets=False)
     if not wf.agents:
         return None
@@ -362,6 +369,10 @@ def cancel(store: Store, run_id: str, reason: str = "cancelled by user", *, wait
     a vanished worker become cancelled once their lease has expired, and the run ends
     ``cancelled``. It waits up to ``wait_s`` for such leases; still ``cancelling`` after that
     (or as soon as a live worker appears, which then finishes it)."""
+    from dagcraft.orchestrator import transitions
+    from dagcraft.orchestrator.view import LocalView
+    from dagcraft.primitives.persist import ONCE
+
     view = LocalView(store, run_id, detail=True, persist=ONCE)
     for _ in range(5):
         if view.control.status in RUN_FINISHED:
@@ -380,6 +391,8 @@ _CANCEL_POLL_S = 0.25
 
 
 def _finish_cancel(view: LocalView, wait_s: float) -> str:
+    from dagcraft.orchestrator.supervisor import Supervisor
+
     # a short TTL: this process holds the role only while it waits here
     sup = Supervisor(view, f"cancel-{identity()}", lease_ttl=3.0)
     deadline = time.monotonic() + wait_s
@@ -407,6 +420,10 @@ def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False,
     steps skipped or cancelled after them); ``budget_raises`` (``KEY=VALUE``, see
     ``budget.parse_raise``; all checked before anything is written) raise limits in control.json,
     by the CAS that reopens the run. Returns the run status afterwards."""
+    from dagcraft.orchestrator import budget, transitions
+    from dagcraft.orchestrator.view import LocalView
+    from dagcraft.primitives.persist import ONCE
+
     view = LocalView(store, run_id, detail=True, persist=ONCE)
     raised = dict(budget.parse_raise(text, view.wf) for text in budget_raises)
     _clear_corrupt(view)
@@ -488,6 +505,8 @@ def _reset_loop_from(view: LocalView, child: str, reason: str) -> list[str]:
     in that iteration go back to pending, later iterations are retired, earlier iterations
     (and their attempts and traces) are kept, and the loop evaluates ``until`` again when
     iteration k is done. Returns the steps reset."""
+    from dagcraft.orchestrator import transitions
+
     loop_id = view.state(child).parent
     assert loop_id is not None
     k = view.steps[child].iteration or 0
@@ -513,6 +532,10 @@ def retry_from(store: Store, run_id: str, step: str) -> list[str]:
     continues the loop from that step of that iteration: the steps after it in the iteration
     run again, later iterations are dropped (their records kept, retired), earlier ones are
     kept, ``until`` is evaluated again — and everything downstream of the loop is reset."""
+    from dagcraft.orchestrator import transitions
+    from dagcraft.orchestrator.view import LocalView
+    from dagcraft.primitives.persist import ONCE
+
     view = LocalView(store, run_id, detail=True, persist=ONCE)
     _clear_corrupt(view)
     body = step if step in view.steps and view.steps[step].iteration is not None else _latest_body_step(view, step)
@@ -543,6 +566,10 @@ def retry_from(store: Store, run_id: str, step: str) -> list[str]:
 
 def request_rollback(store: Store, run_id: str) -> str:
     """Start compensation of a finished run's succeeded steps (reverse topological order)."""
+    from dagcraft.orchestrator import transitions
+    from dagcraft.orchestrator.view import LocalView
+    from dagcraft.primitives.persist import ONCE
+
     view = LocalView(store, run_id, detail=True, persist=ONCE)
     if view.control.status not in RUN_FINISHED:
         raise InvalidInput(f"run {run_id!r} is {view.control.status}; cancel it before rolling back")
@@ -663,6 +690,7 @@ def dumps_status(st: dict[str, Any]) -> str:
     line here is encoded in C.)"""
     head = {**st, "steps": _STEPS_MARK}
     text = json.dumps(head, indent=2, sort_keys=True, default=str)
-    lines = ",\n    ".join(json.dumps(step, sort_keys=True, default=str) for step in st.get("steps", []))
+    encode = json.JSONEncoder(sort_keys=True, default=str).encode  # one encoder, not one per step
+    lines = ",\n    ".join(encode(step) for step in st.get("steps", []))
     steps = f"[\n    {lines}\n  ]" if lines else "[]"
     return text.replace(json.dumps(_STEPS_MARK), steps, 1)

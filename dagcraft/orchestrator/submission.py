@@ -14,10 +14,9 @@ from typing import Any
 from dagcraft.errors import Conflict, DagcraftError, InvalidInput
 from dagcraft.orchestrator import journal, layout
 from dagcraft.orchestrator.model import Control, RunRecord, dump, dump_run_record
-from dagcraft.orchestrator.view import secret_env_name
 from dagcraft.primitives.keys import validate_run_id
 from dagcraft.primitives.store import Store
-from dagcraft.workflows import CompiledWorkflow, compile_workflow, load_spec, parse_params, paused_gc
+from dagcraft.workflows import CompiledWorkflow, paused_gc
 
 REDACTED = "[redacted]"
 
@@ -59,6 +58,9 @@ def compile_spec(path: Path, pairs: Sequence[str] = (), secrets: Mapping[str, st
     ``DAGCRAFT_PARAM_<NAME>`` variable of ``environ`` (default: this process's environment).
     Only secret params are read from the environment: a stray variable never changes a
     public param. InvalidInput/SpecError (exit 2) on any problem; nothing is written."""
+    # the YAML loader and the compiler: here, not at import (ops imports this module)
+    from dagcraft.workflows import compile_workflow, load_spec, parse_params
+
     spec = load_spec(Path(path))
     params: dict[str, Any] = dict(parse_params(list(pairs)))
     for name, value in (secrets or {}).items():
@@ -72,8 +74,11 @@ def compile_spec(path: Path, pairs: Sequence[str] = (), secrets: Mapping[str, st
         params[name] = value
     env = os.environ if environ is None else environ
     for name, declared in spec.params.items():
-        if declared.secret and name not in params and secret_env_name(name) in env:
-            params[name] = env[secret_env_name(name)]
+        if declared.secret and name not in params:
+            from dagcraft.orchestrator.view import secret_env_name  # the worker's module: only for a secret
+
+            if secret_env_name(name) in env:
+                params[name] = env[secret_env_name(name)]
     return compile_workflow(spec, params, source=spec._source)
 
 

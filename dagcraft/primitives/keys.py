@@ -73,6 +73,16 @@ def validate_run_id(value: object) -> str:
 
 def validate_key(key: object, what: str = "key") -> str:
     """Return ``key`` if it is a valid ``/``-separated store key whose every segment is valid."""
+    if isinstance(key, str) and key.isascii() and key.isprintable() and "\\" not in key \
+            and len(key) <= MAX_KEY_BYTES:
+        # the common case, decided with C string methods (status reads 10,000 keys): printable
+        # ASCII has no NUL or control character and one byte per character; what is left of
+        # the segment rules is no empty, '.' or '..' segment (nor a leading '/') and each
+        # segment's length. Anything else: the checks below, which say what is wrong.
+        k = f"/{key}/"
+        if "//" not in k and "/./" not in k and "/../" not in k \
+                and (len(key) <= MAX_SEGMENT or max(map(len, key.split("/"))) <= MAX_SEGMENT):
+            return key
     if not isinstance(key, str) or not key:
         raise InvalidInput(f"invalid {what} {key!r}: must be a non-empty string")
     if key.startswith("/"):

@@ -2,53 +2,108 @@
 
 Public API: the names below (the spec format is documented in docs/spec.md). This package
 imports nothing from primitives, tracing or orchestrator.
+
+The names are imported on first use (PEP 562): a reader of compiled workflows (``status``,
+a worker) loads the models of ``spec`` without the YAML loader, the compiler or jinja2.
 """
 
 from __future__ import annotations
 
-from dagcraft.workflows.compile import (
-    INSTANCE_FIELDS,
-    MAX_STEPS,
-    compile_file,
-    compile_workflow,
-    concrete_id,
-    executable_warnings,
-    instance_key,
-    matrix_id_value,
-    spec_hash_of,
-)
-from dagcraft.workflows.loader import SpecErrors, format_path, load_spec, parse_spec, paused_gc
-from dagcraft.workflows.params import coerce, parse_params, resolve_params
-from dagcraft.workflows.spec import (
-    AgentDef,
-    CompiledWorkflow,
-    ConcreteStep,
-    InputDecl,
-    LoopDef,
-    RenderContext,
-    RenderedCommand,
-    RetryPolicy,
-    Spec,
-    StepSpec,
-    loop_child_id,
-    parse_duration,
-)
-from dagcraft.workflows.template import (
-    MAX_FANOUT,
-    EvaluationLimit,
-    RenderCancelled,
-    RenderTimedOut,
-    evaluate_expression,
-    evaluate_foreach,
-    evaluate_until,
-    evaluate_when,
-    expand_foreach,
-    expand_loop,
-    render_check,
-    render_command,
-    render_rollback,
-    render_text,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dagcraft.workflows.compile import (
+        INSTANCE_FIELDS,
+        MAX_STEPS,
+        compile_file,
+        compile_workflow,
+        concrete_id,
+        executable_warnings,
+        matrix_id_value,
+        spec_hash_of,
+    )
+    from dagcraft.workflows.gcpause import paused_gc
+    from dagcraft.workflows.loader import SpecErrors, format_path, load_spec, parse_spec
+    from dagcraft.workflows.params import coerce, parse_params, resolve_params
+    from dagcraft.workflows.spec import (
+        AgentDef,
+        CompiledWorkflow,
+        ConcreteStep,
+        InputDecl,
+        LoopDef,
+        RenderContext,
+        RenderedCommand,
+        RetryPolicy,
+        Spec,
+        StepSpec,
+        instance_key,
+        loop_child_id,
+        parse_duration,
+    )
+    from dagcraft.workflows.template import (
+        MAX_FANOUT,
+        EvaluationLimit,
+        RenderCancelled,
+        RenderTimedOut,
+        evaluate_expression,
+        evaluate_foreach,
+        evaluate_until,
+        evaluate_when,
+        expand_foreach,
+        expand_loop,
+        render_check,
+        render_command,
+        render_rollback,
+        render_text,
+    )
+
+#: public name -> the module that defines it
+_HOME = {
+    "INSTANCE_FIELDS": "compile",
+    "MAX_FANOUT": "template",
+    "MAX_STEPS": "compile",
+    "AgentDef": "spec",
+    "CompiledWorkflow": "spec",
+    "ConcreteStep": "spec",
+    "EvaluationLimit": "template",
+    "InputDecl": "spec",
+    "LoopDef": "spec",
+    "RenderCancelled": "template",
+    "RenderContext": "spec",
+    "RenderTimedOut": "template",
+    "RenderedCommand": "spec",
+    "RetryPolicy": "spec",
+    "Spec": "spec",
+    "SpecErrors": "loader",
+    "StepSpec": "spec",
+    "coerce": "params",
+    "compile_file": "compile",
+    "compile_workflow": "compile",
+    "concrete_id": "compile",
+    "evaluate_expression": "template",
+    "executable_warnings": "compile",
+    "evaluate_foreach": "template",
+    "evaluate_until": "template",
+    "evaluate_when": "template",
+    "expand_foreach": "template",
+    "expand_loop": "template",
+    "format_path": "loader",
+    "instance_key": "spec",
+    "load_spec": "loader",
+    "loop_child_id": "spec",
+    "matrix_id_value": "compile",
+    "parse_duration": "spec",
+    "parse_params": "params",
+    "parse_spec": "loader",
+    "paused_gc": "gcpause",
+    "render_command": "template",
+    "render_check": "template",
+    "render_rollback": "template",
+    "render_text": "template",
+    "resolve_params": "params",
+    "spec_hash_of": "compile",
+}
 
 __all__ = [
     "INSTANCE_FIELDS",
@@ -95,3 +150,16 @@ __all__ = [
     "resolve_params",
     "spec_hash_of",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value  # the next lookup is a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])

@@ -24,12 +24,13 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from jinja2 import TemplateError
 
 from dagcraft.errors import InvalidInput, SpecError
-from dagcraft.workflows.loader import error_at, format_path, load_spec, paused_gc, raise_all, spec_errors
+from dagcraft.workflows.gcpause import paused_gc
+from dagcraft.workflows.loader import error_at, format_path, load_spec, raise_all, spec_errors
 from dagcraft.workflows.params import ParamError, resolve_params
 from dagcraft.workflows.shell import SPECIAL_VARS
 from dagcraft.workflows.spec import (
@@ -44,6 +45,7 @@ from dagcraft.workflows.spec import (
     StepSpec,
     check_matrix_entries,
     check_relpath,
+    instance_key,
 )
 from dagcraft.workflows.template import (
     EVAL_ERRORS,
@@ -59,9 +61,6 @@ from dagcraft.workflows.template import (
     template_refs,
     to_text,
 )
-
-if TYPE_CHECKING:
-    import networkx as nx  # imported where used: ~0.2 s a worker never needs
 
 _NO_RETRIES = RetrySpec()  # read only: a step without retries shares it
 _EVAL_OR_LIMIT: tuple[type[BaseException], ...] = (*EVAL_ERRORS, EvaluationLimit)
@@ -95,14 +94,6 @@ def concrete_id(template_id: str, values: dict[str, Any]) -> str:
     return f"{template_id}[{inner}]"
 
 
-def instance_key(step_id: str, template_id: str) -> str:
-    """The key of one instance of a fan-out step: the bracketed part of its concrete id
-    (``reviewer=security`` of ``review[reviewer=security]``, ``2`` of foreach child
-    ``implement[2]``). One path segment, unique among the step's instances (concrete ids are
-    unique). A step that is not an instance is its own key."""
-    if step_id.startswith(template_id + "[") and step_id.endswith("]"):
-        return step_id[len(template_id) + 1 : -1]
-    return step_id
 
 
 #: what ``steps.X.instances[i]`` / ``steps.X.by_key[K]`` hold (see docs/spec.md "Fan-in")
@@ -160,6 +151,75 @@ def _hint(word: str, candidates: Any) -> str:
     return f" (did you mean {m[0]!r}?)" if m else ""
 
 
+class _Graph:
+    """The step DAG as the compiler builds, checks and orders it: successor and predecessor
+    sets in insertion order (the order networkx keeps, so a cycle is reported the same way).
+    Not networkx: importing it was a quarter of a second of every ``submit``; it is loaded
+    only to describe a cycle (:meth:`find_cycle`)."""
+
+    def __init__(self, nodes: Any = ()) -> None:
+        self.succ: dict[str, dict[str, None]] = {n: {} for n in nodes}
+        self.pred: dict[str, dict[str, None]] = {n: {} for n in self.succ}
+
+    def add_edge(self, u: str, v: str) -> None:
+        for n in (u, v):
+            if n not in self.succ:
+                self.succ[n], self.pred[n] = {}, {}
+        self.succ[u][v] = None
+        self.pred[v][u] = None
+
+    def successors(self, n: str) -> Iterator[str]:
+        return iter(self.succ[n])
+
+    def predecessors(self, n: str) -> Iterator[str]:
+        return iter(self.pred[n])
+
+    def ancestors(self, n: str) -> set[str]:
+        """Every node with a path to ``n`` (``n`` itself excluded)."""
+        seen: set[str] = set()
+        todo = list(self.pred[n])
+        while todo:
+            u = todo.pop()
+            if u not in seen:
+                seen.add(u)
+                todo.extend(self.pred[u])
+        return seen
+
+    def topological(self, key: Callable[[str], Any], nodes: Any = None) -> list[str]:
+        """The order of ``nodes`` (default all; edges leaving them ignored) that is smallest
+        by ``key`` at each place (Kahn's algorithm with a heap). ``key`` is unique per node,
+        so the order is unique: the one networkx's ``lexicographical_topological_sort`` gives.
+        Nodes on a cycle are left out."""
+        import heapq
+
+        within = self.succ if nodes is None else {n: None for n in nodes}
+        indeg = {n: sum(1 for p in self.pred[n] if p in within) for n in within}
+        heap = [(key(n), n) for n, d in indeg.items() if d == 0]
+        heapq.heapify(heap)
+        out: list[str] = []
+        while heap:
+            _, n = heapq.heappop(heap)
+            out.append(n)
+            for v in self.succ[n]:
+                if v in indeg:
+                    indeg[v] -= 1
+                    if indeg[v] == 0:
+                        heapq.heappush(heap, (key(v), v))
+        return out
+
+    def find_cycle(self) -> list[tuple[str, str]]:
+        """The edges of one cycle, [] if there is none: networkx's ``find_cycle`` over the
+        same graph (it is imported only here, for a spec with a cycle)."""
+        if len(self.topological(lambda n: "")) == len(self.succ):
+            return []
+        import networkx as nx
+
+        g = nx.DiGraph()
+        g.add_nodes_from(self.succ)
+        g.add_edges_from((u, v) for u, vs in self.succ.items() for v in vs)
+        return [(u, v) for u, v, *_ in nx.find_cycle(g)]
+
+
 class _Compiler:
     def __init__(self, spec: Spec, params: dict[str, Any], source: str) -> None:
         self.spec = spec
@@ -194,17 +254,14 @@ class _Compiler:
         return error_at(self.source, self.pos, path, msg, at=self.keypos.get(path) if key else None)
 
     # ------------------------------------------------------------------ structure
-    def check_ids_and_needs(self) -> nx.DiGraph:
-        import networkx as nx
-
+    def check_ids_and_needs(self) -> _Graph:
         for path, s, fin in self.templates:
             if s.id in self.by_id:
                 first = format_path(self.by_id[s.id][0])
                 self.errors.append(self.err(path + ("id",), f"duplicate step id {s.id!r} (first defined at {first})"))
                 continue
             self.by_id[s.id] = (path, s, fin)
-        g = nx.DiGraph()
-        g.add_nodes_from(self.by_id)
+        g = _Graph(self.by_id)
         for path, s, fin in self.templates:
             loop = self._loop_at(path)
             for j, need in enumerate(s.needs):
@@ -233,9 +290,7 @@ class _Compiler:
                     if need in self.by_id and self._loop_at(self.by_id[need][0]) is None:
                         g.add_edge(need, s.id)
                 g.add_edge(s.id, loop)
-        cycle = None
-        if not nx.is_directed_acyclic_graph(g):  # one cheap pass; find_cycle's walk only for a cycle
-            cycle = nx.find_cycle(g)
+        cycle = g.find_cycle()
         if cycle:
             nodes_in = [u for u, _ in cycle]
             # Report at the spec-earliest step of the cycle, for a stable message.
@@ -312,12 +367,10 @@ class _Compiler:
         except (TemplateError, EvaluationLimit) as exc:
             msg = getattr(exc, "message", None) or str(exc)
             raise self.err(path, f"bad template: {msg}") from None
-        import networkx as nx
-
         # ancestors only when a `steps.` reference needs them: one graph walk per step adds
         # up to seconds on a 10,000-step spec
         needs_anc = step is not None and any(name == "steps" for name, _ in refs)
-        ancestors = nx.ancestors(self.graph, step.id) if needs_anc and step is not None else set()
+        ancestors = self.graph.ancestors(step.id) if needs_anc and step is not None else set()
         for name, chain in refs:
             head = chain[0] if chain else None
             if name not in allow:
@@ -672,9 +725,7 @@ class _Compiler:
         files: dict[str, int] = {}  # destination -> index of the input that writes it
         dirs: dict[str, int] = {}  # directories above those files
         patterns: list[tuple[int, list[str | None]]] = []  # foreach inputs: None is any instance key
-        import networkx as nx
-
-        ancestors = nx.ancestors(self.graph, s.id) if s.inputs else set()
+        ancestors = self.graph.ancestors(s.id) if s.inputs else set()
         for k, inp in enumerate(s.inputs):
             where = path + ("inputs", k)
             src_id = inp.from_
@@ -732,16 +783,16 @@ class _Compiler:
         if timeout is not None and timeout <= 0:
             raise self.err(path + ("timeout",) if s.timeout is not None else ("defaults", "timeout"), "timeout must be positive")
         r = s.retries or d.retries or _NO_RETRIES
-        # model_construct, not validation: every value below comes from the validated spec
+        # constructed, not validated: every value below comes from the validated spec
         # (validating 10,000 steps again, nested models and all, was a second of a submit)
-        policy = RetryPolicy.model_construct(
+        policy = RetryPolicy.construct_trusted(
             limit=r.limit,
             backoff_s=r.backoff,
             max_backoff_s=max(r.max_backoff, r.backoff),
             retry_on_exit_codes=list(r.retry_on.exit_codes),
             retry_on_patterns=list(r.retry_on.patterns),
         )
-        return ConcreteStep.model_construct(
+        return ConcreteStep.construct_trusted(
             id=cid,
             template_id=tid,
             needs=list(needs),
@@ -770,12 +821,9 @@ class _Compiler:
 
     def loop_def(self, path: tuple, s: StepSpec, fin: bool) -> LoopDef:
         """The compiled body of loop ``s``: body-local ids and needs, in a topological order."""
-        import networkx as nx
-
         assert s.loop is not None
         body = {b.id: (path + ("loop", "steps", j), b) for j, b in enumerate(s.loop.steps)}
-        order = list(nx.lexicographical_topological_sort(self.graph.subgraph(body),
-                                                         key=lambda t: f"{list(body).index(t):08d}"))
+        order = self.graph.topological(list(body).index, body)
         steps = []
         for bid in order:
             bpath, b = body[bid]
@@ -793,9 +841,7 @@ class _Compiler:
         self.check_templates()
         raise_all(self.errors)
         order_index = {s.id: n for n, (_, s, _) in enumerate(self.templates)}
-        import networkx as nx
-
-        topo = list(nx.lexicographical_topological_sort(graph, key=lambda t: f"{order_index[t]:08d}"))
+        topo = graph.topological(order_index.__getitem__)
         instances: dict[str, list[str]] = {}
         steps: dict[str, ConcreteStep] = {}
         for tid in topo:

@@ -15,12 +15,9 @@ refused after reading it once, never expanded), integers within 64 bits.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import difflib
-import gc
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from dagcraft.errors import SpecError
+from dagcraft.workflows.gcpause import paused_gc
 from dagcraft.workflows.spec import Spec
 
 Pos = tuple[int, int]
@@ -40,20 +38,6 @@ MAX_INT = 2**63 - 1  # integers in a spec fit in 64 bits
 MAX_REPORTED = 50  # errors listed in a SpecErrors message (--json lists them all)
 
 
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """Run the block with the cyclic garbage collector off (as it was again after; nests).
-    For building or reading a whole run at once (load, compile, submit, status of 10,000
-    steps): the data is acyclic, yet its ~10^6 live objects make each automatic full
-    collection walk all of them, over half the CPU of a 10,000-step submit. Reference
-    counting still frees everything; a cycle made inside waits for the next collection."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]

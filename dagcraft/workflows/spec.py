@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -171,6 +171,31 @@ class _Model(BaseModel):
     # built on first use: a worker validates only the compiled models, never a YAML spec
     model_config = ConfigDict(extra="forbid", populate_by_name=True, defer_build=True)
 
+    @classmethod
+    def construct_trusted(cls: type[_M], **values: Any) -> _M:
+        """What ``model_construct(**values)`` gives (fields set, defaults for the rest, no
+        validation), for values keyed by field name: the compiler builds two models per step
+        and ``model_construct``'s per-field alias lookups were most of a 10,000-step
+        compile's model building. The values must be valid already."""
+        plan = _CONSTRUCT_PLANS.get(cls)
+        if plan is None:
+            plan = _CONSTRUCT_PLANS[cls] = tuple(cls.__pydantic_fields__.items())
+            assert not cls.__private_attributes__ and not cls.__pydantic_post_init__  # what this skips
+        fields: dict[str, Any] = {}
+        for name, field in plan:
+            fields[name] = values[name] if name in values else \
+                field.get_default(call_default_factory=True, validated_data=fields)
+        m = cls.__new__(cls)
+        object.__setattr__(m, "__dict__", fields)
+        object.__setattr__(m, "__pydantic_fields_set__", set(values))
+        object.__setattr__(m, "__pydantic_extra__", None)  # extra="forbid"
+        object.__setattr__(m, "__pydantic_private__", None)
+        return m
+
+
+_M = TypeVar("_M", bound=_Model)
+_CONSTRUCT_PLANS: dict[type[BaseModel], tuple[tuple[str, Any], ...]] = {}
+
 
 # ----------------------------------------------------------------------------- spec as written
 
@@ -282,9 +307,16 @@ class AgentDef(_Model):
     prices: PricesSpec | None = None
 
 
+def _empty(kind: type[list[Any]] | type[dict[str, Any]]) -> Any:
+    """An empty list/dict default that validation makes with a factory call: pydantic
+    deep-copies an unhashable default value each time it applies it (5 deep copies per
+    step of a 10,000-step spec). The schema still shows the default."""
+    return Field(default_factory=kind, json_schema_extra={"default": kind()})
+
+
 class OutputsSpec(_Model):
-    values: list[Annotated[str, AfterValidator(lambda x: check_id(x, "output name"))]] = []
-    artifacts: list[Annotated[str, AfterValidator(lambda x: check_artifact_path(x, "artifact glob"))]] = []
+    values: list[Annotated[str, AfterValidator(lambda x: check_id(x, "output name"))]] = _empty(list)
+    artifacts: list[Annotated[str, AfterValidator(lambda x: check_artifact_path(x, "artifact glob"))]] = _empty(list)
 
 
 def check_relpath(value: str, what: str) -> str:
@@ -377,11 +409,11 @@ class StepSpec(_Model):
     """One step as written. Exactly one of ``run`` or ``agent`` (+ ``prompt``)."""
 
     id: str
-    needs: Annotated[list[str], WithJsonSchema({"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}]})] = []
+    needs: Annotated[list[str], WithJsonSchema({"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}]})] = _empty(list)
     run: Command = None
     agent: str | None = None
     prompt: str | None = None
-    env: EnvMap = {}
+    env: EnvMap = _empty(dict)
     workdir: str | None = None
     timeout: Duration | None = None
     retries: RetrySpec | None = None
@@ -391,13 +423,13 @@ class StepSpec(_Model):
     # a factory, not a default instance: pydantic deep-copies an unhashable default per step
     outputs: OutputsSpec = Field(default_factory=OutputsSpec,
                                  json_schema_extra={"default": {"values": [], "artifacts": []}})
-    inputs: list[InputSpec] = []
+    inputs: list[InputSpec] = _empty(list)
     rollback: Command = None
     #: an acceptance check run after the command exits 0, in the same workdir (docs/spec.md)
     check: Command = None
     worktree: WorktreeSpec | None = None
     cache: bool = False
-    tags: list[str] = []
+    tags: list[str] = _empty(list)
     approval: ApprovalSpec | None = None
     #: a bounded loop: this step is a group of body steps run again until ``until`` holds
     loop: LoopSpec | None = None
@@ -534,6 +566,16 @@ class Spec(_Model):
         for k in v:
             check_id(k, what)
         return v
+
+
+def instance_key(step_id: str, template_id: str) -> str:
+    """The key of one instance of a fan-out step: the bracketed part of its concrete id
+    (``reviewer=security`` of ``review[reviewer=security]``, ``2`` of foreach child
+    ``implement[2]``). One path segment, unique among the step's instances (concrete ids are
+    unique). A step that is not an instance is its own key."""
+    if step_id.startswith(template_id + "[") and step_id.endswith("]"):
+        return step_id[len(template_id) + 1 : -1]
+    return step_id
 
 
 # ----------------------------------------------------------------------------- compiled

@@ -95,3 +95,68 @@ def test_run_record_bytes_are_the_generic_dump(local_store: Any, tmp_path: Path)
     rid = submit_spec(local_store, _spec(tmp_path))
     body = local_store.get(layout.run_record(rid))[0]
     assert dump(RunRecord.model_validate_json(body)) == body
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after running ``code``."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_importing_a_name_of_the_orchestrator_loads_only_its_module():
+    loaded = _modules_after("import json\nfrom dagcraft.orchestrator import submit, run_status")
+    assert {"dagcraft.orchestrator.submission", "dagcraft.orchestrator.ops"} <= loaded
+    # not the worker, the pool or the attempt (and what they import) for a submit or a status
+    assert not loaded & {"dagcraft.orchestrator.worker", "dagcraft.orchestrator.pool",
+                         "dagcraft.orchestrator.attempt", "networkx"}
+    import dagcraft.orchestrator as orch
+
+    assert set(orch.__all__) == set(orch._HOME) and set(orch.__all__) <= set(dir(orch))
+    assert all(getattr(orch, name) is not None for name in orch.__all__)
+    with pytest.raises(AttributeError):
+        orch.no_such_name  # noqa: B018
+
+
+def _cli_modules(*args: str) -> set[str]:
+    """The modules loaded by one ``dagcraft`` command run in a fresh interpreter."""
+    return _modules_after(f"import json\nfrom dagcraft.cli.main import cli\ncli({list(args)!r}, standalone_mode=False)")
+
+
+def test_submit_and_status_import_only_what_they_use(tmp_path: Path):
+    store = str(tmp_path / "store")
+    spec = str(_spec(tmp_path))
+    submitted = _cli_modules("submit", spec, "--store", store, "--run-id", "r1")
+    assert "dagcraft.orchestrator.submission" in submitted
+    assert not submitted & {"networkx", "rich", "dagcraft.orchestrator.view", "dagcraft.orchestrator.worker",
+                            "dagcraft.orchestrator.attempt", "dagcraft.orchestrator.pool"}
+    shown = _cli_modules("status", "r1", "--store", store, "--json")
+    assert "dagcraft.orchestrator.ops" in shown
+    assert not shown & {"networkx", "rich", "dagcraft.cli.watch", "dagcraft.orchestrator.worker",
+                        "dagcraft.orchestrator.pool"}
+    # a reader of a run needs the compiled models, not the YAML loader, the compiler or jinja2
+    assert "dagcraft.workflows.spec" in shown
+    assert not shown & {"yaml", "jinja2", "dagcraft.workflows.loader", "dagcraft.workflows.compile"}
+    # nor what changes a run (the worker's view, transitions, tracing, signing)
+    assert not shown & {"dagcraft.orchestrator.view", "dagcraft.orchestrator.transitions", "dagcraft.tracing",
+                        "cryptography"}
+
+
+def test_the_cli_exit_collection_walks_almost_nothing(tmp_path: Path):
+    import subprocess
+    import sys
+
+    # the interpreter's exit runs a full collection; the CLI leaves it (almost) nothing to walk
+    code = ("import gc, sys\n"
+            "gc.callbacks.append(lambda phase, info: phase == 'start' and sys.is_finalizing()"
+            " and sys.stderr.write(f'walked at exit {len(gc.get_objects())}\\n'))\n"
+            "from dagcraft.cli.main import main\n"
+            f"sys.argv = ['dagcraft', 'submit', {str(_spec(tmp_path))!r}, '--store', {str(tmp_path / 's')!r}]\n"
+            "main()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    walked = [int(line.split()[-1]) for line in out.stderr.splitlines() if line.startswith("walked at exit")]
+    assert out.stdout.startswith("big-") and walked and max(walked) < 5_000, walked

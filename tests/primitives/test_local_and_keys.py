@@ -93,3 +93,48 @@ def test_no_torn_reads_and_crash_leaves_old_or_new(tmp_path):
     assert len(data) == 1 << 20 and len(set(data)) == 1
     assert s.list("") == ["obj"]  # a stray temp file is never listed
     assert seen  # we did read while it was writing
+
+
+def test_key_fast_paths_agree_with_the_segment_rules(tmp_path):
+    # validate_key's and LocalStore._fspath's common-case shortcuts decide exactly as the
+    # per-segment rules: the same keys accepted, the same object paths
+    import random
+
+    from dagcraft.primitives import keys as keys_mod
+    from dagcraft.primitives import local as local_mod
+
+    def by_segments(key):
+        if not key or key.startswith("/") or len(key.encode("utf-8", "surrogatepass")) > keys_mod.MAX_KEY_BYTES:
+            return False
+        try:
+            for seg in key.split("/"):
+                if not seg:
+                    return False
+                keys_mod.validate_segment(seg)
+        except keys_mod.InvalidInput:
+            return False
+        return True
+
+    def old_fspath(store, key):
+        parts = key.split("/")
+        head = [store._objects_s, *(local_mod._esc(p) for p in parts[:-1])]
+        if local_mod._ULID_NAME.match(parts[-1]):
+            head.append(local_mod._SHARD + parts[-1][:local_mod._SHARD_LEN])
+        head.append(local_mod._esc(parts[-1]) + local_mod._SUFFIX)
+        return "/".join(head)
+
+    store = LocalStore(tmp_path / "s")
+    rng = random.Random(7)
+    alphabet = ["a", "b", ".", "/", "%", "\\", "\x00", "\x07", "é", "~", "[", "=", "01M8SC6NVJ4AQPVR6PWA62YKQ5"]
+    samples = ["a" * 201, "a/" + "b" * 200, "b" * 200 + "/a", "x/" * 600 + "y", "runs/r/steps/s1/state.json",
+               "a/../b", "./a", "a/.", "a//b", "/a", "a/", "", "..", "a/.../b"]
+    samples += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(3000)]
+    for key in samples:
+        try:
+            keys_mod.validate_key(key)
+            accepted = True
+        except keys_mod.InvalidInput:
+            accepted = False
+        assert accepted == by_segments(key), key
+        if accepted:
+            assert store._fspath(key) == old_fspath(store, key), key

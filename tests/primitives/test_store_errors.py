@@ -51,7 +51,15 @@ def test_read_errors_are_store_unavailable(tmp_path, monkeypatch):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         return real(file, *args, **kw)
 
+    real_os_open = os.open
+
+    def refusing_os_open(path, *args, **kw):  # get reads with os calls
+        if str(path).startswith(str(store.root)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_os_open(path, *args, **kw)
+
     monkeypatch.setattr(builtins, "open", refusing_open)
+    monkeypatch.setattr(os, "open", refusing_os_open)
     with pytest.raises(StoreUnavailable, match=r": get a/b: Permission denied$"):
         store.get("a/b")
 
