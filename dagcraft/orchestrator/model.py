@@ -282,12 +282,15 @@ def seal_material(run_id: str, status: RunStatus, generation: int, states: Itera
     """What a run's seal covers: the run's final status, and per step record its status, a
     hash of its committed outputs and artifacts, and each attempt's status and pinned trace
     head. Computed identically when the run finishes and when ``trace verify`` checks it."""
-    steps = []
-    for st in sorted(states, key=lambda s: s.step_id):
+    steps: list[list[Any]] = []
+    # one small entry per state as it comes (``states`` may be read lazily, one at a time),
+    # sorted after: the states themselves are never all held at once
+    for st in states:
         result = hashlib.sha256(json.dumps({"outputs": st.outputs, "artifacts": st.artifacts}, sort_keys=True,
                                            default=str).encode()).hexdigest()
         steps.append([st.step_id, str(st.status), result,
                       [[h.name, str(h.status), h.trace_head] for h in st.history]])
+    steps.sort(key=lambda e: str(e[0]))
     return {"version": 1, "run_id": run_id, "status": str(status), "generation": generation, "steps": steps}
 
 

@@ -74,7 +74,7 @@ class Scheduler:
         self._full: set[str] = set()
         self._rng = random.Random(f"{worker_id}/{view.run_id}")
         self._cand: set[str] | None = None  # see _candidates
-        self._dependents: dict[str, set[str]] = {}
+        self._dependents: dict[str, list[str]] = {}  # lists: a set per step is 4x the size
         self._known: set[str] = set()
 
     def _candidates(self) -> set[str]:
@@ -85,9 +85,9 @@ class Scheduler:
         touched, view.touched = view.touched, set()
         if self._cand is None:
             self._dependents = {}
-            for sid, step in view.steps.items():
-                for n in step.needs:
-                    self._dependents.setdefault(n, set()).add(sid)
+            for sid in view.steps:
+                for n in view.steps.needs_of(sid):
+                    self._dependents.setdefault(n, []).append(sid)
             self._known = set(view.steps)
             self._cand = {sid for sid in view.open_ids if self._eligible(sid)}
             return self._cand
@@ -95,8 +95,8 @@ class Scheduler:
         for sid in touched:
             if sid not in self._known and sid in view.steps:  # a foreach child, new to us
                 self._known.add(sid)
-                for n in view.steps[sid].needs:
-                    self._dependents.setdefault(n, set()).add(sid)
+                for n in view.steps.needs_of(sid):
+                    self._dependents.setdefault(n, []).append(sid)
             recheck.update(self._dependents.get(sid, ()))
         for sid in recheck:
             if sid in view.open_ids and self._eligible(sid):

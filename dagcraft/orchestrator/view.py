@@ -12,7 +12,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,6 +36,7 @@ from dagcraft.orchestrator.model import (
     load_record,
     load_state,
 )
+from dagcraft.orchestrator.steptable import StepTable, read_run_record
 from dagcraft.primitives.persist import Persistence
 from dagcraft.primitives.store import Store
 from dagcraft.tracing import REDACTED
@@ -124,36 +125,41 @@ def missing_secrets(wf: CompiledWorkflow, step: ConcreteStep, *, rollback: bool 
             and re.search(rf"params\s*(?:\.\s*{re.escape(name)}\b|\[\s*['\"]{re.escape(name)}['\"])", text)]
 
 
-class _StoredRun(RunRecord):
-    """``run.json`` read straight into the compiled workflow's models."""
-
-    workflow: CompiledWorkflow  # type: ignore[assignment]
-
-
 def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
     """The run record and its workflow, with secret params taken from this process's
     environment (``DAGCRAFT_PARAM_<NAME>``); secrets are never read from the store.
-    The record's ``workflow`` is left empty: the returned model is the workflow. The JSON is
-    validated into it directly, never held as plain data too (which, at 10,000 steps, was
-    as large as the models and stayed for the worker's life). A record that does not
-    validate is read again the way :func:`workflow_of` does, for its precise CorruptRecord."""
+    The record's ``workflow`` is left empty: the returned model is the workflow, and its
+    ``steps`` is a :class:`StepTable` (steps in submission order, each built on demand). The
+    JSON is read one step at a time (:func:`read_run_record`): neither every step's parsed
+    data nor every step's model is ever held at once, so a worker's memory does not follow
+    the run's size. A record that does not read so is read again the way
+    :func:`workflow_of` does, for its precise CorruptRecord."""
     key = layout.run_record(run_id)
     got = store.get(key)
     if got is None:
         raise NotFound(f"run {run_id!r} not found in {store.url}")
+    data = got[0]
+    del got
     try:
-        stored = _StoredRun.model_validate_json(got[0])
-    except ValidationError:
-        record = load_record(RunRecord, got[0], key, store.url)
-        return record.model_copy(update={"workflow": {}}), workflow_of(record, store.url)
-    wf = stored.workflow
-    for name in stored.secret_params:
+        fields, wf_fields, table = read_run_record(data.decode("utf-8"))
+        record = RunRecord.model_validate({**fields, "workflow": {}})
+        wf = CompiledWorkflow.model_validate({**wf_fields, "steps": {}})
+    except ValueError:  # malformed JSON, a field that does not validate (ValidationError), not UTF-8
+        full = load_record(RunRecord, data, key, store.url)
+        wf = workflow_of(full, store.url)
+        table = StepTable()
+        for step in wf.steps.values():
+            table.add(step)
+        wf.steps = table  # type: ignore[assignment]  # a read-only mapping of the same steps
+        return full.model_copy(update={"workflow": {}}), wf
+    del data
+    for name in record.secret_params:
         if secret_env_name(name) in os.environ:
             wf.params = {**wf.params, name: os.environ[secret_env_name(name)]}
-    if stored.order and set(stored.order) == set(wf.steps):
-        wf.steps = {sid: wf.steps[sid] for sid in stored.order}
-    record = RunRecord.model_construct(**{f: getattr(stored, f) for f in RunRecord.model_fields if f != "workflow"},
-                                       workflow={})
+    if record.order and len(record.order) == len(table) and set(record.order) == set(table):
+        table.reorder(record.order)
+        record.order = list(table)  # the same id strings, not a second copy of each
+    wf.steps = table  # type: ignore[assignment]  # a read-only mapping of the same steps
     return record, wf
 
 
@@ -185,6 +191,74 @@ def fan_in(instances: list[dict[str, Any]], status: str) -> dict[str, Any]:
             "status": status, "instances": instances, "by_key": {i["key"]: i for i in instances}}
 
 
+class StepStates(Mapping[str, tuple[StepState, "str | None"]]):
+    """Step id → (state, etag) of each step a view knows a version of.
+
+    A step known only by the status and rev a journal entry announced (never read by this
+    view) is held as just that pair, and built on access as the state a fresh record would
+    have with that status (etag None: it is stale until read). A worker of a large run so
+    keeps a few bytes, not a model, for each step that other workers ran."""
+
+    def __init__(self) -> None:
+        self._full: dict[str, tuple[StepState, str | None]] = {}
+        self._brief: dict[str, tuple[StepStatus, int]] = {}
+
+    def __getitem__(self, sid: str) -> tuple[StepState, str | None]:
+        got = self._full.get(sid)
+        if got is not None:
+            return got
+        status, rev = self._brief[sid]
+        return StepState(step_id=sid, status=status, rev=rev), None
+
+    def __setitem__(self, sid: str, value: tuple[StepState, str | None]) -> None:
+        self._full[sid] = value
+        self._brief.pop(sid, None)
+
+    def set_brief(self, sid: str, status: StepStatus, rev: int) -> None:
+        self._full.pop(sid, None)
+        self._brief[sid] = (status, rev)
+
+    def __contains__(self, sid: object) -> bool:
+        return sid in self._full or sid in self._brief
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._full
+        yield from self._brief
+
+    def __len__(self) -> int:
+        return len(self._full) + len(self._brief)
+
+    def has_record(self, sid: str) -> bool:
+        """Whether a full state (read, or written by this view) is held for ``sid``."""
+        return sid in self._full
+
+    def status(self, sid: str) -> StepStatus | None:
+        got = self._full.get(sid)
+        if got is not None:
+            return got[0].status
+        brief = self._brief.get(sid)
+        return brief[0] if brief is not None else None
+
+    def rev(self, sid: str) -> int | None:
+        got = self._full.get(sid)
+        if got is not None:
+            return got[0].rev
+        brief = self._brief.get(sid)
+        return brief[1] if brief is not None else None
+
+    def etag(self, sid: str) -> str | None:
+        got = self._full.get(sid)
+        return got[1] if got is not None else None
+
+    def children(self, sid: str) -> list[str]:
+        got = self._full.get(sid)
+        return got[0].children if got is not None else []
+
+    def parent(self, sid: str) -> str | None:
+        got = self._full.get(sid)
+        return got[0].parent if got is not None else None
+
+
 class LocalView:
     """Step states and run control of one run, refreshed incrementally."""
 
@@ -199,11 +273,15 @@ class LocalView:
         #: how long transitions made through this view ride out a store outage
         self.persist = persist or Persistence(limit_s=10.0)
         self.record, self.wf = load_run(store, run_id)
-        self.steps: dict[str, ConcreteStep] = dict(self.wf.steps)
+        #: the run's steps (shared with ``wf.steps``), built on demand: see :class:`StepTable`
+        assert isinstance(self.wf.steps, StepTable)  # as load_run returns it
+        self.steps: StepTable = self.wf.steps
         self.order: dict[str, int] = {sid: i for i, sid in enumerate(self.steps)}
-        self.states: dict[str, tuple[StepState, str | None]] = {}
+        #: the steps whose version this view knows; a step never changed since submission has
+        #: no entry (it is pending), so a large run costs nothing per step until its steps move
+        self.states = StepStates()
         self._defs: dict[str, dict[str, Any]] = {}
-        self.open_ids: set[str] = set()  # pending or retrying
+        self.open_ids: set[str] = set(self.steps)  # pending or retrying
         #: steps known only by the status their journal entry carried (details not read);
         #: ``fresh()`` reads them before anything depends on their details
         self.stale: set[str] = set()
@@ -214,7 +292,7 @@ class LocalView:
         self.expanded_ids: set[str] = set()  # foreach parents waiting for their children
         #: steps whose status was (re)indexed since a consumer last drained this set (the
         #: scheduler: it re-checks only these and their dependents, never the whole DAG)
-        self.touched: set[str] = set()
+        self.touched: set[str] = set(self.steps)
         self.control: Control = Control()
         self.control_etag: str | None = None
         self.journal = JournalReader(store, run_id, lookback_s=lookback_s)
@@ -224,8 +302,6 @@ class LocalView:
         self._changed_at: dict[str, float] = {}  # step -> when this view last saw it change
         self._rng = random.Random()
         self._next_resync = time.monotonic() + self._resync_interval()
-        for sid in self.steps:
-            self.state(sid)
         self.changes = 0  # bumps on every observed change; lets callers skip needless work
         self._ctx_cache: tuple[int, dict[str, dict[str, Any]]] | None = None
         self.refresh()
@@ -258,13 +334,16 @@ class LocalView:
 
     def _note_status(self, step_id: str, rev: int, status: str) -> None:
         """Take a step's new status from its journal entry alone (no GET)."""
-        old = self.state(step_id)
-        if rev <= old.rev:
+        known = self.states.rev(step_id)
+        if rev <= (known or 0):
             return  # we already know this version or a newer one
-        st = old.model_copy()
-        st.status = StepStatus(status)
-        st.rev = rev
-        self.states[step_id] = (st, None)
+        if self.states.has_record(step_id):
+            st = self.state(step_id).model_copy()
+            st.status = StepStatus(status)
+            st.rev = rev
+            self.states[step_id] = (st, None)
+        else:  # never read: its status and rev are all there is to keep
+            self.states.set_brief(step_id, StepStatus(status), rev)
         self.stale.add(step_id)
         self._index(step_id, status)
         self.changes += 1
@@ -279,6 +358,24 @@ class LocalView:
         for sid in list(step_ids):
             if sid in self.stale:
                 self.refresh_step(sid)
+
+    def exact_states(self) -> Iterator[StepState]:
+        """Every existing step record as committed: those this view wrote or read in full as
+        held, those known only by status read now (in parallel) and yielded without being
+        kept — the seal covers a 10,000-step run without holding 10,000 records."""
+        stale = []
+        for sid in list(self.states):
+            if not self.states.has_record(sid) or sid in self.stale or self.states.etag(sid) is None:
+                stale.append(sid)
+            else:
+                yield self.states[sid][0]
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcraft-seal") as pool:
+            for i in range(0, len(stale), 64):  # bounded batches: 64 records in flight at most
+                batch = stale[i:i + 64]
+                got = list(pool.map(self.store.get, [layout.step_state(self.run_id, sid) for sid in batch]))
+                for sid, rec in zip(batch, got, strict=True):
+                    if rec is not None:
+                        yield load_state(rec[0], layout.step_state(self.run_id, sid), self.store.url)
 
     def _resync_interval(self) -> float:
         return self.resync_s * self._rng.uniform(0.75, 1.25)
@@ -350,8 +447,8 @@ class LocalView:
         return state
 
     def apply(self, state: StepState, etag: str | None) -> None:
-        old = self.states.get(state.step_id)
-        if old is not None and old[0].rev > state.rev and etag is not None and state.step_id not in self.stale:
+        old_rev = self.states.rev(state.step_id)
+        if old_rev is not None and old_rev > state.rev and etag is not None and state.step_id not in self.stale:
             return  # never go back to an older version than one we already saw
         self.states[state.step_id] = (state, etag)
         self._index(state.step_id, state.status)
@@ -360,12 +457,11 @@ class LocalView:
         if state.definition is not None and self._defs.get(state.step_id) != state.definition:
             # a foreach child: new, or revived by a re-expansion with a different item
             try:
-                step = ConcreteStep.model_validate(state.definition)
+                self.steps.add_data(state.definition)
             except ValidationError:
                 raise CorruptRecord(layout.step_state(self.run_id, state.step_id),
                                     "its step definition is not valid", self.store.url) from None
             self._defs[state.step_id] = state.definition
-            self.steps[state.step_id] = step
             parent_rank = self.order.get(state.parent or "", len(self.order))
             self.order[state.step_id] = parent_rank  # children sort with their parent
         for child in state.children:
@@ -376,27 +472,42 @@ class LocalView:
     def state(self, step_id: str) -> StepState:
         got = self.states.get(step_id)
         if got is None:
-            # never changed since submission: pending, etag unknown until read
+            if step_id in self.steps:
+                # never changed since submission: pending (indexed so from the start), etag
+                # unknown until read; built for the caller, not kept
+                return StepState(step_id=step_id)
             got = self.states[step_id] = (StepState(step_id=step_id), None)
             self._index(step_id, "pending")
         return got[0]
 
     def etag(self, step_id: str) -> str | None:
-        got = self.states.get(step_id)
-        return got[1] if got else None
+        return self.states.etag(step_id)
 
     def status(self, step_id: str) -> str:
-        return self.state(step_id).status
+        got = self.states.status(step_id)
+        if got is not None:
+            return got
+        return StepStatus.PENDING if step_id in self.steps else self.state(step_id).status
+
+    def children(self, step_id: str) -> list[str]:
+        """The step's foreach children or loop body steps as known (none for a step never read)."""
+        return self.states.children(step_id)
+
+    def parent(self, step_id: str) -> str | None:
+        return self.states.parent(step_id)
 
     # -- derived -------------------------------------------------------------------------
     def needs(self, step_id: str) -> list[str]:
-        return list(self.steps[step_id].needs)
+        return list(self.steps.needs_of(step_id)) if step_id in self.steps else list(self.steps[step_id].needs)
 
     def all_ids(self) -> list[str]:
         return sorted(self.steps, key=lambda s: (self.order.get(s, 0), s))
 
     def _index(self, step_id: str, status: str) -> None:
-        self._changed_at[step_id] = time.monotonic()
+        if status in ACTIVE or status in (StepStatus.WAITING_APPROVAL, StepStatus.EXPANDED):
+            self._changed_at[step_id] = time.monotonic()  # only these are judged by it
+        else:
+            self._changed_at.pop(step_id, None)
         # the scheduler and supervisor scan only these sets, not the whole DAG, every cycle
         self.touched.add(step_id)
         for members, wanted in ((self.open_ids, status in OPEN), (self.active_ids, status in ACTIVE),
@@ -463,8 +574,8 @@ class LocalView:
         or compensating, with a ``rollback`` command. Finally steps are not among them: they
         run after the rollback."""
         return [sid for sid in self.all_ids()
-                if self.steps[sid].compensates and not self.steps[sid].is_finally
-                and self.status(sid) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)]
+                if self.status(sid) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)
+                and self.steps.attr(sid, "compensates") and not self.steps.attr(sid, "is_finally")]
 
     def rollback_due(self) -> bool:
         """A step failed for good under ``on_failure: rollback`` and compensations remain:
@@ -473,12 +584,12 @@ class LocalView:
 
     def dependents(self) -> dict[str, set[str]]:
         deps: dict[str, set[str]] = {s: set() for s in self.steps}
-        for sid, step in self.steps.items():
-            for n in step.needs:
+        for sid in self.steps:
+            for n in self.steps.needs_of(sid):
                 deps.setdefault(n, set()).add(sid)
         # a foreach child precedes whatever follows its parent
         for sid in self.steps:
-            parent = self.state(sid).parent
+            parent = self.parent(sid)
             if parent:
                 deps.setdefault(sid, set()).update(deps.get(parent, set()))
         return deps
@@ -505,7 +616,7 @@ class LocalView:
             if cur in seen or cur not in self.steps:
                 continue
             seen.add(cur)
-            stack.extend(self.steps[cur].needs)
+            stack.extend(self.steps.needs_of(cur))
         return seen
 
     def reads_upstream(self, step_id: str) -> bool:
