@@ -114,14 +114,15 @@ class Scheduler:
         now = None
         out = []
         for sid in view.ids(self._candidates()):
-            st = view.state(sid)
-            if st.parent and sid not in view.state(st.parent).children:
+            parent = view.parent(sid)
+            if parent and sid not in view.children(parent):
                 continue  # a foreach child runs only once its parent has expanded to it
-            if st.status == StepStatus.PENDING and view.needs_done(sid):
+            status = view.status(sid)
+            if status == StepStatus.PENDING and view.needs_done(sid):
                 out.append(sid)
-            elif st.status == StepStatus.RETRYING:
+            elif status == StepStatus.RETRYING:
                 now = now if now is not None else view.store.now()
-                if (st.not_before or 0) <= now:
+                if (view.state(sid).not_before or 0) <= now:
                     out.append(sid)
         return out
 
@@ -219,7 +220,7 @@ class Scheduler:
             ready = ready[k:] + ready[:k]
         rollback_due: bool | None = None  # computed once, only when a finally step is ready
         for sid in ready:
-            if view.steps[sid].is_finally and ctl == RunStatus.RUNNING:
+            if view.steps.attr(sid, "is_finally") and ctl == RunStatus.RUNNING:
                 rollback_due = view.rollback_due() if rollback_due is None else rollback_due
                 if rollback_due:
                     continue  # finally steps run after the rollback's compensations
@@ -395,9 +396,9 @@ class Scheduler:
         still waiting to be (or being) compensated: compensations run in reverse topological
         order."""
         view = self.view
-        if view.status(sid) != StepStatus.SUCCEEDED or not view.steps[sid].compensates:
+        if view.status(sid) != StepStatus.SUCCEEDED or not view.steps.attr(sid, "compensates"):
             return False
-        return not any(view.steps[d].compensates and view.status(d) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)
+        return not any(view.steps.attr(d, "compensates") and view.status(d) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)
                        for d in view.descendants(sid, deps))
 
     def _claim_compensations(self, capacity: int) -> list[WorkItem]:

@@ -639,14 +639,14 @@ class LocalView:
             # its statuses (all it can see) came with the journal entries: nothing to read,
             # so a pool of workers does not read every finished step once per worker
             for sid in list(ids):
-                ids.update(self.state(sid).children)
+                ids.update(self.children(sid))
             return ids
         for sid in list(ids):
-            ids.update(self.state(sid).children)
+            ids.update(self.children(sid))
         self.ensure_fresh(ids)
         # a parent read just now may list children we had not seen
         for sid in list(ids):
-            ids.update(self.state(sid).children)
+            ids.update(self.children(sid))
         self.ensure_fresh(ids)
         return ids
 
@@ -663,23 +663,25 @@ class LocalView:
         artifact_paths = artifact_paths or {}
         groups: dict[str, list[str]] = {}
         latest: dict[str, str] = {}  # loop body id -> its instance of the latest iteration asked for
+        # read through the table's accessors: an ancestor's model is never built for this
+        attr, template_id = self.steps.attr, self.steps.template_id_of
         for sid in (self.ids(only) if only is not None else self.all_ids()):  # instance order
-            step = self.steps[sid]
-            if self.state(sid).parent:
-                if step.iteration is not None:
-                    prev = latest.get(step.template_id)
-                    if prev is None or (self.steps[prev].iteration or 0) < step.iteration:
-                        latest[step.template_id] = sid
+            tid = template_id(sid)
+            if self.parent(sid):
+                iteration = attr(sid, "iteration")
+                if iteration is not None:
+                    prev = latest.get(tid)
+                    if prev is None or (attr(prev, "iteration") or 0) < iteration:
+                        latest[tid] = sid
                 continue  # children are reported through their parent
-            groups.setdefault(step.template_id, []).append(sid)
+            groups.setdefault(tid, []).append(sid)
         out: dict[str, dict[str, Any]] = {}
         for tid, sid in latest.items():
             st = self.state(sid)
             out[tid] = {"outputs": st.outputs, "artifacts": self._artifact_view(sid, artifact_paths),
-                        "status": st.status, "iteration": self.steps[sid].iteration}
+                        "status": st.status, "iteration": attr(sid, "iteration")}
         for tid, ids in groups.items():
-            first = self.steps[ids[0]]
-            if len(ids) == 1 and not first.matrix and not first.foreach:
+            if len(ids) == 1 and not attr(ids[0], "matrix") and not attr(ids[0], "foreach"):
                 st = self.state(ids[0])
                 out[tid] = {"outputs": st.outputs, "artifacts": self._artifact_view(ids[0], artifact_paths),
                             "status": st.status}
@@ -687,7 +689,7 @@ class LocalView:
             members: list[str] = []
             for sid in ids:
                 # a foreach parent stands for its children (none when skipped or given no items)
-                members.extend(self.state(sid).children if self.steps[sid].foreach else [sid])
+                members.extend(self.children(sid) if attr(sid, "foreach") else [sid])
             entries = [self._instance(tid, sid, artifact_paths) for sid in members]
             statuses = [e["status"] for e in entries] or [self.status(ids[0])]
             agg = "succeeded" if all(s in DONE_OK or s == "skipped" for s in statuses) else (
@@ -699,9 +701,10 @@ class LocalView:
 
     def _instance(self, tid: str, sid: str, artifact_paths: dict[str, dict[str, str]]) -> dict[str, Any]:
         st = self.state(sid)
-        step = self.steps.get(sid)
-        return {"id": sid, "key": instance_key(sid, tid), "matrix": dict(step.matrix) if step else {},
-                "item": step.item if step else None, "outputs": st.outputs,
+        known = sid in self.steps
+        return {"id": sid, "key": instance_key(sid, tid),
+                "matrix": dict(self.steps.attr(sid, "matrix")) if known else {},
+                "item": self.steps.attr(sid, "item") if known else None, "outputs": st.outputs,
                 "artifacts": self._artifact_view(sid, artifact_paths), "status": st.status}
 
     def _artifact_view(self, step_id: str, artifact_paths: dict[str, dict[str, str]]) -> dict[str, str]:
