@@ -128,12 +128,13 @@ def test_worker_view_holds_a_bounded_number_of_models_whatever_the_run_size(loca
     assert view.needs("s70") == ["s20"] and view.status("s70") == "pending" and len(view.open_ids) == n
     assert view.steps["s70"].needs == ["s20"] and view.steps["s70"].run == ["true"]
     held_steps, held_states = _live(ConcreteStep) - steps0, _live(StepState) - states0
-    assert held_steps <= 2 * view.steps.cache_size < n, held_steps
+    bound = 2 * getattr(view.steps, "cache_size", 256)  # StepTable's cache of built models
+    assert held_steps <= bound < n, held_steps
     assert held_states <= 2, held_states  # no state for a step nothing changed
     # every step is still there, in submission order, built on demand
     assert list(view.steps) == [f"s{i}" for i in range(n)]
     assert [view.steps[f"s{i}"].id for i in range(0, n, 97)] == [f"s{i}" for i in range(0, n, 97)]
-    assert _live(ConcreteStep) - steps0 <= 2 * view.steps.cache_size
+    assert _live(ConcreteStep) - steps0 <= bound
 
 
 def test_worker_view_memory_per_step_is_small(local_store: Any, tmp_path: Path):
@@ -178,8 +179,8 @@ def test_a_view_of_a_finished_run_keeps_only_statuses_and_seals_it_the_same(loca
     states0 = _live(StepState)
     view = LocalView(local_store, rid)
     assert view.counts() == {"succeeded": 60}
-    assert not any(view.states.has_record(f"s{i}") for i in range(60))
     assert _live(StepState) - states0 <= 1
+    assert not any(view.states.has_record(f"s{i}") for i in range(60))
     material = seal_material(rid, ctl.status, ctl.generation, view.exact_states())
     assert seal.digest(material) == ctl.seal.digest and len(material["steps"]) == ctl.seal.steps == 60
     assert not any(view.states.has_record(f"s{i}") for i in range(60))
