@@ -12,6 +12,7 @@ import os
 import random
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -194,48 +195,83 @@ def fan_in(instances: list[dict[str, Any]], status: str) -> dict[str, Any]:
 class StepStates(Mapping[str, tuple[StepState, "str | None"]]):
     """Step id → (state, etag) of each step a view knows a version of.
 
-    A step known only by the status and rev a journal entry announced (never read by this
-    view) is held as just that pair, and built on access as the state a fresh record would
-    have with that status (etag None: it is stale until read). A worker of a large run so
-    keeps a few bytes, not a model, for each step that other workers ran."""
+    Held in the smallest form that answers what the scheduler asks of it every cycle:
+
+    - a step known only by the status and rev a journal entry announced (never read by this
+      view): just that pair, built on access as the state a fresh record would have with that
+      status (etag None: it is stale until read);
+    - a finished step without children (read, or written by this view): its record's JSON, a
+      tenth of its model's size, with its status, rev and parent; the model is rebuilt on
+      access (the last :attr:`UNPACKED` are kept);
+    - any other step: its model.
+
+    A worker of a large run so keeps a few hundred bytes, not a model, per finished step."""
+
+    UNPACKED = 64
 
     def __init__(self) -> None:
         self._full: dict[str, tuple[StepState, str | None]] = {}
         self._brief: dict[str, tuple[StepStatus, int]] = {}
+        self._packed: dict[str, tuple[bytes, str | None, StepStatus, int, str | None]] = {}
+        self._unpacked: OrderedDict[str, StepState] = OrderedDict()
 
     def __getitem__(self, sid: str) -> tuple[StepState, str | None]:
         got = self._full.get(sid)
         if got is not None:
             return got
+        packed = self._packed.get(sid)
+        if packed is not None:
+            st = self._unpacked.get(sid)
+            if st is None:
+                st = self._unpacked[sid] = StepState.model_validate_json(packed[0])
+                if len(self._unpacked) > self.UNPACKED:
+                    self._unpacked.popitem(last=False)
+            else:
+                self._unpacked.move_to_end(sid)
+            return st, packed[1]
         status, rev = self._brief[sid]
         return StepState(step_id=sid, status=status, rev=rev), None
 
     def __setitem__(self, sid: str, value: tuple[StepState, str | None]) -> None:
-        self._full[sid] = value
-        self._brief.pop(sid, None)
+        self._drop(sid)
+        st, etag = value
+        if st.status in TERMINAL and not st.children:
+            self._packed[sid] = (st.model_dump_json().encode(), etag, st.status, st.rev, st.parent)
+        else:
+            self._full[sid] = value
 
     def set_brief(self, sid: str, status: StepStatus, rev: int) -> None:
-        self._full.pop(sid, None)
+        self._drop(sid)
         self._brief[sid] = (status, rev)
 
+    def _drop(self, sid: str) -> None:
+        self._full.pop(sid, None)
+        self._brief.pop(sid, None)
+        self._packed.pop(sid, None)
+        self._unpacked.pop(sid, None)
+
     def __contains__(self, sid: object) -> bool:
-        return sid in self._full or sid in self._brief
+        return sid in self._full or sid in self._packed or sid in self._brief
 
     def __iter__(self) -> Iterator[str]:
         yield from self._full
+        yield from self._packed
         yield from self._brief
 
     def __len__(self) -> int:
-        return len(self._full) + len(self._brief)
+        return len(self._full) + len(self._packed) + len(self._brief)
 
     def has_record(self, sid: str) -> bool:
-        """Whether a full state (read, or written by this view) is held for ``sid``."""
-        return sid in self._full
+        """Whether the full state (read, or written by this view) is held for ``sid``."""
+        return sid in self._full or sid in self._packed
 
     def status(self, sid: str) -> StepStatus | None:
         got = self._full.get(sid)
         if got is not None:
             return got[0].status
+        packed = self._packed.get(sid)
+        if packed is not None:
+            return packed[2]
         brief = self._brief.get(sid)
         return brief[0] if brief is not None else None
 
@@ -243,20 +279,29 @@ class StepStates(Mapping[str, tuple[StepState, "str | None"]]):
         got = self._full.get(sid)
         if got is not None:
             return got[0].rev
+        packed = self._packed.get(sid)
+        if packed is not None:
+            return packed[3]
         brief = self._brief.get(sid)
         return brief[1] if brief is not None else None
 
     def etag(self, sid: str) -> str | None:
         got = self._full.get(sid)
-        return got[1] if got is not None else None
+        if got is not None:
+            return got[1]
+        packed = self._packed.get(sid)
+        return packed[1] if packed is not None else None
 
     def children(self, sid: str) -> list[str]:
         got = self._full.get(sid)
-        return got[0].children if got is not None else []
+        return got[0].children if got is not None else []  # packed: only steps without children
 
     def parent(self, sid: str) -> str | None:
         got = self._full.get(sid)
-        return got[0].parent if got is not None else None
+        if got is not None:
+            return got[0].parent
+        packed = self._packed.get(sid)
+        return packed[4] if packed is not None else None
 
 
 class LocalView:
