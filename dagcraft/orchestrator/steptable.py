@@ -128,6 +128,12 @@ class StepTable(Mapping[str, ConcreteStep]):
     def __len__(self) -> int:
         return len(self._ids)
 
+    def canonical(self, sid: str) -> str:
+        """The table's own string for id ``sid`` (``sid`` itself if it is not a step): maps keyed
+        by it then share one string per step instead of a copy per record read."""
+        pos = self._pos.get(sid)
+        return sid if pos is None else self._ids[pos]
+
     def needs_of(self, sid: str) -> tuple[str, ...]:
         """The step's needs, without building its model."""
         return self._needs[self._pos[sid]]
