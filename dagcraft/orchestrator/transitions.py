@@ -64,12 +64,11 @@ from dagcraft.orchestrator.model import (
     StepStatus,
     dump,
     load_state,
-    seal_material,
+    seal_digest,
 )
 from dagcraft.primitives import lease as leases
 from dagcraft.primitives.persist import ONCE, Persistence
 from dagcraft.primitives.store import Store, cas
-from dagcraft.tracing import seal
 from dagcraft.tracing.redact import Redactor
 from dagcraft.tracing.seal import Signer
 
@@ -615,9 +614,7 @@ def set_control(view: LocalView, status: RunStatus, reason: str | None = None, *
 def _seal(view: LocalView, status: RunStatus, signer: Signer | None) -> RunSeal:
     # the exact committed records (heads included), not the status a journal entry carried,
     # and only records that exist: a verifier sees exactly those
-    material = seal_material(view.run_id, status, view.control.generation, view.exact_states())
-    d = seal.digest(material)
-    n = len(material["steps"])
+    d, n = seal_digest(view.run_id, status, view.control.generation, view.exact_states())
     if signer is None:
         return RunSeal(digest=d, steps=n)
     return RunSeal(digest=d, steps=n, key_id=signer.key_id, signature=signer.sign(d))

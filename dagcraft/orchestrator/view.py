@@ -408,21 +408,22 @@ class LocalView:
                 self.refresh_step(sid)
 
     def exact_states(self) -> Iterator[StepState]:
-        """Every existing step record as committed: those this view wrote or read in full as
-        held, those known only by status read now (in parallel) and yielded without being
-        kept — the seal covers a 10,000-step run without holding 10,000 records."""
-        stale = []
-        for sid in list(self.states):
-            if not self.states.has_record(sid) or sid in self.stale or self.states.etag(sid) is None:
-                stale.append(sid)
-            else:
-                yield self.states[sid][0]
+        """Every existing step record as committed, in step-id order: those this view wrote or
+        read in full as held, those known only by status read now (64 at a time, in parallel)
+        and yielded without being kept — the seal covers a 10,000-step run without holding
+        10,000 records."""
+        ids = sorted(self.states)
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcraft-seal") as pool:
-            for i in range(0, len(stale), 64):  # bounded batches: 64 records in flight at most
-                batch = stale[i:i + 64]
-                got = list(pool.map(self.store.get, [layout.step_state(self.run_id, sid) for sid in batch]))
-                for sid, rec in zip(batch, got, strict=True):
-                    if rec is not None:
+            for i in range(0, len(ids), 64):
+                batch = ids[i:i + 64]
+                stale = [sid for sid in batch if not self.states.has_record(sid) or sid in self.stale
+                         or self.states.etag(sid) is None]
+                got = dict(zip(stale, pool.map(self.store.get, [layout.step_state(self.run_id, sid) for sid in stale]),
+                               strict=True))
+                for sid in batch:
+                    if sid not in got:
+                        yield self.states[sid][0]
+                    elif (rec := got[sid]) is not None:
                         yield load_state(rec[0], layout.step_state(self.run_id, sid), self.store.url)
 
     def _resync_interval(self) -> float:

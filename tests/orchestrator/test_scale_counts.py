@@ -169,7 +169,7 @@ def test_a_view_of_a_finished_run_keeps_only_statuses_and_seals_it_the_same(loca
     # a worker learns of other workers' steps from journal entries: it keeps their status and
     # rev, not a record each; the seal reads those records without keeping them
     from dagcraft.tracing import seal
-    from dagcraft.orchestrator.model import StepState, load_control, seal_material
+    from dagcraft.orchestrator.model import StepState, load_control, seal_digest, seal_material
     from tests.orchestrator.helpers import drive_inline
 
     rid = submit_spec(local_store, _big_spec(tmp_path, 60, "done"))
@@ -183,6 +183,9 @@ def test_a_view_of_a_finished_run_keeps_only_statuses_and_seals_it_the_same(loca
     assert not any(view.states.has_record(f"s{i}") for i in range(60))
     material = seal_material(rid, ctl.status, ctl.generation, view.exact_states())
     assert seal.digest(material) == ctl.seal.digest and len(material["steps"]) == ctl.seal.steps == 60
+    assert seal_digest(rid, ctl.status, ctl.generation, view.exact_states()) == (ctl.seal.digest, 60)
+    with pytest.raises(ValueError):  # it streams: the order is the caller's to keep
+        seal_digest(rid, ctl.status, ctl.generation, reversed(list(view.exact_states())))
     assert not any(view.states.has_record(f"s{i}") for i in range(60))
     assert view.state("s59").status == "succeeded" and view.etag("s59") is None  # stale until read
     assert view.fresh("s59").status == "succeeded" and view.etag("s59") is not None
