@@ -140,13 +140,25 @@ def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
     got = store.get(key)
     if got is None:
         raise NotFound(f"run {run_id!r} not found in {store.url}")
-    data = got[0]
-    del got
     try:
-        fields, wf_fields, table = read_run_record(data.decode("utf-8"))
+        text = got[0].decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    data: bytes | None = None if text is not None else got[0]
+    del got  # the bytes are not held while their text is parsed: at 10,000 steps, 6 MB each
+    try:
+        if text is None:
+            raise ValueError("not UTF-8")
+        fields, wf_fields, table = read_run_record(text)
         record = RunRecord.model_validate({**fields, "workflow": {}})
         wf = CompiledWorkflow.model_validate({**wf_fields, "steps": {}})
     except ValueError:  # malformed JSON, a field that does not validate (ValidationError), not UTF-8
+        text = None
+        if data is None:  # read again, for the precise error (a corrupt record only)
+            again = store.get(key)
+            if again is None:
+                raise NotFound(f"run {run_id!r} not found in {store.url}") from None
+            data = again[0]
         full = load_record(RunRecord, data, key, store.url)
         wf = workflow_of(full, store.url)
         table = StepTable()
@@ -154,7 +166,7 @@ def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
             table.add(step)
         wf.steps = table  # type: ignore[assignment]  # a read-only mapping of the same steps
         return full.model_copy(update={"workflow": {}}), wf
-    del data
+    del text
     for name in record.secret_params:
         if secret_env_name(name) in os.environ:
             wf.params = {**wf.params, name: os.environ[secret_env_name(name)]}
