@@ -75,7 +75,8 @@ class Scheduler:
         self._rng = random.Random(f"{worker_id}/{view.run_id}")
         self._cand: set[str] | None = None  # see _candidates
         self._dependents: dict[str, list[str]] = {}  # lists: a set per step is 4x the size
-        self._known: set[str] = set()
+        self._known: set[str] = set()  # foreach children and loop body steps seen
+        self._base = 0  # steps at the first call: all others are children
 
     def _candidates(self) -> set[str]:
         """Open steps whose needs are all terminal: a superset of the ready steps, kept up to
@@ -88,12 +89,12 @@ class Scheduler:
             for sid in view.steps:
                 for n in view.steps.needs_of(sid):
                     self._dependents.setdefault(n, []).append(sid)
-            self._known = set(view.steps)
+            self._base = len(view.steps)
             self._cand = {sid for sid in view.open_ids if self._eligible(sid)}
             return self._cand
         recheck = set(touched)
         for sid in touched:
-            if sid not in self._known and sid in view.steps:  # a foreach child, new to us
+            if sid in view.steps and view.steps.position(sid) >= self._base and sid not in self._known:  # a child, new to us
                 self._known.add(sid)
                 for n in view.steps.needs_of(sid):
                     self._dependents.setdefault(n, []).append(sid)

@@ -134,6 +134,10 @@ class StepTable(Mapping[str, ConcreteStep]):
         pos = self._pos.get(sid)
         return sid if pos is None else self._ids[pos]
 
+    def position(self, sid: str) -> int:
+        """The step's position in insertion order (0 for an unknown id)."""
+        return self._pos.get(sid, 0)
+
     def needs_of(self, sid: str) -> tuple[str, ...]:
         """The step's needs, without building its model."""
         return self._needs[self._pos[sid]]

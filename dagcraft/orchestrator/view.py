@@ -335,7 +335,8 @@ class LocalView:
         #: the run's steps (shared with ``wf.steps``), built on demand: see :class:`StepTable`
         assert isinstance(self.wf.steps, StepTable)  # as load_run returns it
         self.steps: StepTable = self.wf.steps
-        self.order: dict[str, int] = {sid: i for i, sid in enumerate(self.steps)}
+        #: foreach children and loop body steps sort with their parent (other steps: by position)
+        self._child_rank: dict[str, int] = {}
         #: the steps whose version this view knows; a step never changed since submission has
         #: no entry (it is pending), so a large run costs nothing per step until its steps move
         self.states = StepStates()
@@ -457,7 +458,7 @@ class LocalView:
         room = min(self.resync_batch - len(picks), max(1, self.resync_batch // 8))
         if room <= 0 or not self.open_ids:
             return picks
-        ranked = sorted((self.order.get(s, 0), s) for s in self.open_ids)
+        ranked = sorted((self.rank(s), s) for s in self.open_ids)
         start = 0 if self._resync_cursor is None else bisect.bisect_right(ranked, self._resync_cursor)
         chosen = (ranked[start:] + ranked[:start])[:room]
         self._resync_cursor = chosen[-1]
@@ -524,8 +525,8 @@ class LocalView:
                 raise CorruptRecord(layout.step_state(self.run_id, state.step_id),
                                     "its step definition is not valid", self.store.url) from None
             self._defs[state.step_id] = state.definition
-            parent_rank = self.order.get(state.parent or "", len(self.order))
-            self.order[state.step_id] = parent_rank  # children sort with their parent
+            parent = state.parent or ""
+            self._child_rank[sid] = self.rank(parent) if parent in self.steps else len(self.steps)
         for child in state.children:
             if child not in self.states:
                 self.refresh_step(child)
@@ -563,7 +564,13 @@ class LocalView:
         return list(self.steps.needs_of(step_id)) if step_id in self.steps else list(self.steps[step_id].needs)
 
     def all_ids(self) -> list[str]:
-        return sorted(self.steps, key=lambda s: (self.order.get(s, 0), s))
+        return sorted(self.steps, key=lambda s: (self.rank(s), s))
+
+    def rank(self, step_id: str) -> int:
+        """Where the step sorts in scheduling order (its submission position; a foreach child
+        or loop body step, its parent's)."""
+        got = self._child_rank.get(step_id)
+        return got if got is not None else self.steps.position(step_id)
 
     def _index(self, step_id: str, status: str) -> None:
         if status in ACTIVE or status in (StepStatus.WAITING_APPROVAL, StepStatus.EXPANDED):
@@ -583,7 +590,7 @@ class LocalView:
 
     def ids(self, members: set[str]) -> list[str]:
         """``members`` in scheduling order."""
-        return sorted(members, key=lambda s: (self.order.get(s, 0), s))
+        return sorted(members, key=lambda s: (self.rank(s), s))
 
     def is_terminal(self, step_id: str) -> bool:
         return self.status(step_id) in TERMINAL
