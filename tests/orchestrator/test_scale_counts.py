@@ -168,8 +168,8 @@ def test_worker_view_memory_per_step_is_small(local_store: Any, tmp_path: Path):
 def test_a_view_of_a_finished_run_keeps_only_statuses_and_seals_it_the_same(local_store: Any, tmp_path: Path):
     # a worker learns of other workers' steps from journal entries: it keeps their status and
     # rev, not a record each; the seal reads those records without keeping them
-    from dagcraft.tracing import seal
     from dagcraft.orchestrator.model import StepState, load_control, seal_digest, seal_material
+    from dagcraft.tracing import seal
     from tests.orchestrator.helpers import drive_inline
 
     rid = submit_spec(local_store, _big_spec(tmp_path, 60, "done"))
