@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,6 +46,9 @@ class StepTable(Mapping[str, ConcreteStep]):
         self._protos: OrderedDict[int, ConcreteStep] = OrderedDict()
         #: counts of models built (steps, shapes): what tests of the bound count
         self.built = 0
+        # attempts read steps from their threads (``WorkItem.wf.steps``): the caches' LRU
+        # moves are made under this lock; filling the table is the view's (main) thread's
+        self._lock = threading.Lock()
 
     # -- filling ---------------------------------------------------------------------------
     def add_data(self, data: Mapping[str, Any]) -> str:
@@ -75,7 +79,8 @@ class StepTable(Mapping[str, ConcreteStep]):
         else:
             self._needs[pos] = got
             self._shape[pos] = k
-            self._cache.pop(sid, None)
+            with self._lock:
+                self._cache.pop(sid, None)
         if tid != sid:
             self._tids[sid] = tid
         else:
@@ -101,10 +106,11 @@ class StepTable(Mapping[str, ConcreteStep]):
 
     # -- reading ---------------------------------------------------------------------------
     def __getitem__(self, sid: str) -> ConcreteStep:
-        got = self._cache.get(sid)
-        if got is not None:
-            self._cache.move_to_end(sid)
-            return got
+        with self._lock:
+            got = self._cache.get(sid)
+            if got is not None:
+                self._cache.move_to_end(sid)
+                return got
         pos = self._pos[sid]
         data = json.loads(self._shapes[self._shape[pos]])
         data.update(id=sid, template_id=self._tids.get(sid, sid), needs=list(self._needs[pos]))
@@ -113,11 +119,12 @@ class StepTable(Mapping[str, ConcreteStep]):
         return step
 
     def _remember(self, sid: str, step: ConcreteStep) -> None:
-        self.built += 1
-        self._cache[sid] = step
-        self._cache.move_to_end(sid)
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self.built += 1
+            self._cache[sid] = step
+            self._cache.move_to_end(sid)
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
 
     def __contains__(self, sid: object) -> bool:
         return sid in self._pos
@@ -151,16 +158,17 @@ class StepTable(Mapping[str, ConcreteStep]):
         shape, not one per step."""
         assert name not in _OWN, name
         k = self._shape[self._pos[sid]]
-        proto = self._protos.get(k)
-        if proto is None:
-            data = json.loads(self._shapes[k])
-            data.update(id=sid, template_id=self._tids.get(sid, sid), needs=[])
-            proto = self._protos[k] = ConcreteStep.model_validate(data)
-            self.built += 1
-            if len(self._protos) > self.cache_size:
-                self._protos.popitem(last=False)
-        else:
-            self._protos.move_to_end(k)
+        with self._lock:
+            proto = self._protos.get(k)
+            if proto is None:
+                data = json.loads(self._shapes[k])
+                data.update(id=sid, template_id=self._tids.get(sid, sid), needs=[])
+                proto = self._protos[k] = ConcreteStep.model_validate(data)
+                self.built += 1
+                if len(self._protos) > self.cache_size:
+                    self._protos.popitem(last=False)
+            else:
+                self._protos.move_to_end(k)
         return getattr(proto, name)
 
 
