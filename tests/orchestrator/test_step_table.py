@@ -82,3 +82,27 @@ def test_reorder_puts_steps_in_order_and_needs_share_the_id_strings():
     held = {id(s) for s in table}
     assert all(id(n) in held for sid in table for n in table.needs_of(sid))
     assert table["s9"].needs == ["s10"]
+
+
+def test_view_states_keep_finished_records_packed_and_read_back_equal():
+    from dagcraft.orchestrator.model import StepState, StepStatus
+    from dagcraft.orchestrator.view import StepStates
+
+    states = StepStates()
+    done = [StepState(step_id=f"s{i}", status=StepStatus.SUCCEEDED, rev=3, parent="p", outputs={"n": i})
+            for i in range(200)]
+    for st in done:
+        states[st.step_id] = (st, f"etag{st.step_id}")
+    running = StepState(step_id="r", status=StepStatus.RUNNING, rev=1)
+    states["r"] = (running, "e")
+    states.set_brief("b", StepStatus.FAILED, 2)
+    assert len(states) == 202 and set(states) == {*(s.step_id for s in done), "r", "b"}
+    assert not states._full.keys() - {"r"} and len(states._packed) == 200  # finished: packed
+    assert states["r"][0] is running
+    for st in done:
+        assert states[st.step_id] == (st, f"etag{st.step_id}")
+    assert len(states._unpacked) <= StepStates.UNPACKED
+    assert (states.status("s7"), states.rev("s7"), states.parent("s7"), states.etag("s7")) == (
+        StepStatus.SUCCEEDED, 3, "p", "etags7")
+    assert states["b"] == (StepState(step_id="b", status=StepStatus.FAILED, rev=2), None)
+    assert states.has_record("s7") and not states.has_record("b") and states.etag("b") is None
