@@ -282,13 +282,42 @@ def seal_material(run_id: str, status: RunStatus, generation: int, states: Itera
     """What a run's seal covers: the run's final status, and per step record its status, a
     hash of its committed outputs and artifacts, and each attempt's status and pinned trace
     head. Computed identically when the run finishes and when ``trace verify`` checks it."""
-    steps = []
-    for st in sorted(states, key=lambda s: s.step_id):
-        result = hashlib.sha256(json.dumps({"outputs": st.outputs, "artifacts": st.artifacts}, sort_keys=True,
-                                           default=str).encode()).hexdigest()
-        steps.append([st.step_id, str(st.status), result,
-                      [[h.name, str(h.status), h.trace_head] for h in st.history]])
+    steps: list[list[Any]] = []
+    # one small entry per state as it comes (``states`` may be read lazily, one at a time),
+    # sorted after: the states themselves are never all held at once
+    for st in states:
+        steps.append(_seal_entry(st))
+    steps.sort(key=lambda e: str(e[0]))
     return {"version": 1, "run_id": run_id, "status": str(status), "generation": generation, "steps": steps}
+
+
+def _seal_entry(st: StepState) -> list[Any]:
+    result = hashlib.sha256(json.dumps({"outputs": st.outputs, "artifacts": st.artifacts}, sort_keys=True,
+                                       default=str).encode()).hexdigest()
+    return [st.step_id, str(st.status), result, [[h.name, str(h.status), h.trace_head] for h in st.history]]
+
+
+def seal_digest(run_id: str, status: RunStatus, generation: int, states: Iterable[StepState]) -> tuple[str, int]:
+    """(``tracing.seal.digest`` of :func:`seal_material`, the number of steps it covers),
+    computed as the states come: ``states`` must come in step-id order (as
+    ``LocalView.exact_states`` yields them), and neither they nor their entries are held —
+    the same digest as the material's, in memory that does not follow the run's size."""
+    h = hashlib.sha256()
+    # the canonical JSON of the material (sorted keys, no spaces, ASCII), written in pieces
+    head = {"generation": generation, "run_id": run_id, "status": str(status)}
+    h.update(json.dumps(head, sort_keys=True, separators=(",", ":"), ensure_ascii=True)[:-1].encode("ascii"))
+    h.update(b',"steps":[')
+    n = 0
+    last: str | None = None
+    for st in states:
+        if last is not None and st.step_id <= last:
+            raise ValueError("seal_digest: states must come in step-id order")
+        last = st.step_id
+        entry = json.dumps(_seal_entry(st), separators=(",", ":"), ensure_ascii=True)
+        h.update((b"," if n else b"") + entry.encode("ascii"))
+        n += 1
+    h.update(b'],"version":1}')
+    return h.hexdigest(), n
 
 
 class RunTiming(BaseModel):

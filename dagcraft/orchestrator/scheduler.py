@@ -74,8 +74,9 @@ class Scheduler:
         self._full: set[str] = set()
         self._rng = random.Random(f"{worker_id}/{view.run_id}")
         self._cand: set[str] | None = None  # see _candidates
-        self._dependents: dict[str, set[str]] = {}
-        self._known: set[str] = set()
+        self._dependents: dict[str, list[str]] = {}  # lists: a set per step is 4x the size
+        self._known: set[str] = set()  # foreach children and loop body steps seen
+        self._base = 0  # steps at the first call: all others are children
 
     def _candidates(self) -> set[str]:
         """Open steps whose needs are all terminal: a superset of the ready steps, kept up to
@@ -85,18 +86,18 @@ class Scheduler:
         touched, view.touched = view.touched, set()
         if self._cand is None:
             self._dependents = {}
-            for sid, step in view.steps.items():
-                for n in step.needs:
-                    self._dependents.setdefault(n, set()).add(sid)
-            self._known = set(view.steps)
+            for sid in view.steps:
+                for n in view.steps.needs_of(sid):
+                    self._dependents.setdefault(n, []).append(sid)
+            self._base = len(view.steps)
             self._cand = {sid for sid in view.open_ids if self._eligible(sid)}
             return self._cand
         recheck = set(touched)
         for sid in touched:
-            if sid not in self._known and sid in view.steps:  # a foreach child, new to us
+            if sid in view.steps and view.steps.position(sid) >= self._base and sid not in self._known:  # a child, new to us
                 self._known.add(sid)
-                for n in view.steps[sid].needs:
-                    self._dependents.setdefault(n, set()).add(sid)
+                for n in view.steps.needs_of(sid):
+                    self._dependents.setdefault(n, []).append(sid)
             recheck.update(self._dependents.get(sid, ()))
         for sid in recheck:
             if sid in view.open_ids and self._eligible(sid):
@@ -114,14 +115,15 @@ class Scheduler:
         now = None
         out = []
         for sid in view.ids(self._candidates()):
-            st = view.state(sid)
-            if st.parent and sid not in view.state(st.parent).children:
+            parent = view.parent(sid)
+            if parent and sid not in view.children(parent):
                 continue  # a foreach child runs only once its parent has expanded to it
-            if st.status == StepStatus.PENDING and view.needs_done(sid):
+            status = view.status(sid)
+            if status == StepStatus.PENDING and view.needs_done(sid):
                 out.append(sid)
-            elif st.status == StepStatus.RETRYING:
+            elif status == StepStatus.RETRYING:
                 now = now if now is not None else view.store.now()
-                if (st.not_before or 0) <= now:
+                if (view.state(sid).not_before or 0) <= now:
                     out.append(sid)
         return out
 
@@ -219,7 +221,7 @@ class Scheduler:
             ready = ready[k:] + ready[:k]
         rollback_due: bool | None = None  # computed once, only when a finally step is ready
         for sid in ready:
-            if view.steps[sid].is_finally and ctl == RunStatus.RUNNING:
+            if view.steps.attr(sid, "is_finally") and ctl == RunStatus.RUNNING:
                 rollback_due = view.rollback_due() if rollback_due is None else rollback_due
                 if rollback_due:
                     continue  # finally steps run after the rollback's compensations
@@ -397,9 +399,9 @@ class Scheduler:
         still waiting to be (or being) compensated: compensations run in reverse topological
         order."""
         view = self.view
-        if view.status(sid) != StepStatus.SUCCEEDED or not view.steps[sid].compensates:
+        if view.status(sid) != StepStatus.SUCCEEDED or not view.steps.attr(sid, "compensates"):
             return False
-        return not any(view.steps[d].compensates and view.status(d) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)
+        return not any(view.steps.attr(d, "compensates") and view.status(d) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)
                        for d in view.descendants(sid, deps))
 
     def _claim_compensations(self, capacity: int) -> list[WorkItem]:

@@ -120,7 +120,7 @@ class Supervisor:
     def _main_finished(self) -> bool:
         """Every step but the finally steps is terminal (asked only while a rollback is due)."""
         view = self.view
-        return all(view.is_terminal(s) for s in view.steps if not view.steps[s].is_finally)
+        return all(view.is_terminal(s) for s in view.steps if not view.steps.attr(s, "is_finally"))
 
     def _finish(self, status: RunStatus, reason: str | None) -> None:
         """The final run status, sealed (and signed, with a key) by the same CAS."""

@@ -64,12 +64,11 @@ from dagcraft.orchestrator.model import (
     StepStatus,
     dump,
     load_state,
-    seal_material,
+    seal_digest,
 )
 from dagcraft.primitives import lease as leases
 from dagcraft.primitives.persist import ONCE, Persistence
 from dagcraft.primitives.store import Store, cas
-from dagcraft.tracing import seal
 from dagcraft.tracing.redact import Redactor
 from dagcraft.tracing.seal import Signer
 
@@ -603,9 +602,6 @@ def set_control(view: LocalView, status: RunStatus, reason: str | None = None, *
         view.refresh()
         if view.control_etag != etag:
             return False  # control moved on meanwhile: the caller decides again
-        # the exact committed records (heads included), not the status a journal entry carried;
-        # the records this worker wrote or read in full are already exact
-        view.ensure_fresh(list(view.states))
         sealed = _seal(view, status, signer)
     ctl = view.control.model_copy()
     ctl.status = status
@@ -617,12 +613,12 @@ def set_control(view: LocalView, status: RunStatus, reason: str | None = None, *
 
 
 def _seal(view: LocalView, status: RunStatus, signer: Signer | None) -> RunSeal:
-    # only records that exist: a verifier sees exactly those
-    states = [st for st, etag in view.states.values() if etag is not None]
-    d = seal.digest(seal_material(view.run_id, status, view.control.generation, states))
+    # the exact committed records (heads included), not the status a journal entry carried,
+    # and only records that exist: a verifier sees exactly those
+    d, n = seal_digest(view.run_id, status, view.control.generation, view.exact_states())
     if signer is None:
-        return RunSeal(digest=d, steps=len(states))
-    return RunSeal(digest=d, steps=len(states), key_id=signer.key_id, signature=signer.sign(d))
+        return RunSeal(digest=d, steps=n)
+    return RunSeal(digest=d, steps=n, key_id=signer.key_id, signature=signer.sign(d))
 
 
 def reopen(view: LocalView, reason: str, budget: dict[str, float] | None = None) -> None:

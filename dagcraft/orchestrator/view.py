@@ -12,7 +12,9 @@ import os
 import random
 import re
 import time
-from collections.abc import Mapping, Sequence
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,6 +38,7 @@ from dagcraft.orchestrator.model import (
     load_record,
     load_state,
 )
+from dagcraft.orchestrator.steptable import StepTable, read_run_record
 from dagcraft.primitives.persist import Persistence
 from dagcraft.primitives.store import Store
 from dagcraft.tracing import REDACTED
@@ -124,36 +127,53 @@ def missing_secrets(wf: CompiledWorkflow, step: ConcreteStep, *, rollback: bool 
             and re.search(rf"params\s*(?:\.\s*{re.escape(name)}\b|\[\s*['\"]{re.escape(name)}['\"])", text)]
 
 
-class _StoredRun(RunRecord):
-    """``run.json`` read straight into the compiled workflow's models."""
-
-    workflow: CompiledWorkflow  # type: ignore[assignment]
-
-
 def load_run(store: Store, run_id: str) -> tuple[RunRecord, CompiledWorkflow]:
     """The run record and its workflow, with secret params taken from this process's
     environment (``DAGCRAFT_PARAM_<NAME>``); secrets are never read from the store.
-    The record's ``workflow`` is left empty: the returned model is the workflow. The JSON is
-    validated into it directly, never held as plain data too (which, at 10,000 steps, was
-    as large as the models and stayed for the worker's life). A record that does not
-    validate is read again the way :func:`workflow_of` does, for its precise CorruptRecord."""
+    The record's ``workflow`` is left empty: the returned model is the workflow, and its
+    ``steps`` is a :class:`StepTable` (steps in submission order, each built on demand). The
+    JSON is read one step at a time (:func:`read_run_record`): neither every step's parsed
+    data nor every step's model is ever held at once, so a worker's memory does not follow
+    the run's size. A record that does not read so is read again the way
+    :func:`workflow_of` does, for its precise CorruptRecord."""
     key = layout.run_record(run_id)
     got = store.get(key)
     if got is None:
         raise NotFound(f"run {run_id!r} not found in {store.url}")
     try:
-        stored = _StoredRun.model_validate_json(got[0])
-    except ValidationError:
-        record = load_record(RunRecord, got[0], key, store.url)
-        return record.model_copy(update={"workflow": {}}), workflow_of(record, store.url)
-    wf = stored.workflow
-    for name in stored.secret_params:
+        text = got[0].decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    data: bytes | None = None if text is not None else got[0]
+    del got  # the bytes are not held while their text is parsed: at 10,000 steps, 6 MB each
+    try:
+        if text is None:
+            raise ValueError("not UTF-8")
+        fields, wf_fields, table = read_run_record(text)
+        record = RunRecord.model_validate({**fields, "workflow": {}})
+        wf = CompiledWorkflow.model_validate({**wf_fields, "steps": {}})
+    except ValueError:  # malformed JSON, a field that does not validate (ValidationError), not UTF-8
+        text = None
+        if data is None:  # read again, for the precise error (a corrupt record only)
+            again = store.get(key)
+            if again is None:
+                raise NotFound(f"run {run_id!r} not found in {store.url}") from None
+            data = again[0]
+        full = load_record(RunRecord, data, key, store.url)
+        wf = workflow_of(full, store.url)
+        table = StepTable()
+        for step in wf.steps.values():
+            table.add(step)
+        wf.steps = table  # type: ignore[assignment]  # a read-only mapping of the same steps
+        return full.model_copy(update={"workflow": {}}), wf
+    del text
+    for name in record.secret_params:
         if secret_env_name(name) in os.environ:
             wf.params = {**wf.params, name: os.environ[secret_env_name(name)]}
-    if stored.order and set(stored.order) == set(wf.steps):
-        wf.steps = {sid: wf.steps[sid] for sid in stored.order}
-    record = RunRecord.model_construct(**{f: getattr(stored, f) for f in RunRecord.model_fields if f != "workflow"},
-                                       workflow={})
+    if record.order and len(record.order) == len(table) and set(record.order) == set(table):
+        table.reorder(record.order)
+        record.order = list(table)  # the same id strings, not a second copy of each
+    wf.steps = table  # type: ignore[assignment]  # a read-only mapping of the same steps
     return record, wf
 
 
@@ -185,6 +205,119 @@ def fan_in(instances: list[dict[str, Any]], status: str) -> dict[str, Any]:
             "status": status, "instances": instances, "by_key": {i["key"]: i for i in instances}}
 
 
+class StepStates(Mapping[str, tuple[StepState, "str | None"]]):
+    """Step id → (state, etag) of each step a view knows a version of.
+
+    Held in the smallest form that answers what the scheduler asks of it every cycle:
+
+    - a step known only by the status and rev a journal entry announced (never read by this
+      view): just that pair, built on access as the state a fresh record would have with that
+      status (etag None: it is stale until read);
+    - a finished step without children (read, or written by this view): its record's JSON,
+      compressed (a twentieth of its model's size), with its status, rev and parent; the model is rebuilt on
+      access (the last :attr:`UNPACKED` are kept);
+    - any other step: its model.
+
+    A worker of a large run so keeps a few hundred bytes, not a model, per finished step."""
+
+    UNPACKED = 64
+
+    def __init__(self) -> None:
+        self._full: dict[str, tuple[StepState, str | None]] = {}
+        self._brief: dict[str, tuple[StepStatus, int]] = {}
+        self._packed: dict[str, tuple[bytes, str | None, StepStatus, int, str | None]] = {}
+        self._unpacked: OrderedDict[str, StepState] = OrderedDict()
+
+    def __getitem__(self, sid: str) -> tuple[StepState, str | None]:
+        got = self._full.get(sid)
+        if got is not None:
+            return got
+        packed = self._packed.get(sid)
+        if packed is not None:
+            st = self._unpacked.get(sid)
+            if st is None:
+                st = self._unpacked[sid] = StepState.model_validate_json(zlib.decompress(packed[0]))
+                if len(self._unpacked) > self.UNPACKED:
+                    self._unpacked.popitem(last=False)
+            else:
+                self._unpacked.move_to_end(sid)
+            return st, packed[1]
+        status, rev = self._brief[sid]
+        return StepState(step_id=sid, status=status, rev=rev), None
+
+    def __setitem__(self, sid: str, value: tuple[StepState, str | None]) -> None:
+        self._drop(sid)
+        st, etag = value
+        if st.status in TERMINAL and not st.children:
+            # compressed: a record's JSON is mostly repeated field names (~900 B → ~400 B)
+            self._packed[sid] = (zlib.compress(st.model_dump_json().encode(), 1), etag, st.status, st.rev, st.parent)
+        else:
+            self._full[sid] = value
+
+    def set_brief(self, sid: str, status: StepStatus, rev: int) -> None:
+        self._drop(sid)
+        self._brief[sid] = (status, rev)
+
+    def _drop(self, sid: str) -> None:
+        self._full.pop(sid, None)
+        self._brief.pop(sid, None)
+        self._packed.pop(sid, None)
+        self._unpacked.pop(sid, None)
+
+    def __contains__(self, sid: object) -> bool:
+        return sid in self._full or sid in self._packed or sid in self._brief
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._full
+        yield from self._packed
+        yield from self._brief
+
+    def __len__(self) -> int:
+        return len(self._full) + len(self._packed) + len(self._brief)
+
+    def has_record(self, sid: str) -> bool:
+        """Whether the full state (read, or written by this view) is held for ``sid``."""
+        return sid in self._full or sid in self._packed
+
+    def status(self, sid: str) -> StepStatus | None:
+        got = self._full.get(sid)
+        if got is not None:
+            return got[0].status
+        packed = self._packed.get(sid)
+        if packed is not None:
+            return packed[2]
+        brief = self._brief.get(sid)
+        return brief[0] if brief is not None else None
+
+    def rev(self, sid: str) -> int | None:
+        got = self._full.get(sid)
+        if got is not None:
+            return got[0].rev
+        packed = self._packed.get(sid)
+        if packed is not None:
+            return packed[3]
+        brief = self._brief.get(sid)
+        return brief[1] if brief is not None else None
+
+    def etag(self, sid: str) -> str | None:
+        got = self._full.get(sid)
+        if got is not None:
+            return got[1]
+        packed = self._packed.get(sid)
+        return packed[1] if packed is not None else None
+
+    def children(self, sid: str) -> list[str]:
+        got = self._full.get(sid)
+        return got[0].children if got is not None else []  # packed: only steps without children
+
+    def parent(self, sid: str) -> str | None:
+        got = self._full.get(sid)
+        if got is not None:
+            return got[0].parent
+        packed = self._packed.get(sid)
+        return packed[4] if packed is not None else None
+
+
 class LocalView:
     """Step states and run control of one run, refreshed incrementally."""
 
@@ -199,11 +332,16 @@ class LocalView:
         #: how long transitions made through this view ride out a store outage
         self.persist = persist or Persistence(limit_s=10.0)
         self.record, self.wf = load_run(store, run_id)
-        self.steps: dict[str, ConcreteStep] = dict(self.wf.steps)
-        self.order: dict[str, int] = {sid: i for i, sid in enumerate(self.steps)}
-        self.states: dict[str, tuple[StepState, str | None]] = {}
+        #: the run's steps (shared with ``wf.steps``), built on demand: see :class:`StepTable`
+        assert isinstance(self.wf.steps, StepTable)  # as load_run returns it
+        self.steps: StepTable = self.wf.steps
+        #: foreach children and loop body steps sort with their parent (other steps: by position)
+        self._child_rank: dict[str, int] = {}
+        #: the steps whose version this view knows; a step never changed since submission has
+        #: no entry (it is pending), so a large run costs nothing per step until its steps move
+        self.states = StepStates()
         self._defs: dict[str, dict[str, Any]] = {}
-        self.open_ids: set[str] = set()  # pending or retrying
+        self.open_ids: set[str] = set(self.steps)  # pending or retrying
         #: steps known only by the status their journal entry carried (details not read);
         #: ``fresh()`` reads them before anything depends on their details
         self.stale: set[str] = set()
@@ -214,7 +352,7 @@ class LocalView:
         self.expanded_ids: set[str] = set()  # foreach parents waiting for their children
         #: steps whose status was (re)indexed since a consumer last drained this set (the
         #: scheduler: it re-checks only these and their dependents, never the whole DAG)
-        self.touched: set[str] = set()
+        self.touched: set[str] = set(self.steps)
         self.control: Control = Control()
         self.control_etag: str | None = None
         self.journal = JournalReader(store, run_id, lookback_s=lookback_s)
@@ -224,8 +362,6 @@ class LocalView:
         self._changed_at: dict[str, float] = {}  # step -> when this view last saw it change
         self._rng = random.Random()
         self._next_resync = time.monotonic() + self._resync_interval()
-        for sid in self.steps:
-            self.state(sid)
         self.changes = 0  # bumps on every observed change; lets callers skip needless work
         self._ctx_cache: tuple[int, dict[str, dict[str, Any]]] | None = None
         self.refresh()
@@ -258,13 +394,17 @@ class LocalView:
 
     def _note_status(self, step_id: str, rev: int, status: str) -> None:
         """Take a step's new status from its journal entry alone (no GET)."""
-        old = self.state(step_id)
-        if rev <= old.rev:
+        step_id = self.steps.canonical(step_id)  # not a copy of the id per entry
+        known = self.states.rev(step_id)
+        if rev <= (known or 0):
             return  # we already know this version or a newer one
-        st = old.model_copy()
-        st.status = StepStatus(status)
-        st.rev = rev
-        self.states[step_id] = (st, None)
+        if self.states.has_record(step_id):
+            st = self.state(step_id).model_copy()
+            st.status = StepStatus(status)
+            st.rev = rev
+            self.states[step_id] = (st, None)
+        else:  # never read: its status and rev are all there is to keep
+            self.states.set_brief(step_id, StepStatus(status), rev)
         self.stale.add(step_id)
         self._index(step_id, status)
         self.changes += 1
@@ -279,6 +419,25 @@ class LocalView:
         for sid in list(step_ids):
             if sid in self.stale:
                 self.refresh_step(sid)
+
+    def exact_states(self) -> Iterator[StepState]:
+        """Every existing step record as committed, in step-id order: those this view wrote or
+        read in full as held, those known only by status read now (64 at a time, in parallel)
+        and yielded without being kept — the seal covers a 10,000-step run without holding
+        10,000 records."""
+        ids = sorted(self.states)
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcraft-seal") as pool:
+            for i in range(0, len(ids), 64):
+                batch = ids[i:i + 64]
+                stale = [sid for sid in batch if not self.states.has_record(sid) or sid in self.stale
+                         or self.states.etag(sid) is None]
+                got = dict(zip(stale, pool.map(self.store.get, [layout.step_state(self.run_id, sid) for sid in stale]),
+                               strict=True))
+                for sid in batch:
+                    if sid not in got:
+                        yield self.states[sid][0]
+                    elif (rec := got[sid]) is not None:
+                        yield load_state(rec[0], layout.step_state(self.run_id, sid), self.store.url)
 
     def _resync_interval(self) -> float:
         return self.resync_s * self._rng.uniform(0.75, 1.25)
@@ -299,7 +458,7 @@ class LocalView:
         room = min(self.resync_batch - len(picks), max(1, self.resync_batch // 8))
         if room <= 0 or not self.open_ids:
             return picks
-        ranked = sorted((self.order.get(s, 0), s) for s in self.open_ids)
+        ranked = sorted((self.rank(s), s) for s in self.open_ids)
         start = 0 if self._resync_cursor is None else bisect.bisect_right(ranked, self._resync_cursor)
         chosen = (ranked[start:] + ranked[:start])[:room]
         self._resync_cursor = chosen[-1]
@@ -350,24 +509,24 @@ class LocalView:
         return state
 
     def apply(self, state: StepState, etag: str | None) -> None:
-        old = self.states.get(state.step_id)
-        if old is not None and old[0].rev > state.rev and etag is not None and state.step_id not in self.stale:
+        sid = self.steps.canonical(state.step_id)  # keys share the table's id strings
+        old_rev = self.states.rev(sid)
+        if old_rev is not None and old_rev > state.rev and etag is not None and sid not in self.stale:
             return  # never go back to an older version than one we already saw
-        self.states[state.step_id] = (state, etag)
-        self._index(state.step_id, state.status)
+        self.states[sid] = (state, etag)
+        self._index(sid, state.status)
         if etag is not None:
             self.stale.discard(state.step_id)
         if state.definition is not None and self._defs.get(state.step_id) != state.definition:
             # a foreach child: new, or revived by a re-expansion with a different item
             try:
-                step = ConcreteStep.model_validate(state.definition)
+                self.steps.add_data(state.definition)
             except ValidationError:
                 raise CorruptRecord(layout.step_state(self.run_id, state.step_id),
                                     "its step definition is not valid", self.store.url) from None
             self._defs[state.step_id] = state.definition
-            self.steps[state.step_id] = step
-            parent_rank = self.order.get(state.parent or "", len(self.order))
-            self.order[state.step_id] = parent_rank  # children sort with their parent
+            parent = state.parent or ""
+            self._child_rank[sid] = self.rank(parent) if parent in self.steps else len(self.steps)
         for child in state.children:
             if child not in self.states:
                 self.refresh_step(child)
@@ -376,27 +535,48 @@ class LocalView:
     def state(self, step_id: str) -> StepState:
         got = self.states.get(step_id)
         if got is None:
-            # never changed since submission: pending, etag unknown until read
+            if step_id in self.steps:
+                # never changed since submission: pending (indexed so from the start), etag
+                # unknown until read; built for the caller, not kept
+                return StepState(step_id=step_id)
             got = self.states[step_id] = (StepState(step_id=step_id), None)
             self._index(step_id, "pending")
         return got[0]
 
     def etag(self, step_id: str) -> str | None:
-        got = self.states.get(step_id)
-        return got[1] if got else None
+        return self.states.etag(step_id)
 
     def status(self, step_id: str) -> str:
-        return self.state(step_id).status
+        got = self.states.status(step_id)
+        if got is not None:
+            return got
+        return StepStatus.PENDING if step_id in self.steps else self.state(step_id).status
+
+    def children(self, step_id: str) -> list[str]:
+        """The step's foreach children or loop body steps as known (none for a step never read)."""
+        return self.states.children(step_id)
+
+    def parent(self, step_id: str) -> str | None:
+        return self.states.parent(step_id)
 
     # -- derived -------------------------------------------------------------------------
     def needs(self, step_id: str) -> list[str]:
-        return list(self.steps[step_id].needs)
+        return list(self.steps.needs_of(step_id)) if step_id in self.steps else list(self.steps[step_id].needs)
 
     def all_ids(self) -> list[str]:
-        return sorted(self.steps, key=lambda s: (self.order.get(s, 0), s))
+        return sorted(self.steps, key=lambda s: (self.rank(s), s))
+
+    def rank(self, step_id: str) -> int:
+        """Where the step sorts in scheduling order (its submission position; a foreach child
+        or loop body step, its parent's)."""
+        got = self._child_rank.get(step_id)
+        return got if got is not None else self.steps.position(step_id)
 
     def _index(self, step_id: str, status: str) -> None:
-        self._changed_at[step_id] = time.monotonic()
+        if status in ACTIVE or status in (StepStatus.WAITING_APPROVAL, StepStatus.EXPANDED):
+            self._changed_at[step_id] = time.monotonic()  # only these are judged by it
+        else:
+            self._changed_at.pop(step_id, None)
         # the scheduler and supervisor scan only these sets, not the whole DAG, every cycle
         self.touched.add(step_id)
         for members, wanted in ((self.open_ids, status in OPEN), (self.active_ids, status in ACTIVE),
@@ -410,7 +590,7 @@ class LocalView:
 
     def ids(self, members: set[str]) -> list[str]:
         """``members`` in scheduling order."""
-        return sorted(members, key=lambda s: (self.order.get(s, 0), s))
+        return sorted(members, key=lambda s: (self.rank(s), s))
 
     def is_terminal(self, step_id: str) -> bool:
         return self.status(step_id) in TERMINAL
@@ -463,8 +643,8 @@ class LocalView:
         or compensating, with a ``rollback`` command. Finally steps are not among them: they
         run after the rollback."""
         return [sid for sid in self.all_ids()
-                if self.steps[sid].compensates and not self.steps[sid].is_finally
-                and self.status(sid) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)]
+                if self.status(sid) in (StepStatus.SUCCEEDED, StepStatus.ROLLING_BACK)
+                and self.steps.attr(sid, "compensates") and not self.steps.attr(sid, "is_finally")]
 
     def rollback_due(self) -> bool:
         """A step failed for good under ``on_failure: rollback`` and compensations remain:
@@ -473,12 +653,12 @@ class LocalView:
 
     def dependents(self) -> dict[str, set[str]]:
         deps: dict[str, set[str]] = {s: set() for s in self.steps}
-        for sid, step in self.steps.items():
-            for n in step.needs:
+        for sid in self.steps:
+            for n in self.steps.needs_of(sid):
                 deps.setdefault(n, set()).add(sid)
         # a foreach child precedes whatever follows its parent
         for sid in self.steps:
-            parent = self.state(sid).parent
+            parent = self.parent(sid)
             if parent:
                 deps.setdefault(sid, set()).update(deps.get(parent, set()))
         return deps
@@ -505,7 +685,7 @@ class LocalView:
             if cur in seen or cur not in self.steps:
                 continue
             seen.add(cur)
-            stack.extend(self.steps[cur].needs)
+            stack.extend(self.steps.needs_of(cur))
         return seen
 
     def reads_upstream(self, step_id: str) -> bool:
@@ -528,14 +708,14 @@ class LocalView:
             # its statuses (all it can see) came with the journal entries: nothing to read,
             # so a pool of workers does not read every finished step once per worker
             for sid in list(ids):
-                ids.update(self.state(sid).children)
+                ids.update(self.children(sid))
             return ids
         for sid in list(ids):
-            ids.update(self.state(sid).children)
+            ids.update(self.children(sid))
         self.ensure_fresh(ids)
         # a parent read just now may list children we had not seen
         for sid in list(ids):
-            ids.update(self.state(sid).children)
+            ids.update(self.children(sid))
         self.ensure_fresh(ids)
         return ids
 
@@ -552,23 +732,25 @@ class LocalView:
         artifact_paths = artifact_paths or {}
         groups: dict[str, list[str]] = {}
         latest: dict[str, str] = {}  # loop body id -> its instance of the latest iteration asked for
+        # read through the table's accessors: an ancestor's model is never built for this
+        attr, template_id = self.steps.attr, self.steps.template_id_of
         for sid in (self.ids(only) if only is not None else self.all_ids()):  # instance order
-            step = self.steps[sid]
-            if self.state(sid).parent:
-                if step.iteration is not None:
-                    prev = latest.get(step.template_id)
-                    if prev is None or (self.steps[prev].iteration or 0) < step.iteration:
-                        latest[step.template_id] = sid
+            tid = template_id(sid)
+            if self.parent(sid):
+                iteration = attr(sid, "iteration")
+                if iteration is not None:
+                    prev = latest.get(tid)
+                    if prev is None or (attr(prev, "iteration") or 0) < iteration:
+                        latest[tid] = sid
                 continue  # children are reported through their parent
-            groups.setdefault(step.template_id, []).append(sid)
+            groups.setdefault(tid, []).append(sid)
         out: dict[str, dict[str, Any]] = {}
         for tid, sid in latest.items():
             st = self.state(sid)
             out[tid] = {"outputs": st.outputs, "artifacts": self._artifact_view(sid, artifact_paths),
-                        "status": st.status, "iteration": self.steps[sid].iteration}
+                        "status": st.status, "iteration": attr(sid, "iteration")}
         for tid, ids in groups.items():
-            first = self.steps[ids[0]]
-            if len(ids) == 1 and not first.matrix and not first.foreach:
+            if len(ids) == 1 and not attr(ids[0], "matrix") and not attr(ids[0], "foreach"):
                 st = self.state(ids[0])
                 out[tid] = {"outputs": st.outputs, "artifacts": self._artifact_view(ids[0], artifact_paths),
                             "status": st.status}
@@ -576,7 +758,7 @@ class LocalView:
             members: list[str] = []
             for sid in ids:
                 # a foreach parent stands for its children (none when skipped or given no items)
-                members.extend(self.state(sid).children if self.steps[sid].foreach else [sid])
+                members.extend(self.children(sid) if attr(sid, "foreach") else [sid])
             entries = [self._instance(tid, sid, artifact_paths) for sid in members]
             statuses = [e["status"] for e in entries] or [self.status(ids[0])]
             agg = "succeeded" if all(s in DONE_OK or s == "skipped" for s in statuses) else (
@@ -588,9 +770,10 @@ class LocalView:
 
     def _instance(self, tid: str, sid: str, artifact_paths: dict[str, dict[str, str]]) -> dict[str, Any]:
         st = self.state(sid)
-        step = self.steps.get(sid)
-        return {"id": sid, "key": instance_key(sid, tid), "matrix": dict(step.matrix) if step else {},
-                "item": step.item if step else None, "outputs": st.outputs,
+        known = sid in self.steps
+        return {"id": sid, "key": instance_key(sid, tid),
+                "matrix": dict(self.steps.attr(sid, "matrix")) if known else {},
+                "item": self.steps.attr(sid, "item") if known else None, "outputs": st.outputs,
                 "artifacts": self._artifact_view(sid, artifact_paths), "status": st.status}
 
     def _artifact_view(self, step_id: str, artifact_paths: dict[str, dict[str, str]]) -> dict[str, str]:

@@ -74,7 +74,9 @@ def test_worker_view_keeps_no_plain_copy_of_the_workflow(local_store: Any, tmp_p
     assert list(view.wf.steps) == view.record.order and len(view.wf.steps) == N
     assert view.record.name == "big" and view.record.run_id == rid
     stored = json.loads(local_store.get(layout.run_record(rid))[0])
-    assert view.wf.model_dump(mode="json")["steps"] == stored["workflow"]["steps"]
+    # the steps, built on demand, are the stored ones
+    assert {sid: view.wf.steps[sid].model_dump(mode="json") for sid in view.wf.steps} == stored["workflow"]["steps"]
+    assert view.steps is view.wf.steps
 
 
 def test_worker_view_names_a_corrupt_workflow(local_store: Any, tmp_path: Path):
@@ -160,3 +162,95 @@ def test_the_cli_exit_collection_walks_almost_nothing(tmp_path: Path):
     assert out.returncode == 0, out.stderr
     walked = [int(line.split()[-1]) for line in out.stderr.splitlines() if line.startswith("walked at exit")]
     assert out.stdout.startswith("big-") and walked and max(walked) < 5_000, walked
+
+
+def _big_spec(tmp_path: Path, n: int, name: str) -> Path:
+    lines = [f"name: {name}", "steps:"]
+    for i in range(n):
+        lines += [f"  - id: s{i}", '    run: ["true"]'] + ([f"    needs: [s{i - 50}]"] if i >= 50 else [])
+    return write_spec(tmp_path, "\n".join(lines) + "\n", name=f"{name}.yaml")
+
+
+def _live(cls: type) -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is cls)
+
+
+def test_worker_view_holds_a_bounded_number_of_models_whatever_the_run_size(local_store: Any, tmp_path: Path):
+    # issue 12 (worker memory flat in run size): a model per step (10,000 ConcreteSteps, and
+    # a StepState for each untouched pending step) was ~7 KB a step
+    from dagcraft.orchestrator.model import StepState
+    from dagcraft.orchestrator.scheduler import Scheduler
+    from dagcraft.workflows import ConcreteStep
+
+    n = 1500
+    rid = submit_spec(local_store, _big_spec(tmp_path, n, "wide"))
+    steps0, states0 = _live(ConcreteStep), _live(StepState)
+    view = LocalView(local_store, rid)
+    sched = Scheduler(view, "w", 30.0)
+    ready = sched.ready()
+    assert sorted(ready, key=lambda s: int(s[1:])) == [f"s{i}" for i in range(50)]
+    assert view.needs("s70") == ["s20"] and view.status("s70") == "pending" and len(view.open_ids) == n
+    assert view.steps["s70"].needs == ["s20"] and view.steps["s70"].run == ["true"]
+    held_steps, held_states = _live(ConcreteStep) - steps0, _live(StepState) - states0
+    bound = 2 * getattr(view.steps, "cache_size", 256)  # StepTable's cache of built models
+    assert held_steps <= bound < n, held_steps
+    assert held_states <= 2, held_states  # no state for a step nothing changed
+    # every step is still there, in submission order, built on demand
+    assert list(view.steps) == [f"s{i}" for i in range(n)]
+    assert [view.steps[f"s{i}"].id for i in range(0, n, 97)] == [f"s{i}" for i in range(0, n, 97)]
+    assert _live(ConcreteStep) - steps0 <= bound
+
+
+def test_worker_view_memory_per_step_is_small(local_store: Any, tmp_path: Path):
+    import tracemalloc
+
+    from dagcraft.orchestrator.scheduler import Scheduler
+
+    def measure(n: int) -> tuple[int, int]:
+        rid = submit_spec(local_store, _big_spec(tmp_path, n, f"m{n}"))
+        gc.collect()
+        tracemalloc.start()
+        try:
+            view = LocalView(local_store, rid)
+            Scheduler(view, "w", 30.0).ready()
+            gc.collect()
+            cur, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        del view
+        return cur, peak
+
+    small, big = measure(300), measure(1500)
+    per_step = (big[0] - small[0]) / 1200
+    peak_per_step = (big[1] - small[1]) / 1200
+    # measured ~500 B held and ~1.4 KB at the peak (run.json's bytes and text, ~600 B a
+    # step each, while it is read) per step; it was ~6.8 KB of both
+    assert per_step < 1000, per_step
+    assert peak_per_step < 2000, peak_per_step
+
+
+def test_a_view_of_a_finished_run_keeps_only_statuses_and_seals_it_the_same(local_store: Any, tmp_path: Path):
+    # a worker learns of other workers' steps from journal entries: it keeps their status and
+    # rev, not a record each; the seal reads those records without keeping them
+    from dagcraft.orchestrator.model import StepState, load_control, seal_digest, seal_material
+    from dagcraft.tracing import seal
+    from tests.orchestrator.helpers import drive_inline
+
+    rid = submit_spec(local_store, _big_spec(tmp_path, 60, "done"))
+    drive_inline(local_store, rid, tmp_path, status=False)
+    ctl = load_control(local_store.get(layout.control(rid))[0])
+    assert ctl.seal is not None
+    states0 = _live(StepState)
+    view = LocalView(local_store, rid)
+    assert view.counts() == {"succeeded": 60}
+    assert _live(StepState) - states0 <= 1
+    assert not any(view.states.has_record(f"s{i}") for i in range(60))
+    material = seal_material(rid, ctl.status, ctl.generation, view.exact_states())
+    assert seal.digest(material) == ctl.seal.digest and len(material["steps"]) == ctl.seal.steps == 60
+    assert seal_digest(rid, ctl.status, ctl.generation, view.exact_states()) == (ctl.seal.digest, 60)
+    with pytest.raises(ValueError):  # it streams: the order is the caller's to keep
+        seal_digest(rid, ctl.status, ctl.generation, reversed(list(view.exact_states())))
+    assert not any(view.states.has_record(f"s{i}") for i in range(60))
+    assert view.state("s59").status == "succeeded" and view.etag("s59") is None  # stale until read
+    assert view.fresh("s59").status == "succeeded" and view.etag("s59") is not None
