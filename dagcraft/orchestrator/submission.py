@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
+
 from dagcraft.errors import Conflict, DagcraftError, InvalidInput
 from dagcraft.orchestrator import journal, layout
 from dagcraft.orchestrator.model import Control, RunRecord, dump, dump_run_record
@@ -40,14 +42,16 @@ def new_run_id(name: str) -> str:
     return f"{name[:100]}-{stamp}-{secrets.token_hex(2)}"  # always a valid run id
 
 
-def redacted_workflow(wf: Any) -> dict[str, Any]:
-    """The compiled workflow as JSON with secret param values replaced: secrets never reach
-    the store; workers read them from ``DAGCRAFT_PARAM_<NAME>`` in their environment."""
-    data: dict[str, Any] = wf.model_dump(mode="json")
+def redacted_workflow(wf: Any) -> tuple[bytes, dict[str, Any]]:
+    """The compiled workflow as JSON, and its params as JSON data, with secret param values
+    replaced: secrets never reach the store; workers read them from ``DAGCRAFT_PARAM_<NAME>``
+    in their environment."""
+    params = dict(wf.params)
     for name in wf.secret_params:
-        if data.get("params", {}).get(name) is not None:  # an unset optional secret stays None
-            data["params"][name] = REDACTED
-    return data
+        if params.get(name) is not None:  # an unset optional secret stays None
+            params[name] = REDACTED
+    redacted = wf.model_copy(update={"params": params})
+    return redacted.model_dump_json().encode(), pydantic_core.to_jsonable_python(params)
 
 
 def compile_spec(path: Path, pairs: Sequence[str] = (), secrets: Mapping[str, str] | None = None,
@@ -98,20 +102,20 @@ def submit(
     """
     run_id = validate_run_id(run_id or new_run_id(wf.name))
     with paused_gc():  # serialising 10,000 steps: see paused_gc
-        data = redacted_workflow(wf)
+        workflow_json, params = redacted_workflow(wf)
         record = RunRecord(
             run_id=run_id,
             name=wf.name,
             spec_hash=wf.spec_hash,
-            workflow=data,
+            workflow={},  # written from workflow_json
             order=list(wf.steps),
-            params=data.get("params", {}),
+            params=params,
             secret_params=list(wf.secret_params),
             spec_dir=spec_dir,
             submitted_by=submitted_by or identity(),
             submitted_at=store.now(),
         )
-        body = dump_run_record(record)
+        body = dump_run_record(record, workflow_json)
     try:
         store.put(layout.run_record(run_id), body, if_none_match=True)
     except Conflict:
