@@ -74,18 +74,20 @@ class KeyFeed:
                 start_after = self._high_key
         new = []
         for key in self.store.list(self.prefix, start_after=start_after):
-            if key in self._seen:
-                continue
-            try:
-                ms = ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
-            except ValueError:
-                continue  # not an entry we wrote
-            self._seen[key] = ms
+            ms = self._seen.get(key)
+            if ms is None:
+                try:
+                    ms = ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
+                except ValueError:
+                    continue  # not an entry we wrote
+                self._seen[key] = ms
+                new.append(key)
+            # a key seen before (this process's own, marked seen) moves the cursor too: else a
+            # lone worker, whose every entry is its own, re-listed the whole journal each poll
             if self._high_ms is None or ms > self._high_ms:
                 self._high_ms = ms
             if self._high_key is None or key > self._high_key:
                 self._high_key = key
-            new.append(key)
         if self._high_ms is not None and len(self._seen) > 256:
             floor = self._high_ms - self.lookback_ms - 1000
             self._seen = {k: v for k, v in self._seen.items() if v >= floor}

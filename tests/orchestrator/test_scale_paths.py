@@ -141,3 +141,39 @@ def test_a_claim_reads_the_step_record_once(tmp_path):
     st = drive_inline(store, rid, tmp_path, concurrency=1, status=False)
     assert st == {}
     assert len(reads) == 30 and set(reads.values()) == {1}
+
+
+def test_a_feed_moves_past_keys_its_own_process_wrote(tmp_path):
+    """A key this process wrote is marked seen and is not returned again, but it must still
+    move the feed's cursor: a lone worker, whose every journal entry is its own, listed the
+    whole journal on every poll (quadratic in the run's length: 8.8 -> 22.9 ms of CPU per
+    step from 500 to 3,000 steps, one worker)."""
+    from dagcraft.orchestrator.journal import KeyFeed
+    from dagcraft.primitives.ulid import new_ulid
+
+    store = LocalStore(tmp_path / "store", fsync=False)
+    feed = KeyFeed(store, "j/", sweep_s=3600.0)
+    first = f"j/{new_ulid()}~other"
+    store.put(first, b"", if_none_match=True)
+    assert feed.poll() == [first]
+    own = []
+    for i in range(50):
+        key = f"j/{new_ulid()}~mine{i}"
+        store.put(key, b"", if_none_match=True)
+        feed.mark_seen(key)
+        own.append(key)
+    listed: list[int] = []
+    real_list = store.list
+
+    def counting(prefix: str, start_after: str | None = None, limit: int | None = None) -> list[str]:
+        got = real_list(prefix, start_after=start_after, limit=limit)
+        listed.append(len(got))
+        return got
+
+    store.list = counting  # type: ignore[method-assign]
+    assert feed.poll() == []  # its own keys: not new
+    assert feed.poll() == []
+    assert listed[0] >= 50 and listed[1] == 0  # the second lists nothing: the cursor is past them
+    later = f"j/{new_ulid()}~other2"
+    store.put(later, b"", if_none_match=True)
+    assert feed.poll() == [later]
