@@ -231,3 +231,19 @@ def store(request):
     name = {"local": "local_store", "moto": "moto_store", "s3server": "s3_server_store",
             "realserver": "real_s3_store"}[request.param]
     return request.getfixturevalue(name)
+
+
+@pytest.fixture
+def thread_starts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads started from now on, in order (``Thread.start`` counted)."""
+    import threading
+
+    starts: list[str] = []
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        starts.append(self.name)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return starts

@@ -46,32 +46,19 @@ def test_a_forked_child_gets_its_own_thread():
     os.waitpid(pid, 0)
 
 
-def _thread_starts(monkeypatch) -> list[str]:
-    starts: list[str] = []
-    real_start = threading.Thread.start
-
-    def start(self):
-        starts.append(self.name)
-        real_start(self)
-
-    monkeypatch.setattr(threading.Thread, "start", start)
-    return starts
-
-
-def test_short_steps_start_no_heartbeat_or_log_thread(tmp_path, monkeypatch):
+def test_short_steps_start_no_heartbeat_or_log_thread(tmp_path, thread_starts):
     from dagcraft.primitives.local import LocalStore
     from tests.orchestrator.helpers import drive_inline, submit_spec, write_spec
 
     store = LocalStore(tmp_path / "store", fsync=False)
     spec = "name: quick\nsteps:\n" + "".join(f"  - id: s{i}\n    run: [\"true\"]\n" for i in range(6))
     rid = submit_spec(store, write_spec(tmp_path, spec))
-    starts = _thread_starts(monkeypatch)
     st = drive_inline(store, rid, tmp_path, concurrency=1)
     assert st["counts"] == {"succeeded": 6}
-    assert not [n for n in starts if n.startswith(("heartbeat-", "logs-"))]
+    assert not [n for n in thread_starts if n.startswith(("heartbeat-", "logs-"))]
 
 
-def test_a_long_step_still_heartbeats_and_streams_its_log(tmp_path, monkeypatch):
+def test_a_long_step_still_heartbeats_and_streams_its_log(tmp_path, thread_starts):
     """lease_ttl 1 s (a beat every 0.33 s) and a 2.5 s step: without its keepers started the
     lease would expire and the step be taken over."""
     from dagcraft.primitives.local import LocalStore
@@ -80,9 +67,8 @@ def test_a_long_step_still_heartbeats_and_streams_its_log(tmp_path, monkeypatch)
     store = LocalStore(tmp_path / "store", fsync=False)
     spec = ('name: slow\nsteps:\n  - id: slow\n    run: ["sh", "-c", "echo started; sleep 2.5; echo done"]\n')
     rid = submit_spec(store, write_spec(tmp_path, spec))
-    starts = _thread_starts(monkeypatch)
     st = drive_inline(store, rid, tmp_path, concurrency=1, lease_ttl=1.0)
     assert st["counts"] == {"succeeded": 1}
-    assert {"heartbeat-slow", "logs-slow"} <= set(starts)
+    assert {"heartbeat-slow", "logs-slow"} <= set(thread_starts)
     step = st["steps"][0]
     assert step["attempt"] == 1  # never taken over

@@ -246,20 +246,12 @@ def test_a_silent_stream_leaves_no_log_file(tw, tmp_path):
     assert r.success and not (tmp_path / "out.log").exists()
 
 
-def test_an_exec_starts_no_thread(tw, tmp_path, monkeypatch):
+def test_an_exec_starts_no_thread(tw, tmp_path, thread_starts):
     """Both pipes and the exit are watched by the calling thread (pidfd + select): a thread
     per pipe cost ~0.15 ms of CPU and up to ms of latency per step."""
-    starts: list[str] = []
-    real_start = threading.Thread.start
-
-    def start(self):
-        starts.append(self.name)
-        real_start(self)
-
-    monkeypatch.setattr(threading.Thread, "start", start)
     r = run(tw, tmp_path, [PY, "-c", "import sys; print('o' * 100000); print('e', file=sys.stderr)"])
     assert r.exit_code == 0 and r.stdout_bytes == 100001 and r.stderr_bytes == 2
-    assert starts == []
+    assert thread_starts == []
 
 
 def test_without_pidfd_the_exit_is_still_seen(tw, tmp_path, monkeypatch):
