@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import signal
 import sys
 
 import click
@@ -57,6 +59,18 @@ def main() -> None:
         # the process is ending: spare the interpreter's exit its full collection over
         # everything still alive (~40 ms after a 10,000-step submit or status)
         gc.freeze()
+        # a Ctrl-C while the interpreter shuts down (joining threads) ends it at once, as
+        # interrupted, instead of printing a traceback from threading's shutdown
+        signal.signal(signal.SIGINT, _exit_interrupted)
+
+
+def _exit_interrupted(signum: int, frame: object) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(130)
 
 
 if __name__ == "__main__":
