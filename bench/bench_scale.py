@@ -96,7 +96,6 @@ def one(n: int, a: argparse.Namespace, bare: float, tmp: Path) -> dict[str, Any]
         row0 = {"steps": n, "submit_s": round(submit_s, 3), "submit_cpu_s": round(submit_cpu, 3),
                 "status_unfinished_s": round(time.perf_counter() - t, 3),
                 "status_unfinished_cpu_s": round(_child_cpu() - c, 3), "status_exit": sp.returncode}
-        shutil.rmtree(store.parent, ignore_errors=True)
         return row0
     argv = [*CLI, "worker", "--store", str(store), "--run", run_id, "--exit-when-idle", "--poll-max",
             str(a.poll_max), "--quiet"]
@@ -132,7 +131,7 @@ def one(n: int, a: argparse.Namespace, bare: float, tmp: Path) -> dict[str, Any]
     }
     if codes != [0] * a.workers or run_status != "succeeded":
         row["stderr"] = [(logs / f"w{i}.err").read_text()[-800:] for i in range(a.workers)]
-    shutil.rmtree(store.parent, ignore_errors=True)
+    # no rmtree here: see ``main`` (every run's files are removed once, after the last run)
     return row
 
 
@@ -152,6 +151,9 @@ def main() -> None:
     bare = bare_true(200)
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
           f"bare `true` {bare * 1000:.3f} ms; {a.workers} workers, layers of {a.layer}", flush=True)
+    # Every run's files stay until the last run ended. On ext4 without a journal (this project's
+    # CI machine) a file created within a few minutes after many were removed costs a scan over
+    # the recently freed inodes, so removing one run's 50,000 files would bill the next run.
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     rows: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
     try:

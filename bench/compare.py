@@ -260,9 +260,10 @@ def run_once(tool: str, dag: dict[str, list[str]], work: str, jobs: int, make: s
     extra = len(done - set(dag))
     ok = rc == 0 and missing == 0 and extra == 0
     res: dict[str, Any] = {"tool": tool, "wall_s": round(wall, 3), "rc": rc, "markers": len(done), "ok": ok}
-    if ok:
-        shutil.rmtree(base, ignore_errors=True)
-    else:
+    # a run's files are not removed here but with ``scratch`` after the last round: on ext4
+    # without a journal, removing thousands of files makes every file created in the next minutes
+    # (by whichever tool runs next) scan the recently freed inodes
+    if not ok:
         res["log"] = str(logfile)
         tail = logfile.read_text(errors="replace").strip().splitlines()[-5:]
         res["error"] = (f"timeout after {timeout:.0f} s" if rc is None else f"exit {rc}") + \

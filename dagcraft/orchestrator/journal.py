@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 from dagcraft.errors import DagcraftError
 from dagcraft.orchestrator import layout
@@ -59,6 +60,9 @@ class KeyFeed:
         self.lookback_ms = int(lookback_s * 1000)
         self.sweep_s = sweep_s
         self._seen: dict[str, int] = {}  # key -> ulid ms, pruned beyond the window
+        # the same keys in the order first seen (about time order): pruning pops the old end,
+        # so its cost follows what leaves the window, not the window's size
+        self._order: deque[tuple[int, str]] = deque()
         self._high_ms: int | None = None
         self._high_key: str | None = None
         self._last_sweep = 0.0
@@ -80,7 +84,7 @@ class KeyFeed:
                     ms = ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
                 except ValueError:
                     continue  # not an entry we wrote
-                self._seen[key] = ms
+                self._remember(key, ms)
                 new.append(key)
             # a key seen before (this process's own, marked seen) moves the cursor too: else a
             # lone worker, whose every entry is its own, re-listed the whole journal each poll
@@ -88,17 +92,29 @@ class KeyFeed:
                 self._high_ms = ms
             if self._high_key is None or key > self._high_key:
                 self._high_key = key
-        if self._high_ms is not None and len(self._seen) > 256:
+        if self._high_ms is not None:
             floor = self._high_ms - self.lookback_ms - 1000
-            self._seen = {k: v for k, v in self._seen.items() if v >= floor}
+            order, seen = self._order, self._seen
+            # an entry first seen late (a slow clock) but old waits behind newer ones: kept a
+            # little longer, which only costs memory until they leave the window too
+            while order and order[0][0] < floor:
+                ms, key = order.popleft()
+                if seen.get(key) == ms:
+                    del seen[key]
         return new
+
+    def _remember(self, key: str, ms: int) -> None:
+        self._seen[key] = ms
+        self._order.append((ms, key))
 
     def mark_seen(self, key: str) -> None:
         """A key this process wrote itself (its change is already applied locally)."""
         try:
-            self._seen[key] = ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
+            ms = ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
         except ValueError:
-            pass
+            return
+        if key not in self._seen:
+            self._remember(key, ms)
 
 
 class JournalReader:

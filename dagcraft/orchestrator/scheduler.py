@@ -241,12 +241,14 @@ class Scheduler:
     def _decide_one(self, sid: str, failing: bool) -> bool:
         """Whether a ready step should be claimed now (else it was skipped, failed or expanded)."""
         view = self.view
+        if view.status(sid) != StepStatus.PENDING:
+            return True  # retrying: its condition was decided before its first attempt
+        if not failing and self._decided.get(sid, -1) == (view.states.rev(sid) or 0):
+            # `when` already evaluated true for this version of the step: decided without
+            # building its model or record (every cycle walks the whole ready set)
+            return True
         step = view.steps[sid]
         st = view.state(sid)
-        if st.status != StepStatus.PENDING:
-            return True  # retrying: its condition was decided before its first attempt
-        if self._decided.get(sid) == st.rev and not failing:
-            return True  # `when` already evaluated true for this version of the step
         always = step.is_finally or any(m in step.when for m in ALWAYS_MARKERS)
         if failing and not always:
             transitions.skip(view, sid, f"not started: a step failed (on_failure: {view.wf.on_failure})")
@@ -354,12 +356,19 @@ class Scheduler:
     def _work(self, sid: str, hold: Hold, sems: list[Semaphore] | None = None,
               held: list[leases.Lease] | None = None) -> WorkItem:
         view = self.view
-        ancestors = view.context_ids(sid)
         rollback = hold.kind is AttemptKind.ROLLBACK
+        instances: dict[str, list[str]] = {}
+        upstream: dict[str, dict[str, dict[str, Any]]] = {}
+        if rollback or view.reads_upstream(sid):
+            ctx = context.for_step(view, sid, include_self=rollback)
+            instances = self._instances(view.context_ids(sid))
+            upstream = {} if rollback else self._upstream_artifacts(sid)
+        else:
+            # nothing of an upstream step can reach its templates, inputs or workdir: its
+            # ancestors' records are not decoded (a step deep in a DAG has hundreds of them)
+            ctx = context.for_step(view, sid, with_steps=False)
         return WorkItem(hold=hold, wf=view.wf, step=view.steps[sid], spec_dir=view.record.spec_dir,
-                        run_name=view.record.name, ctx=context.for_step(view, sid, include_self=rollback),
-                        instances=self._instances(ancestors),
-                        upstream_artifacts={} if rollback else self._upstream_artifacts(sid),
+                        run_name=view.record.name, ctx=ctx, instances=instances, upstream_artifacts=upstream,
                         semaphores=sems or [], semaphore_leases=held or [])
 
     def _instances(self, among: set[str]) -> dict[str, list[str]]:
