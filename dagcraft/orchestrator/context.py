@@ -11,13 +11,12 @@ else), so the cost follows the step, never the DAG.
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any
 
 from dagcraft.errors import InvalidInput
 from dagcraft.orchestrator.model import AttemptInfo, AttemptKind
-from dagcraft.orchestrator.view import LocalView, fan_in, without_secret_env
+from dagcraft.orchestrator.view import LocalView, fan_in
 from dagcraft.primitives.keys import validate_relpath
 from dagcraft.workflows import ConcreteStep, RenderContext, render_text
 
@@ -36,7 +35,7 @@ def for_step(view: LocalView, sid: str, *, with_steps: bool = True, include_self
     loop = None if step.iteration is None or parent is None else loop_vars(view, parent, step.iteration)
     return RenderContext(params=view.wf.params,
                          run={"id": view.run_id, "name": rec.name, "spec_dir": rec.spec_dir or ""},
-                         steps=steps, matrix=step.matrix, item=step.item, env=without_secret_env(os.environ),
+                         steps=steps, matrix=step.matrix, item=step.item, env=view.template_env(),
                          loop=loop)
 
 

@@ -31,6 +31,7 @@ from dagcraft.workflows import (
     evaluate_when,
     expand_foreach,
     expand_loop,
+    is_plain_success,
 )
 
 ALWAYS_MARKERS = ("always()", "failure()", "cancelled()")
@@ -260,7 +261,7 @@ class Scheduler:
         except DagcraftError as exc:
             transitions.fail_unstarted(view, sid, f"when: {exc}")
             return False
-        if step.is_finally and step.when.replace(" ", "") == "${{success()}}":
+        if step.is_finally and is_plain_success(step.when):
             ok = True  # finally steps run whatever happened before them
         if not ok:
             # say which needs made an implicit success() false, not only that it was false

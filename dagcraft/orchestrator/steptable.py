@@ -44,6 +44,7 @@ class StepTable(Mapping[str, ConcreteStep]):
         self._shape_index: dict[str, int] = {}
         self._cache: OrderedDict[str, ConcreteStep] = OrderedDict()
         self._protos: OrderedDict[int, ConcreteStep] = OrderedDict()
+        self._derived: dict[tuple[int, Callable[[ConcreteStep], Any]], Any] = {}  # see of_shape
         #: counts of models built (steps, shapes): what tests of the bound count
         self.built = 0
         # attempts read steps from their threads (``WorkItem.wf.steps``): the caches' LRU
@@ -151,6 +152,16 @@ class StepTable(Mapping[str, ConcreteStep]):
 
     def template_id_of(self, sid: str) -> str:
         return self._tids.get(sid, sid) if sid in self._pos else self[sid].template_id
+
+    def of_shape(self, sid: str, derive: Callable[[ConcreteStep], Any]) -> Any:
+        """``derive(step)`` for a function of the step's shape alone (never of its id,
+        template id or needs), computed once per shape and ``derive``: per-step checks over a
+        generated DAG cost one call per distinct step body."""
+        key = (self._shape[self._pos[sid]], derive)
+        if key not in self._derived:
+            step = self[sid]
+            self._derived[key] = derive(step)
+        return self._derived[key]
 
     def attr(self, sid: str, name: str) -> Any:
         """Field ``name`` of the step (any but id, template_id and needs), read from its shape's

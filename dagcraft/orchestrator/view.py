@@ -318,6 +318,14 @@ class StepStates(Mapping[str, tuple[StepState, "str | None"]]):
         return packed[4] if packed is not None else None
 
 
+def _reads_upstream(step: ConcreteStep) -> bool:
+    if step.inputs or step.foreach or step.worktree is not None:
+        return True
+    approval = step.approval.model_dump(mode="json") if step.approval is not None else None
+    text = json.dumps([step.run, step.prompt, step.env, step.workdir, step.when, step.rollback, step.check, approval])
+    return "steps" in text or "artifacts" in text
+
+
 class LocalView:
     """Step states and run control of one run, refreshed incrementally."""
 
@@ -364,6 +372,7 @@ class LocalView:
         self._next_resync = time.monotonic() + self._resync_interval()
         self.changes = 0  # bumps on every observed change; lets callers skip needless work
         self._ctx_cache: tuple[int, dict[str, dict[str, Any]]] | None = None
+        self._env: tuple[dict[bytes, bytes], dict[str, str]] | None = None  # see template_env
         self.refresh()
         if self.control_etag is None:  # no control entry in the journal: read it to be sure
             self.refresh_control()
@@ -691,14 +700,21 @@ class LocalView:
     def reads_upstream(self, step_id: str) -> bool:
         """Whether step ``step_id`` may read an upstream step's results (outputs, artifacts,
         fan-out instances): it declares inputs or a foreach, or its templates mention
-        ``steps`` or ``artifacts``. A textual check of the raw templates, erring towards yes."""
-        step = self.steps[step_id]
-        if step.inputs or step.foreach or step.worktree is not None:
-            return True
-        approval = step.approval.model_dump(mode="json") if step.approval is not None else None
-        text = json.dumps([step.run, step.prompt, step.env, step.workdir, step.when, step.rollback, step.check,
-                           approval])
-        return "steps" in text or "artifacts" in text
+        ``steps`` or ``artifacts``. A textual check of the raw templates, erring towards yes;
+        made once per step shape (see :meth:`StepTable.of_shape`)."""
+        if step_id in self.steps:
+            return bool(self.steps.of_shape(step_id, _reads_upstream))
+        return _reads_upstream(self.steps[step_id])
+
+    def template_env(self) -> dict[str, str]:
+        """``env`` of a template context: this process's environment less the secrets (see
+        :func:`without_secret_env`), decoded again only when the environment changed."""
+        raw = getattr(os.environ, "_data", None)  # CPython's undecoded copy: cheap to compare
+        if not isinstance(raw, dict):
+            return without_secret_env(os.environ)
+        if self._env is None or self._env[0] != raw:
+            self._env = (dict(raw), without_secret_env(os.environ))
+        return dict(self._env[1])
 
     def context_ids(self, step_id: str) -> set[str]:
         """Ancestors plus their foreach children — read in full when the step may read their

@@ -829,6 +829,11 @@ def uses_status_function(raw: str) -> bool:
     return any(name in STATUS_FUNCTIONS and not chain for name, chain in refs)
 
 
+def is_plain_success(raw: str) -> bool:
+    """Whether a ``when`` is ``${{ success() }}`` alone (the default), whatever its spacing."""
+    return raw.replace(" ", "") == "${{success()}}"
+
+
 def evaluate_when(step: ConcreteStep, ctx: RenderContext, needs_status: dict[str, str]) -> bool:
     """Whether the step should run, given its needs' statuses.
 
@@ -848,6 +853,8 @@ def evaluate_when(step: ConcreteStep, ctx: RenderContext, needs_status: dict[str
         "cancelled": lambda: run_cancelled or any(s == "cancelled" for s in statuses),
     }
     raw = step.when or "${{ success() }}"
+    if is_plain_success(raw):  # nearly every step: no expression to evaluate
+        return funcs["success"]()
     variables = {**_variables(None, step, ctx), **funcs}
     try:
         value = evaluate_expression(raw, variables, bare_is_expression=True)

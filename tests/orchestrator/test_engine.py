@@ -366,3 +366,22 @@ def test_second_worker_renders_outputs_it_only_saw_in_the_journal(local_store, t
     by = steps(st)
     assert by["b"]["status"] == "succeeded" and by["b"]["outputs"] == {"ok": 2}
     assert by["a"]["attempt"] == 1
+
+
+def test_the_template_env_follows_the_environment_and_never_holds_secrets(local_store, tmp_path, monkeypatch):
+    """``env`` of a template context is decoded once and reused (every claim and condition
+    built it), yet follows any change to the worker's environment; secrets never appear."""
+    from dagcraft.orchestrator.view import LocalView
+
+    rid = submit_spec(local_store, write_spec(tmp_path, "name: e\nsteps:\n  - {id: a, run: [\"true\"]}\n"))
+    view = LocalView(local_store, rid)
+    monkeypatch.setenv("DC_TEST_VAR", "one")
+    monkeypatch.setenv("DAGCRAFT_PARAM_TOKEN", "s3cr3t")
+    first = view.template_env()
+    assert first["DC_TEST_VAR"] == "one" and "DAGCRAFT_PARAM_TOKEN" not in first
+    first["DC_TEST_VAR"] = "changed by a caller"
+    assert view.template_env()["DC_TEST_VAR"] == "one"  # each caller gets its own copy
+    monkeypatch.setenv("DC_TEST_VAR", "two")
+    monkeypatch.delenv("HOME", raising=False)
+    again = view.template_env()
+    assert again["DC_TEST_VAR"] == "two" and "HOME" not in again and "DAGCRAFT_PARAM_TOKEN" not in again

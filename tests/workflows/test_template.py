@@ -195,6 +195,24 @@ def test_evaluate_when(when, statuses, expected):
     assert evaluate_when(wf.steps["b"], ctx, statuses) is expected
 
 
+@pytest.mark.parametrize("when", ["${{ success() }}", "${{success()}}", "${{  success( ) }}"])
+@pytest.mark.parametrize("status,expected", [("succeeded", True), ("failed", False), ("skipped", False)])
+def test_the_default_when_is_decided_without_evaluating_an_expression(monkeypatch, when, status, expected):
+    """``success()`` alone (nearly every step's condition) is decided from the statuses: every
+    worker evaluated it through the sandboxed template engine for every step it saw become ready."""
+    import dagcraft.workflows.template as template
+
+    wf = compile_text(WHEN_SPEC % when)
+
+    def refuse(*a, **kw):
+        raise AssertionError("evaluated an expression")
+
+    monkeypatch.setattr(template, "evaluate_expression", refuse)
+    ctx = RenderContext(params=wf.params, steps={})
+    assert evaluate_when(wf.steps["b"], ctx, {"a": status}) is expected
+    assert evaluate_when(wf.steps["b"], ctx.model_copy(update={"run": {"status": "cancelled"}}), {"a": status}) is False
+
+
 def test_evaluate_when_no_needs():
     wf = compile_text(WHEN_SPEC % "${{ success() }}")
     assert evaluate_when(wf.steps["a"], RenderContext(), {}) is True
