@@ -10,6 +10,7 @@ the executor (``attempt.py``).
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from dagcraft.workflows import (
     expand_foreach,
     expand_loop,
     is_plain_success,
+    succeeded,
 )
 
 ALWAYS_MARKERS = ("always()", "failure()", "cancelled()")
@@ -222,11 +224,14 @@ class Scheduler:
             ready = ready[k:] + ready[:k]
         rollback_due: bool | None = None  # computed once, only when a finally step is ready
         for sid in ready:
+            decided = not failing and self._decided_true(sid)
+            if decided and len(claims) >= capacity:
+                continue  # nothing to decide, nothing more to claim: the cheap common case
             if view.steps.attr(sid, "is_finally") and ctl == RunStatus.RUNNING:
                 rollback_due = view.rollback_due() if rollback_due is None else rollback_due
                 if rollback_due:
                     continue  # finally steps run after the rollback's compensations
-            if not self._decide_one(sid, failing):
+            if not decided and not self._decide_one(sid, failing):
                 continue
             if len(claims) >= capacity:
                 continue
@@ -239,45 +244,60 @@ class Scheduler:
                 claims.append(item)
         return claims
 
+    def _decided_true(self, sid: str) -> bool:
+        """Whether ready step ``sid`` is known to be claimable as it is: retrying (its condition
+        was decided before its first attempt), or its ``when`` already evaluated true for this
+        version of it. Answered without building its model or record: every cycle walks the
+        whole ready set, and in a wide DAG most of it waits for a free slot."""
+        view = self.view
+        if view.status(sid) != StepStatus.PENDING:
+            return True
+        return self._decided.get(sid, -1) == (view.states.rev(sid) or 0)
+
     def _decide_one(self, sid: str, failing: bool) -> bool:
         """Whether a ready step should be claimed now (else it was skipped, failed or expanded)."""
         view = self.view
         if view.status(sid) != StepStatus.PENDING:
             return True  # retrying: its condition was decided before its first attempt
-        if not failing and self._decided.get(sid, -1) == (view.states.rev(sid) or 0):
-            # `when` already evaluated true for this version of the step: decided without
-            # building its model or record (every cycle walks the whole ready set)
+        if not failing and self._decided_true(sid):
             return True
-        step = view.steps[sid]
+        # read from the step's shape: the common case (a plain condition, no gate, fan-out or
+        # loop) builds neither the step's model nor a template context
+        attr = functools.partial(view.steps.attr, sid)
+        when, is_finally = attr("when"), attr("is_finally")
         st = view.state(sid)
-        always = step.is_finally or any(m in step.when for m in ALWAYS_MARKERS)
+        always = is_finally or any(m in when for m in ALWAYS_MARKERS)
         if failing and not always:
             transitions.skip(view, sid, f"not started: a step failed (on_failure: {view.wf.on_failure})")
             return False
-        try:
-            # most conditions are about statuses only: read step data only if used
-            ctx = context.for_step(view, sid, with_steps="steps" in step.when)
-            ok = evaluate_when(step, ctx, view.needs_status(sid))
-        except DagcraftError as exc:
-            transitions.fail_unstarted(view, sid, f"when: {exc}")
-            return False
-        if step.is_finally and is_plain_success(step.when):
+        if is_finally and is_plain_success(when):
             ok = True  # finally steps run whatever happened before them
+        elif is_plain_success(when):
+            ok = succeeded(view.needs_status(sid))  # an engine's context: the run is not cancelled
+        else:
+            try:
+                # most conditions are about statuses only: read step data only if used
+                ctx = context.for_step(view, sid, with_steps="steps" in when)
+                ok = evaluate_when(view.steps[sid], ctx, view.needs_status(sid))
+            except DagcraftError as exc:
+                transitions.fail_unstarted(view, sid, f"when: {exc}")
+                return False
         if not ok:
             # say which needs made an implicit success() false, not only that it was false
             bad = [f"{n} {ns}" for n, ns in view.needs_status(sid).items() if ns != "succeeded"]
             transitions.skip(view, sid, "when condition is false" + (f" ({', '.join(bad)})" if bad else ""))
             return False
         # a foreach parent's gate is decided once for all its children
-        if step.approval is not None and not st.parent and (st.approval is None or st.approval.decision is None):
-            transitions.await_approval(view, sid, step.approval.prompt, step.approval.timeout,
-                                       Decision.APPROVED if step.approval.on_timeout == "approve" else Decision.REJECTED)
+        approval = attr("approval")
+        if approval is not None and not st.parent and (st.approval is None or st.approval.decision is None):
+            transitions.await_approval(view, sid, approval.prompt, approval.timeout,
+                                       Decision.APPROVED if approval.on_timeout == "approve" else Decision.REJECTED)
             return False
-        if step.foreach and not st.children:
+        if attr("foreach") and not st.children:
             self._expand(sid)
             return False
-        if step.loop is not None:
-            children = expand_loop(step, 1)
+        if attr("loop") is not None:
+            children = expand_loop(view.steps[sid], 1)
             transitions.expand(view, sid, [StepState(step_id=c.id, definition=c.model_dump(mode="json"), parent=sid)
                                            for c in children])
             return False

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
         render_command,
         render_rollback,
         render_text,
+        succeeded,
     )
 
 #: public name -> the module that defines it
@@ -89,6 +90,7 @@ _HOME = {
     "evaluate_until": "template",
     "evaluate_when": "template",
     "is_plain_success": "template",
+    "succeeded": "template",
     "expand_foreach": "template",
     "expand_loop": "template",
     "format_path": "loader",
@@ -136,6 +138,7 @@ __all__ = [
     "evaluate_until",
     "evaluate_when",
     "is_plain_success",
+    "succeeded",
     "expand_foreach",
     "expand_loop",
     "format_path",

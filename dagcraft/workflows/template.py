@@ -834,6 +834,12 @@ def is_plain_success(raw: str) -> bool:
     return raw.replace(" ", "") == "${{success()}}"
 
 
+def succeeded(needs_status: Mapping[str, str], run_cancelled: bool = False) -> bool:
+    """``success()``: every need succeeded (a skipped need skips its dependants) and the run
+    is not cancelled. What a plain ``success()`` condition evaluates to, with no context."""
+    return all(s == "succeeded" for s in needs_status.values()) and not run_cancelled
+
+
 def evaluate_when(step: ConcreteStep, ctx: RenderContext, needs_status: dict[str, str]) -> bool:
     """Whether the step should run, given its needs' statuses.
 
@@ -847,7 +853,7 @@ def evaluate_when(step: ConcreteStep, ctx: RenderContext, needs_status: dict[str
     statuses = list(needs_status.values())
     run_cancelled = ctx.run.get("status") == "cancelled"
     funcs = {
-        "success": lambda: all(s == "succeeded" for s in statuses) and not run_cancelled,
+        "success": lambda: succeeded(needs_status, run_cancelled),
         "failure": lambda: any(s == "failed" for s in statuses),
         "always": lambda: True,
         "cancelled": lambda: run_cancelled or any(s == "cancelled" for s in statuses),

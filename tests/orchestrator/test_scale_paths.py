@@ -240,3 +240,27 @@ def test_a_step_that_reads_nothing_upstream_decodes_no_ancestor(tmp_path, monkey
         assert total >= n * (n - 1) // 2  # every ancestor, at every claim
     else:
         assert total <= 3 * n, decoded  # a few per step (its own record), not its ancestors
+
+
+def test_a_wide_ready_set_costs_a_cycle_what_changed(tmp_path, monkeypatch):
+    """Every cycle walks the ready set; a step already decided (its plain ``success()`` true
+    for its current version) is passed over without building its model or a template
+    context. With 300 steps ready at once and one slot, cycles built ready steps' models again
+    and again (the table keeps 256): 7,859 models for this run; now at most a few per step."""
+    from dagcraft.orchestrator import steptable
+
+    built = Counter()
+    real = steptable.StepTable._remember
+
+    def counting(self, sid, step):
+        built[sid] += 1
+        return real(self, sid, step)
+
+    monkeypatch.setattr(steptable.StepTable, "_remember", counting)
+    n = 300
+    text = "name: wide\nsteps:\n" + "".join(f'  - {{id: s{i}, run: ["true"]}}\n' for i in range(n))
+    store = LocalStore(tmp_path / "store", fsync=False)
+    rid = submit_spec(store, write_spec(tmp_path, text))
+    built.clear()  # what submit built is not the worker's
+    drive_inline(store, rid, tmp_path, concurrency=1, inline=True, status=False)
+    assert sum(built.values()) <= 3 * n, built.most_common(3)
