@@ -126,6 +126,8 @@ class LocalStore:
         self._objects_s = str(self._objects)
         self._tmp = self.root / "tmp"
         self._locks = self.root / "locks"
+        # the write path joins strings: a pathlib join per call cost more than the syscalls
+        self._tmp_s, self._locks_s = str(self._tmp), str(self._locks)
         with self._io("open", "(store root)"):
             if not create:
                 if not self._objects.is_dir():
@@ -171,35 +173,37 @@ class LocalStore:
         return f"{prefix}{shard}{_esc(last)}{_SUFFIX}"
 
     @staticmethod
-    def _flat(path: Path) -> Path | None:
+    def _flat(path: str) -> str | None:
         """The pre-shard path of a sharded object path (stores written by older versions)."""
-        if path.parent.name.startswith(_SHARD):
-            return path.parent.parent / path.name
+        parent, _, name = path.rpartition("/")
+        grand, _, shard = parent.rpartition("/")
+        if shard.startswith(_SHARD):
+            return f"{grand}/{name}"
         return None
 
-    def _resolve(self, path: Path) -> Path:
+    def _resolve(self, path: str) -> str:
         """``path``, or the flat path of the same key when only that exists (an older store)."""
         flat = self._flat(path)
         if flat is not None and not os.path.lexists(path) and os.path.lexists(flat):
             return flat
         return path
 
-    def _lock_path(self, key: str) -> Path:
+    def _lock_path(self, key: str) -> str:
         """The key's lock: one of :data:`_LOCK_STRIPES` files, by the key's hash. Keys sharing a
         stripe exclude each other too (each call holds one lock, so no deadlock); a file per key
         made one more inode per step and a lock directory that grew with every key ever written."""
         h = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-        return self._locks / f"stripe-{h[:_LOCK_HEX]}"
+        return f"{self._locks_s}/stripe-{h[:_LOCK_HEX]}"
 
-    def _write_temp(self, data: bytes | None = None, src: Path | None = None) -> tuple[Path, str]:
+    def _write_temp(self, data: bytes | None = None, src: str | None = None) -> tuple[str, str]:
         """Write a complete temp file (fsynced unless empty or ``fsync=False``) and return
         (path, etag)."""
-        tmp = self._tmp / f"{new_ulid()}-{os.getpid()}"
+        tmp = f"{self._tmp_s}/{new_ulid()}-{os.getpid()}"
         h = hashlib.sha256()
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileNotFoundError:  # opened with create=False, or tmp/ removed
-            self._tmp.mkdir(parents=True, exist_ok=True)
+            os.makedirs(self._tmp_s, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             if src is None:
@@ -221,7 +225,8 @@ class LocalStore:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
         os.close(fd)
         return tmp, h.hexdigest()[:32]
@@ -231,7 +236,7 @@ class LocalStore:
         try:
             fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:
-            lp.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(self._locks_s, exist_ok=True)
             fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
@@ -241,7 +246,7 @@ class LocalStore:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
-    def _current_etag(self, path: Path) -> str | None:
+    def _current_etag(self, path: str) -> str | None:
         try:
             with open(path, "rb") as f:
                 h = hashlib.sha256()
@@ -260,11 +265,11 @@ class LocalStore:
                 data = _read_file(fspath)
             except FileNotFoundError:
                 # only a sharded path has a flat twin (a pending step's missing state is not)
-                flat = self._flat(Path(fspath)) if fspath.rsplit("/", 2)[-2].startswith(_SHARD) else None
+                flat = self._flat(fspath)
                 if flat is None:
                     return None
                 try:
-                    data = flat.read_bytes()
+                    data = _read_file(flat)
                 except (FileNotFoundError, NotADirectoryError):
                     return None
             except NotADirectoryError:
@@ -276,7 +281,7 @@ class LocalStore:
     def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidInput(f"put {key!r}: data must be bytes")
-        path = self._path(key)
+        path = self._fspath(key)
         self.stats["put"] += 1
         with self._io("put", key):
             if if_none_match and if_match is None and not data:
@@ -285,15 +290,16 @@ class LocalStore:
             return self._commit(key, path, tmp, etag, if_none_match, if_match)
 
     def put_file(self, key: str, path: Path, *, if_none_match: bool = False, consume: bool = False) -> str:
-        target = self._path(key)
+        target = self._fspath(key)
         self.stats["put"] += 1
-        if not Path(path).is_file():
+        src = os.fspath(path)
+        if not os.path.isfile(src):
             raise NotFound(f"no such file: {path}")
         with self._io("put", key):
-            tmp, etag = self._take_file(Path(path)) if consume else self._write_temp(src=Path(path))
+            tmp, etag = self._take_file(src) if consume else self._write_temp(src=src)
             return self._commit(key, target, tmp, etag, if_none_match, None)
 
-    def _create_empty(self, key: str, path: Path) -> str:
+    def _create_empty(self, key: str, path: str) -> str:
         """Create-if-absent of an empty object (journal and index entries: the key is the
         message): an exclusive create in place, as atomic as the temp-and-link of other
         objects, with nothing to write and no temp to make and remove."""
@@ -301,7 +307,7 @@ class LocalStore:
                          lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)))
         return _etag_of(b"")
 
-    def _create_new(self, key: str, path: Path, make: Callable[[Path], None]) -> None:
+    def _create_new(self, key: str, path: str, make: Callable[[str], None]) -> None:
         """The one-winner create: ``make(path)`` fails with FileExistsError when the name
         exists (``link``, ``O_EXCL``); missing parent directories are made and it is tried
         again (a concurrent remover of an empty parent can race it, hence a few tries)."""
@@ -312,16 +318,16 @@ class LocalStore:
             except FileExistsError:
                 raise Conflict(f"{key}: already exists") from None
             except FileNotFoundError:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
             except NotADirectoryError:
                 raise InvalidInput(f"{key}: a parent is not a directory") from None
         raise StoreUnavailable(f"local store {self.root}: cannot create {key}")
 
-    def _take_file(self, src: Path) -> tuple[Path, str]:
+    def _take_file(self, src: str) -> tuple[str, str]:
         """A handed-over file as a temp: hard-linked in (fsynced unless ``fsync=False``), not
         copied — no bytes written, and no inode made here and freed with the caller's copy.
         Falls back to a copy when a link cannot be made (another filesystem, a refusing one)."""
-        tmp = self._tmp / f"{new_ulid()}-{os.getpid()}"
+        tmp = f"{self._tmp_s}/{new_ulid()}-{os.getpid()}"
         h = hashlib.sha256()
         with open(src, "rb") as f:
             while chunk := f.read(_CHUNK):
@@ -331,7 +337,7 @@ class LocalStore:
         try:
             os.link(src, tmp)
         except FileNotFoundError:
-            self._tmp.mkdir(parents=True, exist_ok=True)
+            os.makedirs(self._tmp_s, exist_ok=True)
             try:
                 os.link(src, tmp)
             except OSError:
@@ -340,7 +346,7 @@ class LocalStore:
             return self._write_temp(src=src)
         return tmp, h.hexdigest()[:32]
 
-    def _commit(self, key: str, path: Path, tmp: Path, etag: str, if_none_match: bool,
+    def _commit(self, key: str, path: str, tmp: str, etag: str, if_none_match: bool,
                 if_match: str | None) -> str:
         path = self._resolve(path)
         try:
@@ -358,7 +364,7 @@ class LocalStore:
                 try:
                     os.replace(tmp, path)
                 except FileNotFoundError:  # first object under this prefix: create its directory
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
                     os.replace(tmp, path)
                 return etag
             finally:
@@ -378,12 +384,12 @@ class LocalStore:
         # The deepest directory that contains every key with this prefix.
         cut = prefix.rfind("/")
         dir_key = prefix[: cut + 1] if cut >= 0 else ""
-        base = self._objects.joinpath(*(_esc(p) for p in dir_key.split("/") if p))
+        base = "/".join([self._objects_s, *(_esc(p) for p in dir_key.split("/") if p)])
         with self._io("list", prefix or "(all)"):
             self._walk(base, dir_key, prefix, start_after, limit, out)
         return out
 
-    def _walk(self, d: Path, dir_key: str, prefix: str, start_after: str | None,
+    def _walk(self, d: str, dir_key: str, prefix: str, start_after: str | None,
               limit: int | None, out: builtins.list[str]) -> bool:
         """Append keys under ``d`` (whose keys start with ``dir_key``) in order; True when full.
 
@@ -396,7 +402,7 @@ class LocalStore:
         items.sort()
         for full, is_dir, path in items:
             if is_dir:
-                if self._walk(Path(path), full, prefix, start_after, limit, out):
+                if self._walk(path, full, prefix, start_after, limit, out):
                     return True
             else:
                 out.append(full)
@@ -405,7 +411,7 @@ class LocalStore:
         return False
 
     @staticmethod
-    def _scan(d: Path | str, dir_key: str, prefix: str, start_after: str | None,
+    def _scan(d: str, dir_key: str, prefix: str, start_after: str | None,
               items: builtins.list[tuple[str, bool, str]]) -> bool:
         """Add the wanted entries of directory ``d`` to ``items``, the files of its wanted time
         shards included (so they sort with everything else); False when ``d`` does not exist."""
@@ -467,13 +473,13 @@ class LocalStore:
             items.append((full, False, f"{d}/{name}"))
 
     def delete(self, key: str) -> None:
-        path = self._path(key)
+        path = self._fspath(key)
         self.stats["delete"] += 1
         with self._io("delete", key):
             fd = self._lock(key)
             try:
-                self._resolve(path).unlink(missing_ok=True)
-            except NotADirectoryError:
+                os.unlink(self._resolve(path))
+            except (FileNotFoundError, NotADirectoryError):
                 pass
             finally:
                 self._unlock(fd)
@@ -483,7 +489,7 @@ class LocalStore:
 
     def head(self, key: str) -> str | None:
         """Etag of ``key`` or None (counted as one 'head'); cheap existence check for blobs."""
-        path = self._path(key)
+        path = self._fspath(key)
         self.stats["head"] += 1
         with self._io("head", key):
             try:
@@ -492,7 +498,7 @@ class LocalStore:
                 return None
 
     def open_read(self, key: str) -> BinaryIO:
-        path = self._path(key)
+        path = self._fspath(key)
         self.stats["get"] += 1
         with self._io("get", key):
             try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ from dagcraft.primitives.url import open_store
 
 def _fail_commits(store: LocalStore, code: int) -> None:
     def commit(key, path, tmp, *rest):
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise OSError(code, os.strerror(code))
 
     store._commit = commit  # type: ignore[method-assign]
