@@ -32,19 +32,24 @@ def private_dir(path: Path, root: Path) -> Path:
     Refuses (PermissionError) a level that is a symlink or owned by another user: in a shared
     ``/tmp`` someone else could have made it first."""
     rel = path.relative_to(root).parts
-    root.parent.mkdir(parents=True, exist_ok=True)  # above root: not ours to tighten
+    top = os.fspath(root)
+    levels = [top]
+    for part in rel:  # string joins: this runs for every attempt
+        levels.append(f"{levels[-1]}/{part}")
+    os.makedirs(os.path.dirname(top), exist_ok=True)  # above root: not ours to tighten
+    uid = os.geteuid()
     for tries in range(1000):
         try:
-            for level in [root] + [root.joinpath(*rel[:i + 1]) for i in range(len(rel))]:
+            for level in levels:
                 try:
-                    level.mkdir(mode=0o700)
+                    os.mkdir(level, 0o700)
                 except FileExistsError:
                     pass
-                st = level.lstat()
-                if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                st = os.lstat(level)
+                if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
                     raise PermissionError(f"scratch directory {level} is not a directory of this user")
                 if stat.S_IMODE(st.st_mode) != 0o700:
-                    level.chmod(0o700)
+                    os.chmod(level, 0o700)
             return path
         except FileNotFoundError:
             # an attempt that just ended removed an empty parent between two of our steps
