@@ -113,11 +113,11 @@ def disk_full(store: LocalStore, key_contains: str, code: int = errno.ENOSPC, co
     real = store._commit
     refused: list[str] = []
 
-    def commit(key: str, path: Path, tmp: Path, *rest: object) -> str:
+    def commit(key: str, path: str, tmp: str, *rest: object) -> str:
         active = (count is None or len(refused) < count) and (until is None or time.monotonic() < until)
         if key_contains in key and active:
             refused.append(key)
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
             raise OSError(code, os.strerror(code))
         return real(key, path, tmp, *rest)  # type: ignore[arg-type]
 
