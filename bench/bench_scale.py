@@ -9,13 +9,15 @@ local store (temp dir), driven through the CLI exactly as a user would:
 
 - submit:   wall (and CPU) of ``dagcraft submit SPEC --store S`` (process start, compile, writes).
 - wall:     ``--workers`` ``dagcraft worker --run ID --exit-when-idle --quiet`` processes, from
-            start until all have exited (the run succeeded).
+            start until all have exited (the run succeeded); with ``--launch run``, one
+            ``dagcraft resume ID --workers N`` instead (its workers fork from it: one start-up).
 - work:     N x the median wall of a bare ``subprocess.run(["true"])`` in this process.
 - overhead: (wall - work) / N, the issue's "wall minus the work, per step".
 - status:   wall (and CPU) of ``dagcraft status ID --store S --json`` on the finished run (median of 3).
 - RSS:      peak resident set of each worker process (``wait4`` rusage), the largest of them.
-- CPU:      user+sys CPU of the worker processes themselves / N (their commands excluded): on a
-            loaded machine wall times swing several-fold, CPU per step much less.
+- CPU:      user+sys CPU of the launched processes / N, as ``wait4`` reports it (with what they
+            reaped: forked workers, and the steps' commands): on a loaded machine wall times
+            swing several-fold, CPU per step much less.
 
 With ``--rounds R`` every size runs R times, interleaved (500, 2000, ..., 500, 2000, ...), and
 the medians are reported, so a load spike on a shared machine skews one round, not the result.
@@ -97,11 +99,14 @@ def one(n: int, a: argparse.Namespace, bare: float, tmp: Path) -> dict[str, Any]
                 "status_unfinished_s": round(time.perf_counter() - t, 3),
                 "status_unfinished_cpu_s": round(_child_cpu() - c, 3), "status_exit": sp.returncode}
         return row0
-    argv = [*CLI, "worker", "--store", str(store), "--run", run_id, "--exit-when-idle", "--poll-max",
-            str(a.poll_max), "--quiet"]
+    if a.launch == "run":  # one `dagcraft resume --workers N`: its workers fork from it, imports done
+        argvs = [[*CLI, "resume", run_id, "--store", str(store), "--workers", str(a.workers), "--no-report"]]
+    else:
+        argvs = [[*CLI, "worker", "--store", str(store), "--run", run_id, "--exit-when-idle", "--poll-max",
+                  str(a.poll_max), "--quiet"]] * a.workers
     t0 = time.perf_counter()
     procs = []
-    for i in range(a.workers):
+    for i, argv in enumerate(argvs):
         with open(logs / f"w{i}.err", "wb") as err:
             procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
                                           env={**os.environ, "TMPDIR": str(store.parent)}))
@@ -129,8 +134,8 @@ def one(n: int, a: argparse.Namespace, bare: float, tmp: Path) -> dict[str, Any]
         "worker_cpu_per_step_ms": round(cpu / n * 1000, 3),
         "run_status": run_status, "counts": counts, "worker_exit_codes": codes,
     }
-    if codes != [0] * a.workers or run_status != "succeeded":
-        row["stderr"] = [(logs / f"w{i}.err").read_text()[-800:] for i in range(a.workers)]
+    if codes != [0] * len(argvs) or run_status != "succeeded":
+        row["stderr"] = [(logs / f"w{i}.err").read_text()[-800:] for i in range(len(argvs))]
     # no rmtree here: see ``main`` (every run's files are removed once, after the last run)
     return row
 
@@ -140,6 +145,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="500,2000,10000", help="comma-separated step counts")
     ap.add_argument("--layer", type=int, default=100, help="steps per DAG layer")
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--launch", choices=("workers", "run"), default="workers",
+                    help="workers: that many `dagcraft worker` processes (each imports dagcraft, as on "
+                         "separate hosts); run: one `dagcraft resume --workers N` (forked workers)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds per size (medians reported)")
     ap.add_argument("--poll-max", type=float, default=0.2, help="workers' longest idle poll interval")
     ap.add_argument("--timeout", type=float, default=1200.0, help="per run, seconds")
