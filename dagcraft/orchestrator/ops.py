@@ -9,31 +9,30 @@ ridden out like a worker's writes.
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from dagcraft.errors import Conflict, CorruptRecord, DagcraftError, InvalidInput, NotFound
-from dagcraft.orchestrator import journal, layout, registry
+from dagcraft.orchestrator import journal, layout, registry, statusrows
 from dagcraft.orchestrator.model import (
     RUN_FINISHED,
     TERMINAL,
     AttemptKind,
-    AttemptStatus,
     Control,
     CorruptNote,
     ReasonKind,
     RunRecord,
     RunStatus,
+    RunTiming,
     StepState,
     StepStatus,
     dump,
     load_control,
     load_record,
     load_state,
-    run_timing,
+    timing_of,
 )
 from dagcraft.orchestrator.submission import identity
 from dagcraft.primitives.local import LocalStore
@@ -124,48 +123,14 @@ def _get_many(store: Store, keys: list[str]) -> list[tuple[bytes, str] | None]:
         return list(pool.map(store.get, keys))
 
 
+def compiled_order(rec: RunRecord) -> list[str]:
+    """The run's step ids in compiled (topological) order."""
+    return rec.order or list(rec.workflow.get("steps", {}))
+
+
 def ordered_states(rec: RunRecord, states: dict[str, StepState]) -> list[tuple[StepState, str | None]]:
     """(state, foreach parent) in compiled order, each parent followed by its children."""
-    out: list[tuple[StepState, str | None]] = []
-    seen: set[str] = set()
-    order = rec.order or list(rec.workflow.get("steps", {}))
-    for sid in order + sorted(set(states) - set(order)):
-        if sid in seen:
-            continue
-        seen.add(sid)
-        st = states.get(sid) or StepState(step_id=sid)  # built only for a step without a record
-        out.append((st, st.parent))
-        for child in st.children:
-            if child not in seen:
-                seen.add(child)
-                out.append((states.get(child) or StepState(step_id=child), sid))
-    return out
-
-
-def logs_command(store: Store, run_id: str, step: str, attempt: int | str, stream: str = "stderr") -> str:
-    """The exact command that prints an attempt's whole log (quoted for a POSIX shell)."""
-    return " ".join(shlex.quote(str(a)) for a in ("dagcraft", "logs", f"{run_id}/{step}", "--attempt", attempt,
-                                                   "--stream", stream, "--store", store.url))
-
-
-def step_span(st: StepState, children: Sequence[StepState] = ()) -> tuple[float | None, float | None]:
-    """(start, end) of a step as every viewer shows it: its current attempt's claim to its
-    finish; a foreach parent's span is its children's (first claim to last finish)."""
-    if st.children:
-        starts = [c.started_at for c in children if c.started_at is not None]
-        ends = [c.finished_at for c in children if c.finished_at is not None]
-        done = bool(children) and len(ends) == len(children)
-        return (min(starts) if starts else None), (max(ends) if done else None)
-    return st.started_at, st.finished_at if st.status in TERMINAL else None
-
-
-def loop_summary(st: StepState, kids: Sequence[StepState], loop: dict[str, Any]) -> dict[str, Any]:
-    """A loop step's progress as every viewer shows it: ``iterations`` started so far, its
-    ``max_iterations`` and ``on_max``, and ``until`` — true/false as evaluated after the last
-    iteration, None while it runs (or when it failed before evaluating it)."""
-    started = max((int((k.definition or {}).get("iteration") or 0) for k in kids), default=0)
-    return {"iterations": started, "max_iterations": loop.get("max_iterations"), "on_max": loop.get("on_max"),
-            "until": st.outputs.get("until") if st.status in TERMINAL else None}
+    return statusrows.ordered_states(compiled_order(rec), states)
 
 
 def run_status(store: Store, run_id: str) -> dict[str, Any]:
@@ -174,62 +139,52 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
     counted in their parent's ``children_counts``), so it adds up to the number ``run`` printed
     at submission. A step that did not succeed carries ``reason_kind`` and, when its last
     attempt failed, that attempt's ``stderr_tail`` and ``more`` (the command that prints the
-    whole log)."""
+    whole log). A sealed run is read from the status summary its seal names (two GETs, not one
+    per step; see ``orchestrator.statusrows``), any other run from its records."""
     with paused_gc():  # 10,000 records read at once: see paused_gc
         return _run_status(store, run_id)
 
 
-def _run_status(store: Store, run_id: str) -> dict[str, Any]:
+def _run_status(store: Store, run_id: str, *, summary: bool = True) -> dict[str, Any]:
+    """``summary=False``: from the records even when the run is sealed (what its summary must equal)."""
+    try:
+        ctl = read_control(store, run_id)
+    except NotFound:
+        read_record(store, run_id)  # no run at all: say so, not that its submit did not complete
+        raise
+    sealed = ctl.seal
+    if summary and ctl.status in RUN_FINISHED and sealed is not None and sealed.summary is not None:
+        got = statusrows.read_summary(store, run_id, ctl.generation, sealed.digest, sealed.steps, sealed.summary)
+        if got is not None:
+            now = store.now()
+            return _status_of(store, run_id, ctl, got.name, got.submitted_at, got.submitted_by, got.spec_hash,
+                              got.params, statusrows.finish_rows(got.steps, store, run_id, now),
+                              timing_of(got.submitted_at, ctl, got.first_claim_at, now), None)
     rec = read_record(store, run_id)
-    ctl = read_control(store, run_id)
     states = load_states(store, run_id, rec)
     now = store.now()
-    steps = []
-    for st, parent in ordered_states(rec, states):
-        kids = [states[c] for c in st.children if c in states]
-        start, end = step_span(st, kids)
-        last = st.history[-1] if st.history else None
-        failed_attempt = (last is not None and last.status is not AttemptStatus.SUCCEEDED
-                          and last.kind is not AttemptKind.APPROVAL  # a decision has no logs
-                          and st.status in (StepStatus.FAILED, StepStatus.RETRYING, StepStatus.CANCELLED))
-        item: dict[str, Any] = {
-            "step": st.step_id, "status": str(st.status), "attempt": st.attempt,
-            # the worker of the current attempt, else of the last one
-            "worker": st.worker or (last.worker if last else None),
-            "started_at": start, "finished_at": end,
-            "duration_s": None if start is None else round(max(0.0, (end or now) - start), 3),
-            "reason": st.reason, "reason_kind": None if st.reason_kind is None else str(st.reason_kind),
-            "exit_code": st.exit_code, "outputs": st.outputs, "artifacts": sorted(st.artifacts),
-            "cached_from": st.cached_from, "parent": parent, "children": st.children,
-            "stderr_tail": last.stderr_tail if failed_attempt and last is not None else None,
-            "more": logs_command(store, run_id, st.step_id, last.name) if failed_attempt and last is not None
-            else None,
-            "approval": None if st.approval is None else st.approval.model_dump(mode="json"),
-        }
-        if st.children:
-            cc: dict[str, int] = {}
-            for k in kids:
-                cc[str(k.status)] = cc.get(str(k.status), 0) + 1
-            item["children_counts"] = cc
-        item["iteration"] = (st.definition or {}).get("iteration")  # a loop body step's iteration
-        loop = (rec.workflow.get("steps", {}).get(st.step_id) or {}).get("loop")
-        if loop:
-            item["loop"] = loop_summary(st, kids, loop)
-        steps.append(item)
-    counts: dict[str, int] = {}
-    for s in steps:
-        if not s["parent"]:
-            counts[str(s["status"])] = counts.get(str(s["status"]), 0) + 1
-    timing = run_timing(rec, ctl, states.values(), now)
+    defs = rec.workflow.get("steps", {})
+    rows = statusrows.live_rows(lambda sid: (defs.get(sid) or {}).get("loop"))
+    for st in states.values():
+        rows.add(st)
+    timing = timing_of(rec.submitted_at, ctl, rows.first_claim, now)
+    return _status_of(store, run_id, ctl, rec.name, rec.submitted_at, rec.submitted_by, rec.spec_hash, rec.params,
+                      statusrows.finish_rows(rows.rows(compiled_order(rec)), store, run_id, now), timing,
+                      spend_summary(store, rec, ctl, states))
+
+
+def _status_of(store: Store, run_id: str, ctl: Control, name: str, submitted_at: float, submitted_by: str,
+               spec_hash: str, params: dict[str, Any], steps: list[dict[str, Any]], timing: RunTiming,
+               budget: dict[str, Any] | None) -> dict[str, Any]:
     workers = registry.list_workers(store) if ctl.status not in RUN_FINISHED else []
-    return {"run_id": run_id, "name": rec.name, "status": str(ctl.status), "reason": ctl.reason,
+    return {"run_id": run_id, "name": name, "status": str(ctl.status), "reason": ctl.reason,
             "stalled": registry.stalled(workers, run_id, ctl.status),
             "workers": [w.worker_id for w in registry.live_serving(workers, run_id)],
-            "submitted_at": rec.submitted_at, "submitted_by": rec.submitted_by, "finished_at": ctl.finished_at,
+            "submitted_at": submitted_at, "submitted_by": submitted_by, "finished_at": ctl.finished_at,
             "duration_s": None if timing.duration_s is None else round(timing.duration_s, 3),
             "timing": timing.model_dump(mode="json"), "generation": ctl.generation,
-            "spec_hash": rec.spec_hash, "params": rec.params, "counts": counts, "steps": steps,
-            "budget": spend_summary(store, rec, ctl, states),
+            "spec_hash": spec_hash, "params": params, "counts": statusrows.step_counts(steps), "steps": steps,
+            "budget": budget,
             # approval gates waiting for `dagcraft approve|reject` (a run left only with these
             # reads as stalled once its workers exited: it waits for a person, then `resume`)
             "waiting_approval": [s["step"] for s in steps if s["status"] == StepStatus.WAITING_APPROVAL]}
