@@ -37,7 +37,7 @@ from dagcraft.orchestrator.model import (
 from dagcraft.orchestrator.submission import identity
 from dagcraft.primitives.local import LocalStore
 from dagcraft.primitives.store import Store
-from dagcraft.workflows import ConcreteStep, paused_gc
+from dagcraft.workflows.gcpause import paused_gc
 
 if TYPE_CHECKING:
     from dagcraft.orchestrator.view import LocalView
@@ -197,6 +197,7 @@ def spend_summary(store: Store, rec: RunRecord, ctl: Control, states: dict[str, 
         return None  # known without validating every step of the workflow (a second, at 10,000)
     from dagcraft.orchestrator import budget
     from dagcraft.orchestrator.view import workflow_of
+    from dagcraft.workflows import ConcreteStep
 
     wf = workflow_of(rec, store.url, with_secrets=False)
     if not wf.agents:
