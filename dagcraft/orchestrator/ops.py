@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dagcraft.errors import Conflict, CorruptRecord, DagcraftError, InvalidInput, NotFound
@@ -141,11 +142,39 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
     attempt failed, that attempt's ``stderr_tail`` and ``more`` (the command that prints the
     whole log). A sealed run is read from the status summary its seal names (two GETs, not one
     per step; see ``orchestrator.statusrows``), any other run from its records."""
+    return status_result(store, run_id).as_dict()
+
+
+@dataclass(frozen=True)
+class StatusResult:
+    """:func:`run_status` of one run: ``fields`` (everything but ``steps``) and its step rows,
+    held either as dicts (``rows``) or as the lines ``status --json`` prints (``lines``, a
+    sealed run's summary: printed as they are, parsed only for :meth:`as_dict`)."""
+
+    fields: dict[str, Any]
+    rows: list[dict[str, Any]] | None = None
+    lines: list[str] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.rows is not None:
+            return {**self.fields, "steps": self.rows}
+        rows: list[dict[str, Any]] = json.loads(f"[{','.join(self.lines or [])}]")
+        return {**self.fields, "steps": rows}
+
+    def to_json(self) -> str:
+        """What ``status --json`` prints: :func:`dumps_status` of :meth:`as_dict`."""
+        if self.lines is None:
+            return dumps_status(self.as_dict())
+        return _dumps(self.fields, self.lines)
+
+
+def status_result(store: Store, run_id: str) -> StatusResult:
+    """:func:`run_status` as a :class:`StatusResult`."""
     with paused_gc():  # 10,000 records read at once: see paused_gc
         return _run_status(store, run_id)
 
 
-def _run_status(store: Store, run_id: str, *, summary: bool = True) -> dict[str, Any]:
+def _run_status(store: Store, run_id: str, *, summary: bool = True) -> StatusResult:
     """``summary=False``: from the records even when the run is sealed (what its summary must equal)."""
     try:
         ctl = read_control(store, run_id)
@@ -154,12 +183,15 @@ def _run_status(store: Store, run_id: str, *, summary: bool = True) -> dict[str,
         raise
     sealed = ctl.seal
     if summary and ctl.status in RUN_FINISHED and sealed is not None and sealed.summary is not None:
-        got = statusrows.read_summary(store, run_id, ctl.generation, sealed.digest, sealed.steps, sealed.summary)
+        now = store.now()
+        got = statusrows.read_summary(store, run_id, ctl.generation, sealed.digest, sealed.steps, sealed.summary,
+                                      now)
         if got is not None:
-            now = store.now()
-            return _status_of(store, run_id, ctl, got.name, got.submitted_at, got.submitted_by, got.spec_hash,
-                              got.params, statusrows.finish_rows(got.steps, store, run_id, now),
-                              timing_of(got.submitted_at, ctl, got.first_claim_at, now), None)
+            head, lines = got
+            return StatusResult(_fields(store, run_id, ctl, head.name, head.submitted_at, head.submitted_by,
+                                        head.spec_hash, head.params, head.counts, head.waiting_approval,
+                                        timing_of(head.submitted_at, ctl, head.first_claim_at, now), None),
+                                lines=lines)
     rec = read_record(store, run_id)
     states = load_states(store, run_id, rec)
     now = store.now()
@@ -167,15 +199,17 @@ def _run_status(store: Store, run_id: str, *, summary: bool = True) -> dict[str,
     rows = statusrows.live_rows(lambda sid: (defs.get(sid) or {}).get("loop"))
     for st in states.values():
         rows.add(st)
-    timing = timing_of(rec.submitted_at, ctl, rows.first_claim, now)
-    return _status_of(store, run_id, ctl, rec.name, rec.submitted_at, rec.submitted_by, rec.spec_hash, rec.params,
-                      statusrows.finish_rows(rows.rows(compiled_order(rec)), store, run_id, now), timing,
-                      spend_summary(store, rec, ctl, states))
+    shown: list[tuple[str, str, str | None]] = []
+    steps = statusrows.finish_rows(rows.rows(compiled_order(rec), shown), store, run_id, now)
+    return StatusResult(_fields(store, run_id, ctl, rec.name, rec.submitted_at, rec.submitted_by, rec.spec_hash,
+                                rec.params, statusrows.step_counts(shown), statusrows.waiting_approval(shown),
+                                timing_of(rec.submitted_at, ctl, rows.first_claim, now),
+                                spend_summary(store, rec, ctl, states)), rows=steps)
 
 
-def _status_of(store: Store, run_id: str, ctl: Control, name: str, submitted_at: float, submitted_by: str,
-               spec_hash: str, params: dict[str, Any], steps: list[dict[str, Any]], timing: RunTiming,
-               budget: dict[str, Any] | None) -> dict[str, Any]:
+def _fields(store: Store, run_id: str, ctl: Control, name: str, submitted_at: float, submitted_by: str,
+            spec_hash: str, params: dict[str, Any], counts: dict[str, int], waiting: list[str], timing: RunTiming,
+            budget: dict[str, Any] | None) -> dict[str, Any]:
     workers = registry.list_workers(store) if ctl.status not in RUN_FINISHED else []
     return {"run_id": run_id, "name": name, "status": str(ctl.status), "reason": ctl.reason,
             "stalled": registry.stalled(workers, run_id, ctl.status),
@@ -183,11 +217,11 @@ def _status_of(store: Store, run_id: str, ctl: Control, name: str, submitted_at:
             "submitted_at": submitted_at, "submitted_by": submitted_by, "finished_at": ctl.finished_at,
             "duration_s": None if timing.duration_s is None else round(timing.duration_s, 3),
             "timing": timing.model_dump(mode="json"), "generation": ctl.generation,
-            "spec_hash": spec_hash, "params": params, "counts": statusrows.step_counts(steps), "steps": steps,
+            "spec_hash": spec_hash, "params": params, "counts": counts,
             "budget": budget,
             # approval gates waiting for `dagcraft approve|reject` (a run left only with these
             # reads as stalled once its workers exited: it waits for a person, then `resume`)
-            "waiting_approval": [s["step"] for s in steps if s["status"] == StepStatus.WAITING_APPROVAL]}
+            "waiting_approval": waiting}
 
 
 def spend_summary(store: Store, rec: RunRecord, ctl: Control, states: dict[str, StepState]) -> dict[str, Any] | None:
@@ -634,7 +668,7 @@ def follow_log(store: Store, run_id: str, step: str, write: Callable[[bytes], No
 
 
 def status_json(store: Store, run_id: str) -> str:
-    return dumps_status(run_status(store, run_id))
+    return status_result(store, run_id).to_json()
 
 
 _STEPS_MARK = "\x00steps\x00"
@@ -644,9 +678,11 @@ def dumps_status(st: dict[str, Any]) -> str:
     """:func:`run_status` as JSON: indented, with one compact line per step. (``indent=``
     makes ``json`` use its pure-Python encoder — over a second for 10,000 steps; each step
     line here is encoded in C.)"""
-    head = {**st, "steps": _STEPS_MARK}
-    text = json.dumps(head, indent=2, sort_keys=True, default=str)
-    encode = json.JSONEncoder(sort_keys=True, default=str).encode  # one encoder, not one per step
-    lines = ",\n    ".join(encode(step) for step in st.get("steps", []))
-    steps = f"[\n    {lines}\n  ]" if lines else "[]"
+    return _dumps({k: v for k, v in st.items() if k != "steps"}, map(statusrows.encode_row, st.get("steps", [])))
+
+
+def _dumps(fields: dict[str, Any], lines: Iterable[str]) -> str:
+    text = json.dumps({**fields, "steps": _STEPS_MARK}, indent=2, sort_keys=True, default=str)
+    joined = ",\n    ".join(lines)
+    steps = f"[\n    {joined}\n  ]" if joined else "[]"
     return text.replace(json.dumps(_STEPS_MARK), steps, 1)

@@ -7,9 +7,10 @@ by its children). ``ops.run_status`` feeds it every record of a live run. The tr
 finishes a run (``transitions.set_control(finished=True)``) feeds it the very records it
 seals, as it streams them for the seal's digest (:class:`SummaryWriter`), and writes the rows,
 with what ``status`` shows of the run record, as one object, ``runs/<run>/status.json``
-(:class:`StatusSummary`), before the CAS that seals the run; the seal records the SHA-256 of
-its bytes (``RunSeal.summary``). ``status`` of a sealed run then reads two objects (control
-and the summary), not one per step.
+(:class:`StatusSummary`: a head line, then one row per line as ``status --json`` prints it),
+before the CAS that seals the run; the seal records the SHA-256 of its bytes
+(``RunSeal.summary``). ``status`` of a sealed run then reads two objects (control and the
+summary), not one per step, and ``status --json`` prints the rows without parsing them.
 
 Guarantees:
 - A sealed run's ``status`` is the one its step records give: the same rows, built by the
@@ -147,7 +148,7 @@ class StatusRows(Generic[R]):
                  pack: Callable[[dict[str, Any]], R], unpack: Callable[[R], dict[str, Any]]) -> None:
         self._loop_of = loop_of
         self._pack, self._unpack = pack, unpack
-        self._rows: dict[str, tuple[R, str | None]] = {}  # step -> (packed row, its parent field)
+        self._rows: dict[str, tuple[R, str | None, str]] = {}  # step -> (packed row, its parent field, status)
         self._parents: dict[str, StepState] = {}  # steps with children: their row needs the children's
         self._kids: dict[str, _Kid] = {}
         self.first_claim: float | None = None  # of the run: the earliest over its steps
@@ -164,11 +165,11 @@ class StatusRows(Generic[R]):
         if st.children:
             self._parents[st.step_id] = st
         else:
-            self._rows[st.step_id] = (self._pack(self._row(st, st.parent, [])), st.parent)
+            self._rows[st.step_id] = (self._pack(self._row(st, st.parent, [])), st.parent, str(st.status))
 
-    def rows(self, order: Sequence[str]) -> list[R]:
+    def rows(self, order: Sequence[str], shown: list[tuple[str, str, str | None]] | None = None) -> list[R]:
         """Every row in display order (``order``: the compiled order); a step of ``order``
-        without a record reads as pending."""
+        without a record reads as pending. ``shown`` gets (step, status, parent) of each row."""
         known = [*self._rows, *self._parents]
         out: list[R] = []
         for sid, lister in display_order(order, known,
@@ -176,17 +177,21 @@ class StatusRows(Generic[R]):
             if sid in self._parents:
                 st = self._parents[sid]
                 kids = [self._kids[c] for c in st.children if c in self._kids]
-                out.append(self._pack(self._row(st, lister if lister is not None else st.parent, kids)))
-                continue
-            got = self._rows.get(sid)
-            if got is None:
+                parent, status = lister if lister is not None else st.parent, str(st.status)
+                out.append(self._pack(self._row(st, parent, kids)))
+            elif (got := self._rows.get(sid)) is None:
+                parent, status = lister, str(StepStatus.PENDING)
                 out.append(self._pack(self._row(StepState(step_id=sid), lister, [])))
             elif lister is not None and lister != got[1]:  # listed under a parent it does not name
+                parent, status = lister, got[2]
                 row = self._unpack(got[0])
                 row["parent"] = lister
                 out.append(self._pack(row))
             else:
+                parent, status = got[1], got[2]
                 out.append(got[0])
+            if shown is not None:
+                shown.append((sid, status, parent))
         return out
 
     def _row(self, st: StepState, parent: str | None, kids: Sequence[_Kid]) -> dict[str, Any]:
@@ -228,31 +233,53 @@ def _same(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def finish_rows(rows: list[dict[str, Any]], store: Store, run_id: str, now: float) -> list[dict[str, Any]]:
-    """Fill in what depends on the reader, in place: each row's ``duration_s`` (to ``now``
-    while it runs) and ``more``, the command that prints its failed attempt's whole log."""
+def finish_rows(rows: list[dict[str, Any]], store: Store | None, run_id: str, now: float) -> list[dict[str, Any]]:
+    """Fill in what depends on the reader, in place, in each row not finished yet: its
+    ``duration_s`` (to ``now`` while it runs) and ``more``, the command that prints its failed
+    attempt's whole log (``store``: the reader's; None only for rows :func:`settled` says need none)."""
     for row in rows:
+        if _LOG_ATTEMPT not in row:
+            continue  # finished already (a summary's settled row)
         start, end = row["started_at"], row["finished_at"]
         row["duration_s"] = None if start is None else round(max(0.0, (end or now) - start), 3)
-        name = row.pop(_LOG_ATTEMPT, None)
-        row["more"] = None if name is None else logs_command(store, run_id, row["step"], name)
+        name = row.pop(_LOG_ATTEMPT)
+        assert name is None or store is not None
+        row["more"] = None if name is None or store is None else logs_command(store, run_id, row["step"], name)
     return rows
 
 
-def step_counts(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """Submitted steps by status (foreach children are counted in their parent's
-    ``children_counts``)."""
+def settled(row: Mapping[str, Any]) -> bool:
+    """Whether :func:`finish_rows` fills in ``row`` the same for every reader at any time: it
+    names no failed attempt's log and has a duration that no longer grows."""
+    return row.get(_LOG_ATTEMPT) is None and (row["started_at"] is None or row["finished_at"] is not None)
+
+
+#: how ``status --json`` prints one row (``ops.dumps_status``): one encoder, not one per row
+encode_row = json.JSONEncoder(sort_keys=True, default=str).encode
+
+
+def step_counts(shown: Iterable[tuple[str, str, str | None]]) -> dict[str, int]:
+    """Submitted steps by status, from (step, status, parent) of each row (foreach children
+    are counted in their parent's ``children_counts``)."""
     counts: dict[str, int] = {}
-    for s in rows:
-        if not s["parent"]:
-            counts[str(s["status"])] = counts.get(str(s["status"]), 0) + 1
+    for _, status, parent in shown:
+        if not parent:
+            counts[status] = counts.get(status, 0) + 1
     return counts
+
+
+def waiting_approval(shown: Iterable[tuple[str, str, str | None]]) -> list[str]:
+    """The steps whose approval gate waits for a decision."""
+    return [sid for sid, status, _ in shown if status == StepStatus.WAITING_APPROVAL]
 
 
 # -- the summary a sealed run is read from ----------------------------------------------------------
 class StatusSummary(BaseModel):
-    """``runs/<run>/status.json``: what ``status`` shows of a sealed run but its control —
-    the run record's fields it shows (the record never changes) and its step rows."""
+    """The first line of ``runs/<run>/status.json``: what ``status`` shows of a sealed run but
+    its control and its rows — the run record's fields it shows (the record never changes) and
+    the rows' counts. Each following line is one row, in display order, as ``status --json``
+    prints it (:data:`encode_row`); a row that is not :func:`settled` is written before
+    :func:`finish_rows`, still carrying ``log_attempt``, and finished by the reader."""
 
     version: int = SUMMARY_VERSION
     run_id: str
@@ -266,12 +293,15 @@ class StatusSummary(BaseModel):
     submitted_at: float
     submitted_by: str
     first_claim_at: float | None = None
-    #: the rows in display order, as :class:`StatusRows` built them (before :func:`finish_rows`)
-    steps: list[dict[str, Any]] = Field(default_factory=list)
+    rows: int
+    counts: dict[str, int] = Field(default_factory=dict)
+    waiting_approval: list[str] = Field(default_factory=list)
 
 
-def _encode(row: dict[str, Any]) -> str:
-    return json.dumps(row, sort_keys=True, separators=(",", ":"), default=str)
+def _pack_settled(row: dict[str, Any]) -> str:
+    if settled(row):
+        finish_rows([row], None, "", 0.0)  # needs neither a reader nor a clock
+    return encode_row(row)
 
 
 def _decode(text: str) -> dict[str, Any]:
@@ -291,7 +321,7 @@ class SummaryWriter:
             loop = steps.attr(sid, "loop") if sid in steps else None
             return None if loop is None else {"max_iterations": loop.max_iterations, "on_max": loop.on_max}
 
-        self.rows: StatusRows[str] = StatusRows(loop_of, _encode, _decode)
+        self.rows: StatusRows[str] = StatusRows(loop_of, _pack_settled, _decode)
 
     def feed(self, states: Iterable[StepState]) -> Iterator[StepState]:
         """``states``, unchanged, each added to the rows as it passes."""
@@ -307,12 +337,14 @@ class SummaryWriter:
         if view.wf.agents or records != self.rows.records:
             return None
         rec = view.record
+        shown: list[tuple[str, str, str | None]] = []
+        lines = self.rows.rows(rec.order or list(view.steps), shown)
         head = StatusSummary(run_id=view.run_id, generation=view.control.generation, digest=digest, records=records,
                              name=rec.name, spec_hash=rec.spec_hash, params=rec.params,
                              submitted_at=rec.submitted_at, submitted_by=rec.submitted_by,
-                             first_claim_at=self.rows.first_claim)
-        text = head.model_dump_json(exclude={"steps"})
-        data = f'{text[:-1]},"steps":[{",".join(self.rows.rows(rec.order or list(view.steps)))}]}}'.encode()
+                             first_claim_at=self.rows.first_claim, rows=len(lines), counts=step_counts(shown),
+                             waiting_approval=waiting_approval(shown))
+        data = "\n".join([head.model_dump_json(), *lines]).encode()
         try:  # one try (the store's own retries): an outage is the control write's to ride out
             view.store.put(layout.status_summary(view.run_id), data)
         except DagcraftError:
@@ -320,18 +352,23 @@ class SummaryWriter:
         return hashlib.sha256(data).hexdigest()
 
 
-def read_summary(store: Store, run_id: str, generation: int, digest: str, records: int,
-                 sha256: str) -> StatusSummary | None:
-    """The sealed run's summary when it is the one its seal names (see the guarantees above),
-    else None (read the records instead)."""
+def read_summary(store: Store, run_id: str, generation: int, digest: str, records: int, sha256: str,
+                 now: float) -> tuple[StatusSummary, list[str]] | None:
+    """The sealed run's summary and its rows as ``status --json`` prints them (those that
+    were not settled finished for this reader at ``now``), when it is the one its seal names
+    (see the guarantees above); else None (read the records instead)."""
     got = store.get(layout.status_summary(run_id))
     if got is None or hashlib.sha256(got[0]).hexdigest() != sha256:
         return None
     try:
-        s = StatusSummary.model_validate_json(got[0])
-    except ValueError:
+        first, *lines = got[0].decode("utf-8").split("\n")
+        s = StatusSummary.model_validate_json(first)
+        if (s.version, s.run_id, s.generation, s.digest, s.records, s.rows) != (
+                SUMMARY_VERSION, run_id, generation, digest, records, len(lines)):
+            return None
+        for i, line in enumerate(lines):
+            if f'"{_LOG_ATTEMPT}": ' in line:  # not settled (or an output named so: finishing it is a no-op)
+                lines[i] = encode_row(finish_rows([_decode(line)], store, run_id, now)[0])
+    except ValueError:  # not UTF-8, not JSON, not a summary
         return None
-    if (s.version, s.run_id, s.generation, s.digest, s.records) != (SUMMARY_VERSION, run_id, generation, digest,
-                                                                    records):
-        return None
-    return s
+    return s, lines

@@ -14,7 +14,7 @@ import pytest
 from dagcraft.errors import StoreUnavailable
 from dagcraft.orchestrator import layout, prepare_resume, run_status
 from dagcraft.orchestrator.model import load_control
-from dagcraft.orchestrator.ops import _run_status, dumps_status
+from dagcraft.orchestrator.ops import _run_status, dumps_status, status_result
 from tests.orchestrator.helpers import cli, drive_inline, submit_spec, write_spec
 
 #: a foreach parent and its children, a loop and its body steps, a matrix, a skipped step, a
@@ -84,11 +84,14 @@ def test_sealed_run_status_is_read_from_its_summary_and_equals_the_records(local
     ctl = load_control(local_store.get(layout.control(rid))[0])
     assert ctl.status == "failed" and ctl.seal is not None and ctl.seal.summary is not None
     _frozen_clock(local_store, monkeypatch)
-    from_records = _run_status(local_store, rid, summary=False)
+    from_records = _run_status(local_store, rid, summary=False).as_dict()
     reads = _counting(local_store, monkeypatch)
     st = run_status(local_store, rid)
     assert reads == {layout.control(rid): 1, layout.status_summary(rid): 1}  # no run.json, no step record
     assert st == from_records and dumps_status(st) == dumps_status(from_records)
+    # `status --json` prints the summary's rows as they are: the very text of the records' status
+    res = status_result(local_store, rid)
+    assert res.lines is not None and res.to_json() == dumps_status(from_records)
     by = {s["step"]: s for s in st["steps"]}
     # what the rows are made of is there: children under their parent, a loop's progress, a
     # failed attempt's log command (with this reader's store URL)
@@ -103,11 +106,13 @@ def test_sealed_run_status_is_read_from_its_summary_and_equals_the_records(local
 def test_a_summary_its_seal_does_not_name_is_not_used(local_store, tmp_path, monkeypatch):
     rid = _finished(local_store, tmp_path)
     _frozen_clock(local_store, monkeypatch)
-    from_records = _run_status(local_store, rid, summary=False)
+    from_records = _run_status(local_store, rid, summary=False).as_dict()
     key = layout.status_summary(rid)
-    forged = json.loads(local_store.get(key)[0])
-    forged["steps"][0]["status"] = "succeeded-ish"
-    local_store.put(key, json.dumps(forged).encode())  # e.g. a racing finisher's, or an edit
+    head, first, *rest = local_store.get(key)[0].decode().split("\n")
+    row = json.loads(first)
+    row["status"] = "succeeded-ish"
+    forged = "\n".join([head, json.dumps(row), *rest])
+    local_store.put(key, forged.encode())  # e.g. a racing finisher's, or an edit
     reads = _counting(local_store, monkeypatch)
     assert run_status(local_store, rid) == from_records
     assert reads.get(layout.step_state(rid, "boom")) == 1  # read from the records
@@ -164,7 +169,7 @@ def test_cli_status_json_of_a_sealed_run_is_the_records_status(local_store, tmp_
     proc = cli("status", rid, "--store", str(local_store.root), "--json")
     assert proc.returncode == 1, proc.stderr  # the run failed
     shown = json.loads(proc.stdout)
-    from_records = _run_status(local_store, rid, summary=False)
+    from_records = _run_status(local_store, rid, summary=False).as_dict()
     for d in (shown, from_records):  # the clock moved between the two reads
         d.pop("timing")
         d.pop("duration_s")
