@@ -31,6 +31,8 @@ from dagcraft.workflows.spec import Spec
 
 Pos = tuple[int, int]
 _STR = "tag:yaml.org,2002:str"
+_SEQ = "tag:yaml.org,2002:seq"
+_MAP = "tag:yaml.org,2002:map"
 
 MAX_SPEC_BYTES = 1 << 20  # 1 MiB of spec text
 MAX_DEPTH = 64  # nested mappings/sequences
@@ -47,16 +49,21 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
-        self._tags: dict[tuple[Any, str, Any], str] = {}
+        self._tags: dict[str, str] = {}
 
     def resolve(self, kind: Any, value: str, implicit: Any) -> str:
-        # A pure function of its arguments (SafeLoader has no path resolvers): the regex
-        # scan per scalar was a third of composing a 10,000-step spec, whose keys repeat.
-        k = (kind, value, implicit)
-        tag = self._tags.get(k)
-        if tag is None:
-            tag = self._tags[k] = super().resolve(kind, value, implicit)
-        return tag
+        # What SafeLoader's resolver gives (it has no path resolvers): the regex scan per
+        # scalar was a third of composing a 10,000-step spec, whose keys repeat. A plain
+        # scalar's tag is a pure function of its text (memoised); any other untagged scalar is
+        # a string, a collection its kind's default tag.
+        if kind is yaml.ScalarNode:
+            if not implicit[0]:
+                return _STR
+            tag = self._tags.get(value)
+            if tag is None:
+                tag = self._tags[value] = super().resolve(kind, value, implicit)
+            return tag
+        return _SEQ if kind is yaml.SequenceNode else _MAP
 
 
 def format_path(path: tuple) -> str:

@@ -270,3 +270,16 @@ def test_built_without_positions_or_with_them_the_outcome_is_the_same(text: str)
             return SpecError, str(exc)
 
     assert public() == outcome(True)
+
+
+def test_the_memoised_resolver_gives_safeloaders_tags():
+    plain = yaml.SafeLoader("")
+    assert not yaml.SafeLoader.yaml_path_resolvers  # what makes a tag a function of kind, text, implicit
+    for value in ["1", "yes", "On", "a", "", "~", "null", "1.5", ".inf", "2020-01-01", "0x1f", "<<", "=", "1_000"]:
+        for implicit in [(True, False), (False, True), (True, True), (False, False)]:
+            mine = loader_mod._Loader("")
+            assert mine.resolve(yaml.ScalarNode, value, implicit) == plain.resolve(yaml.ScalarNode, value, implicit)
+            assert mine.resolve(yaml.ScalarNode, value, implicit) == plain.resolve(yaml.ScalarNode, value, implicit)
+    for kind in (yaml.SequenceNode, yaml.MappingNode):
+        for implicit in (True, False):
+            assert loader_mod._Loader("").resolve(kind, None, implicit) == plain.resolve(kind, None, implicit)
