@@ -224,6 +224,13 @@ def _fields(store: Store, run_id: str, ctl: Control, name: str, submitted_at: fl
             "waiting_approval": waiting}
 
 
+def drop_summary(store: Store, run_id: str) -> None:
+    """Remove the run's status summary before its step records change (resume, retry): until
+    the CAS that reopens the run, control still carries the seal, and ``status`` must read the
+    records, not the summary of what they were — also when the command dies halfway."""
+    store.delete(layout.status_summary(run_id))
+
+
 def spend_summary(store: Store, rec: RunRecord, ctl: Control, states: dict[str, StepState]) -> dict[str, Any] | None:
     """Spend per run, agent and step against the limits in force (``budget.summary``), from
     the ledger; None for a workflow without agents (nothing can spend: no request made)."""
@@ -431,6 +438,7 @@ def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False,
         if retry_failed or status == RunStatus.BUDGET_EXCEEDED:
             reset += [s for s in view.all_ids() if view.status(s) in (StepStatus.SKIPPED, StepStatus.CANCELLED)
                       and not view.state(s).parent and s not in reset]
+        drop_summary(store, run_id)
         for sid in reset:
             resumed_at = _loop_resume_point(view, sid)
             if resumed_at is not None:
@@ -528,6 +536,7 @@ def retry_from(store: Store, run_id: str, step: str) -> list[str]:
 
     view = LocalView(store, run_id, detail=True, persist=ONCE)
     _clear_corrupt(view)
+    drop_summary(store, run_id)
     body = step if step in view.steps and view.steps[step].iteration is not None else _latest_body_step(view, step)
     reason = f"reset by retry --from {step}"
     again: list[str] = []

@@ -14,15 +14,18 @@ summary), not one per step, and ``status --json`` prints the rows without parsin
 
 Guarantees:
 - A sealed run's ``status`` is the one its step records give: the same rows, built by the
-  same code from the records the seal covers. What depends on the reader — the command that
+  same code from the records the seal covers (that they are still those records is what
+  ``trace verify`` checks). What depends on the reader — the command that
   prints a failed attempt's log (``more``, with the reader's store URL) and durations — is
   filled in when it is read, on both paths (:func:`finish_rows`); the run's status, reason
   and finish time always come from control as read.
 - The summary is used only when its bytes hash to the seal's ``summary`` and it names the
   same run, generation, seal digest and number of records; otherwise (missing, overwritten by
   a finisher that lost the race, unreadable, or a run with agents, whose spend is read from
-  the ledger) ``status`` reads every record as for a live run. Whatever reopens a run
-  (resume, retry, rollback) rewrites control without the seal, so a stale summary is never read.
+  the ledger) ``status`` reads every record as for a live run. What changes a sealed run's
+  step records removes the summary first (resume, retry: ``ops.drop_summary``) or unseals
+  control first (rollback), and reopening rewrites control without the seal: a stale summary
+  is never read, even when such a command dies halfway.
 - Writing it is best effort, one PUT: a store error leaves the seal without ``summary``,
   never a run unfinished. Its bytes depend only on the records (not on the writer, its clock or its store
   URL), so workers racing to finish a run write the same summary.

@@ -174,3 +174,22 @@ def test_cli_status_json_of_a_sealed_run_is_the_records_status(local_store, tmp_
         d.pop("timing")
         d.pop("duration_s")
     assert shown == json.loads(json.dumps(from_records))
+
+
+def test_a_resume_that_dies_before_reopening_leaves_status_reading_the_records(local_store, tmp_path, monkeypatch):
+    from dagcraft.orchestrator import transitions
+
+    rid = _finished(local_store, tmp_path)
+
+    def dies(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("killed between the resets and the reopening CAS")
+
+    monkeypatch.setattr(transitions, "reopen", dies)
+    with pytest.raises(RuntimeError):
+        prepare_resume(local_store, rid, retry_failed=True)
+    ctl = load_control(local_store.get(layout.control(rid))[0])
+    assert ctl.status == "failed" and ctl.seal is not None and ctl.seal.summary is not None  # still sealed
+    _frozen_clock(local_store, monkeypatch)
+    st = run_status(local_store, rid)
+    assert {s["step"]: s["status"] for s in st["steps"]}["boom"] == "pending"  # what the records say now
+    assert st == _run_status(local_store, rid, summary=False).as_dict()
