@@ -20,7 +20,7 @@ from rich.text import Text
 from dagcraft.cli.common import console as plain_console
 from dagcraft.cli.common import printable
 from dagcraft.orchestrator.model import TERMINAL, StepState, run_timing
-from dagcraft.orchestrator.ops import step_span
+from dagcraft.orchestrator.statusrows import step_span
 
 STYLE = {"succeeded": "green", "failed": "bold red", "running": "cyan", "retrying": "yellow",
          "skipped": "dim", "cancelled": "magenta", "pending": "white", "expanded": "cyan",

@@ -291,25 +291,23 @@ def register(cli: click.Group) -> None:
     def status(run_id: str, store_url: str | None, as_json: bool, watch: bool) -> None:
         """Show RUN's status and its steps. Exit 1 if the run failed."""
         from dagcraft.orchestrator import run_status
-        from dagcraft.orchestrator.ops import dumps_status
+        from dagcraft.orchestrator.ops import status_result
 
         store, _ = _store(store_url, create=False)
         run_id = parse_address(run_id, store, step="forbidden").run
 
-        def show(st: dict[str, Any]) -> None:
-            if as_json:
-                click.echo(dumps_status(st))
-            else:
-                _print_status(st)
-
         if watch and not as_json:
             from dagcraft.cli.watch import watch as watch_status  # rich: only to watch
 
-            st = watch_status(lambda: run_status(store, run_id), show)
+            st = watch_status(lambda: run_status(store, run_id), _print_status)
         else:
             while True:
-                st = run_status(store, run_id)
-                show(st)
+                res = status_result(store, run_id)
+                st = res.fields
+                if as_json:
+                    click.echo(res.to_json())  # a sealed run's rows as its summary holds them
+                else:
+                    _print_status(res.as_dict())
                 if not watch or st["status"] in ("succeeded", "failed", "cancelled", "rolled_back",
                                                  "budget_exceeded"):
                     break

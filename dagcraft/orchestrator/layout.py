@@ -5,6 +5,7 @@ runs-index/<ulid>~<run_id>                        one entry per submitted run (n
 runs-wake                                         rewritten after every runs-index entry (journal.py)
 runs/<run>/run.json                               immutable submitted run (RunRecord)
 runs/<run>/control.json                           run-level status, changed only by CAS (Control)
+runs/<run>/status.json                            a sealed run's status summary (statusrows.StatusSummary)
 runs/<run>/journal/<ulid>~<step|@control>         append-only change notifications
 runs/<run>/steps/<step>/state.json                step state, changed only by CAS (StepState)
 runs/<run>/steps/<step>/attempts/<n>/trace.jsonl  per-attempt trace (+ stdout.log, stderr.log)
@@ -136,6 +137,12 @@ def cache_entry(digest: str) -> str:
 
 def report(run_id: str) -> str:
     return f"{run_prefix(run_id)}/report.html"
+
+
+def status_summary(run_id: str) -> str:
+    """What ``status`` shows of the sealed run (``orchestrator.statusrows``), written by the
+    transition that sealed it; rewritten each time the run is sealed again."""
+    return f"{run_prefix(run_id)}/status.json"
 
 
 WORKERS_PREFIX = "workers/"

@@ -164,6 +164,10 @@ class RunSeal(BaseModel):
     #: id of the public key that signed it (None: unsigned)
     key_id: str | None = None
     signature: str | None = None
+    #: SHA-256 hex of the status summary (``orchestrator.statusrows``) that the same transition
+    #: wrote from the same step records; None when it could not be written. ``status`` reads a
+    #: sealed run from the summary only when its bytes hash to this.
+    summary: str | None = None
 
 
 class Control(BaseModel):
@@ -334,17 +338,28 @@ class RunTiming(BaseModel):
     queued_s: float | None = None
 
 
+def first_claim(st: StepState) -> float | None:
+    """The earliest claim of one step: its running attempt's start and every ended attempt's
+    (what :func:`run_timing` takes the minimum of over the run's steps)."""
+    starts = [t for t in [st.started_at if st.status in ACTIVE else None, *(h.started_at for h in st.history)]
+              if t is not None]
+    return min(starts) if starts else None
+
+
 def run_timing(record: RunRecord, control: Control, states: Iterable[StepState], now: float) -> RunTiming:
     """:class:`RunTiming` of a run from its records (no store reads)."""
-    starts = [t for st in states
-              for t in [st.started_at if st.status in ACTIVE else None, *(h.started_at for h in st.history)]
-              if t is not None]
-    first = min(starts) if starts else None
+    starts = [t for t in map(first_claim, states) if t is not None]
+    return timing_of(record.submitted_at, control, min(starts) if starts else None, now)
+
+
+def timing_of(submitted_at: float, control: Control, first: float | None, now: float) -> RunTiming:
+    """:class:`RunTiming` from the run's submission time, its control and its first claim
+    (:func:`first_claim` over its steps)."""
     end = control.finished_at if control.status in RUN_FINISHED and control.finished_at else now
-    return RunTiming(submitted_at=record.submitted_at, first_claim_at=first,
+    return RunTiming(submitted_at=submitted_at, first_claim_at=first,
                      finished_at=control.finished_at if control.status in RUN_FINISHED else None,
                      duration_s=None if first is None else max(0.0, end - first),
-                     queued_s=None if first is None else max(0.0, first - record.submitted_at))
+                     queued_s=None if first is None else max(0.0, first - submitted_at))
 
 
 M = TypeVar("M", bound=BaseModel)

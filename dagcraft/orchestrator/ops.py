@@ -9,36 +9,36 @@ ridden out like a worker's writes.
 from __future__ import annotations
 
 import json
-import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dagcraft.errors import Conflict, CorruptRecord, DagcraftError, InvalidInput, NotFound
-from dagcraft.orchestrator import journal, layout, registry
+from dagcraft.orchestrator import journal, layout, registry, statusrows
 from dagcraft.orchestrator.model import (
     RUN_FINISHED,
     TERMINAL,
     AttemptKind,
-    AttemptStatus,
     Control,
     CorruptNote,
     ReasonKind,
     RunRecord,
     RunStatus,
+    RunTiming,
     StepState,
     StepStatus,
     dump,
     load_control,
     load_record,
     load_state,
-    run_timing,
+    timing_of,
 )
 from dagcraft.orchestrator.submission import identity
 from dagcraft.primitives.local import LocalStore
 from dagcraft.primitives.store import Store
-from dagcraft.workflows import ConcreteStep, paused_gc
+from dagcraft.workflows.gcpause import paused_gc
 
 if TYPE_CHECKING:
     from dagcraft.orchestrator.view import LocalView
@@ -124,48 +124,14 @@ def _get_many(store: Store, keys: list[str]) -> list[tuple[bytes, str] | None]:
         return list(pool.map(store.get, keys))
 
 
+def compiled_order(rec: RunRecord) -> list[str]:
+    """The run's step ids in compiled (topological) order."""
+    return rec.order or list(rec.workflow.get("steps", {}))
+
+
 def ordered_states(rec: RunRecord, states: dict[str, StepState]) -> list[tuple[StepState, str | None]]:
     """(state, foreach parent) in compiled order, each parent followed by its children."""
-    out: list[tuple[StepState, str | None]] = []
-    seen: set[str] = set()
-    order = rec.order or list(rec.workflow.get("steps", {}))
-    for sid in order + sorted(set(states) - set(order)):
-        if sid in seen:
-            continue
-        seen.add(sid)
-        st = states.get(sid) or StepState(step_id=sid)  # built only for a step without a record
-        out.append((st, st.parent))
-        for child in st.children:
-            if child not in seen:
-                seen.add(child)
-                out.append((states.get(child) or StepState(step_id=child), sid))
-    return out
-
-
-def logs_command(store: Store, run_id: str, step: str, attempt: int | str, stream: str = "stderr") -> str:
-    """The exact command that prints an attempt's whole log (quoted for a POSIX shell)."""
-    return " ".join(shlex.quote(str(a)) for a in ("dagcraft", "logs", f"{run_id}/{step}", "--attempt", attempt,
-                                                   "--stream", stream, "--store", store.url))
-
-
-def step_span(st: StepState, children: Sequence[StepState] = ()) -> tuple[float | None, float | None]:
-    """(start, end) of a step as every viewer shows it: its current attempt's claim to its
-    finish; a foreach parent's span is its children's (first claim to last finish)."""
-    if st.children:
-        starts = [c.started_at for c in children if c.started_at is not None]
-        ends = [c.finished_at for c in children if c.finished_at is not None]
-        done = bool(children) and len(ends) == len(children)
-        return (min(starts) if starts else None), (max(ends) if done else None)
-    return st.started_at, st.finished_at if st.status in TERMINAL else None
-
-
-def loop_summary(st: StepState, kids: Sequence[StepState], loop: dict[str, Any]) -> dict[str, Any]:
-    """A loop step's progress as every viewer shows it: ``iterations`` started so far, its
-    ``max_iterations`` and ``on_max``, and ``until`` — true/false as evaluated after the last
-    iteration, None while it runs (or when it failed before evaluating it)."""
-    started = max((int((k.definition or {}).get("iteration") or 0) for k in kids), default=0)
-    return {"iterations": started, "max_iterations": loop.get("max_iterations"), "on_max": loop.get("on_max"),
-            "until": st.outputs.get("until") if st.status in TERMINAL else None}
+    return statusrows.ordered_states(compiled_order(rec), states)
 
 
 def run_status(store: Store, run_id: str) -> dict[str, Any]:
@@ -174,65 +140,95 @@ def run_status(store: Store, run_id: str) -> dict[str, Any]:
     counted in their parent's ``children_counts``), so it adds up to the number ``run`` printed
     at submission. A step that did not succeed carries ``reason_kind`` and, when its last
     attempt failed, that attempt's ``stderr_tail`` and ``more`` (the command that prints the
-    whole log)."""
+    whole log). A sealed run is read from the status summary its seal names (two GETs, not one
+    per step; see ``orchestrator.statusrows``), any other run from its records."""
+    return status_result(store, run_id).as_dict()
+
+
+@dataclass(frozen=True)
+class StatusResult:
+    """:func:`run_status` of one run: ``fields`` (everything but ``steps``) and its step rows,
+    held either as dicts (``rows``) or as the lines ``status --json`` prints (``lines``, a
+    sealed run's summary: printed as they are, parsed only for :meth:`as_dict`)."""
+
+    fields: dict[str, Any]
+    rows: list[dict[str, Any]] | None = None
+    lines: list[str] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.rows is not None:
+            return {**self.fields, "steps": self.rows}
+        rows: list[dict[str, Any]] = json.loads(f"[{','.join(self.lines or [])}]")
+        return {**self.fields, "steps": rows}
+
+    def to_json(self) -> str:
+        """What ``status --json`` prints: :func:`dumps_status` of :meth:`as_dict`."""
+        if self.lines is None:
+            return dumps_status(self.as_dict())
+        return _dumps(self.fields, self.lines)
+
+
+def status_result(store: Store, run_id: str) -> StatusResult:
+    """:func:`run_status` as a :class:`StatusResult`."""
     with paused_gc():  # 10,000 records read at once: see paused_gc
         return _run_status(store, run_id)
 
 
-def _run_status(store: Store, run_id: str) -> dict[str, Any]:
+def _run_status(store: Store, run_id: str, *, summary: bool = True) -> StatusResult:
+    """``summary=False``: from the records even when the run is sealed (what its summary must equal)."""
+    try:
+        ctl = read_control(store, run_id)
+    except NotFound:
+        read_record(store, run_id)  # no run at all: say so, not that its submit did not complete
+        raise
+    sealed = ctl.seal
+    if summary and ctl.status in RUN_FINISHED and sealed is not None and sealed.summary is not None:
+        now = store.now()
+        got = statusrows.read_summary(store, run_id, ctl.generation, sealed.digest, sealed.steps, sealed.summary,
+                                      now)
+        if got is not None:
+            head, lines = got
+            return StatusResult(_fields(store, run_id, ctl, head.name, head.submitted_at, head.submitted_by,
+                                        head.spec_hash, head.params, head.counts, head.waiting_approval,
+                                        timing_of(head.submitted_at, ctl, head.first_claim_at, now), None),
+                                lines=lines)
     rec = read_record(store, run_id)
-    ctl = read_control(store, run_id)
     states = load_states(store, run_id, rec)
     now = store.now()
-    steps = []
-    for st, parent in ordered_states(rec, states):
-        kids = [states[c] for c in st.children if c in states]
-        start, end = step_span(st, kids)
-        last = st.history[-1] if st.history else None
-        failed_attempt = (last is not None and last.status is not AttemptStatus.SUCCEEDED
-                          and last.kind is not AttemptKind.APPROVAL  # a decision has no logs
-                          and st.status in (StepStatus.FAILED, StepStatus.RETRYING, StepStatus.CANCELLED))
-        item: dict[str, Any] = {
-            "step": st.step_id, "status": str(st.status), "attempt": st.attempt,
-            # the worker of the current attempt, else of the last one
-            "worker": st.worker or (last.worker if last else None),
-            "started_at": start, "finished_at": end,
-            "duration_s": None if start is None else round(max(0.0, (end or now) - start), 3),
-            "reason": st.reason, "reason_kind": None if st.reason_kind is None else str(st.reason_kind),
-            "exit_code": st.exit_code, "outputs": st.outputs, "artifacts": sorted(st.artifacts),
-            "cached_from": st.cached_from, "parent": parent, "children": st.children,
-            "stderr_tail": last.stderr_tail if failed_attempt and last is not None else None,
-            "more": logs_command(store, run_id, st.step_id, last.name) if failed_attempt and last is not None
-            else None,
-            "approval": None if st.approval is None else st.approval.model_dump(mode="json"),
-        }
-        if st.children:
-            cc: dict[str, int] = {}
-            for k in kids:
-                cc[str(k.status)] = cc.get(str(k.status), 0) + 1
-            item["children_counts"] = cc
-        item["iteration"] = (st.definition or {}).get("iteration")  # a loop body step's iteration
-        loop = (rec.workflow.get("steps", {}).get(st.step_id) or {}).get("loop")
-        if loop:
-            item["loop"] = loop_summary(st, kids, loop)
-        steps.append(item)
-    counts: dict[str, int] = {}
-    for s in steps:
-        if not s["parent"]:
-            counts[str(s["status"])] = counts.get(str(s["status"]), 0) + 1
-    timing = run_timing(rec, ctl, states.values(), now)
+    defs = rec.workflow.get("steps", {})
+    rows = statusrows.live_rows(lambda sid: (defs.get(sid) or {}).get("loop"))
+    for st in states.values():
+        rows.add(st)
+    shown: list[tuple[str, str, str | None]] = []
+    steps = statusrows.finish_rows(rows.rows(compiled_order(rec), shown), store, run_id, now)
+    return StatusResult(_fields(store, run_id, ctl, rec.name, rec.submitted_at, rec.submitted_by, rec.spec_hash,
+                                rec.params, statusrows.step_counts(shown), statusrows.waiting_approval(shown),
+                                timing_of(rec.submitted_at, ctl, rows.first_claim, now),
+                                spend_summary(store, rec, ctl, states)), rows=steps)
+
+
+def _fields(store: Store, run_id: str, ctl: Control, name: str, submitted_at: float, submitted_by: str,
+            spec_hash: str, params: dict[str, Any], counts: dict[str, int], waiting: list[str], timing: RunTiming,
+            budget: dict[str, Any] | None) -> dict[str, Any]:
     workers = registry.list_workers(store) if ctl.status not in RUN_FINISHED else []
-    return {"run_id": run_id, "name": rec.name, "status": str(ctl.status), "reason": ctl.reason,
+    return {"run_id": run_id, "name": name, "status": str(ctl.status), "reason": ctl.reason,
             "stalled": registry.stalled(workers, run_id, ctl.status),
             "workers": [w.worker_id for w in registry.live_serving(workers, run_id)],
-            "submitted_at": rec.submitted_at, "submitted_by": rec.submitted_by, "finished_at": ctl.finished_at,
+            "submitted_at": submitted_at, "submitted_by": submitted_by, "finished_at": ctl.finished_at,
             "duration_s": None if timing.duration_s is None else round(timing.duration_s, 3),
             "timing": timing.model_dump(mode="json"), "generation": ctl.generation,
-            "spec_hash": rec.spec_hash, "params": rec.params, "counts": counts, "steps": steps,
-            "budget": spend_summary(store, rec, ctl, states),
+            "spec_hash": spec_hash, "params": params, "counts": counts,
+            "budget": budget,
             # approval gates waiting for `dagcraft approve|reject` (a run left only with these
             # reads as stalled once its workers exited: it waits for a person, then `resume`)
-            "waiting_approval": [s["step"] for s in steps if s["status"] == StepStatus.WAITING_APPROVAL]}
+            "waiting_approval": waiting}
+
+
+def drop_summary(store: Store, run_id: str) -> None:
+    """Remove the run's status summary before its step records change (resume, retry): until
+    the CAS that reopens the run, control still carries the seal, and ``status`` must read the
+    records, not the summary of what they were — also when the command dies halfway."""
+    store.delete(layout.status_summary(run_id))
 
 
 def spend_summary(store: Store, rec: RunRecord, ctl: Control, states: dict[str, StepState]) -> dict[str, Any] | None:
@@ -242,6 +238,7 @@ def spend_summary(store: Store, rec: RunRecord, ctl: Control, states: dict[str, 
         return None  # known without validating every step of the workflow (a second, at 10,000)
     from dagcraft.orchestrator import budget
     from dagcraft.orchestrator.view import workflow_of
+    from dagcraft.workflows import ConcreteStep
 
     wf = workflow_of(rec, store.url, with_secrets=False)
     if not wf.agents:
@@ -441,6 +438,7 @@ def prepare_resume(store: Store, run_id: str, *, retry_failed: bool = False,
         if retry_failed or status == RunStatus.BUDGET_EXCEEDED:
             reset += [s for s in view.all_ids() if view.status(s) in (StepStatus.SKIPPED, StepStatus.CANCELLED)
                       and not view.state(s).parent and s not in reset]
+        drop_summary(store, run_id)
         for sid in reset:
             resumed_at = _loop_resume_point(view, sid)
             if resumed_at is not None:
@@ -538,6 +536,7 @@ def retry_from(store: Store, run_id: str, step: str) -> list[str]:
 
     view = LocalView(store, run_id, detail=True, persist=ONCE)
     _clear_corrupt(view)
+    drop_summary(store, run_id)
     body = step if step in view.steps and view.steps[step].iteration is not None else _latest_body_step(view, step)
     reason = f"reset by retry --from {step}"
     again: list[str] = []
@@ -678,7 +677,7 @@ def follow_log(store: Store, run_id: str, step: str, write: Callable[[bytes], No
 
 
 def status_json(store: Store, run_id: str) -> str:
-    return dumps_status(run_status(store, run_id))
+    return status_result(store, run_id).to_json()
 
 
 _STEPS_MARK = "\x00steps\x00"
@@ -688,9 +687,11 @@ def dumps_status(st: dict[str, Any]) -> str:
     """:func:`run_status` as JSON: indented, with one compact line per step. (``indent=``
     makes ``json`` use its pure-Python encoder — over a second for 10,000 steps; each step
     line here is encoded in C.)"""
-    head = {**st, "steps": _STEPS_MARK}
-    text = json.dumps(head, indent=2, sort_keys=True, default=str)
-    encode = json.JSONEncoder(sort_keys=True, default=str).encode  # one encoder, not one per step
-    lines = ",\n    ".join(encode(step) for step in st.get("steps", []))
-    steps = f"[\n    {lines}\n  ]" if lines else "[]"
+    return _dumps({k: v for k, v in st.items() if k != "steps"}, map(statusrows.encode_row, st.get("steps", [])))
+
+
+def _dumps(fields: dict[str, Any], lines: Iterable[str]) -> str:
+    text = json.dumps({**fields, "steps": _STEPS_MARK}, indent=2, sort_keys=True, default=str)
+    joined = ",\n    ".join(lines)
+    steps = f"[\n    {joined}\n  ]" if joined else "[]"
     return text.replace(json.dumps(_STEPS_MARK), steps, 1)

@@ -23,15 +23,13 @@ from dagcraft.orchestrator.model import (
 )
 from dagcraft.orchestrator.ops import (
     load_states,
-    logs_command,
-    loop_summary,
     ordered_states,
     read_control,
     read_record,
     run_status,
     spend_summary,
-    step_span,
 )
+from dagcraft.orchestrator.statusrows import logs_command, loop_summary, step_span
 from dagcraft.orchestrator.view import workflow_of
 from dagcraft.primitives.store import Store
 from dagcraft.tracing import RunVerifyReport, TraceStatus, VerifyReport, read_trace, seal, verify

@@ -9,7 +9,7 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic_core
 
@@ -18,7 +18,10 @@ from dagcraft.orchestrator import journal, layout
 from dagcraft.orchestrator.model import Control, RunRecord, dump, dump_run_record
 from dagcraft.primitives.keys import validate_run_id
 from dagcraft.primitives.store import Store
-from dagcraft.workflows import CompiledWorkflow, paused_gc
+from dagcraft.workflows.gcpause import paused_gc
+
+if TYPE_CHECKING:
+    from dagcraft.workflows import CompiledWorkflow
 
 REDACTED = "[redacted]"
 

@@ -66,6 +66,7 @@ from dagcraft.orchestrator.model import (
     load_state,
     seal_digest,
 )
+from dagcraft.orchestrator.statusrows import SummaryWriter
 from dagcraft.primitives import lease as leases
 from dagcraft.primitives.persist import ONCE, Persistence
 from dagcraft.primitives.store import Store, cas
@@ -614,11 +615,14 @@ def set_control(view: LocalView, status: RunStatus, reason: str | None = None, *
 
 def _seal(view: LocalView, status: RunStatus, signer: Signer | None) -> RunSeal:
     # the exact committed records (heads included), not the status a journal entry carried,
-    # and only records that exist: a verifier sees exactly those
-    d, n = seal_digest(view.run_id, status, view.control.generation, view.exact_states())
+    # and only records that exist: a verifier sees exactly those. `status` of the sealed run
+    # reads the summary built from the same records as they pass (statusrows.SummaryWriter).
+    summary = SummaryWriter(view)
+    d, n = seal_digest(view.run_id, status, view.control.generation, summary.feed(view.exact_states()))
+    sha = summary.write(d, n)
     if signer is None:
-        return RunSeal(digest=d, steps=n)
-    return RunSeal(digest=d, steps=n, key_id=signer.key_id, signature=signer.sign(d))
+        return RunSeal(digest=d, steps=n, summary=sha)
+    return RunSeal(digest=d, steps=n, summary=sha, key_id=signer.key_id, signature=signer.sign(d))
 
 
 def reopen(view: LocalView, reason: str, budget: dict[str, float] | None = None) -> None:

@@ -58,7 +58,7 @@ class StepView(BaseModel):
     children: list[str] = Field(default_factory=list)
     #: the command that prints the whole stderr of its last failed attempt
     more: str | None = None
-    #: a loop body step's iteration (1-based); a loop's progress (``ops.loop_summary``)
+    #: a loop body step's iteration (1-based); a loop's progress (``statusrows.loop_summary``)
     iteration: int | None = None
     loop: dict[str, Any] | None = None
 

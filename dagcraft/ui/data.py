@@ -1,8 +1,8 @@
 """JSON shapes of the UI, read from the store through the orchestrator (read-only).
 
 Requests per call (S3): :func:`runs_json` is ``list_runs`` (2 LISTs + 2 GETs per run);
-:func:`run_json` is ``run_status`` plus the step states again for attempt histories (2 LISTs,
-2 GETs per step + 2); :func:`step_json` is 1 GET for the state and up to 3 for the chosen
+:func:`run_json` is ``run_status`` plus the step states again for attempt histories (2 GETs
+per step + 3; 1 per step + 3 for a sealed run, whose ``run_status`` reads its summary); :func:`step_json` is 1 GET for the state and up to 3 for the chosen
 attempt's logs and trace. The server caches each answer for :data:`CACHE_S` so that several
 tabs polling every second cost the store no more than one.
 

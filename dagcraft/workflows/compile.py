@@ -146,6 +146,11 @@ def _matrix_keys(step: StepSpec) -> set[str] | None:
     return keys
 
 
+def _plain(raw: str) -> bool:
+    """Text with no template in it: no ``${{``, and no NUL (jinja2 blocks and comments need one)."""
+    return "${{" not in raw and "\x00" not in raw
+
+
 def _hint(word: str, candidates: Any) -> str:
     m = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1)
     return f" (did you mean {m[0]!r}?)" if m else ""
@@ -192,8 +197,11 @@ class _Graph:
         Nodes on a cycle are left out."""
         import heapq
 
-        within = self.succ if nodes is None else {n: None for n in nodes}
-        indeg = {n: sum(1 for p in self.pred[n] if p in within) for n in within}
+        if nodes is None:
+            indeg = {n: len(ps) for n, ps in self.pred.items()}
+        else:
+            within = {n: None for n in nodes}
+            indeg = {n: sum(1 for p in self.pred[n] if p in within) for n in within}
         heap = [(key(n), n) for n, d in indeg.items() if d == 0]
         heapq.heapify(heap)
         out: list[str] = []
@@ -207,10 +215,24 @@ class _Graph:
                         heapq.heappush(heap, (key(v), v))
         return out
 
+    def acyclic(self) -> bool:
+        """Whether the graph has no cycle (Kahn's algorithm, in no particular order)."""
+        indeg = {n: len(ps) for n, ps in self.pred.items()}
+        todo = [n for n, d in indeg.items() if d == 0]
+        done = 0
+        while todo:
+            n = todo.pop()
+            done += 1
+            for v in self.succ[n]:
+                indeg[v] -= 1
+                if indeg[v] == 0:
+                    todo.append(v)
+        return done == len(self.succ)
+
     def find_cycle(self) -> list[tuple[str, str]]:
         """The edges of one cycle, [] if there is none: networkx's ``find_cycle`` over the
         same graph (it is imported only here, for a spec with a cycle)."""
-        if len(self.topological(lambda n: "")) == len(self.succ):
+        if self.acyclic():
             return []
         import networkx as nx
 
@@ -352,7 +374,7 @@ class _Compiler:
         allow: set[str],
         expression: bool = False,
     ) -> None:
-        if not expression and "${{" not in raw and "\x00" not in raw:
+        if not expression and _plain(raw):
             return  # plain text (blocks and comments need a NUL): no names, nothing to parse
         expr = split_expression(raw)
         if expr is None and expression and "${{" not in raw:
@@ -586,14 +608,17 @@ class _Compiler:
             for k, v in agent.env.items():
                 self.check_template(("agents", name, "env", k), v, allow=base)
             self.check_env(("agents", name, "env"), agent.env)
+        # the names a step's templates may use (read only: shared by the steps that add none)
+        step_allow = base | {"steps"}
+        step_cmd_allow = step_allow | {"attempt"}
         for path, s, _ in self.templates:
-            allow = base | {"steps"}
+            allow = step_allow
             if self._loop_at(path) is not None:
-                allow.add("loop")
+                allow = allow | {"loop"}
             if s.loop is not None:
                 self.check_until(path, s)
             if s.matrix is not None:
-                allow.add("matrix")
+                allow = allow | {"matrix"}
                 for k, v in s.matrix.items():
                     if isinstance(v, str):
                         self.check_template(path + ("matrix", k), v, allow={"params", "run"})
@@ -601,16 +626,18 @@ class _Compiler:
                 if "${{" not in s.foreach:
                     raise self.err(path + ("foreach",), "foreach must be a '${{ ... }}' expression giving a list")
                 self.check_template(path + ("foreach",), s.foreach, step=s, allow=allow)
-                allow.add("item")
+                allow = allow | {"item"}
             # `attempt` (number, previous) exists when an attempt renders its command: not in
             # `when`, `foreach`, `workdir` or `rollback`, which render outside any one attempt
-            cmd_allow = allow | {"attempt"}
+            cmd_allow = step_cmd_allow if allow is step_allow else allow | {"attempt"}
             for f, c in (("run", s.run), ("check", s.check)):
                 if isinstance(c, str):
                     self.check_template(path + (f,), c, step=s, allow=cmd_allow)
                     self.check_shell_string(path + (f,), c)
                 elif isinstance(c, list):
                     for i, item in enumerate(c):
+                        if _plain(item):
+                            continue  # what check_template decides first, without a path built
                         self.check_template(path + (f, i), item, step=s, allow=cmd_allow)
             if isinstance(s.rollback, str):
                 self.check_template(path + ("rollback",), s.rollback, step=s, allow=allow)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import difflib
 import re
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from dagcraft.workflows.spec import Spec
 
 Pos = tuple[int, int]
 _STR = "tag:yaml.org,2002:str"
+_SEQ = "tag:yaml.org,2002:seq"
+_MAP = "tag:yaml.org,2002:map"
 
 MAX_SPEC_BYTES = 1 << 20  # 1 MiB of spec text
 MAX_DEPTH = 64  # nested mappings/sequences
@@ -46,16 +49,21 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
-        self._tags: dict[tuple[Any, str, Any], str] = {}
+        self._tags: dict[str, str] = {}
 
     def resolve(self, kind: Any, value: str, implicit: Any) -> str:
-        # A pure function of its arguments (SafeLoader has no path resolvers): the regex
-        # scan per scalar was a third of composing a 10,000-step spec, whose keys repeat.
-        k = (kind, value, implicit)
-        tag = self._tags.get(k)
-        if tag is None:
-            tag = self._tags[k] = super().resolve(kind, value, implicit)
-        return tag
+        # What SafeLoader's resolver gives (it has no path resolvers): the regex scan per
+        # scalar was a third of composing a 10,000-step spec, whose keys repeat. A plain
+        # scalar's tag is a pure function of its text (memoised); any other untagged scalar is
+        # a string, a collection its kind's default tag.
+        if kind is yaml.ScalarNode:
+            if not implicit[0]:
+                return _STR
+            tag = self._tags.get(value)
+            if tag is None:
+                tag = self._tags[value] = super().resolve(kind, value, implicit)
+            return tag
+        return _SEQ if kind is yaml.SequenceNode else _MAP
 
 
 def format_path(path: tuple) -> str:
@@ -70,9 +78,42 @@ def format_path(path: tuple) -> str:
 
 
 class _Positions:
-    def __init__(self) -> None:
-        self.value: dict[tuple, Pos] = {}
-        self.key: dict[tuple, Pos] = {}
+    """Where each value (``value``) and each mapping key (``key``) was written, by data path.
+    ``locate``: how to fill them later — a load that met no problem notes no position, and
+    the text is parsed again, with every position noted, only when an error needs one."""
+
+    def __init__(self, locate: Callable[[], _Positions] | None = None) -> None:
+        self._locate = locate
+        self._value: dict[tuple, Pos] = {}
+        self._key: dict[tuple, Pos] = {}
+        self.value: Mapping[tuple, Pos] = self._value if locate is None else _Later(self, "_value")
+        self.key: Mapping[tuple, Pos] = self._key if locate is None else _Later(self, "_key")
+
+    def located(self) -> _Positions:
+        if self._locate is not None:
+            again = self._locate()
+            self._value, self._key, self._locate = again._value, again._key, None
+        return self
+
+
+class _Later(Mapping[tuple, Pos]):
+    """One of a :class:`_Positions`' maps, filled on first use."""
+
+    def __init__(self, positions: _Positions, which: str) -> None:
+        self._positions, self._which = positions, which
+
+    def _map(self) -> dict[tuple, Pos]:
+        got: dict[tuple, Pos] = getattr(self._positions.located(), self._which)
+        return got
+
+    def __getitem__(self, path: tuple) -> Pos:
+        return self._map()[path]
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self._map())
+
+    def __len__(self) -> int:
+        return len(self._map())
 
 
 def _mark(node: yaml.Node) -> Pos:
@@ -131,10 +172,42 @@ def _scalar(loader: _Loader, node: yaml.Node, path: tuple) -> Any:
     return value
 
 
-def _build(loader: _Loader, node: yaml.Node, path: tuple, pos: _Positions, depth: int = 0) -> Any:
+class _Unplaced(Exception):
+    """A problem met while building without positions: build again with them, for its message."""
+
+
+def _build(loader: _Loader, node: yaml.Node, path: tuple, pos: _Positions | None, depth: int = 0,
+           budget: list[int] | None = None) -> Any:
+    """The data of ``node``. ``pos`` None: no position is noted, ``path`` stays ``()``, and any
+    problem raises :class:`_Unplaced` (also once more than ``budget[0]`` nodes were built,
+    keys included, or a collection nests deeper than :func:`_check_bounds` allows)."""
+    if pos is None:
+        budget = budget if budget is not None else [MAX_NODES]
+        budget[0] -= 1
+        if budget[0] < 0 or (depth >= MAX_DEPTH and not isinstance(node, yaml.ScalarNode)):
+            raise _Unplaced
+        if isinstance(node, yaml.MappingNode):
+            loader.flatten_mapping(node)
+            budget[0] -= len(node.value)  # the keys
+            out_fast: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR:
+                    raise _Unplaced  # a non-string key: its checks and conversions, with positions
+                if key_node.value in out_fast:
+                    raise _Unplaced
+                out_fast[key_node.value] = _build(loader, value_node, (), None, depth + 1, budget)
+            return out_fast
+        if isinstance(node, yaml.SequenceNode):
+            return [_build(loader, item, (), None, depth + 1, budget) for item in node.value]
+        if node.tag == _STR:
+            return node.value
+        try:
+            return _value(loader, node, ())
+        except SpecError:
+            raise _Unplaced from None
     if depth > MAX_DEPTH:
         raise SpecError(f"{loader.name}:{_mark(node)[0]}:{_mark(node)[1]}: {format_path(path)}: nesting too deep")
-    pos.value.setdefault(path, _mark(node))
+    pos.value.setdefault(path, _mark(node))  # type: ignore[index]  # a dict while positions are noted
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves `<<: *anchor` merge keys
         out: dict[Any, Any] = {}
@@ -155,13 +228,18 @@ def _build(loader: _Loader, node: yaml.Node, path: tuple, pos: _Positions, depth
                     f"{loader.name}:{line}:{col}: {where}: duplicate key {key!r} (first defined at line {first[key][0]})"
                 )
             sub = path + (key,)
-            first[key] = pos.key[sub] = _mark(key_node)
+            first[key] = pos.key[sub] = _mark(key_node)  # type: ignore[index]
             out[key] = _build(loader, value_node, sub, pos, depth + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_build(loader, item, path + (i,), pos, depth + 1) for i, item in enumerate(node.value)]
     if node.tag == _STR:
         return node.value  # the common case, decided without _scalar's checks
+    return _value(loader, node, path)
+
+
+def _value(loader: _Loader, node: yaml.Node, path: tuple) -> Any:
+    """A non-string scalar's value, as the spec's data holds it."""
     value = _scalar(loader, node, path)
     if isinstance(value, (_dt.date, _dt.datetime)):
         return value.isoformat()  # keep the data JSON-able (spec hash); dates are just strings here
@@ -171,8 +249,20 @@ def _build(loader: _Loader, node: yaml.Node, path: tuple, pos: _Positions, depth
 
 
 def load_yaml(text: str, source: str) -> tuple[Any, _Positions]:
-    """Parse one YAML document; return plain data and its positions. SpecError on any YAML problem."""
-    pos = _Positions()
+    """Parse one YAML document; return plain data and its positions. SpecError on any YAML problem.
+
+    The data is built without noting positions first (a third of building it); only a
+    document that has a problem, or whose positions an error later asks for, is parsed again
+    with them, so every error is positioned as before. A document without anchors (``&``) or
+    merge keys (``<<``) is a tree: its size and depth are then checked while it is built."""
+    try:
+        return _load(text, source, noted=False)
+    except _Unplaced:
+        return _load(text, source, noted=True)
+
+
+def _load(text: str, source: str, *, noted: bool) -> tuple[Any, _Positions]:
+    pos = _Positions() if noted else _Positions(lambda: _load(text, source, noted=True)[1])
     if len(text) > MAX_SPEC_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
         raise SpecError(f"{source}: the spec is larger than {MAX_SPEC_BYTES} bytes")
     nul = text.find("\x00")
@@ -187,8 +277,9 @@ def load_yaml(text: str, source: str) -> tuple[Any, _Positions]:
         node = loader.get_single_node()
         if node is None:
             raise SpecError(f"{source}:1:1: the spec is empty")
-        _check_bounds(node, source)
-        data = _build(loader, node, (), pos)
+        if noted or "&" in text or "<<" in text:
+            _check_bounds(node, source)  # aliases: sizes as expanded, each node counted once
+        data = _build(loader, node, (), pos if noted else None)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -179,12 +180,24 @@ class _Model(BaseModel):
         compile's model building. The values must be valid already."""
         plan = _CONSTRUCT_PLANS.get(cls)
         if plan is None:
-            plan = _CONSTRUCT_PLANS[cls] = tuple(cls.__pydantic_fields__.items())
             assert not cls.__private_attributes__ and not cls.__pydantic_post_init__  # what this skips
-        fields: dict[str, Any] = {}
-        for name, field in plan:
-            fields[name] = values[name] if name in values else \
-                field.get_default(call_default_factory=True, validated_data=fields)
+            template: dict[str, Any] = {}  # every field, in order: its default when it needs no copy
+            fill = []  # the others: a factory, a default that is copied, or required
+            for name, field in cls.__pydantic_fields__.items():
+                d = field.default
+                immutable = d is None or type(d) in (bool, int, float, str)
+                template[name] = d if field.default_factory is None and immutable else _UNSET
+                if template[name] is _UNSET:
+                    fill.append((name, field))
+            plan = _CONSTRUCT_PLANS[cls] = (template, tuple(fill))
+        template, fill = plan
+        if not values.keys() <= template.keys():
+            raise TypeError(f"{cls.__name__}: no field(s) {sorted(set(values) - set(template))}")
+        fields = dict(template)  # the fields' order (the serialised order) whatever the values' order
+        fields.update(values)
+        for name, field in fill:
+            if name not in values:
+                fields[name] = field.get_default(call_default_factory=True, validated_data=fields)
         m = cls.__new__(cls)
         object.__setattr__(m, "__dict__", fields)
         object.__setattr__(m, "__pydantic_fields_set__", set(values))
@@ -194,7 +207,8 @@ class _Model(BaseModel):
 
 
 _M = TypeVar("_M", bound=_Model)
-_CONSTRUCT_PLANS: dict[type[BaseModel], tuple[tuple[str, Any], ...]] = {}
+_UNSET = object()
+_CONSTRUCT_PLANS: dict[type[BaseModel], tuple[dict[str, Any], tuple[tuple[str, Any], ...]]] = {}
 
 
 # ----------------------------------------------------------------------------- spec as written
@@ -548,9 +562,10 @@ class Spec(_Model):
     #: run-level limits, summed over every attempt of the run
     budget: BudgetSpec | None = None
 
-    # Filled by the loader: path tuple -> (line, col) of the value, and of the mapping key.
-    _positions: dict[tuple, tuple[int, int]] = PrivateAttr(default_factory=dict)
-    _key_positions: dict[tuple, tuple[int, int]] = PrivateAttr(default_factory=dict)
+    # Filled by the loader: path tuple -> (line, col) of the value, and of the mapping key
+    # (read only for an error message: the loader may fill them on first use).
+    _positions: Mapping[tuple, tuple[int, int]] = PrivateAttr(default_factory=dict)
+    _key_positions: Mapping[tuple, tuple[int, int]] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr("<spec>")
     _spec_dir: str | None = PrivateAttr(None)
 

@@ -117,9 +117,9 @@ def test_a_silent_step_costs_a_constant_few_files_and_directories(tmp_path):
     # attempt directory is a spare renamed into place, emptied work/ included)
     assert made["scratch"] <= 1 + n + 3 + n, made
     # per step: a temp for each state write (claim, succeed) and the trace's link (journal
-    # entries are made in place, the trace is not copied); per run: control, the supervisor
-    # lease (2), the worker's registration (2)
-    assert made["store-tmp"] <= 3 * n + 5, made
+    # entries are made in place, the trace is not copied); per run: control, the status
+    # summary written with the seal, the supervisor lease (2), the worker's registration (2)
+    assert made["store-tmp"] <= 3 * n + 6, made
     assert not (tmp_path / "work" / rid).exists()  # and the run's scratch is gone at the end
 
 

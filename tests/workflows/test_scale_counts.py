@@ -220,3 +220,66 @@ def test_the_package_names_resolve_lazily_to_their_modules():
     from dagcraft.workflows import compile as compile_mod
 
     assert compile_mod.instance_key("review[a=1]", "review") == "a=1"  # still importable from compile
+
+
+def test_a_valid_spec_is_built_without_positions_and_an_error_still_names_its_line(
+        big_spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from dagcraft.errors import SpecError
+    from dagcraft.workflows import compile_workflow
+
+    marks = _count_calls(monkeypatch, loader_mod, "_mark")
+    parsers = _count_calls(monkeypatch, loader_mod._Loader, "__init__")
+    spec = load_spec(big_spec)
+    compile_workflow(spec, {}, source=spec._source)
+    assert (marks[0], parsers[0]) == (0, 1)  # no position noted, the text parsed once
+    # an error found after loading (here by the compiler) asks for positions: the text is
+    # parsed again, with them, and the message names the line
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_dag_text(200).replace("needs: [s100]", "needs: [nope]"))
+    spec = load_spec(bad)
+    with pytest.raises(SpecError) as err:
+        compile_workflow(spec, {}, source=spec._source)
+    line = next(i for i, t in enumerate(bad.read_text().splitlines(), 1) if "nope" in t)
+    assert f"bad.yaml:{line}:" in str(err.value) and "unknown step 'nope'" in str(err.value)
+    assert parsers[0] == 3 and marks[0] > 0
+
+
+@pytest.mark.parametrize("text", [
+    "name: a\nname: b\nsteps: []\n",  # a duplicate key
+    "name: a\nsteps:\n  - id: x\n    run: ['true']\n    timeout: 99999999999999999999999\n",  # a huge integer
+    "name: a\nsteps:\n  - id: x\n    run: !!binary aGk=\n",  # binary
+    "name: a\n" + "x: " + "[" * 70 + "]" * 70 + "\nsteps: []\n",  # too deep (no anchors: checked while built)
+    "name: a\n" + "x: " + "[" * 64 + "]" * 64 + "\nsteps: []\n",  # one level too deep for the bounds
+    "name: a\nx: [" + ",".join(["1"] * 100_001) + "]\nsteps: []\n",  # too many values (no anchors)
+    "name: a\n1: x\nyes: y\nsteps: []\n",  # keys that are not strings (converted, positioned)
+    "d: &d {a: 1}\ne:\n  <<: *d\n  a: 2\nname: a\nsteps: []\n",  # a merge key
+])
+def test_built_without_positions_or_with_them_the_outcome_is_the_same(text: str):
+    from dagcraft.errors import SpecError
+
+    def outcome(noted: bool) -> Any:
+        try:
+            return loader_mod._load(text, "s.yaml", noted=noted)[0]
+        except (SpecError, loader_mod._Unplaced) as exc:
+            return type(exc), str(exc)
+
+    def public() -> Any:
+        try:
+            return loader_mod.load_yaml(text, "s.yaml")[0]
+        except SpecError as exc:
+            return SpecError, str(exc)
+
+    assert public() == outcome(True)
+
+
+def test_the_memoised_resolver_gives_safeloaders_tags():
+    plain = yaml.SafeLoader("")
+    assert not yaml.SafeLoader.yaml_path_resolvers  # what makes a tag a function of kind, text, implicit
+    for value in ["1", "yes", "On", "a", "", "~", "null", "1.5", ".inf", "2020-01-01", "0x1f", "<<", "=", "1_000"]:
+        for implicit in [(True, False), (False, True), (True, True), (False, False)]:
+            mine = loader_mod._Loader("")
+            assert mine.resolve(yaml.ScalarNode, value, implicit) == plain.resolve(yaml.ScalarNode, value, implicit)
+            assert mine.resolve(yaml.ScalarNode, value, implicit) == plain.resolve(yaml.ScalarNode, value, implicit)
+    for kind in (yaml.SequenceNode, yaml.MappingNode):
+        for implicit in (True, False):
+            assert loader_mod._Loader("").resolve(kind, None, implicit) == plain.resolve(kind, None, implicit)
