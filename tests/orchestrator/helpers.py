@@ -131,3 +131,16 @@ def unsupported_spec_fields(spec_text: str) -> list[str]:
     known = set(schema["properties"]) | {p for d in schema["$defs"].values() for p in d.get("properties", {})}
     return [f for f in PENDING_SPEC_FIELDS
             if f not in known and re.search(rf"^\s*(- )?{f}:", spec_text, re.M)]
+
+
+def count_gets(store: Any, monkeypatch: Any) -> dict[str, int]:
+    """Count ``store.get`` calls per key from now on (the real store still answers them)."""
+    reads: dict[str, int] = {}
+    get = store.get
+
+    def counting_get(key: str, *args: Any, **kwargs: Any) -> Any:
+        reads[key] = reads.get(key, 0) + 1
+        return get(key, *args, **kwargs)
+
+    monkeypatch.setattr(store, "get", counting_get)
+    return reads

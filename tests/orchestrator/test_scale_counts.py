@@ -14,7 +14,7 @@ from dagcraft.errors import CorruptRecord
 from dagcraft.orchestrator import layout, run_status
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.workflows import CompiledWorkflow
-from tests.orchestrator.helpers import submit_spec, write_spec
+from tests.orchestrator.helpers import count_gets, submit_spec, write_spec
 
 N = 300
 
@@ -37,14 +37,7 @@ def test_status_reads_each_step_once_and_validates_no_workflow(local_store: Any,
         return original(*args, **kwargs)
 
     monkeypatch.setattr(CompiledWorkflow, "model_validate", counting)
-    reads: dict[str, int] = {}
-    get = local_store.get
-
-    def counting_get(key: str, *args: Any, **kwargs: Any) -> Any:
-        reads[key] = reads.get(key, 0) + 1
-        return get(key, *args, **kwargs)
-
-    monkeypatch.setattr(local_store, "get", counting_get)
+    reads = count_gets(local_store, monkeypatch)
     collections: list[int] = []
 
     def note(phase: str, info: dict[str, Any]) -> None:

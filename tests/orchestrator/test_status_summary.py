@@ -15,7 +15,7 @@ from dagcraft.errors import StoreUnavailable
 from dagcraft.orchestrator import layout, prepare_resume, run_status
 from dagcraft.orchestrator.model import load_control
 from dagcraft.orchestrator.ops import _run_status, dumps_status, status_result
-from tests.orchestrator.helpers import cli, drive_inline, submit_spec, write_spec
+from tests.orchestrator.helpers import cli, count_gets, drive_inline, submit_spec, write_spec
 
 #: a foreach parent and its children, a loop and its body steps, a matrix, a skipped step, a
 #: failed step with a retry (its log command and stderr tail), and steps it never let run
@@ -62,18 +62,6 @@ def _finished(store: Any, tmp_path: Path, text: str = SPEC) -> str:
     return rid
 
 
-def _counting(store: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    reads: dict[str, int] = {}
-    get = store.get
-
-    def counting_get(key: str, *args: Any, **kwargs: Any) -> Any:
-        reads[key] = reads.get(key, 0) + 1
-        return get(key, *args, **kwargs)
-
-    monkeypatch.setattr(store, "get", counting_get)
-    return reads
-
-
 def _frozen_clock(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     now = store.now()
     monkeypatch.setattr(store, "now", lambda: now)
@@ -85,7 +73,7 @@ def test_sealed_run_status_is_read_from_its_summary_and_equals_the_records(local
     assert ctl.status == "failed" and ctl.seal is not None and ctl.seal.summary is not None
     _frozen_clock(local_store, monkeypatch)
     from_records = _run_status(local_store, rid, summary=False).as_dict()
-    reads = _counting(local_store, monkeypatch)
+    reads = count_gets(local_store, monkeypatch)
     st = run_status(local_store, rid)
     assert reads == {layout.control(rid): 1, layout.status_summary(rid): 1}  # no run.json, no step record
     assert st == from_records and dumps_status(st) == dumps_status(from_records)
@@ -113,7 +101,7 @@ def test_a_summary_its_seal_does_not_name_is_not_used(local_store, tmp_path, mon
     row["status"] = "succeeded-ish"
     forged = "\n".join([head, json.dumps(row), *rest])
     local_store.put(key, forged.encode())  # e.g. a racing finisher's, or an edit
-    reads = _counting(local_store, monkeypatch)
+    reads = count_gets(local_store, monkeypatch)
     assert run_status(local_store, rid) == from_records
     assert reads.get(layout.step_state(rid, "boom")) == 1  # read from the records
     local_store.delete(key)
@@ -125,7 +113,7 @@ def test_a_reopened_run_is_read_from_its_records(local_store, tmp_path, monkeypa
     prepare_resume(local_store, rid, retry_failed=True)
     ctl = load_control(local_store.get(layout.control(rid))[0])
     assert ctl.status == "running" and ctl.seal is None
-    reads = _counting(local_store, monkeypatch)
+    reads = count_gets(local_store, monkeypatch)
     st = run_status(local_store, rid)
     assert reads.get(layout.status_summary(rid)) is None and reads.get(layout.step_state(rid, "boom")) == 1
     assert {s["step"]: s["status"] for s in st["steps"]}["boom"] in ("pending", "retrying")
