@@ -121,14 +121,14 @@ def test_a_reopened_run_is_read_from_its_records(local_store, tmp_path, monkeypa
 
 def test_a_summary_that_cannot_be_written_leaves_the_run_finished_and_read_from_records(local_store, tmp_path,
                                                                                       monkeypatch):
-    put = local_store.put
+    put_file = local_store.put_file
 
-    def failing_put(key: str, *args: Any, **kwargs: Any) -> Any:
+    def failing_put_file(key: str, *args: Any, **kwargs: Any) -> Any:
         if key.endswith("/status.json"):
             raise StoreUnavailable("the store is away")
-        return put(key, *args, **kwargs)
+        return put_file(key, *args, **kwargs)
 
-    monkeypatch.setattr(local_store, "put", failing_put)
+    monkeypatch.setattr(local_store, "put_file", failing_put_file)
     rid = _finished(local_store, tmp_path, "name: small\nsteps:\n  - id: a\n    run: ['true']\n")
     ctl = load_control(local_store.get(layout.control(rid))[0])
     assert ctl.status == "succeeded" and ctl.seal is not None and ctl.seal.summary is None
