@@ -23,7 +23,10 @@ Imported lazily (boto3 costs ~150 ms to import): only ``s3://`` stores load this
   hands the stream to the caller, whose reads are not retried.
 - No false Conflict: every put carries a unique ``x-amz-meta-write-id``. If a conditional put
   is retried and the retry gets Conflict, the store HEADs the object: when it carries our write
-  id, the first try landed (only its response was lost) and the put succeeds.
+  id, the first try landed (only its response was lost) and the put succeeds. When a
+  conditional put exhausts its retries (Ceph RGW answers race losers 500 while the race
+  lasts), the store HEADs too: our write id → success; a create meeting another writer's
+  object → Conflict (it lost); else StoreUnavailable.
 - Clock: ``now()`` = local clock + an offset learned from the ``Date`` header of responses
   (no extra request); clamped to never go backwards within the process.
 - Errors never include secrets: unreachable endpoint, missing credentials, access denied and
@@ -338,6 +341,13 @@ class S3Store:
                 what = "already exists" if if_none_match else "version mismatch"
                 raise Conflict(f"{key}: {what}") from None
             raise
+        except StoreUnavailable:
+            if not (if_none_match or if_match is not None):
+                raise
+            landed = self._decided_by_object(k, key, write_id, if_none_match)
+            if landed is None:
+                raise
+            return landed
         return _etag(resp)
 
     def _call_reopen(self, reopen: Any, tries: list[int], kw: dict[str, Any]) -> Any:
@@ -350,13 +360,33 @@ class S3Store:
 
     def _landed(self, k: str, write_id: str) -> str | None:
         """After a retried conditional put got Conflict: did our first try land?"""
-        try:
-            head = self._call("head_object", Bucket=self.bucket, Key=k)
-        except bex.ClientError:
-            return None
-        if head.get("Metadata", {}).get("write-id") == write_id:
+        head = self._head(k)
+        if head is not None and head.get("Metadata", {}).get("write-id") == write_id:
             return _etag(head)
         return None
+
+    def _decided_by_object(self, k: str, key: str, write_id: str, create: bool) -> str | None:
+        """A conditional put exhausted its retries (RGW answers race losers 500, and keeps
+        doing so while the race lasts): the object decides. Ours → the put landed (its ETag);
+        a create meeting another writer's object → it lost (Conflict, not an outage); else
+        None (the caller re-raises StoreUnavailable)."""
+        try:
+            head = self._head(k)
+        except StoreUnavailable:
+            return None
+        if head is not None and head.get("Metadata", {}).get("write-id") == write_id:
+            return _etag(head)
+        if head is not None and create:
+            raise Conflict(f"{key}: already exists") from None
+        return None
+
+    def _head(self, k: str) -> dict[str, Any] | None:
+        """HEAD ``k``: its response, or None when it is missing (StoreUnavailable propagates)."""
+        try:
+            head: dict[str, Any] = self._call("head_object", Bucket=self.bucket, Key=k)
+        except bex.ClientError:
+            return None
+        return head
 
     def list(self, prefix: str, start_after: str | None = None, limit: int | None = None) -> list[str]:
         """Sorted and cut by ``start_after`` client side whatever the server's order (sorting
@@ -443,6 +473,10 @@ class S3Store:
                         return landed
                     raise Conflict(f"{key}: already exists") from None
                 raise
+            except StoreUnavailable:
+                if not if_none_match or (landed := self._decided_by_object(k, key, write_id, True)) is None:
+                    raise
+                return landed
             # RGW answers a completed upload with an empty ETag: ask for the stored one
             return _etag(resp) or self.head(key) or ""
         except BaseException:

@@ -209,6 +209,19 @@ def test_rgw_race_losers_answered_500_still_one_winner(deviant):
     assert proxy.deviated["loser_500"] > 0
 
 
+def test_rgw_loser_answered_500_on_every_try_is_a_conflict_not_an_outage(deviant):
+    """A create that lost answered 500 on all its tries (RGW under a long race): the store
+    HEADs, finds another writer's object, and reports the Conflict it is; a create that won
+    answered 500 (its response lost) still succeeds."""
+    proxy, _, store, _ = deviant("refuse_quoted_if_match", "loser_500", loser_500_rate=1.0)
+    capabilities.require(store)
+    store.put("race/0", b"first", if_none_match=True)
+    with pytest.raises(Conflict):
+        store.put("race/0", b"second", if_none_match=True)
+    assert proxy.deviated["loser_500"] == store.attempts
+    assert store.get("race/0")[0] == b"first"
+
+
 def test_rgw_pipeline_with_racing_workers_runs_each_step_once(deviant, tmp_path):
     _, url, _, _ = deviant("refuse_quoted_if_match", "loser_500", loser_500_rate=0.5)
     marks = tmp_path / "marks"
