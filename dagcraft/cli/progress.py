@@ -87,7 +87,8 @@ class Progress:
         self.console = console or plain_console()  # wraps only on a terminal
         self.tty = self.console.is_terminal
         self.live: Live | None = None
-        self.seen: dict[str, tuple[str, int]] = {}
+        self.seen: dict[str, tuple[str, int]] = {}  # printed: (status, attempt)
+        self._versions: dict[str, tuple[str, int | None]] = {}  # looked at: (status, rev)
         self._changes = -1  # the view's change counter at the last update
 
     def __enter__(self) -> Progress:
@@ -110,17 +111,24 @@ class Progress:
             return
         self._changes = view.changes
         for sid in view.all_ids():
+            # a step's status and rev are held without its record: only a step that changed
+            # since the last poll is decoded (a walk of 10,000 records per poll was not cheap)
+            version = (view.status(sid), view.states.rev(sid))
+            if self._versions.get(sid) == version:
+                continue
+            self._versions[sid] = version
             st = view.state(sid)
             key = (st.status, st.attempt)
-            if self.seen.get(sid) != key:
-                self.seen[sid] = key
-                if st.status == "pending" and st.attempt == 0:
-                    continue
-                extra = f" attempt {st.attempt}" if st.attempt else ""
-                why = f" ({printable(st.reason)})" if st.reason and st.status not in ("running", "succeeded") else ""
-                # one plain line each (not a terminal): rich's rendering of it cost ~1 ms a line,
-                # the run's pool process's largest CPU cost, and wrapped long lines at 80 columns
-                self.console.file.write(f"[{time.strftime('%H:%M:%S')}] {sid}: {st.status}{extra}{why}\n")
+            if self.seen.get(sid) == key:
+                continue
+            self.seen[sid] = key
+            if st.status == "pending" and st.attempt == 0:
+                continue
+            extra = f" attempt {st.attempt}" if st.attempt else ""
+            why = f" ({printable(st.reason)})" if st.reason and st.status not in ("running", "succeeded") else ""
+            # one plain line each (not a terminal): rich's rendering of it cost ~1 ms a line,
+            # the run's pool process's largest CPU cost, and wrapped long lines at 80 columns
+            self.console.file.write(f"[{time.strftime('%H:%M:%S')}] {sid}: {st.status}{extra}{why}\n")
         self.console.file.flush()  # whoever follows the log sees each poll's lines at once
 
     def render(self, view: Any) -> Group:

@@ -39,3 +39,26 @@ def test_table_counts_submitted_steps_and_shows_the_summary_duration(local_store
     assert "3 of 3 steps done  succeeded: 3" in frame
     assert "3/3 done (3 succeeded)" in frame
     assert "  each[1]" in frame
+
+
+def test_plain_progress_decodes_only_the_steps_that_changed(local_store, tmp_path, monkeypatch):
+    """Not a terminal: each poll prints the steps whose status changed, and reads no record of
+    a step that did not (the walk of a 10,000-step run decoded every finished step per poll)."""
+    from dagcraft.orchestrator.model import StepState
+
+    body = "\n".join(f"  - id: s{i}\n    run: ['true']" for i in range(100))
+    rid = submit_spec(local_store, write_spec(tmp_path, f"name: many\nsteps:\n{body}\n"))
+    drive_inline(local_store, rid, tmp_path)
+    view = LocalView(local_store, rid, detail=True)
+    out = io.StringIO()
+    progress = Progress(Console(file=out, force_terminal=False))
+    progress.update(view)
+    assert out.getvalue().count(": succeeded") == 100
+    decoded = []
+    real = StepState.model_validate_json.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(StepState, "model_validate_json",
+                        classmethod(lambda cls, *a, **k: decoded.append(1) or real(cls, *a, **k)))
+    view.changes += 1  # something changed (a control write, say), but no step did
+    progress.update(view)
+    assert out.getvalue().count(": succeeded") == 100  # nothing printed twice
+    assert decoded == []
