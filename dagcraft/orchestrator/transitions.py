@@ -618,8 +618,11 @@ def _seal(view: LocalView, status: RunStatus, signer: Signer | None) -> RunSeal:
     # and only records that exist: a verifier sees exactly those. `status` of the sealed run
     # reads the summary built from the same records as they pass (statusrows.SummaryWriter).
     summary = SummaryWriter(view)
-    d, n = seal_digest(view.run_id, status, view.control.generation, summary.feed(view.exact_states()))
-    sha = summary.write(d, n)
+    try:
+        d, n = seal_digest(view.run_id, status, view.control.generation, summary.feed(view.exact_states()))
+        sha = summary.write(d, n)
+    finally:
+        summary.close()
     if signer is None:
         return RunSeal(digest=d, steps=n, summary=sha)
     return RunSeal(digest=d, steps=n, summary=sha, key_id=signer.key_id, signature=signer.sign(d))

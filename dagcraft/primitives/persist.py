@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -42,12 +43,23 @@ class Persistence:
              stop: threading.Event | None = None) -> T:
         """``fn()`` until it returns. Raises the last StoreUnavailable when the limit passes
         or ``stop`` is set; every other exception (StoreRefused included) at once."""
-        def note(state: tenacity.RetryCallState) -> None:
-            if state.attempt_number in (1, 10) or state.attempt_number % 50 == 0:
-                exc = state.outcome.exception() if state.outcome else None
-                log.warning("%s: store unavailable (try %d), retrying: %s", what, state.attempt_number, exc)
+        # the first try outside tenacity: it is nearly always the only one, and building the
+        # retry machinery for it cost more than a local store write
+        started = time.monotonic()
+        try:
+            return fn()
+        except BaseException as exc:
+            if not _outage(exc) or self.limit_s <= 0 or (stop is not None and stop.is_set()):
+                raise
+            log.warning("%s: store unavailable (try 1), retrying: %s", what, exc)
 
-        halt: tenacity.stop.stop_base = tenacity.stop_after_delay(self.limit_s)
+        def note(state: tenacity.RetryCallState) -> None:
+            n = state.attempt_number + 1  # the first try was made above
+            if n == 10 or n % 50 == 0:
+                exc = state.outcome.exception() if state.outcome else None
+                log.warning("%s: store unavailable (try %d), retrying: %s", what, n, exc)
+
+        halt: tenacity.stop.stop_base = tenacity.stop_after_delay(max(0.0, self.limit_s - (time.monotonic() - started)))
         if stop is not None:
             halt = halt | tenacity.stop_when_event_set(stop)
         retrying = tenacity.Retrying(
