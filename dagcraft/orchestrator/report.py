@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from dagcraft.errors import DagcraftError, NotFound
 from dagcraft.orchestrator import layout
@@ -33,6 +31,9 @@ from dagcraft.orchestrator.statusrows import logs_command, loop_summary, step_sp
 from dagcraft.orchestrator.view import workflow_of
 from dagcraft.primitives.store import Store
 from dagcraft.tracing import RunVerifyReport, TraceStatus, VerifyReport, read_trace, seal, verify
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 
 def _attempt_dirs(store: Store, run_id: str, step: str) -> list[str]:

@@ -24,13 +24,12 @@ import json
 import os
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from dagcraft.errors import InvalidInput
+
+if TYPE_CHECKING:  # imported where a key is used: a worker without a signing key never loads it
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 SIGNING_KEY_ENV = "DAGCRAFT_SIGNING_KEY"
 _CONTEXT = b"dagcraft-run-seal-v1:"
@@ -46,6 +45,8 @@ def digest(material: Any) -> str:
 
 def key_id(public: Ed25519PublicKey) -> str:
     """A short public fingerprint: the first 16 hex digits of SHA-256 of the raw public key."""
+    from cryptography.hazmat.primitives import serialization
+
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
 
@@ -62,6 +63,8 @@ class Signer:
         return base64.b64encode(self._key.sign(_CONTEXT + run_digest.encode("ascii"))).decode("ascii")
 
     def public_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
         return self._key.public_key().public_bytes(serialization.Encoding.PEM,
                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -81,6 +84,9 @@ def _read_key_file(path: Path, what: str) -> bytes:
 
 
 def _private_from(data: bytes, source: str) -> Signer:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
@@ -116,6 +122,9 @@ def take_signer(path: str | Path | None = None) -> Signer | None:
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
     """An Ed25519 public key from a PEM file (``SubjectPublicKeyInfo``, as ``dagcraft trace
     keygen`` or ``openssl pkey -pubout`` write it). InvalidInput (exit 2) otherwise."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     p = Path(path)
     data = _read_key_file(p, "public key")
     try:
@@ -129,6 +138,8 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
 
 def check_signature(public: Ed25519PublicKey, run_digest: str, signature: str) -> bool:
     """Whether ``signature`` (base64) is ``public``'s signature of ``run_digest``."""
+    from cryptography.exceptions import InvalidSignature
+
     try:
         raw = base64.b64decode(signature.encode("ascii"), validate=True)
         public.verify(raw, _CONTEXT + run_digest.encode("ascii"))
@@ -140,6 +151,9 @@ def check_signature(public: Ed25519PublicKey, run_digest: str, signature: str) -
 def generate_key(private_out: Path, public_out: Path) -> str:
     """Write a new Ed25519 key pair (private key 0600, never overwriting a file); returns its
     key id."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())

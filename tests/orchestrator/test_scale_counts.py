@@ -141,6 +141,20 @@ def test_submit_and_status_import_only_what_they_use(tmp_path: Path):
                         "cryptography"}
 
 
+def test_a_worker_without_a_signing_key_never_loads_cryptography(tmp_path: Path):
+    """A worker's start-up imports what it runs steps with; signing (cryptography) is loaded
+    only where a key is given or a signature checked."""
+    store = str(tmp_path / "store")
+    spec = str(_spec(tmp_path))
+    _cli_modules("submit", spec, "--store", store, "--run-id", "r1")
+    args = ["worker", "--store", store, "--run", "r1", "--exit-when-idle", "--quiet"]
+    # the worker command exits (SystemExit): the modules are listed after it, whatever it raised
+    worked = _modules_after(f"import json\nfrom dagcraft.cli.main import cli\ntry:\n"
+                            f"    cli({args!r}, standalone_mode=False)\nexcept SystemExit:\n    pass")
+    assert {"dagcraft.orchestrator.worker", "dagcraft.orchestrator.attempt", "dagcraft.tracing.seal"} <= worked
+    assert "cryptography" not in worked
+
+
 def test_the_cli_exit_collection_walks_almost_nothing(tmp_path: Path):
     import subprocess
     import sys
