@@ -101,18 +101,17 @@ INSTANCE_FIELDS = ("id", "key", "matrix", "item", "outputs", "artifacts", "statu
 
 
 def spec_hash_of(wf: CompiledWorkflow) -> str:
-    """sha256 of the canonical JSON (sorted keys) of ``wf`` without hash/location fields."""
-    data = wf.model_dump(mode="json", exclude={"spec_hash", "spec_dir", "source"})
-    for step in data["steps"].values():
-        for name in ("loop", "iteration", "budget"):  # unset: hashed as before these existed
-            if step.get(name) is None:
-                step.pop(name, None)
+    """sha256 of the JSON of ``wf`` as pydantic serialises it (fields in model order, mappings
+    in spec order), without hash/location fields and with each secret param's value replaced
+    by its own sha256. Serialised in Rust: a canonical sorted-keys dump of a 10,000-step
+    workflow in Python was a sixth of its submit."""
+    params = dict(wf.params)
     for name in wf.secret_params:
-        v = data["params"].get(name)
+        v = params.get(name)
         if v is not None:
-            data["params"][name] = "sha256:" + hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+            params[name] = "sha256:" + hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()
+    blob = wf.model_copy(update={"params": params}).model_dump_json(exclude={"spec_hash", "spec_dir", "source"})
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 _F = TypeVar("_F", bound=Callable[..., None])
