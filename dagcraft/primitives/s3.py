@@ -24,8 +24,8 @@ Imported lazily (boto3 costs ~150 ms to import): only ``s3://`` stores load this
 - No false Conflict: every put carries a unique ``x-amz-meta-write-id``. If a conditional put
   is retried and the retry gets Conflict, the store HEADs the object: when it carries our write
   id, the first try landed (only its response was lost) and the put succeeds. When a
-  conditional put exhausts its retries (Ceph RGW answers race losers 500 while the race
-  lasts), the store HEADs too: our write id → success; a create meeting another writer's
+  conditional put exhausts its retries on HTTP 500 (Ceph RGW answers race losers so while
+  the race lasts), the store HEADs too: our write id → success; a create meeting another writer's
   object → Conflict (it lost); else StoreUnavailable.
 - Clock: ``now()`` = local clock + an offset learned from the ``Date`` header of responses
   (no extra request); clamped to never go backwards within the process.
@@ -86,6 +86,14 @@ def _status(exc: bex.ClientError) -> int:
 #: botocore wraps urllib3's errors in the first two; the urllib3 ones can escape raw
 _BODY_ERRORS: tuple[type[Exception], ...] = (bex.ResponseStreamingError, bex.IncompleteReadError,
                                              u3ex.ProtocolError, u3ex.ReadTimeoutError)
+
+
+class _ServerError(StoreUnavailable):
+    """Retries exhausted on an HTTP error the server answered (``status``: its code)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _transient(exc: BaseException) -> bool:
@@ -257,8 +265,8 @@ class S3Store:
             if code in _AUTH:
                 raise StoreUnavailable(f"{where}: access denied ({code})") from None
             if _transient(exc):
-                raise StoreUnavailable(f"{where}: server error {code or _status(exc)} after "
-                                       f"{self.attempts} attempts") from None
+                raise _ServerError(f"{where}: server error {code or _status(exc)} after "
+                                   f"{self.attempts} attempts", _status(exc)) from None
             raise
         except bex.NoCredentialsError:
             raise StoreUnavailable(f"{where}: no AWS credentials found") from None
@@ -341,8 +349,8 @@ class S3Store:
                 what = "already exists" if if_none_match else "version mismatch"
                 raise Conflict(f"{key}: {what}") from None
             raise
-        except StoreUnavailable:
-            if not (if_none_match or if_match is not None):
+        except _ServerError as exc:
+            if exc.status != 500 or not (if_none_match or if_match is not None):
                 raise
             landed = self._decided_by_object(k, key, write_id, if_none_match)
             if landed is None:
@@ -366,8 +374,8 @@ class S3Store:
         return None
 
     def _decided_by_object(self, k: str, key: str, write_id: str, create: bool) -> str | None:
-        """A conditional put exhausted its retries (RGW answers race losers 500, and keeps
-        doing so while the race lasts): the object decides. Ours → the put landed (its ETag);
+        """A conditional put exhausted its retries on HTTP 500 (RGW answers race losers so,
+        and keeps doing so while the race lasts): the object decides. Ours → the put landed (its ETag);
         a create meeting another writer's object → it lost (Conflict, not an outage); else
         None (the caller re-raises StoreUnavailable)."""
         try:
@@ -473,8 +481,9 @@ class S3Store:
                         return landed
                     raise Conflict(f"{key}: already exists") from None
                 raise
-            except StoreUnavailable:
-                if not if_none_match or (landed := self._decided_by_object(k, key, write_id, True)) is None:
+            except _ServerError as exc:
+                if exc.status != 500 or not if_none_match or \
+                        (landed := self._decided_by_object(k, key, write_id, True)) is None:
                     raise
                 return landed
             # RGW answers a completed upload with an empty ETag: ask for the stored one
