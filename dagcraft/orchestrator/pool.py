@@ -276,6 +276,13 @@ class Pool:
                 p.kill()
                 p.wait()
 
+    def drain(self) -> None:
+        """Ask every live worker to exit once its running attempts end (SIGTERM: it claims
+        nothing more; its uploads still complete)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
     def wait_exit(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         for p in self.procs:
@@ -297,15 +304,18 @@ def drive(store: Store, store_url: str, run_id: str, opts: PoolOptions,
     Ctrl-C stops the workers (they hand running steps back) and raises Interrupted: the run
     stays resumable."""
     pool = Pool(store, store_url, run_id, opts)
-    view = LocalView(store, run_id, detail=True)
-    pool.start()
+    pool.start()  # first: the workers claim while this process builds its own view
     try:
+        view = LocalView(store, run_id, detail=True)
         while True:
             view.refresh()
             if on_update is not None:
                 on_update(view)
             finished = view.control.status in RUN_FINISHED
             if finished:
+                # workers idle in their poll backoff would notice only at their next poll:
+                # told to drain, they exit now (nothing of the run is left to interrupt)
+                pool.drain()
                 break
             if view.control.status == RunStatus.RUNNING and view.blocked_on_approval():
                 # only a person can move it on: the workers exit too (exit_when_idle)

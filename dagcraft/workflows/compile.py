@@ -48,8 +48,8 @@ from dagcraft.workflows.spec import (
     instance_key,
 )
 from dagcraft.workflows.template import (
-    EVAL_ERRORS,
     MAX_FANOUT,
+    PLAIN_EVAL_ERRORS,
     STATUS_FUNCTIONS,
     EvaluationLimit,
     check_bounds,
@@ -63,7 +63,7 @@ from dagcraft.workflows.template import (
 )
 
 _NO_RETRIES = RetrySpec()  # read only: a step without retries shares it
-_EVAL_OR_LIMIT: tuple[type[BaseException], ...] = (*EVAL_ERRORS, EvaluationLimit)
+_EVAL_OR_LIMIT: tuple[type[BaseException], ...] = (TemplateError, *PLAIN_EVAL_ERRORS, EvaluationLimit)
 MAX_STEPS = 10_000  # concrete steps in one compiled workflow
 _JINJA_GLOBALS = {"range", "dict", "lipsum", "cycler", "joiner", "namespace", "true", "false", "none",
                   "True", "False", "None"}

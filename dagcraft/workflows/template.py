@@ -26,18 +26,18 @@ import contextvars
 import functools
 import json
 import re
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from jinja2 import ChainableUndefined, StrictUndefined, TemplateError, Undefined, UndefinedError, nodes
-from jinja2.compiler import CodeGenerator, Frame
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import _PassArg
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from dagcraft.errors import Interrupted, SpecError, TimedOut
+
+if TYPE_CHECKING:
+    from jinja2 import nodes
 from dagcraft.workflows import shell as _shell
 from dagcraft.workflows.spec import (
     CompiledWorkflow,
@@ -58,10 +58,25 @@ MAX_INT_ARG = 100_000  # an integer argument of a call or filter (widths, counts
 MAX_EVAL_S = 2.0  # wall time of one evaluation
 MAX_SHELL_VALUE = 100_000  # bytes of one value passed to a shell script (an env var; the OS caps them)
 
-#: what evaluating a template may raise for a bad template or value (callers add context)
-EVAL_ERRORS: tuple[type[BaseException], ...] = (
-    TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError, RecursionError,
+#: what evaluating a template may raise for a bad value (callers add context); with Jinja2's
+#: TemplateError for a bad template: :func:`eval_errors`
+PLAIN_EVAL_ERRORS: tuple[type[BaseException], ...] = (
+    TypeError, ValueError, ArithmeticError, LookupError, AttributeError, RecursionError,
 )
+
+
+def _engine() -> ModuleType:
+    """The Jinja2 side (:mod:`dagcraft.workflows.engine`), imported on first use."""
+    from dagcraft.workflows import engine
+
+    return engine
+
+
+def eval_errors() -> tuple[type[BaseException], ...]:
+    """What evaluating a template may raise (callers add context): :data:`PLAIN_EVAL_ERRORS`,
+    and Jinja2's TemplateError once Jinja2 is loaded (before, nothing can raise one)."""
+    jinja = sys.modules.get("jinja2")
+    return PLAIN_EVAL_ERRORS if jinja is None else (jinja.TemplateError, *PLAIN_EVAL_ERRORS)
 
 
 class EvaluationLimit(SpecError):
@@ -134,7 +149,8 @@ def _budget() -> _Budget:
 
 def to_text(value: Any) -> str:
     """How a value appears in rendered text: str as-is, bools lower-case, None empty, JSON for containers."""
-    if isinstance(value, Undefined):
+    jinja = sys.modules.get("jinja2")  # without Jinja2 loaded, nothing is an Undefined
+    if jinja is not None and isinstance(value, jinja.Undefined):
         str(value)  # raises the StrictUndefined error with its hint
     if value is None:
         return ""
@@ -240,167 +256,6 @@ def _precheck(name: str, value: Any, args: tuple[Any, ...], kwargs: Mapping[str,
         _too_big(name or "the call", len(value) + (len(value) + 1) * max(_size(a) for a in others))
 
 
-def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
-    """``func`` with the budget checked and its arguments and result size bounded."""
-    pass_arg = _PassArg.from_obj(func)
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        b = _budget()
-        b.check()
-        _check_args(args, kwargs)
-        k = 1 if pass_arg is not None else 0  # skip the injected context/environment
-        if len(args) > k:
-            _precheck(name, args[k], args[k + 1:], kwargs)
-        return b.charge(func(*args, **kwargs))
-
-    if pass_arg is not None:
-        wrapper.jinja_pass_arg = pass_arg  # type: ignore[attr-defined]
-    return wrapper
-
-
-def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> Any:  # noqa: A002
-    from jinja2.utils import generate_lorem_ipsum
-
-    if n * max > 20_000:
-        raise EvaluationLimit(f"lipsum(n={n}, max={max}) would build more than 20000 words")
-    return generate_lorem_ipsum(n=n, html=html, min=min, max=max)
-
-
-def _int_pow_ok(left: Any, right: Any) -> bool:
-    if not (isinstance(left, int) and isinstance(right, int)):
-        return True
-    if right < 0 or abs(left) <= 1:
-        return True
-    return right * abs(left).bit_length() <= MAX_INT_BITS
-
-
-class _CodeGen(CodeGenerator):
-    """``a ~ b ~ …`` goes through :meth:`_Env.bounded_concat`, so its size is checked first."""
-
-    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
-        self.write("environment.bounded_concat((")
-        for arg in node.nodes:
-            self.visit(arg, frame)
-            self.write(", ")
-        self.write("))")
-
-
-class _Env(ImmutableSandboxedEnvironment):
-    """Mapping keys win over methods: ``outputs.items`` is the output named ``items``, not dict.items.
-    Every operator, call, filter and attribute access checks the evaluation budget; nothing a
-    template sees can be modified (``list.append``, ``dict.update`` are refused)."""
-
-    code_generator_class = _CodeGen
-    intercepted_binops = frozenset({"+", "-", "*", "/", "//", "%", "**"})
-    intercepted_unops = frozenset({"-", "+"})
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
-        self.globals["lipsum"] = _lipsum
-
-    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
-        wrapped = super().wrap_str_format(value)
-        if wrapped is None:
-            return None
-        fmt, name = value.__self__, value.__name__
-
-        def checked(*args: Any, **kwargs: Any) -> str:
-            _precheck(name, fmt, args, kwargs)
-            return str(_budget().charge(wrapped(*args, **kwargs)))
-
-        return checked
-
-    def bounded_concat(self, items: tuple[Any, ...]) -> str:
-        parts = [str(x) for x in items]
-        _too_big("concatenation", sum(len(p) for p in parts))
-        return str(_budget().charge("".join(parts)))
-
-    def getattr(self, obj: Any, attribute: str) -> Any:
-        _budget().check()
-        if isinstance(obj, Mapping) and isinstance(attribute, str) and attribute in obj:
-            return obj[attribute]
-        return super().getattr(obj, attribute)
-
-    def getitem(self, obj: Any, argument: Any) -> Any:
-        _budget().check()
-        return super().getitem(obj, argument)
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        b = _budget()
-        b.check()
-        if operator == "**" and not _int_pow_ok(left, right):
-            raise EvaluationLimit(f"{_short(left)} ** {_short(right)} is too large (more than {MAX_INT_BITS} bits)")
-        if operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_OUTPUT:
-                    raise EvaluationLimit(f"repetition would build {len(seq) * n} characters/items "
-                                          f"(limit {MAX_OUTPUT})")
-            if isinstance(left, int) and isinstance(right, int) and \
-                    left.bit_length() + right.bit_length() > MAX_INT_BITS + 1:
-                raise EvaluationLimit(f"the product is too large (more than {MAX_INT_BITS} bits)")
-        if operator == "%" and isinstance(left, str):
-            _precheck("%", left, right if isinstance(right, tuple) else (right,), {})
-        return b.charge(self.binop_table[operator](left, right))
-
-    def call_unop(self, context: Any, operator: str, arg: Any) -> Any:
-        _budget().check()
-        return self.unop_table[operator](arg)
-
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-        b = _budget()
-        b.check()
-        _check_args(args, kwargs)
-        owner = getattr(__obj, "__self__", None)
-        name = getattr(__obj, "__name__", "")
-        if isinstance(owner, (str, list, tuple)):
-            _precheck(name, owner, args, kwargs)
-        return b.charge(ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs))
-
-
-def _short(v: Any) -> str:
-    if isinstance(v, int) and v.bit_length() > 64:
-        return f"<{v.bit_length()}-bit int>"
-    r = repr(v)
-    return r if len(r) <= 30 else r[:27] + "..."
-
-
-def _make_env() -> _Env:
-    return _Env(
-        variable_start_string="${{",
-        variable_end_string="}}",
-        # NUL-delimited, i.e. unreachable: blocks and comments would collide with shell syntax.
-        block_start_string="\x00{%",
-        block_end_string="%}\x00",
-        comment_start_string="\x00{#",
-        comment_end_string="#}\x00",
-        undefined=StrictUndefined,
-        autoescape=False,
-        keep_trailing_newline=True,
-        finalize=lambda v: _budget().charge(to_text(v)),  # every output counts towards the budget
-    )
-
-
-PLAIN_ENV = _make_env()
-
-
-@functools.lru_cache(maxsize=1024)
-def _compiled(source: str) -> Any:
-    try:
-        return PLAIN_ENV.from_string(source)
-    except (RecursionError, SyntaxError, MemoryError):  # Jinja's parser, its compiler and Python's recurse
-        raise EvaluationLimit("the template is nested too deeply") from None
-
-
-@functools.lru_cache(maxsize=1024)
-def _compiled_expr(source: str) -> Any:
-    try:
-        return PLAIN_ENV.compile_expression(source, undefined_to_none=False)
-    except (RecursionError, SyntaxError, MemoryError):
-        raise EvaluationLimit("the expression is nested too deeply") from None
-
-
 @dataclass(frozen=True)
 class ShellPlan:
     """A shell-string template taken apart: the literal ``pieces`` around its ``${{ }}``, the
@@ -418,7 +273,7 @@ def _split(source: str) -> tuple[list[str], list[str], list[tuple[int, int]]]:
     pos = 0
     cur: list[str] | None = None
     start = 0
-    for _, kind, value in PLAIN_ENV.lexer.tokeniter(source, None):
+    for _, kind, value in _engine().PLAIN_ENV.lexer.tokeniter(source, None):
         if kind == "variable_begin":
             cur, start = [], pos
         elif kind == "variable_end":
@@ -439,11 +294,11 @@ def _split(source: str) -> tuple[list[str], list[str], list[tuple[int, int]]]:
 def shell_plan(source: str) -> ShellPlan:
     """Analyse a shell-string template. Raises TemplateError (bad syntax) or
     :class:`~dagcraft.workflows.shell.ShellRefused` (an unsafe context, with its offset)."""
-    _compiled(source)  # syntax check first: a bad template is reported as such
+    _engine().compiled(source)  # syntax check first: a bad template is reported as such
     pieces, exprs, spans = _split(source)
     slots = _shell.analyze(pieces, spans) if exprs else []
     for e in exprs:
-        _compiled_expr(e)
+        _engine().compiled_expr(e)
     return ShellPlan(tuple(pieces), tuple(exprs), tuple(slots))
 
 
@@ -465,7 +320,7 @@ def render_shell(source: str, variables: dict[str, Any]) -> tuple[str, dict[str,
     with bounded():
         for slot, expr, after in zip(plan.slots, plan.exprs, plan.pieces[1:], strict=True):
             with _explained(expr, variables, expression=True):
-                value = _compiled_expr(expr)(**variables)
+                value = _engine().compiled_expr(expr)(**variables)
                 text = _budget().charge(to_text(value))
             if "\x00" in text:
                 raise ValueError(f"the value of ${{{{{expr}}}}} contains a NUL byte, which cannot be passed to a command")
@@ -482,9 +337,9 @@ def check_syntax(source: str, *, expression: bool = False) -> None:
     """Raise TemplateError if ``source`` does not compile (syntax, unknown filter/test)."""
     with bounded():
         if expression:
-            _compiled_expr(source)
+            _engine().compiled_expr(source)
         else:
-            _compiled(source)
+            _engine().compiled(source)
 
 
 def expressions(raw: str, *, expression: bool = False) -> list[str]:
@@ -500,7 +355,7 @@ def check_bounds(expr: str, variables: dict[str, Any]) -> None:
     the expression may never be reached (a ``when`` may skip the step)."""
     try:
         with bounded():
-            _compiled_expr(expr)(**variables)
+            _engine().compiled_expr(expr)(**variables)
     except EvaluationLimit:
         raise
     except Exception:  # noqa: BLE001 - reported at run time, where it matters
@@ -513,7 +368,7 @@ def render_text(source: str, variables: dict[str, Any]) -> str:
     if "${{" not in source:
         return source
     with bounded(), _explained(source, variables):
-        out: str = _compiled(source).render(variables)
+        out: str = _engine().compiled(source).render(variables)
     if len(out) > MAX_OUTPUT:
         raise EvaluationLimit(f"the rendered text is longer than {MAX_OUTPUT} characters")
     return out
@@ -537,8 +392,8 @@ def evaluate_expression(raw: str, variables: dict[str, Any], *, bare_is_expressi
     if expr is None:
         return render_text(raw, variables)
     with bounded(), _explained(expr, variables, expression=True):
-        value = _compiled_expr(expr)(**variables)
-        if isinstance(value, Undefined):
+        value = _engine().compiled_expr(expr)(**variables)
+        if isinstance(value, _engine().Undefined):
             str(value)  # raise with the hint naming what was undefined
     return value
 
@@ -551,11 +406,11 @@ def _explained(source: str, variables: dict[str, Any], *, expression: bool = Fal
     """Jinja's UndefinedError re-raised in plain words (:func:`explain_undefined`)."""
     try:
         yield
-    except UndefinedError as exc:
+    except _engine().UndefinedError as exc:
         better = explain_undefined(source, variables, exc.message or str(exc), expression=expression)
         if better is None:
             raise
-        raise UndefinedError(better) from None
+        raise _engine().UndefinedError(better) from None
 
 
 def _dotted(name: str, chain: list[Any]) -> str:
@@ -616,7 +471,7 @@ def explain_undefined(source: str, variables: dict[str, Any], message: str, *,
     named = m.group("name") if m else None
     try:
         refs = template_refs(source, expression=expression)
-    except (TemplateError, EvaluationLimit):
+    except (_engine().TemplateError, EvaluationLimit):
         return None
     first: str | None = None
     for name, chain in refs:
@@ -636,7 +491,7 @@ def explain_undefined(source: str, variables: dict[str, Any], message: str, *,
 def template_refs(source: str, *, expression: bool = False) -> list[tuple[str, list[Any]]]:
     """Every variable reference as ``(root name, [attr/const-key chain])``; ``None`` in the chain
     marks a dynamic subscript. ``steps.plan.outputs['x']`` → ``("steps", ["plan", "outputs", "x"])``."""
-    env = PLAIN_ENV
+    env = _engine().PLAIN_ENV
     out: list[tuple[str, list[Any]]] = []
     try:
         tree: nodes.Node = env.parse("${{ " + source + " }}" if expression else source)
@@ -647,23 +502,24 @@ def template_refs(source: str, *, expression: bool = False) -> list[tuple[str, l
 
 
 def _walk(node: nodes.Node, out: list[tuple[str, list[Any]]]) -> None:
-    if isinstance(node, (nodes.Getattr, nodes.Getitem)):
+    jn = _engine().nodes
+    if isinstance(node, (jn.Getattr, jn.Getitem)):
         chain: list[Any] = []
         cur: nodes.Node = node
-        while isinstance(cur, (nodes.Getattr, nodes.Getitem)):
-            if isinstance(cur, nodes.Getattr):
+        while isinstance(cur, (jn.Getattr, jn.Getitem)):
+            if isinstance(cur, jn.Getattr):
                 chain.append(cur.attr)
             else:
-                chain.append(cur.arg.value if isinstance(cur.arg, nodes.Const) else None)
+                chain.append(cur.arg.value if isinstance(cur.arg, jn.Const) else None)
                 _walk(cur.arg, out)
             cur = cur.node
         chain.reverse()
-        if isinstance(cur, nodes.Name):
+        if isinstance(cur, jn.Name):
             out.append((cur.name, chain))
         else:
             _walk(cur, out)
         return
-    if isinstance(node, nodes.Name):
+    if isinstance(node, jn.Name):
         out.append((node.name, []))
         return
     for child in node.iter_child_nodes():
@@ -699,12 +555,14 @@ def _variables(wf: CompiledWorkflow | None, step: ConcreteStep, ctx: RenderConte
         if loop.get("previous") is None:
             # iteration 1 has no previous one: undefined, and so is anything read through it, so
             # `loop.previous.steps.fix.outputs.x | default('none')` works in every iteration
-            loop["previous"] = ChainableUndefined(name="loop.previous")
+            loop["previous"] = _engine().ChainableUndefined(name="loop.previous")
         variables["loop"] = loop
     return variables
 
 
-_CAUGHT: tuple[type[BaseException], ...] = (*EVAL_ERRORS, EvaluationLimit)
+def _caught() -> tuple[type[BaseException], ...]:
+    """What a render step turns into a SpecError naming the step and field."""
+    return (*eval_errors(), EvaluationLimit)
 
 
 def _fail(step: ConcreteStep, field: str, exc: BaseException) -> SpecError:
@@ -726,7 +584,7 @@ def _render_cmd(cmd: list[str] | str, variables: dict[str, Any], step: ConcreteS
         return [*SHELL_ARGV, script], True, values
     except _shell.ShellRefused as exc:
         raise SpecError(f"step {step.id!r}: {field}: {exc.message}") from None
-    except _CAUGHT as exc:
+    except _caught() as exc:
         raise _fail(step, field, exc) from None
 
 
@@ -735,7 +593,7 @@ def _render_env(env: dict[str, str], variables: dict[str, Any], step: ConcreteSt
     for k, v in env.items():
         try:
             out[k] = render_text(v, variables)
-        except _CAUGHT as exc:
+        except _caught() as exc:
             raise _fail(step, f"{field}.{k}", exc) from None
     return out
 
@@ -764,7 +622,7 @@ def _render_command(wf: CompiledWorkflow, step: ConcreteStep, ctx: RenderContext
     if step.workdir:
         try:
             workdir = render_text(step.workdir, variables)
-        except _CAUGHT as exc:
+        except _caught() as exc:
             raise _fail(step, "workdir", exc) from None
     if step.agent is not None:
         agent = wf.agents.get(step.agent)
@@ -772,7 +630,7 @@ def _render_command(wf: CompiledWorkflow, step: ConcreteStep, ctx: RenderContext
             raise SpecError(f"step {step.id!r}: unknown agent {step.agent!r}")
         try:
             prompt = render_text(step.prompt or "", variables)
-        except _CAUGHT as exc:
+        except _caught() as exc:
             raise _fail(step, "prompt", exc) from None
         argv, _, _ = _render_cmd(list(agent.command), {**variables, "prompt": prompt}, step,
                                  f"agents.{step.agent}.command")
@@ -865,7 +723,7 @@ def evaluate_when(step: ConcreteStep, ctx: RenderContext, needs_status: dict[str
     try:
         value = evaluate_expression(raw, variables, bare_is_expression=True)
         implicit = not uses_status_function(raw)
-    except _CAUGHT as exc:
+    except _caught() as exc:
         raise _fail(step, "when", exc) from None
     result = _truthy(value)
     if implicit:
@@ -886,7 +744,7 @@ def evaluate_foreach(step: ConcreteStep, ctx: RenderContext) -> list[Any]:
         raise SpecError(f"step {step.id!r}: not a foreach step")
     try:
         value = evaluate_expression(step.foreach, _variables(None, step, ctx))
-    except _CAUGHT as exc:
+    except _caught() as exc:
         raise _fail(step, "foreach", exc) from None
     if isinstance(value, str):
         try:
@@ -920,7 +778,7 @@ def evaluate_until(step: ConcreteStep, ctx: RenderContext) -> bool:
         raise SpecError(f"step {step.id!r}: not a loop step")
     try:
         value = evaluate_expression(step.loop.until, _variables(None, step, ctx), bare_is_expression=True)
-    except _CAUGHT as exc:
+    except _caught() as exc:
         raise _fail(step, "until", exc) from None
     return _truthy(value)
 
