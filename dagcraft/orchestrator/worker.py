@@ -16,7 +16,9 @@ for the next worker, without counting as failures).
 Exit code of :meth:`Worker.run`: 0, except for a worker serving one run with
 ``exit_when_idle``, which exits with that run's code: 0 succeeded (or waiting for an approval
 that only a person can give: it leaves the run to ``resume``), 1 failed (or cancelled, rolled
-back, or its records are corrupt), 130 interrupted before the run finished.
+back, or its records are corrupt), 130 interrupted before the run finished. Such a worker
+raises NotFound (exit 4) if the run is not in the store when it starts; without
+``exit_when_idle`` a worker waits for its run to be submitted.
 
 Registration: while it runs, a worker keeps its record in ``workers/`` fresh
 (:mod:`~dagcraft.orchestrator.registry`: one PUT per beat, a third of its lease TTL capped to
@@ -167,7 +169,9 @@ class Worker:
         try:
             driver = RunDriver(self.cfg, run_id)
         except NotFound:
-            return
+            if run_id == self.only_run and self.exit_when_idle:
+                raise  # a run never submitted gives nothing to do, ever: waiting would hang
+            return  # not submitted yet (or its index entry outlived it): looked for again later
         except (CorruptRecord, InvalidInput) as exc:
             self._not_serving(run_id, exc)
             return

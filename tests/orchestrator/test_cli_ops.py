@@ -162,3 +162,16 @@ def test_cancel_through_cli(tmp_path):
         killpg(run)
     assert run.returncode == 1
     assert run_status(open_store(store_url), "c-1")["status"] == "cancelled"
+
+
+def test_worker_for_a_run_that_was_never_submitted_exits_4_when_told_to_exit_when_idle(tmp_path):
+    """``worker --run ID --exit-when-idle`` on a store without that run used to poll forever
+    (every step of nothing pending): it has nothing to do and never will, so it says so."""
+    store = tmp_path / "store"
+    spec = write_spec(tmp_path, "name: p\nsteps:\n  - id: a\n    run: [\"true\"]\n")
+    cli("submit", str(spec), "--store", str(store), check=True)
+    p = cli("worker", "--store", str(store), "--run", "no-such-run", "--exit-when-idle", timeout=30)
+    assert p.returncode == 4, (p.returncode, p.stderr)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]  # the worker's announcement, the error
+    assert "'no-such-run' not found" in lines[-1] and "Traceback" not in p.stderr, p.stderr
+    assert len(lines) == 2 and lines[0].startswith("worker "), p.stderr
