@@ -50,15 +50,22 @@ class KeyFeed:
     """New keys under a prefix of ``<ulid>…`` names, read incrementally: each ``poll``
     returns the keys not returned before (at least once; never missed within the window).
 
-    Most polls list only past the newest key seen (cost: what is new); every ``sweep_s`` a
+    Most polls list only past the newest key seen (cost: what is new). An entry lands after
+    its writer took its ULID, so a writer slower than another (descheduled, a slow PUT) can
+    land a key that sorts before one a reader already passed: every ``settle_every_s`` a poll
+    lists from ``settle_s`` ago instead, so such a key is found within that (it waited for the
+    next full sweep: a finished run was sealed up to ``sweep_s`` late). Every ``sweep_s`` a
     poll re-lists the whole look-back window, so an entry written by a host whose clock is
-    behind (its ULID sorts before keys already seen) is still found."""
+    behind by more than ``settle_s`` is still found."""
 
-    def __init__(self, store: Store, prefix: str, lookback_s: float = 30.0, sweep_s: float = 2.0) -> None:
+    def __init__(self, store: Store, prefix: str, lookback_s: float = 30.0, sweep_s: float = 2.0,
+                 settle_s: float = 1.0, settle_every_s: float = 0.25) -> None:
         self.store = store
         self.prefix = prefix
         self.lookback_ms = int(lookback_s * 1000)
         self.sweep_s = sweep_s
+        self.settle_ms = int(settle_s * 1000)
+        self.settle_every_s = settle_every_s
         self._seen: dict[str, int] = {}  # key -> ulid ms, pruned beyond the window
         # the same keys in the order first seen (about time order): pruning pops the old end,
         # so its cost follows what leaves the window, not the window's size
@@ -66,14 +73,19 @@ class KeyFeed:
         self._high_ms: int | None = None
         self._high_key: str | None = None
         self._last_sweep = 0.0
+        self._last_settle = 0.0
 
     def poll(self) -> list[str]:
         start_after = None
         if self._high_ms is not None:
             now = time.monotonic()
             if now - self._last_sweep >= self.sweep_s:
-                self._last_sweep = now
+                self._last_sweep = self._last_settle = now
                 start_after = self.prefix + ulid_floor(self._high_ms - self.lookback_ms)
+            elif now - self._last_settle >= self.settle_every_s:
+                self._last_settle = now
+                assert self._high_key is not None  # set with _high_ms
+                start_after = min(self._high_key, self.prefix + ulid_floor(int(time.time() * 1000) - self.settle_ms))
             else:
                 start_after = self._high_key
         new = []

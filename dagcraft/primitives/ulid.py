@@ -14,6 +14,8 @@ import threading
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+#: every 10-bit value as its two digits: a ULID is 13 lookups (half the time of 26)
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
 _lock = threading.Lock()
 _last_ms = -1
 _last_rand = 0
@@ -51,7 +53,12 @@ def new_ulid(ts_ms: int | None = None) -> str:
         else:
             rand = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for increments
         _last_ms, _last_rand = ms, rand
-    return _encode(ms, 10) + _encode(rand, 16)
+    # what ``_encode(ms, 10) + _encode(rand, 16)`` gives: every store write and every trace
+    # event takes a ULID
+    n, p = ms << 80 | rand, _PAIRS
+    return (p[n >> 120] + p[n >> 110 & 1023] + p[n >> 100 & 1023] + p[n >> 90 & 1023] + p[n >> 80 & 1023]
+            + p[n >> 70 & 1023] + p[n >> 60 & 1023] + p[n >> 50 & 1023] + p[n >> 40 & 1023]
+            + p[n >> 30 & 1023] + p[n >> 20 & 1023] + p[n >> 10 & 1023] + p[n & 1023])
 
 
 def ulid_time_ms(ulid: str) -> int:

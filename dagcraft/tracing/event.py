@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import time
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from dagcraft.errors import InvalidInput
+from dagcraft.primitives.ulid import new_ulid
 
 VERSION = 1
 
@@ -80,17 +79,10 @@ class TraceEvent(BaseModel):
     prev: str | None = None
 
 
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
 def new_event_id() -> str:
-    """A 26-char ULID-like id: 48-bit ms timestamp + 80 random bits (unique, roughly sortable)."""
-    n = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
-    out = []
-    for _ in range(26):
-        out.append(_CROCKFORD[n & 31])
-        n >>= 5
-    return "".join(reversed(out))
+    """A ULID (:func:`dagcraft.primitives.ulid.new_ulid`): unique, and increasing within a
+    process, so a trace's events sort by id as they were appended."""
+    return new_ulid()
 
 
 def line_hash(line: bytes) -> str:

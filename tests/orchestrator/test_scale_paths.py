@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -151,16 +152,21 @@ def test_a_feed_moves_past_keys_its_own_process_wrote(tmp_path):
     whole journal on every poll (quadratic in the run's length: 8.8 -> 22.9 ms of CPU per
     step from 500 to 3,000 steps, one worker)."""
     from dagcraft.orchestrator.journal import KeyFeed
-    from dagcraft.primitives.ulid import new_ulid
+    from dagcraft.primitives.ulid import new_ulid, ulid_floor
 
     store = LocalStore(tmp_path / "store", fsync=False)
     feed = KeyFeed(store, "j/", sweep_s=3600.0)
-    first = f"j/{new_ulid()}~other"
+    t0 = int(time.time() * 1000) - 120_000  # older than the settle margin: a long run's journal
+
+    def entry(ms: int, name: str) -> str:
+        return f"j/{ulid_floor(ms)[:10]}{ms % 10**16:016d}~{name}"
+
+    first = entry(t0, "other")
     store.put(first, b"", if_none_match=True)
     assert feed.poll() == [first]
     own = []
     for i in range(50):
-        key = f"j/{new_ulid()}~mine{i}"
+        key = entry(t0 + 1 + i, f"mine{i}")
         store.put(key, b"", if_none_match=True)
         feed.mark_seen(key)
         own.append(key)
@@ -179,6 +185,33 @@ def test_a_feed_moves_past_keys_its_own_process_wrote(tmp_path):
     later = f"j/{new_ulid()}~other2"
     store.put(later, b"", if_none_match=True)
     assert feed.poll() == [later]
+
+
+def test_a_key_that_lands_after_a_later_one_was_read_is_found_by_the_next_poll(tmp_path):
+    """A writer takes its entry's ULID, then PUTs it; another writer that took a later ULID
+    can land first, and a reader that read that one has moved its cursor past the first. The
+    next poll must still find it (it waited for the next sweep: with four workers on two
+    cores, a finished run was sealed up to 2 s late)."""
+    from dagcraft.orchestrator.journal import KeyFeed
+    from dagcraft.primitives.ulid import new_ulid
+
+    store = LocalStore(tmp_path / "store", fsync=False)
+    feed = KeyFeed(store, "j/", sweep_s=3600.0, settle_every_s=0.0)  # no sweep; every poll settles
+    slow, fast = f"j/{new_ulid()}~slow", f"j/{new_ulid()}~fast"
+    assert slow < fast
+    store.put(fast, b"", if_none_match=True)
+    assert feed.poll() == [fast]
+    assert feed.poll() == []  # its first sweep (then none for an hour)
+    store.put(slow, b"", if_none_match=True)  # the slow writer lands
+    assert feed.poll() == [slow]
+    assert feed.poll() == []  # each key once
+    lazy = KeyFeed(store, "j/", sweep_s=3600.0, settle_every_s=3600.0)  # the margin is what finds it
+    assert sorted(lazy.poll()) == [slow, fast] and lazy.poll() == []
+    later_slow, later_fast = f"j/{new_ulid()}~slow2", f"j/{new_ulid()}~fast2"
+    store.put(later_fast, b"", if_none_match=True)
+    assert lazy.poll() == [later_fast]
+    store.put(later_slow, b"", if_none_match=True)
+    assert lazy.poll() == []  # missed without the margin
 
 
 def test_a_feed_forgets_keys_that_left_its_window_in_order(tmp_path):

@@ -85,3 +85,19 @@ def test_concurrent_cas_counter_loses_no_update(local_store):
     for t in threads:
         t.join()
     assert int(s.get("counter")[0]) == sum(acked) == 240
+
+
+@settings(max_examples=300, deadline=None)
+@given(ms=st.integers(min_value=0, max_value=(1 << 48) - 1))
+def test_a_ulid_encodes_its_millisecond_and_increases(ms):
+    """``new_ulid``'s table encoding is the Crockford base32 of (ms << 80 | random): its time
+    reads back and ULIDs of one process only grow, whatever the clock says."""
+    from dagcraft.primitives import ulid as U
+
+    a = U.new_ulid(ms)
+    b = U.new_ulid(ms)
+    assert len(a) == 26 and set(a) <= set(U._ALPHABET)
+    assert U.ulid_time_ms(a) >= ms and b > a
+    assert a[:10] == U._encode(U.ulid_time_ms(a), 10)
+    n = int("".join(f"{U._ALPHABET.index(c):05b}" for c in a), 2)  # 130 bits, the top two 0
+    assert n < 1 << 128 and U._encode(n >> 80, 10) + U._encode(n & ((1 << 80) - 1), 16) == a
