@@ -58,7 +58,7 @@ from dagcraft.orchestrator.retry import backoff_delay, should_retry
 from dagcraft.orchestrator.scheduler import WorkItem
 from dagcraft.orchestrator.scratch import attempt_dir, release_attempt_dir
 from dagcraft.orchestrator.timers import Timers
-from dagcraft.orchestrator.view import missing_secrets, secret_env_name, without_secret_env
+from dagcraft.orchestrator.view import missing_secrets, secret_env_name
 from dagcraft.primitives import artifacts
 from dagcraft.primitives.keys import validate_relpath
 from dagcraft.primitives.local import LocalStore
@@ -642,8 +642,10 @@ class Attempt:
         if not log_prefix:
             out_file.unlink(missing_ok=True)
         # the worker's environment holds every run's secrets: a step gets one only through its
-        # own templates (rendered argv, its env: entries, the template values in cmd.env)
-        env = without_secret_env(os.environ)
+        # own templates (rendered argv, its env: entries, the template values in cmd.env).
+        # The context's env is that environment less the secrets, taken at the claim
+        # (LocalView.template_env: decoded again only when the environment changed)
+        env = dict(self.w.ctx.env)
         env.update(cmd.env)
         # the step can call `dagcraft agent …` and `dagcraft trace ingest` even when the worker's
         # virtualenv is not activated

@@ -33,7 +33,8 @@ class Timers:
     def __init__(self) -> None:
         self._cv = threading.Condition(threading.Lock())
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._cancelled: set[int] = set()
+        self._live: set[int] = set()  # handles in the heap, not cancelled
+        self._cancelled: set[int] = set()  # handles in the heap, cancelled
         self._seq = itertools.count()
         self._pid: int | None = None  # the process whose thread serves the queue
 
@@ -42,24 +43,30 @@ class Timers:
         with self._cv:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
-                self._heap, self._cancelled = [], set()  # a forked child: none of the parent's
+                self._heap, self._live, self._cancelled = [], set(), set()  # a forked child: none of the parent's
                 threading.Thread(target=self._serve, name="dagcraft-timers", daemon=True).start()
             handle = next(self._seq)
-            heapq.heappush(self._heap, (time.monotonic() + delay, handle, fn))
-            self._cv.notify()
+            entry = (time.monotonic() + delay, handle, fn)
+            heapq.heappush(self._heap, entry)
+            self._live.add(handle)
+            # the thread sleeps until the earliest deadline: woken only when that moved earlier
+            # (a wake-up is a thread switch; an attempt schedules and cancels two timers)
+            if self._heap[0] is entry:
+                self._cv.notify()
             return handle
 
     def cancel(self, handle: int) -> None:
-        """``fn`` of ``handle`` will not start from now on (a no-op once it has run)."""
+        """``fn`` of ``handle`` will not start from now on (a no-op once it has run). The
+        thread is not woken: it drops the entry when that comes due."""
         with self._cv:
-            if any(h == handle for _, h, _ in self._heap):
+            if handle in self._live:
+                self._live.discard(handle)
                 self._cancelled.add(handle)
-                self._cv.notify()
 
     def pending(self) -> int:
         """Callbacks waiting (cancelled ones excluded)."""
         with self._cv:
-            return sum(1 for _, h, _ in self._heap if h not in self._cancelled)
+            return len(self._live)
 
     def _next(self) -> Callable[[], None]:
         with self._cv:
@@ -77,6 +84,7 @@ class Timers:
                     self._cv.wait(due - now)
                     continue
                 heapq.heappop(self._heap)
+                self._live.discard(handle)
                 return fn
 
     def _serve(self) -> None:

@@ -86,6 +86,12 @@ _CLEAN_MAX_LEN = 200  # strings longer than this are always scanned
 _CLEAN_MAX = 4096  # entries in a Redactor's memo of clean strings
 
 
+# compiled once: a Redactor is made per attempt and per error message
+_STR_PATS = [(re.compile(p), g, lits) for (p, g), lits in zip(_PATTERNS, _LITERALS, strict=True)]
+_BYTES_PATS = [(re.compile(p.encode()), g, tuple(x.encode() for x in lits))
+               for (p, g), lits in zip(_PATTERNS, _LITERALS, strict=True)]
+
+
 class Redactor:
     """Replaces secrets with ``[redacted]``; thread-safe; :attr:`count` = total replacements."""
 
@@ -93,9 +99,7 @@ class Redactor:
         self._lock = threading.Lock()
         self._secrets: set[str] = set()
         self.count = 0
-        self._str_pats = [(re.compile(p), g, lits) for (p, g), lits in zip(_PATTERNS, _LITERALS, strict=True)]
-        self._bytes_pats = [(re.compile(p.encode()), g, tuple(x.encode() for x in lits))
-                            for (p, g), lits in zip(_PATTERNS, _LITERALS, strict=True)]
+        self._str_pats, self._bytes_pats = _STR_PATS, _BYTES_PATS
         self._exact_str: re.Pattern[str] | None = None
         self._exact_bytes: re.Pattern[bytes] | None = None
         #: short strings already found clean (event keys, tool names, argv words repeat in

@@ -72,3 +72,27 @@ def test_a_long_step_still_heartbeats_and_streams_its_log(tmp_path, thread_start
     assert {"heartbeat-slow", "logs-slow"} <= set(thread_starts)
     step = st["steps"][0]
     assert step["attempt"] == 1  # never taken over
+
+
+def test_the_timers_thread_is_woken_only_when_the_earliest_deadline_moves_earlier():
+    """Every step schedules and cancels a heartbeat and a log snapshot; each wake-up of the
+    timers' thread was a thread switch on the attempt's path (four per step)."""
+    t = Timers()
+    wakes = []
+
+    class Counting(threading.Condition):
+        def notify(self, n: int = 1) -> None:
+            wakes.append(n)
+            super().notify(n)
+
+    t._cv = Counting(threading.Lock())
+    ran = threading.Event()
+    a = t.after(60.0, lambda: None)
+    assert len(wakes) == 1  # the first deadline
+    t.after(120.0, lambda: None)
+    assert len(wakes) == 1  # later than the one it sleeps until: no wake-up
+    t.cancel(a)
+    t.cancel(a)
+    assert len(wakes) == 1 and t.pending() == 1  # cancelled without a wake-up
+    t.after(0.0, ran.set)
+    assert len(wakes) == 2 and ran.wait(10)  # earlier: woken, and it runs
