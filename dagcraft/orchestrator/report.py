@@ -74,6 +74,11 @@ def resolve_traces(store: Store, target: str, dest: Path) -> list[Path]:
     run_id = parts[0]
     status = run_status(store, run_id)
     steps = [parts[1]] if len(parts) > 1 else [s["step"] for s in status["steps"]]
+    # a step the run does not have is said so; a foreach child or loop body step not made yet
+    # (``[``, ``#`` never occur in a declared id) may still come: it has no traces yet
+    if len(parts) > 1 and not any(s["step"] == parts[1] for s in status["steps"]) \
+            and not any(c in parts[1] for c in "[#"):
+        raise NotFound(f"step {parts[1]!r} not found in run {run_id!r}")
     out: list[Path] = []
     for step in steps:
         attempts = [parts[2]] if len(parts) == 3 else _attempt_dirs(store, run_id, step)

@@ -175,3 +175,14 @@ def test_worker_for_a_run_that_was_never_submitted_exits_4_when_told_to_exit_whe
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]  # the worker's announcement, the error
     assert "'no-such-run' not found" in lines[-1] and "Traceback" not in p.stderr, p.stderr
     assert len(lines) == 2 and lines[0].startswith("worker "), p.stderr
+
+
+def test_trace_of_a_step_the_run_does_not_have_says_so(tmp_path):
+    """``trace summary RUN/STEP`` for a mistyped step said "no traces yet", as if it might come."""
+    store = tmp_path / "store"
+    spec = write_spec(tmp_path, "name: p\nsteps:\n  - id: a\n    run: [\"true\"]\n")
+    rid = cli("submit", str(spec), "--store", str(store), check=True).stdout.strip().splitlines()[-1]
+    p = cli("trace", "summary", f"{rid}/zz", "--store", str(store))
+    assert p.returncode == 4 and f"step 'zz' not found in run '{rid}'" in p.stderr, p.stderr
+    p = cli("trace", "summary", f"{rid}/a", "--store", str(store))  # it exists, it has not run
+    assert p.returncode == 4 and "no traces" in p.stderr and "yet" in p.stderr, p.stderr
