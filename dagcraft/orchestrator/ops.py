@@ -593,6 +593,11 @@ def read_log(store: Store, run_id: str, step: str, attempt: int | None = None, s
     if got is None and store.get(f"{layout.attempt_prefix(run_id, step, n)}/trace.jsonl") is not None:
         return b""  # the attempt finished without writing to this stream
     if got is None:
+        if attempt is not None:  # an attempt that was never made will not come: say so
+            made = read_step_state(store, run_id, step).attempt
+            if n > made:
+                raise NotFound(f"step {step!r} of run {run_id!r} has no attempt {n} "
+                               f"({'none started' if not made else f'attempts 1-{made}'})")
         raise NotFound(f"no {stream} log for {run_id}/{step} attempt {n} (yet)")
     return got[0]
 

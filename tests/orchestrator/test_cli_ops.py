@@ -177,8 +177,9 @@ def test_worker_for_a_run_that_was_never_submitted_exits_4_when_told_to_exit_whe
     assert len(lines) == 2 and lines[0].startswith("worker "), p.stderr
 
 
-def test_trace_of_a_step_the_run_does_not_have_says_so(tmp_path):
-    """``trace summary RUN/STEP`` for a mistyped step said "no traces yet", as if it might come."""
+def test_traces_and_logs_the_run_will_never_have_say_so(tmp_path):
+    """``trace summary RUN/STEP`` of a mistyped step said "no traces yet", and ``logs
+    --attempt N`` of an attempt never made said "no log (yet)", as if they might come."""
     store = tmp_path / "store"
     spec = write_spec(tmp_path, "name: p\nsteps:\n  - id: a\n    run: [\"true\"]\n")
     rid = cli("submit", str(spec), "--store", str(store), check=True).stdout.strip().splitlines()[-1]
@@ -186,3 +187,7 @@ def test_trace_of_a_step_the_run_does_not_have_says_so(tmp_path):
     assert p.returncode == 4 and f"step 'zz' not found in run '{rid}'" in p.stderr, p.stderr
     p = cli("trace", "summary", f"{rid}/a", "--store", str(store))  # it exists, it has not run
     assert p.returncode == 4 and "no traces" in p.stderr and "yet" in p.stderr, p.stderr
+    cli("worker", "--store", str(store), "--run", rid, "--exit-when-idle", "--quiet", check=True)
+    p = cli("logs", rid, "a", "--attempt", "9", "--store", str(store))  # never made: not "(yet)"
+    assert p.returncode == 4 and "has no attempt 9 (attempts 1-1)" in p.stderr, p.stderr
+    assert cli("logs", rid, "a", "--attempt", "1", "--store", str(store)).returncode == 0
