@@ -298,7 +298,8 @@ OnChange = Callable[[StepState, str, "str | None"], None]
 class Attempt:
     """One attempt of one step (its command, or its compensation), run on a worker thread."""
 
-    def __init__(self, cfg: WorkerConfig, work: WorkItem, *, on_change: OnChange, outbox: Outbox) -> None:
+    def __init__(self, cfg: WorkerConfig, work: WorkItem, *, on_change: OnChange, outbox: Outbox,
+                 on_release: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.w = work
         self.hold = work.hold
@@ -306,6 +307,11 @@ class Attempt:
         self.store = cfg.store
         self.on_change = on_change
         self.outbox = outbox
+        #: called once the attempt no longer needs its slot (see holds_slot)
+        self.on_release = on_release
+        #: True until the attempt's outcome is committed (or refused): the uploads and the
+        #: clean-up that follow decide nothing, so the worker may start its next attempt meanwhile
+        self.holds_slot = True
         self.n = self.hold.attempt
         self.started_at = self.store.now()
         self.cancel = threading.Event()  # set: kill the child (lease lost, run cancelled, hand back)
@@ -843,6 +849,12 @@ class Attempt:
             pass  # an identical result is already cached, or the cache is skipped this time
 
     # -- commit and uploads ------------------------------------------------------------------------
+    def _release_slot(self) -> None:
+        if self.holds_slot:
+            self.holds_slot = False
+            if self.on_release is not None:
+                self.on_release()
+
     def _decide(self, outcome: Outcome) -> tuple[Callable[[transitions.Hold, transitions.Ending], StepState],
                                                  StepStatus, float | None]:
         """Which transition commits this outcome, the step status it leads to, and the delay
@@ -918,6 +930,9 @@ class Attempt:
                 log.error("%s/%s: could not commit: %s", self.w.run_id, self.label, exc)
                 self.trace.append("error", {"step": step.id, "message": f"commit failed: {exc}"})
             if committed is not None:
+                if self.worktree is None and not self.w.semaphores:
+                    # nothing below gives anything back: the change's wake-up is the slot's too
+                    self.holds_slot = False
                 self.on_change(committed, self.hold.etag, self.hold.journal_key)
             else:
                 self.trace.append("run.finished", {"status": "fenced", "step": step.id, "attempt": self.n,
@@ -926,6 +941,17 @@ class Attempt:
             self.trace.append("step.fenced", {"step": step.id, "attempt": self.n, "worker": self.cfg.worker_id,
                                               "reason": "lease lost", "result_discarded": "lost"})
             self._close_trace(outcome, "fenced")
+        if not (committed is not None and outcome.status is AttemptStatus.SUCCEEDED):
+            self._remove_worktree(delete_branch=True)  # only a committed success publishes its branch
+        for sem, lease in zip(self.w.semaphores, self.w.semaphore_leases, strict=True):
+            try:
+                sem.release(lease)
+            except DagcraftError:
+                pass  # it expires after its TTL
+        # the step's outcome is in the store and its worktree and slots are given back: what is
+        # left (closing and uploading the trace and logs, emptying scratch) decides nothing, so
+        # the worker's next attempt need not wait for it (on a local store, for its fsyncs)
+        self._release_slot()
         self.trace.close()
         # uploaded after the commit, so they never decide the step's status; retried until
         # they land (trace last: `trace verify` reports it missing until then)
@@ -934,16 +960,9 @@ class Attempt:
             if p.exists() and p.stat().st_size > 0:  # an empty log costs no request
                 # closed for good, and removed just below: the store may take the file itself
                 self.outbox.upload(f"{self._prefix}/{name}", p, consume=not self.cfg.keep_workdirs)
-        if not (committed is not None and outcome.status is AttemptStatus.SUCCEEDED):
-            self._remove_worktree(delete_branch=True)  # only a committed success publishes its branch
         if not self.cfg.keep_workdirs:
             # the outbox queued its own copies of what did not land: nothing here is needed
             # emptied and kept as a spare for the next attempt; the step and run directories
             # above it stay for the run's next attempts, until the worker stops serving it
             release_attempt_dir(self.dir, self.cfg.tmp_root)
-        for sem, lease in zip(self.w.semaphores, self.w.semaphore_leases, strict=True):
-            try:
-                sem.release(lease)
-            except DagcraftError:
-                pass  # it expires after its TTL
         return committed if committed is not None else self.hold.state

@@ -10,6 +10,7 @@ the executor (``attempt.py``).
 
 from __future__ import annotations
 
+import bisect
 import functools
 import random
 from dataclasses import dataclass, field
@@ -76,25 +77,29 @@ class Scheduler:
         self._decided: dict[str, int] = {}  # step -> state rev whose `when` evaluated true
         self._full: set[str] = set()
         self._rng = random.Random(f"{worker_id}/{view.run_id}")
-        self._cand: set[str] | None = None  # see _candidates
+        #: the candidates (see _candidates), in scheduling order, and each one's sort key
+        self._order: list[tuple[int, str]] | None = None
+        self._order_key: dict[str, tuple[int, str]] = {}
         self._dependents: dict[str, list[str]] = {}  # lists: a set per step is 4x the size
         self._known: set[str] = set()  # foreach children and loop body steps seen
         self._base = 0  # steps at the first call: all others are children
 
-    def _candidates(self) -> set[str]:
-        """Open steps whose needs are all terminal: a superset of the ready steps, kept up to
-        date from the steps the view re-indexed since the last call (each, and the steps that
-        need it), so a cycle costs what changed, not the size of the DAG."""
+    def _candidates(self) -> list[tuple[int, str]]:
+        """Open steps whose needs are all terminal (or retrying), in scheduling order: a
+        superset of the ready steps, kept up to date from the steps the view re-indexed since
+        the last call (each, and the steps that need it), so a cycle costs what changed, not
+        the size of the DAG nor of the ready set (kept sorted: never sorted again per cycle)."""
         view = self.view
         touched, view.touched = view.touched, set()
-        if self._cand is None:
+        if self._order is None:
             self._dependents = {}
             for sid in view.steps:
                 for n in view.steps.needs_of(sid):
                     self._dependents.setdefault(n, []).append(sid)
             self._base = len(view.steps)
-            self._cand = {sid for sid in view.open_ids if self._eligible(sid)}
-            return self._cand
+            self._order_key = {sid: (view.rank(sid), sid) for sid in view.open_ids if self._eligible(sid)}
+            self._order = sorted(self._order_key.values())
+            return self._order
         recheck = set(touched)
         for sid in touched:
             if sid in view.steps and view.steps.position(sid) >= self._base and sid not in self._known:  # a child, new to us
@@ -102,32 +107,39 @@ class Scheduler:
                 for n in view.steps.needs_of(sid):
                     self._dependents.setdefault(n, []).append(sid)
             recheck.update(self._dependents.get(sid, ()))
+        order, keys = self._order, self._order_key
         for sid in recheck:
             if sid in view.open_ids and self._eligible(sid):
-                self._cand.add(sid)
-            else:
-                self._cand.discard(sid)
-        return self._cand
+                if sid not in keys:
+                    keys[sid] = (view.rank(sid), sid)
+                    bisect.insort(order, keys[sid])
+            elif sid in keys:
+                del order[bisect.bisect_left(order, keys.pop(sid))]
+        return order
 
     def _eligible(self, sid: str) -> bool:
         # a retrying step's needs were done when it first ran; ready() decides its time
         return self.view.status(sid) == StepStatus.RETRYING or self.view.needs_done(sid)
 
     def ready(self) -> list[str]:
+        """The ready steps, in scheduling order: the candidates less the retrying steps whose
+        wait has not passed and the foreach children their parent has not expanded to. The
+        candidates' needs are not checked again here (every cycle, for every ready step):
+        :meth:`decide` checks them for the step it is about to claim."""
         view = self.view
         now = None
         out = []
-        for sid in view.ids(self._candidates()):
-            parent = view.parent(sid)
-            if parent and sid not in view.children(parent):
-                continue  # a foreach child runs only once its parent has expanded to it
-            status = view.status(sid)
-            if status == StepStatus.PENDING and view.needs_done(sid):
-                out.append(sid)
-            elif status == StepStatus.RETRYING:
+        known = self._known
+        for _, sid in self._candidates():
+            if sid in known:
+                parent = view.parent(sid)
+                if parent and sid not in view.children(parent):
+                    continue  # a foreach child runs only once its parent has expanded to it
+            if view.status(sid) == StepStatus.RETRYING:
                 now = now if now is not None else view.store.now()
-                if (view.state(sid).not_before or 0) <= now:
-                    out.append(sid)
+                if (view.state(sid).not_before or 0) > now:
+                    continue
+            out.append(sid)
         return out
 
     def settle_parents(self) -> None:
@@ -239,6 +251,8 @@ class Scheduler:
             if max_parallel is not None and sum(
                     1 for s in view.active_ids if view.status(s) == StepStatus.RUNNING) >= max_parallel:
                 continue
+            if view.status(sid) == StepStatus.PENDING and not view.needs_done(sid):
+                continue  # the candidate set's invariant, checked where it matters: at a claim
             item = self.claim(sid)
             if item is not None:
                 claims.append(item)

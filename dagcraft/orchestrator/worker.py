@@ -113,7 +113,9 @@ class Worker:
         #: runs not served because a record of theirs is unreadable: run id -> the bad key
         self.corrupt: dict[str, str] = {}
         self.running: dict[Future[StepState] | int, tuple[str, Attempt]] = {}
-        self.pool = None if inline else ThreadPoolExecutor(max_workers=self.concurrency,
+        # twice the slots: an attempt past its commit (uploading its trace) gives its slot back
+        # while its thread finishes, and the next attempt must not wait for that thread
+        self.pool = None if inline else ThreadPoolExecutor(max_workers=2 * self.concurrency,
                                                            thread_name_prefix="dagcraft-step")
         self.outbox = Outbox(cfg.store, cfg.tmp_root / "outbox")
         self.wake = threading.Event()
@@ -135,7 +137,8 @@ class Worker:
         for _ in range(5):  # the main thread may change these dicts while they are copied
             try:
                 runs = list(self.drivers) or ([self.only_run] if self.only_run else [])
-                steps = [f"{rid}/{job.w.step.id}#{job.name}" for rid, job in list(self.running.values())]
+                steps = [f"{rid}/{job.w.step.id}#{job.name}" for rid, job in list(self.running.values())
+                         if job.holds_slot]  # not those past their commit, only uploading
                 return runs, steps
             except RuntimeError:
                 continue
@@ -226,7 +229,7 @@ class Worker:
         return push
 
     def _start(self, run_id: str, item: WorkItem) -> None:
-        job = Attempt(self.cfg, item, on_change=self._on_change(run_id), outbox=self.outbox)
+        job = Attempt(self.cfg, item, on_change=self._on_change(run_id), outbox=self.outbox, on_release=self.wake.set)
         self.log(f"{run_id}: claimed {job.label}")
         if self.pool is None:
             self.running[id(job)] = (run_id, job)
@@ -277,7 +280,7 @@ class Worker:
                     clean_run_scratch(self.cfg.tmp_root, run_id)
                 return True
             if not self.draining:
-                capacity = self.concurrency - len(self.running)
+                capacity = self.free_slots()
                 if capacity > 0:
                     for item in driver.scheduler.decide(capacity):
                         self._start(run_id, item)
@@ -306,12 +309,20 @@ class Worker:
             active = self._serve_cycle(run_id, driver) or active
         return active
 
+    def free_slots(self) -> int:
+        """How many attempts this worker may start now: ``concurrency`` less the attempts
+        whose outcome is not committed yet. An attempt past its commit (closing and uploading
+        its trace) holds no slot, but at most ``concurrency`` such attempts are waited for, so
+        a started attempt always has a thread (a claimed step never waits unheartbeated)."""
+        held = sum(1 for _, job in self.running.values() if job.holds_slot)
+        return max(0, min(self.concurrency - held, 2 * self.concurrency - len(self.running)))
+
     def next_interval(self, changed: bool, interval: float) -> float:
         """The wait before the next cycle: ``poll_min`` after a cycle that saw a change this
         worker can act on (it has a free slot, or holds a run's supervisor role), else twice
         the last wait, up to ``poll_max``. A worker with every slot busy need not chase other
         workers' changes: the end of one of its own attempts wakes it at once."""
-        actionable = changed and (len(self.running) < self.concurrency
+        actionable = changed and (self.free_slots() > 0
                                   or any(d.supervisor.lease is not None for d in self.drivers.values()))
         return self.poll_min if actionable else min(self.poll_max, interval * 2)
 
