@@ -89,6 +89,8 @@ class SimJob:
 
     w: WorkItem
     name: str
+    #: a simulated attempt commits at its end, when it leaves ``Worker.running``
+    holds_slot: bool = True
 
     def request_cancel(self, reason: Any) -> None:
         pass
