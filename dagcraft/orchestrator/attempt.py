@@ -18,6 +18,9 @@ Guarantees:
   (``trace verify RUN`` reports the trace missing until then). The trace is closed
   (``run.finished``) before the commit, and the commit pins its final head (the hash of its
   last line) in the step's history; a refused commit's trace goes on past that point.
+- The attempt holds its worker slot (``holds_slot``) until its outcome is committed and its
+  worktree and semaphore slots are given back, not through the uploads: the worker may start
+  its next attempt while this one's trace is still uploading.
 - Attempt numbers are unique per step and kind, so nothing else writes ``attempts/<n>/``.
 """
 
