@@ -19,6 +19,7 @@ from typing import Any
 from dagcraft.errors import Conflict, DagcraftError, InvalidInput
 from dagcraft.orchestrator import approval, context, layout, transitions
 from dagcraft.orchestrator.model import AttemptKind, Decision, ReasonKind, RunStatus, StepState, StepStatus
+from dagcraft.orchestrator.steptable import Dependents
 from dagcraft.orchestrator.transitions import Hold
 from dagcraft.orchestrator.view import LocalView
 from dagcraft.primitives import lease as leases
@@ -80,7 +81,7 @@ class Scheduler:
         #: the candidates (see _candidates), in scheduling order, and each one's sort key
         self._order: list[tuple[int, str]] | None = None
         self._order_key: dict[str, tuple[int, str]] = {}
-        self._dependents: dict[str, list[str]] = {}  # lists: a set per step is 4x the size
+        self._dependents: Dependents | None = None  # built at the first call of _candidates
         self._known: set[str] = set()  # foreach children and loop body steps seen
         self._base = 0  # steps at the first call: all others are children
 
@@ -92,21 +93,18 @@ class Scheduler:
         view = self.view
         touched, view.touched = view.touched, set()
         if self._order is None:
-            self._dependents = {}
-            for sid in view.steps:
-                for n in view.steps.needs_of(sid):
-                    self._dependents.setdefault(n, []).append(sid)
+            self._dependents = Dependents(view.steps)
             self._base = len(view.steps)
             self._order_key = {sid: (view.rank(sid), sid) for sid in view.open_ids if self._eligible(sid)}
             self._order = sorted(self._order_key.values())
             return self._order
         recheck = set(touched)
+        assert self._dependents is not None  # built with _order
         for sid in touched:
             if sid in view.steps and view.steps.position(sid) >= self._base and sid not in self._known:  # a child, new to us
                 self._known.add(sid)
-                for n in view.steps.needs_of(sid):
-                    self._dependents.setdefault(n, []).append(sid)
-            recheck.update(self._dependents.get(sid, ()))
+                self._dependents.add(sid, view.steps.needs_of(sid))
+            recheck.update(self._dependents.of(sid))
         order, keys = self._order, self._order_key
         for sid in recheck:
             if sid in view.open_ids and self._eligible(sid):

@@ -183,6 +183,55 @@ class StepTable(Mapping[str, ConcreteStep]):
         return getattr(proto, name)
 
 
+class Dependents:
+    """The reverse of a step table's needs: for each step, the steps that name it.
+
+    The steps the table holds when this is built are indexed as two int arrays (positions,
+    grouped by the step they need: 4 bytes a step and 4 a need, where a dict of lists of ids
+    took ~110 bytes a step); steps added after (foreach children, loop body steps) are added
+    one by one with :meth:`add`. Guarantee: ``of(sid)`` names every step, indexed or added,
+    whose needs name ``sid``, each once per need, indexed steps first in table order. Built
+    after the table's last :meth:`StepTable.reorder` (positions are the table's)."""
+
+    def __init__(self, steps: StepTable) -> None:
+        self._steps = steps
+        n = self._n = len(steps)
+        pos = steps._pos
+        starts = array("I", bytes(4 * (n + 1)))
+        for nd in steps._needs[:n]:
+            for need in nd:
+                p = pos.get(need)
+                if p is not None:
+                    starts[p + 1] += 1
+        for i in range(n):
+            starts[i + 1] += starts[i]
+        fill = array("I", starts)
+        targets = array("I", bytes(4 * starts[n]))
+        #: needs naming no step of the table at build time (a step added later), by name
+        self._extra: dict[str, list[str]] = {}
+        for i, nd in enumerate(steps._needs[:n]):
+            for need in nd:
+                p = pos.get(need)
+                if p is None:
+                    self._extra.setdefault(need, []).append(steps._ids[i])
+                else:
+                    targets[fill[p]] = i
+                    fill[p] += 1
+        self._starts, self._targets = starts, targets
+
+    def add(self, sid: str, needs: Sequence[str]) -> None:
+        """Index a step added to the table after this was built."""
+        for need in needs:
+            self._extra.setdefault(need, []).append(sid)
+
+    def of(self, sid: str) -> list[str]:
+        p = self._steps._pos.get(sid)
+        ids = self._steps._ids
+        out = [ids[t] for t in self._targets[self._starts[p]:self._starts[p + 1]]] if p is not None and p < self._n else []
+        more = self._extra.get(sid)
+        return out + more if more else out
+
+
 # -- reading run.json one step at a time ----------------------------------------------------------
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()

@@ -396,7 +396,7 @@ class LocalStore:
         Entries that cannot hold a wanted key are dropped before sorting: a directory (or a
         time shard) holds only keys starting with its prefix, so one whose prefix is outside
         ``prefix`` or wholly at or before ``start_after`` is never opened."""
-        items: list[tuple[str, bool, str]] = []  # (sort key, is_dir, path)
+        items: list[tuple[str, bool, str]] = []  # (sort key, is_dir, path: a directory's only)
         if not self._scan(d, dir_key, prefix, start_after, items):
             return False
         items.sort()
@@ -445,7 +445,7 @@ class LocalStore:
                 full = dir_key + _unesc(name[: -len(_SUFFIX)])
                 if not full.startswith(prefix) or (start_after is not None and full <= start_after):
                     continue
-                items.append((full, False, e.path))
+                items.append((full, False, ""))  # a file's path is never used: not built
         return True
 
     @staticmethod
@@ -470,7 +470,7 @@ class LocalStore:
             full = dir_key + (_unesc(stem) if "%" in stem else stem)
             if (start_after is not None and full <= start_after) or not full.startswith(prefix):
                 continue
-            items.append((full, False, f"{d}/{name}"))
+            items.append((full, False, ""))  # as in _scan: no path string per listed key
 
     def delete(self, key: str) -> None:
         path = self._fspath(key)

@@ -6,9 +6,11 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from dagcraft.orchestrator.steptable import StepTable, read_run_record
+from dagcraft.orchestrator.steptable import Dependents, StepTable, read_run_record
 from dagcraft.workflows import ConcreteStep
 
 
@@ -106,3 +108,37 @@ def test_view_states_keep_finished_records_packed_and_read_back_equal():
         StepStatus.SUCCEEDED, 3, "p", "etags7")
     assert states["b"] == (StepState(step_id="b", status=StepStatus.FAILED, rev=2), None)
     assert states.has_record("s7") and not states.has_record("b") and states.etag("b") is None
+
+
+def _naive_dependents(needs: dict[str, list[str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for sid, nd in needs.items():
+        for n in nd:
+            out.setdefault(n, []).append(sid)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(min_value=1, max_value=40).flatmap(lambda n: st.tuples(
+    st.just(n),
+    st.lists(st.lists(st.integers(min_value=0, max_value=n + 4), max_size=4), min_size=n, max_size=n),
+    st.lists(st.lists(st.integers(min_value=0, max_value=n + 4), max_size=3), max_size=5))))
+def test_dependents_match_the_reverse_of_needs(case: tuple[int, list[list[int]], list[list[int]]]):
+    """The compact reverse index names exactly the steps a dict of lists would, for steps
+    in the table when it is built (needs naming steps that exist, that come later, or none)
+    and for steps added after (children), in table order."""
+    n, base_needs, later = case
+    table = StepTable()
+    needs: dict[str, list[str]] = {}
+    for i, nd in enumerate(base_needs):
+        needs[f"s{i}"] = [f"s{j}" for j in nd if j != i]
+        table.add_data(_step(f"s{i}", needs[f"s{i}"]))
+    deps = Dependents(table)
+    for k, nd in enumerate(later):
+        cid = f"c{k}"
+        needs[cid] = [f"s{j}" if j % 2 else f"c{j}" for j in nd]
+        table.add_data(_step(cid, needs[cid]))
+        deps.add(cid, table.needs_of(cid))
+    want = _naive_dependents(needs)
+    for name in [*needs, *(f"s{j}" for j in range(n + 5)), *(f"c{j}" for j in range(n + 5))]:
+        assert deps.of(name) == want.get(name, []), name
