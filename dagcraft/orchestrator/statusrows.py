@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import shlex
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -58,6 +57,7 @@ from dagcraft.orchestrator.model import (
     StepStatus,
     first_claim,
 )
+from dagcraft.orchestrator.spill import Spill
 from dagcraft.primitives.store import Store
 
 if TYPE_CHECKING:
@@ -332,21 +332,15 @@ class SummaryWriter:
 
         # rows spill to an anonymous temp file as they are made (the worker keeps where each
         # one is): held as strings, a 10,000-step run's rows added ~7 MiB to the sealing peak
-        self._spill = tempfile.TemporaryFile(prefix="dagcraft-rows-")
-        self._end = 0
+        self._spill = Spill("dagcraft-rows-")
 
-        def pack(row: dict[str, Any]) -> tuple[int, int]:
-            data = _pack_settled(row).encode()
-            self._spill.seek(self._end)
-            self._spill.write(data)
-            at, self._end = self._end, self._end + len(data)
-            return at, len(data)
+        def pack(row: dict[str, Any]) -> int | bytes:
+            return self._spill.add(_pack_settled(row).encode())
 
-        self.rows: StatusRows[tuple[int, int]] = StatusRows(loop_of, pack, lambda at: _decode(self._read(at)))
+        self.rows: StatusRows[int | bytes] = StatusRows(loop_of, pack, lambda at: _decode(self._read(at)))
 
-    def _read(self, at: tuple[int, int]) -> str:
-        self._spill.flush()
-        return os.pread(self._spill.fileno(), at[1], at[0]).decode()
+    def _read(self, at: int | bytes) -> str:
+        return self._spill.get(at).decode()
 
     def close(self) -> None:
         self._spill.close()

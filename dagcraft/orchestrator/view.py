@@ -38,6 +38,7 @@ from dagcraft.orchestrator.model import (
     load_record,
     load_state,
 )
+from dagcraft.orchestrator.spill import Spill
 from dagcraft.orchestrator.steptable import StepTable, read_run_record
 from dagcraft.primitives.persist import Persistence
 from dagcraft.primitives.store import Store
@@ -213,19 +214,24 @@ class StepStates(Mapping[str, tuple[StepState, "str | None"]]):
     - a step known only by the status and rev a journal entry announced (never read by this
       view): just that pair, built on access as the state a fresh record would have with that
       status (etag None: it is stale until read);
-    - a finished step without children (read, or written by this view): its record's JSON,
-      compressed (a twentieth of its model's size), with its status, rev and parent; the model is rebuilt on
-      access (the last :attr:`UNPACKED` are kept);
+    - a finished step without children (read, or written by this view): its status, rev,
+      etag and parent in memory, and its record's JSON, compressed, in a :class:`Spill` file;
+      the model is rebuilt on access (the last :attr:`UNPACKED` are kept);
     - any other step: its model.
 
-    A worker of a large run so keeps a few hundred bytes, not a model, per finished step."""
+    A worker of a large run so keeps about a hundred bytes, not a model, per finished step.
+    A record replaced by a newer version leaves its old bytes in the spill file (disk, not
+    memory: a run's transitions bound it)."""
 
     UNPACKED = 64
 
     def __init__(self) -> None:
         self._full: dict[str, tuple[StepState, str | None]] = {}
         self._brief: dict[str, tuple[StepStatus, int]] = {}
-        self._packed: dict[str, tuple[bytes, str | None, StepStatus, int, str | None]] = {}
+        #: compressed records, each a handle of ``_spill``: a worker holds ~100 bytes per
+        #: finished step instead of ~500 (its record is read back when asked for)
+        self._packed: dict[str, tuple[int | bytes, str | None, StepStatus, int, str | None]] = {}
+        self._spill = Spill("dagcraft-records-")
         self._unpacked: OrderedDict[str, StepState] = OrderedDict()
 
     def __getitem__(self, sid: str) -> tuple[StepState, str | None]:
@@ -236,7 +242,7 @@ class StepStates(Mapping[str, tuple[StepState, "str | None"]]):
         if packed is not None:
             st = self._unpacked.get(sid)
             if st is None:
-                st = self._unpacked[sid] = StepState.model_validate_json(zlib.decompress(packed[0]))
+                st = self._unpacked[sid] = StepState.model_validate_json(zlib.decompress(self._spill.get(packed[0])))
                 if len(self._unpacked) > self.UNPACKED:
                     self._unpacked.popitem(last=False)
             else:
@@ -250,7 +256,8 @@ class StepStates(Mapping[str, tuple[StepState, "str | None"]]):
         st, etag = value
         if st.status in TERMINAL and not st.children:
             # compressed: a record's JSON is mostly repeated field names (~900 B → ~400 B)
-            self._packed[sid] = (zlib.compress(st.model_dump_json().encode(), 1), etag, st.status, st.rev, st.parent)
+            packed = self._spill.add(zlib.compress(st.model_dump_json().encode(), 1))
+            self._packed[sid] = (packed, etag, st.status, st.rev, st.parent)
         else:
             self._full[sid] = value
 

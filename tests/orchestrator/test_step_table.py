@@ -100,6 +100,8 @@ def test_view_states_keep_finished_records_packed_and_read_back_equal():
     states.set_brief("b", StepStatus.FAILED, 2)
     assert len(states) == 202 and set(states) == {*(s.step_id for s in done), "r", "b"}
     assert not states._full.keys() - {"r"} and len(states._packed) == 200  # finished: packed
+    # ... and their bytes are on disk, not in memory: each held as a small int handle
+    assert all(isinstance(p[0], int) for p in states._packed.values())
     assert states["r"][0] is running
     for st in done:
         assert states[st.step_id] == (st, f"etag{st.step_id}")
