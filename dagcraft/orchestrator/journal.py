@@ -66,10 +66,12 @@ class KeyFeed:
         self.sweep_s = sweep_s
         self.settle_ms = int(settle_s * 1000)
         self.settle_every_s = settle_every_s
-        self._seen: dict[str, int] = {}  # key -> ulid ms, pruned beyond the window
+        self._seen: set[str] = set()  # pruned beyond the window
         # the same keys in the order first seen (about time order): pruning pops the old end,
-        # so its cost follows what leaves the window, not the window's size
-        self._order: deque[tuple[int, str]] = deque()
+        # so its cost follows what leaves the window, not the window's size. A key's ULID
+        # time is its sort order, so the key alone says when it leaves: at ~20,000 keys in
+        # the window of a busy run, a (ms, key) pair per key held ~2 MiB more
+        self._order: deque[str] = deque()
         self._high_ms: int | None = None
         self._high_key: str | None = None
         self._last_sweep = 0.0
@@ -89,44 +91,50 @@ class KeyFeed:
             else:
                 start_after = self._high_key
         new = []
-        for key in self.store.list(self.prefix, start_after=start_after):
-            ms = self._seen.get(key)
-            if ms is None:
-                try:
-                    ms = ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
-                except ValueError:
-                    continue  # not an entry we wrote
-                self._remember(key, ms)
-                new.append(key)
-            # a key seen before (this process's own, marked seen) moves the cursor too: else a
-            # lone worker, whose every entry is its own, re-listed the whole journal each poll
-            if self._high_ms is None or ms > self._high_ms:
-                self._high_ms = ms
-            if self._high_key is None or key > self._high_key:
-                self._high_key = key
+        seen = self._seen
+        listed = self.store.list(self.prefix, start_after=start_after)
+        for key in listed:
+            if key in seen:
+                continue
+            try:
+                ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
+            except ValueError:
+                continue  # not an entry we wrote
+            self._remember(key)
+            new.append(key)
+        # the newest key listed moves the cursor, seen before or not (this process's own,
+        # marked seen): else a lone worker, whose every entry is its own, re-listed the whole
+        # journal each poll. Keys list in order, and a key's order is its ULID time's.
+        for key in reversed(listed):
+            if key in seen:
+                ms = ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
+                if self._high_ms is None or ms > self._high_ms:
+                    self._high_ms = ms
+                if self._high_key is None or key > self._high_key:
+                    self._high_key = key
+                break
+        del listed
         if self._high_ms is not None:
-            floor = self._high_ms - self.lookback_ms - 1000
-            order, seen = self._order, self._seen
+            floor = self.prefix + ulid_floor(self._high_ms - self.lookback_ms - 1000)
+            order = self._order
             # an entry first seen late (a slow clock) but old waits behind newer ones: kept a
             # little longer, which only costs memory until they leave the window too
-            while order and order[0][0] < floor:
-                ms, key = order.popleft()
-                if seen.get(key) == ms:
-                    del seen[key]
+            while order and order[0] < floor:
+                seen.discard(order.popleft())
         return new
 
-    def _remember(self, key: str, ms: int) -> None:
-        self._seen[key] = ms
-        self._order.append((ms, key))
+    def _remember(self, key: str) -> None:
+        self._seen.add(key)
+        self._order.append(key)
 
     def mark_seen(self, key: str) -> None:
         """A key this process wrote itself (its change is already applied locally)."""
         try:
-            ms = ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
+            ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
         except ValueError:
             return
         if key not in self._seen:
-            self._remember(key, ms)
+            self._remember(key)
 
 
 class JournalReader:
