@@ -36,6 +36,9 @@ def test_bytes_read_back_exactly_from_threads_and_no_file_is_left(tmp_path: Path
         assert spill.get(h) == data
     assert spill.add(b"") != b"" and spill.get(spill.add(b"")) == b""
     assert os.listdir(tmp_path) == []  # unlinked at creation: nothing to clean up after kill -9
+    assert spill._file is not None
+    st = os.fstat(spill._file.fileno())
+    assert st.st_nlink == 0 and st.st_mode & 0o077 == 0  # no name, and this user's alone
     spill.close()
     assert spill._file is None
 
