@@ -93,8 +93,8 @@ def test_view_states_keep_finished_records_packed_and_read_back_equal():
     states = StepStates()
     done = [StepState(step_id=f"s{i}", status=StepStatus.SUCCEEDED, rev=3, parent="p", outputs={"n": i})
             for i in range(200)]
-    for st in done:
-        states[st.step_id] = (st, f"etag{st.step_id}")
+    for rec in done:
+        states[rec.step_id] = (rec, f"etag{rec.step_id}")
     running = StepState(step_id="r", status=StepStatus.RUNNING, rev=1)
     states["r"] = (running, "e")
     states.set_brief("b", StepStatus.FAILED, 2)
@@ -103,8 +103,8 @@ def test_view_states_keep_finished_records_packed_and_read_back_equal():
     # ... and their bytes are on disk, not in memory: each held as a small int handle
     assert all(isinstance(p[0], int) for p in states._packed.values())
     assert states["r"][0] is running
-    for st in done:
-        assert states[st.step_id] == (st, f"etag{st.step_id}")
+    for rec in done:
+        assert states[rec.step_id] == (rec, f"etag{rec.step_id}")
     assert len(states._unpacked) <= StepStates.UNPACKED
     assert (states.status("s7"), states.rev("s7"), states.parent("s7"), states.etag("s7")) == (
         StepStatus.SUCCEEDED, 3, "p", "etags7")
