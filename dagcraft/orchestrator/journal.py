@@ -6,8 +6,8 @@ record: the cost of finding ready work follows what changed, never the size of t
 
 Guarantees: entries are immutable and never deleted while the run lives. Entry ids are ULIDs
 from the writer's clock, so a slow writer can land an entry that sorts before one a reader
-already passed; the reader therefore re-lists a look-back window (default 30 s of ULID time)
-and de-duplicates. A writer that crashes between its state CAS and its journal PUT leaves a
+already passed; the reader therefore walks a look-back window (default 30 s of ULID time),
+a page per sweep, and de-duplicates. A writer that crashes between its state CAS and its journal PUT leaves a
 change without notification; readers catch it with the periodic full resync.
 """
 
@@ -19,7 +19,7 @@ from collections import deque
 
 from dagcraft.errors import DagcraftError
 from dagcraft.orchestrator import layout
-from dagcraft.primitives.store import Store
+from dagcraft.primitives.store import LIST_PAGE, Store
 from dagcraft.primitives.ulid import new_ulid, ulid_floor, ulid_time_ms
 
 
@@ -54,87 +54,115 @@ class KeyFeed:
     its writer took its ULID, so a writer slower than another (descheduled, a slow PUT) can
     land a key that sorts before one a reader already passed: every ``settle_every_s`` a poll
     lists from ``settle_s`` ago instead, so such a key is found within that (it waited for the
-    next full sweep: a finished run was sealed up to ``sweep_s`` late). Every ``sweep_s`` a
-    poll re-lists the whole look-back window, so an entry written by a host whose clock is
-    behind by more than ``settle_s`` is still found."""
+    next full sweep: a finished run was sealed up to ``sweep_s`` late).
+
+    Every ``sweep_s`` a poll also lists one page (``page`` keys) of the look-back window,
+    walking it from its oldest key to its newest and then starting over, so an entry written
+    by a host whose clock is behind by more than ``settle_s`` is still found: within
+    ``sweep_s`` while the window holds fewer than ``page`` keys, within ``sweep_s`` per page
+    of it beyond. A sweep costs one LIST and holds one page whatever the window's size (the
+    whole window re-listed every sweep cost a worker one LIST per 1,000 keys every 2 s: per
+    step, that grew with the pool's size). An entry that a walk longer than the look-back
+    does not reach in time is found by the readers' full resync instead."""
 
     def __init__(self, store: Store, prefix: str, lookback_s: float = 30.0, sweep_s: float = 2.0,
-                 settle_s: float = 1.0, settle_every_s: float = 0.25) -> None:
+                 settle_s: float = 1.0, settle_every_s: float = 0.25, page: int = LIST_PAGE) -> None:
         self.store = store
         self.prefix = prefix
         self.lookback_ms = int(lookback_s * 1000)
         self.sweep_s = sweep_s
         self.settle_ms = int(settle_s * 1000)
         self.settle_every_s = settle_every_s
-        self._seen: set[str] = set()  # pruned beyond the window
-        # the same keys in the order first seen (about time order): pruning pops the old end,
-        # so its cost follows what leaves the window, not the window's size. A key's ULID
-        # time is its sort order, so the key alone says when it leaves: at ~20,000 keys in
-        # the window of a busy run, a (ms, key) pair per key held ~2 MiB more
+        self.page = max(1, page)
+        # the ULIDs of the keys seen in the window (an entry's ULID alone names it: a third of
+        # the key's bytes), pruned beyond the window
+        self._seen: set[str] = set()
+        # the same ULIDs in the order first seen (about time order): pruning pops the old end,
+        # so its cost follows what leaves the window, not the window's size; a ULID's order is
+        # its time's, so it alone says when it leaves
         self._order: deque[str] = deque()
         self._high_ms: int | None = None
         self._high_key: str | None = None
+        self._walk: str | None = None  # where the sweep's next page starts (None: the floor)
         self._last_sweep = 0.0
         self._last_settle = 0.0
 
+    def _ulid(self, key: str) -> str | None:
+        """The entry id of ``key`` (the ULID its name starts with), None if it is not an entry."""
+        name = key[len(self.prefix):]
+        uid = name.split("~", 1)[0]
+        try:
+            ulid_time_ms(uid)
+        except ValueError:
+            return None
+        return uid if len(uid) == 26 else name
+
     def poll(self) -> list[str]:
-        start_after = None
-        if self._high_ms is not None:
-            now = time.monotonic()
-            if now - self._last_sweep >= self.sweep_s:
-                self._last_sweep = self._last_settle = now
-                start_after = self.prefix + ulid_floor(self._high_ms - self.lookback_ms)
-            elif now - self._last_settle >= self.settle_every_s:
-                self._last_settle = now
-                assert self._high_key is not None  # set with _high_ms
-                start_after = min(self._high_key, self.prefix + ulid_floor(int(time.time() * 1000) - self.settle_ms))
-            else:
-                start_after = self._high_key
-        new = []
-        seen = self._seen
-        listed = self.store.list(self.prefix, start_after=start_after)
-        for key in listed:
-            if key in seen:
-                continue
-            try:
-                ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
-            except ValueError:
-                continue  # not an entry we wrote
-            self._remember(key)
-            new.append(key)
-        # the newest key listed moves the cursor, seen before or not (this process's own,
-        # marked seen): else a lone worker, whose every entry is its own, re-listed the whole
-        # journal each poll. Keys list in order, and a key's order is its ULID time's.
-        for key in reversed(listed):
-            if key in seen:
-                ms = ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
-                if self._high_ms is None or ms > self._high_ms:
-                    self._high_ms = ms
-                if self._high_key is None or key > self._high_key:
-                    self._high_key = key
-                break
-        del listed
-        if self._high_ms is not None:
-            floor = self.prefix + ulid_floor(self._high_ms - self.lookback_ms - 1000)
-            order = self._order
-            # an entry first seen late (a slow clock) but old waits behind newer ones: kept a
-            # little longer, which only costs memory until they leave the window too
-            while order and order[0] < floor:
-                seen.discard(order.popleft())
+        new: list[str] = []
+        if self._high_ms is None or self._high_key is None:
+            self._take(self.store.list(self.prefix), new)  # the first poll: from the start
+            self._prune()
+            return new
+        now = time.monotonic()
+        start_after = self._high_key
+        if now - self._last_settle >= self.settle_every_s:
+            self._last_settle = now
+            start_after = min(self._high_key, self.prefix + ulid_floor(int(time.time() * 1000) - self.settle_ms))
+        if now - self._last_sweep >= self.sweep_s:
+            self._last_sweep = now
+            floor = self.prefix + ulid_floor(self._high_ms - self.lookback_ms)
+            begin = self._walk if self._walk is not None and self._walk > floor else floor
+            page = self.store.list(self.prefix, start_after=begin, limit=self.page)
+            self._walk = page[-1] if len(page) >= self.page else None
+            self._take(page, new)
+            if self._walk is None and begin <= start_after:
+                self._prune()  # the page ran from before this poll's start to the newest key
+                return new
+        self._take(self.store.list(self.prefix, start_after=start_after), new)
+        self._prune()
         return new
 
-    def _remember(self, key: str) -> None:
-        self._seen.add(key)
-        self._order.append(key)
+    def _take(self, listed: list[str], new: list[str]) -> None:
+        """Add the keys of a listing not seen before to ``new``, and move the cursor."""
+        seen = self._seen
+        last: str | None = None
+        for key in listed:
+            uid = self._ulid(key)
+            if uid is None:
+                continue  # not an entry we wrote
+            last = key
+            if uid not in seen:
+                self._remember(uid)
+                new.append(key)
+        # the newest entry listed moves the cursor, seen before or not (this process's own,
+        # marked seen): else a lone worker, whose every entry is its own, re-listed the whole
+        # journal each poll. Keys list in order, and a key's order is its ULID time's.
+        if last is not None:
+            ms = ulid_time_ms(last[len(self.prefix):])
+            if self._high_ms is None or ms > self._high_ms:
+                self._high_ms = ms
+            if self._high_key is None or last > self._high_key:
+                self._high_key = last
+
+    def _prune(self) -> None:
+        if self._high_ms is None:
+            return
+        floor = ulid_floor(self._high_ms - self.lookback_ms - 1000)
+        order, seen = self._order, self._seen
+        # an entry first seen late (a slow clock) but old waits behind newer ones: kept a
+        # little longer, which only costs memory until they leave the window too
+        while order and order[0] < floor:
+            seen.discard(order.popleft())
+
+    def _remember(self, uid: str) -> None:
+        self._seen.add(uid)
+        self._order.append(uid)
 
     def mark_seen(self, key: str) -> None:
         """A key this process wrote itself (its change is already applied locally)."""
-        try:
-            ulid_time_ms(key[len(self.prefix):].split("~", 1)[0])
-        except ValueError:
-            return
-        if key not in self._seen:
-            self._remember(key)
+        uid = self._ulid(key)
+        if uid is not None and uid not in self._seen:
+            self._remember(uid)
 
 
 class JournalReader:

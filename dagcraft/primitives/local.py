@@ -68,6 +68,7 @@ from typing import BinaryIO
 
 from dagcraft.errors import Conflict, InvalidInput, NotFound, StoreRefused, StoreUnavailable
 from dagcraft.primitives.keys import validate_key, validate_prefix
+from dagcraft.primitives.store import LIST_PAGE
 from dagcraft.primitives.ulid import new_ulid
 
 _SUFFIX = "%"
@@ -76,6 +77,9 @@ _CHUNK = 1 << 20
 _ULID_NAME = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}(?:~|$)")
 _SHARD = "%s"  # shard directory marker: never the start of an escaped segment
 _SHARD_LEN = 8  # ULID chars in a shard name: 2**10 ms of ULID time per shard
+# what a listed directory entry is (the second field of a listing's sort tuples); a file sorts
+# before a shard of the same name, as its key is a prefix of every key in the shard
+_FILE, _DIR, _IN_SHARD = 0, 1, 2
 _LOCK_HEX = 3  # hex digits of a key's hash naming its lock stripe
 _LOCK_STRIPES = 16 ** _LOCK_HEX
 
@@ -387,6 +391,7 @@ class LocalStore:
         base = "/".join([self._objects_s, *(_esc(p) for p in dir_key.split("/") if p)])
         with self._io("list", prefix or "(all)"):
             self._walk(base, dir_key, prefix, start_after, limit, out)
+        self.stats["list"] += max(0, (len(out) - 1) // LIST_PAGE)  # pages beyond the first, as on S3
         return out
 
     def _walk(self, d: str, dir_key: str, prefix: str, start_after: str | None,
@@ -395,13 +400,34 @@ class LocalStore:
 
         Entries that cannot hold a wanted key are dropped before sorting: a directory (or a
         time shard) holds only keys starting with its prefix, so one whose prefix is outside
-        ``prefix`` or wholly at or before ``start_after`` is never opened."""
-        items: list[tuple[str, bool, str]] = []  # (sort key, is_dir, path: a directory's only)
+        ``prefix`` or wholly at or before ``start_after`` is never opened; nor is one after
+        the ``limit``-th key (a page of a long journal reads the shards it returns)."""
+        items: list[tuple[str, int, str]] = []  # (sort key, kind, path: a directory's only)
         if not self._scan(d, dir_key, prefix, start_after, items):
             return False
         items.sort()
-        for full, is_dir, path in items:
-            if is_dir:
+        return self._emit(items, dir_key, prefix, start_after, limit, out)
+
+    def _emit(self, items: builtins.list[tuple[str, int, str]], dir_key: str, prefix: str,
+              start_after: str | None, limit: int | None, out: builtins.list[str]) -> bool:
+        """Append the keys of the sorted ``items`` in order; True when ``out`` is full."""
+        i, n = 0, len(items)
+        while i < n:
+            full, kind, path = items[i]
+            i += 1
+            if kind == _IN_SHARD:
+                # every key in the shard starts with ``full``, and of the directory's other
+                # entries only those starting with it too (names that begin like a ULID but are
+                # not one) can sort among them: they follow the shard here, and join its keys
+                group: list[tuple[str, int, str]] = []
+                self._scan_shard(path, dir_key, prefix, start_after, group)
+                while i < n and items[i][0].startswith(full):
+                    group.append(items[i])
+                    i += 1
+                group.sort()
+                if self._emit(group, dir_key, prefix, start_after, limit, out):
+                    return True
+            elif kind == _DIR:
                 if self._walk(path, full, prefix, start_after, limit, out):
                     return True
             else:
@@ -412,9 +438,9 @@ class LocalStore:
 
     @staticmethod
     def _scan(d: str, dir_key: str, prefix: str, start_after: str | None,
-              items: builtins.list[tuple[str, bool, str]]) -> bool:
-        """Add the wanted entries of directory ``d`` to ``items``, the files of its wanted time
-        shards included (so they sort with everything else); False when ``d`` does not exist."""
+              items: builtins.list[tuple[str, int, str]]) -> bool:
+        """Add the wanted entries of directory ``d`` to ``items`` (a time shard as one entry,
+        opened by :meth:`_emit` when the listing reaches it); False when ``d`` does not exist."""
         try:
             entries = list(os.scandir(d))
         except (FileNotFoundError, NotADirectoryError):
@@ -435,25 +461,23 @@ class LocalStore:
                     continue
                 if start_after is not None and start_after >= full and not start_after.startswith(full):
                     continue
-                if shard:
-                    LocalStore._scan_shard(e.path, dir_key, prefix, start_after, items)
-                else:
-                    items.append((full, True, e.path))
+                items.append((full, _IN_SHARD if shard else _DIR, e.path))
             else:
                 if not name.endswith(_SUFFIX):
                     continue
                 full = dir_key + _unesc(name[: -len(_SUFFIX)])
                 if not full.startswith(prefix) or (start_after is not None and full <= start_after):
                     continue
-                items.append((full, False, ""))  # a file's path is never used: not built
+                items.append((full, _FILE, ""))  # a file's path is never used: not built
         return True
 
     @staticmethod
     def _scan_shard(d: str, dir_key: str, prefix: str, start_after: str | None,
-                    items: builtins.list[tuple[str, bool, str]]) -> None:
-        """:meth:`_scan` of a time shard: it holds only object files (names ending in ``%``),
-        so names are enough (no per-entry type check), and only the wanted ones become keys.
-        Polled on every cycle by every worker: its newest shard holds up to ~1 s of entries."""
+                    items: builtins.list[tuple[str, int, str]]) -> None:
+        """The wanted keys of a time shard, added to ``items``: it holds only object files
+        (names ending in ``%``), so names are enough (no per-entry type check), and only the
+        wanted ones become keys. Polled on every cycle by every worker: its newest shard holds
+        up to ~1 s of entries."""
         try:
             names = os.listdir(d)
         except (FileNotFoundError, NotADirectoryError):
@@ -470,7 +494,7 @@ class LocalStore:
             full = dir_key + (_unesc(stem) if "%" in stem else stem)
             if (start_after is not None and full <= start_after) or not full.startswith(prefix):
                 continue
-            items.append((full, False, ""))  # as in _scan: no path string per listed key
+            items.append((full, _FILE, ""))  # as in _scan: no path string per listed key
 
     def delete(self, key: str) -> None:
         path = self._fspath(key)

@@ -58,6 +58,7 @@ import urllib3.exceptions as u3ex
 from dagcraft.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from dagcraft.primitives.capabilities import Capabilities
 from dagcraft.primitives.keys import validate_key, validate_prefix
+from dagcraft.primitives.store import LIST_PAGE
 from dagcraft.primitives.ulid import new_ulid
 
 _OPS = {
@@ -155,7 +156,7 @@ class S3Store:
         self.multipart_threshold = multipart_threshold
         self.part_size = max(part_size, 5 << 20)
         self.max_wait = max_wait
-        self.page_size = 1000
+        self.page_size = LIST_PAGE
         self._client = client
         # adapted to the bucket's probed capabilities (apply_capabilities); until then the
         # AWS behaviour is assumed

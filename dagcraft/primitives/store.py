@@ -18,12 +18,16 @@ from typing import BinaryIO, Protocol, runtime_checkable
 
 from dagcraft.errors import Conflict, Superseded
 
+#: keys per LIST request on S3 (ListObjectsV2 returns at most 1,000)
+LIST_PAGE = 1000
+
 
 @runtime_checkable
 class Store(Protocol):
     url: str
     #: requests made, by operation name ("get", "put", "list", "delete", "head", ...);
-    #: deterministic, so tests can assert request counts per primitive operation.
+    #: deterministic, so tests can assert request counts per primitive operation. A backend
+    #: without pages (local) counts a listing as S3 would bill it: one LIST per LIST_PAGE keys.
     stats: Counter[str]
 
     def get(self, key: str) -> tuple[bytes, str] | None:

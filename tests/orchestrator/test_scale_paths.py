@@ -239,6 +239,47 @@ def test_a_feed_forgets_keys_that_left_its_window_in_order(tmp_path):
     assert feed.poll() == [late]
 
 
+def test_a_sweep_lists_one_page_of_the_window_and_a_walk_finds_a_late_key(tmp_path):
+    """The look-back window of a busy run holds tens of thousands of keys (about 20,000 at
+    10,000 steps with 4 workers). Re-listing all of it every sweep cost each worker one LIST
+    per 1,000 keys every 2 s: per step, that grows with the pool's size and throughput (about
+    3 LISTs a step with 64 workers), and each sweep held the whole window in memory. A sweep
+    lists one page, walking the window oldest to newest; a late key is found within a walk."""
+    from dagcraft.orchestrator.journal import KeyFeed
+    from dagcraft.primitives.ulid import ulid_floor
+
+    store = LocalStore(tmp_path / "store", fsync=False)
+    feed = KeyFeed(store, "j/", lookback_s=3600.0, sweep_s=0.0, settle_every_s=3600.0)  # every poll sweeps
+    t0 = int(time.time() * 1000) - 600_000
+
+    def key(ms: int, i: int) -> str:
+        return f"j/{ulid_floor(ms)[:10]}{i:016d}~s{i}"
+
+    window = [key(t0 + i, i) for i in range(0, 10_000, 2)]  # 5,000 keys
+    for k in window:
+        store.put(k, b"", if_none_match=True)
+    assert sorted(feed.poll()) == window  # the first poll lists the journal (its start)
+    listed: list[int] = []
+    real_list = store.list
+
+    def counting(prefix: str, start_after: str | None = None, limit: int | None = None) -> list[str]:
+        got = real_list(prefix, start_after=start_after, limit=limit)
+        listed.append(len(got))
+        return got
+
+    store.list = counting  # type: ignore[method-assign]
+    late = key(t0 + 7001, 7001)  # lands deep behind the cursor (a host whose clock is behind)
+    store.put(late, b"", if_none_match=True)
+    found = []
+    for _ in range(6):  # a walk: 5 pages, and the poll past the newest key with each
+        before = store.stats["list"]
+        found += feed.poll()
+        assert store.stats["list"] - before <= 2  # one page of the sweep, one poll at the head
+    assert found == [late]
+    assert max(listed) <= 1000  # no listing holds the window
+    assert feed.poll() == [] and feed.poll() == []
+
+
 @pytest.mark.parametrize("reads", [False, True])
 def test_a_step_that_reads_nothing_upstream_decodes_no_ancestor(tmp_path, monkeypatch, reads):
     """A step whose templates, inputs and workdir cannot see upstream results is handed to

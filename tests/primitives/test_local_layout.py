@@ -104,6 +104,41 @@ def test_list_after_a_key_opens_only_newer_shards(tmp_path, monkeypatch):
     assert len(opened) == 1 + 50
 
 
+def test_a_limited_list_opens_only_the_shards_it_returns_keys_from(tmp_path, monkeypatch):
+    """A page of a long journal (the feed's sweep walks its window a page at a time) must not
+    read every shard after ``start_after``: that made a page cost what the whole window cost."""
+    s = LocalStore(tmp_path)
+    keys = [f"j/{ulid_floor(_T0 + 1024 * i)[:-1]}1~s{i}" for i in range(50)]  # one shard each
+    for k in keys:
+        s.put(k, b"", if_none_match=True)
+    s.put(f"j/{keys[3][2:10]}", b"")  # a plain name sharing shard 3's prefix: sorts before its keys
+    opened: list[str] = []
+    real_listdir = os.listdir
+
+    def listdir(path):  # type: ignore[no-untyped-def]
+        opened.append(os.fspath(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    assert s.list("j/", start_after=keys[0], limit=3) == [keys[1], keys[2], f"j/{keys[3][2:10]}"]
+    assert len(opened) == 3, opened  # shards 0 (it holds start_after), 1 and 2: not the 47 after
+    opened.clear()
+    assert s.list("j/", start_after=keys[10], limit=1000) == keys[11:]
+
+
+def test_a_listing_counts_one_request_per_thousand_keys_as_s3_bills_it(tmp_path):
+    """The local store's request counts stand for what the same calls cost on S3, where one
+    LIST returns at most 1,000 keys: a sweep of a 2,500-key window is three requests, not one."""
+    s = LocalStore(tmp_path, fsync=False)
+    for i in range(2500):
+        s.put(f"j/k{i:05d}", b"", if_none_match=True)
+    before = s.stats["list"]
+    assert len(s.list("j/")) == 2500
+    assert s.stats["list"] - before == 3
+    assert s.list("j/", start_after="j/k02499") == [] and s.stats["list"] - before == 4  # empty: one
+    assert len(s.list("j/", limit=1000)) == 1000 and s.stats["list"] - before == 5
+
+
 def test_objects_written_flat_by_an_older_version_are_still_found(tmp_path):
     s = LocalStore(tmp_path)
     u = new_ulid()
