@@ -125,8 +125,12 @@ class KeyFeed:
     def _take(self, listed: list[str], new: list[str]) -> None:
         """Add the keys of a listing not seen before to ``new``, and move the cursor."""
         seen = self._seen
+        p = len(self.prefix)
         last: str | None = None
         for key in listed:
+            if key[p:p + 26] in seen and key[p + 26:p + 27] in ("~", ""):
+                last = key  # the common case, most of a settle or sweep: seen, and validated then
+                continue
             uid = self._ulid(key)
             if uid is None:
                 continue  # not an entry we wrote
