@@ -104,13 +104,16 @@ class KeyFeed:
             self._prune()
             return new
         now = time.monotonic()
+        floor = self.prefix + ulid_floor(self._high_ms - self.lookback_ms)
         start_after = self._high_key
         if now - self._last_settle >= self.settle_every_s:
             self._last_settle = now
-            start_after = min(self._high_key, self.prefix + ulid_floor(int(time.time() * 1000) - self.settle_ms))
+            # never from before the window: a reader whose clock is behind the writers' by
+            # more than the look-back re-listed (and returned again) keys it had forgotten
+            settle = self.prefix + ulid_floor(int(time.time() * 1000) - self.settle_ms)
+            start_after = min(self._high_key, max(floor, settle))
         if now - self._last_sweep >= self.sweep_s:
             self._last_sweep = now
-            floor = self.prefix + ulid_floor(self._high_ms - self.lookback_ms)
             begin = self._walk if self._walk is not None and self._walk > floor else floor
             page = self.store.list(self.prefix, start_after=begin, limit=self.page)
             self._walk = page[-1] if len(page) >= self.page else None

@@ -239,6 +239,33 @@ def test_a_feed_forgets_keys_that_left_its_window_in_order(tmp_path):
     assert feed.poll() == [late]
 
 
+def test_a_reader_whose_clock_is_behind_never_lists_before_its_window(tmp_path):
+    """The settle re-lists from a second ago by the reader's clock. Writers whose clocks are
+    ahead of it by more than the look-back made that point older than the window: each settle
+    listed the journal from there and returned again the keys the feed had forgotten."""
+    from dagcraft.orchestrator.journal import KeyFeed
+    from dagcraft.primitives.ulid import ulid_floor
+
+    store = LocalStore(tmp_path / "store", fsync=False)
+    feed = KeyFeed(store, "j/", lookback_s=10.0, sweep_s=3600.0, settle_every_s=0.0)  # every poll settles
+    t0 = int(time.time() * 1000) + 120_000  # the writers' clocks: two minutes ahead
+    listed: list[int] = []
+    real_list = store.list
+
+    def counting(prefix: str, start_after: str | None = None, limit: int | None = None) -> list[str]:
+        got = real_list(prefix, start_after=start_after, limit=limit)
+        listed.append(len(got))
+        return got
+
+    store.list = counting  # type: ignore[method-assign]
+    for second in range(40):
+        batch = [f"j/{ulid_floor(t0 + second * 1000)[:10]}{second * 10 + i:016d}~s{i}" for i in range(10)]
+        for k in batch:
+            store.put(k, b"", if_none_match=True)
+        assert sorted(feed.poll()) == batch
+        assert listed[-1] <= 10 * 12  # the window and its margin, never the journal
+
+
 def test_a_sweep_lists_one_page_of_the_window_and_a_walk_finds_a_late_key(tmp_path):
     """The look-back window of a busy run holds tens of thousands of keys (about 20,000 at
     10,000 steps with 4 workers). Re-listing all of it every sweep cost each worker one LIST
