@@ -146,6 +146,20 @@ def test_a_claim_reads_the_step_record_once(tmp_path):
     assert len(reads) == 30 and set(reads.values()) == {1}
 
 
+def _count_listings(store: LocalStore) -> list[int]:
+    """Wrap ``store.list``: the returned list gets the number of keys of each listing made."""
+    listed: list[int] = []
+    real_list = store.list
+
+    def counting(prefix: str, start_after: str | None = None, limit: int | None = None) -> list[str]:
+        got = real_list(prefix, start_after=start_after, limit=limit)
+        listed.append(len(got))
+        return got
+
+    store.list = counting  # type: ignore[method-assign]
+    return listed
+
+
 def test_a_feed_moves_past_keys_its_own_process_wrote(tmp_path):
     """A key this process wrote is marked seen and is not returned again, but it must still
     move the feed's cursor: a lone worker, whose every journal entry is its own, listed the
@@ -170,15 +184,7 @@ def test_a_feed_moves_past_keys_its_own_process_wrote(tmp_path):
         store.put(key, b"", if_none_match=True)
         feed.mark_seen(key)
         own.append(key)
-    listed: list[int] = []
-    real_list = store.list
-
-    def counting(prefix: str, start_after: str | None = None, limit: int | None = None) -> list[str]:
-        got = real_list(prefix, start_after=start_after, limit=limit)
-        listed.append(len(got))
-        return got
-
-    store.list = counting  # type: ignore[method-assign]
+    listed = _count_listings(store)
     assert feed.poll() == []  # its own keys: not new
     assert feed.poll() == []
     assert listed[0] >= 50 and listed[1] == 0  # the second lists nothing: the cursor is past them
@@ -249,15 +255,7 @@ def test_a_reader_whose_clock_is_behind_never_lists_before_its_window(tmp_path):
     store = LocalStore(tmp_path / "store", fsync=False)
     feed = KeyFeed(store, "j/", lookback_s=10.0, sweep_s=3600.0, settle_every_s=0.0)  # every poll settles
     t0 = int(time.time() * 1000) + 120_000  # the writers' clocks: two minutes ahead
-    listed: list[int] = []
-    real_list = store.list
-
-    def counting(prefix: str, start_after: str | None = None, limit: int | None = None) -> list[str]:
-        got = real_list(prefix, start_after=start_after, limit=limit)
-        listed.append(len(got))
-        return got
-
-    store.list = counting  # type: ignore[method-assign]
+    listed = _count_listings(store)
     for second in range(40):
         batch = [f"j/{ulid_floor(t0 + second * 1000)[:10]}{second * 10 + i:016d}~s{i}" for i in range(10)]
         for k in batch:
@@ -286,15 +284,7 @@ def test_a_sweep_lists_one_page_of_the_window_and_a_walk_finds_a_late_key(tmp_pa
     for k in window:
         store.put(k, b"", if_none_match=True)
     assert sorted(feed.poll()) == window  # the first poll lists the journal (its start)
-    listed: list[int] = []
-    real_list = store.list
-
-    def counting(prefix: str, start_after: str | None = None, limit: int | None = None) -> list[str]:
-        got = real_list(prefix, start_after=start_after, limit=limit)
-        listed.append(len(got))
-        return got
-
-    store.list = counting  # type: ignore[method-assign]
+    listed = _count_listings(store)
     late = key(t0 + 7001, 7001)  # lands deep behind the cursor (a host whose clock is behind)
     store.put(late, b"", if_none_match=True)
     found = []
