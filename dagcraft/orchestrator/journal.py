@@ -104,23 +104,22 @@ class KeyFeed:
             self._prune()
             return new
         now = time.monotonic()
-        floor = self.prefix + ulid_floor(self._high_ms - self.lookback_ms)
         start_after = self._high_key
-        if now - self._last_settle >= self.settle_every_s:
-            self._last_settle = now
-            # never from before the window: a reader whose clock is behind the writers' by
-            # more than the look-back re-listed (and returned again) keys it had forgotten
-            settle = self.prefix + ulid_floor(int(time.time() * 1000) - self.settle_ms)
-            start_after = min(self._high_key, max(floor, settle))
         if now - self._last_sweep >= self.sweep_s:
-            self._last_sweep = now
+            self._last_sweep = self._last_settle = now  # a sweep stands for the settle
+            floor = self.prefix + ulid_floor(self._high_ms - self.lookback_ms)
             begin = self._walk if self._walk is not None and self._walk > floor else floor
             page = self.store.list(self.prefix, start_after=begin, limit=self.page)
             self._walk = page[-1] if len(page) >= self.page else None
             self._take(page, new)
-            if self._walk is None and begin <= start_after:
-                self._prune()  # the page ran from before this poll's start to the newest key
+            if self._walk is None:
+                self._prune()  # the page ran to the newest key: nothing after it to list
                 return new
+        elif now - self._last_settle >= self.settle_every_s:
+            self._last_settle = now
+            # by this reader's clock, not the newest key's: a writer whose clock is ahead sets
+            # the newest key, and a window measured from it hid every other writer's entries
+            start_after = min(self._high_key, self.prefix + ulid_floor(int(time.time() * 1000) - self.settle_ms))
         self._take(self.store.list(self.prefix, start_after=start_after), new)
         self._prune()
         return new

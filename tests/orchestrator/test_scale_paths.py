@@ -245,23 +245,25 @@ def test_a_feed_forgets_keys_that_left_its_window_in_order(tmp_path):
     assert feed.poll() == [late]
 
 
-def test_a_reader_whose_clock_is_behind_never_lists_before_its_window(tmp_path):
-    """The settle re-lists from a second ago by the reader's clock. Writers whose clocks are
-    ahead of it by more than the look-back made that point older than the window: each settle
-    listed the journal from there and returned again the keys the feed had forgotten."""
+def test_a_writer_whose_clock_is_ahead_does_not_hide_the_other_writers(tmp_path):
+    """One writer's clock two minutes ahead makes its entry the newest key, and the look-back
+    window follows the newest key: re-listing from a second ago must go by the reader's clock,
+    or every entry of the writers with good clocks sorts before the window and is never read
+    (a UI that started a run's workers saw the run stay `running`)."""
     from dagcraft.orchestrator.journal import KeyFeed
-    from dagcraft.primitives.ulid import ulid_floor
+    from dagcraft.primitives.ulid import new_ulid, ulid_floor
 
     store = LocalStore(tmp_path / "store", fsync=False)
-    feed = KeyFeed(store, "j/", lookback_s=10.0, sweep_s=3600.0, settle_every_s=0.0)  # every poll settles
-    t0 = int(time.time() * 1000) + 120_000  # the writers' clocks: two minutes ahead
-    listed = _count_listings(store)
-    for second in range(40):
-        batch = [f"j/{ulid_floor(t0 + second * 1000)[:10]}{second * 10 + i:016d}~s{i}" for i in range(10)]
-        for k in batch:
-            store.put(k, b"", if_none_match=True)
-        assert sorted(feed.poll()) == batch
-        assert listed[-1] <= 10 * 12  # the window and its margin, never the journal
+    feed = KeyFeed(store, "j/", sweep_s=3600.0, settle_every_s=0.0)  # every poll settles, none sweeps
+    ahead = f"j/{ulid_floor(int(time.time() * 1000) + 120_000)[:10]}{'0' * 15}1~@control"
+    store.put(ahead, b"", if_none_match=True)
+    assert feed.poll() == [ahead]
+    feed._last_sweep = time.monotonic()
+    honest = [f"j/{new_ulid()}~3~succeeded~s{i}" for i in range(3)]
+    for k in honest:
+        store.put(k, b"", if_none_match=True)
+    assert sorted(feed.poll()) == honest
+    assert feed.poll() == []
 
 
 def test_a_sweep_lists_one_page_of_the_window_and_a_walk_finds_a_late_key(tmp_path):
