@@ -567,8 +567,7 @@ class Attempt:
             return Outcome(AttemptStatus.FAILED, reason=f"timed out after {step.timeout_s:g}s: {exc}",
                            timed_out=True, retryable=True)
         except RenderCancelled:
-            why = self.cancel_reason or AttemptStatus.CANCELLED
-            return Outcome(why, reason=str(why))
+            return self._stopped()
         except (DagcraftError, FileNotFoundError) as exc:
             self.trace.append("error", {"step": step.id, "message": str(exc)})
             return Outcome(AttemptStatus.FAILED, reason=str(exc), kind=ReasonKind.BAD_INPUT)
@@ -616,8 +615,7 @@ class Attempt:
             return Outcome(AttemptStatus.FAILED, reason=f"check timed out after {step.timeout_s:g}s: {exc}",
                            kind=ReasonKind.TIMED_OUT, timed_out=True, retryable=True)
         except RenderCancelled:
-            why = self.cancel_reason or AttemptStatus.CANCELLED
-            return Outcome(why, reason=str(why))
+            return self._stopped()
         except DagcraftError as exc:
             self.trace.append("error", {"step": step.id, "message": str(exc)})
             return Outcome(AttemptStatus.FAILED, reason=str(exc), kind=ReasonKind.BAD_INPUT)
@@ -641,6 +639,8 @@ class Attempt:
         and ``<log_prefix>stderr.log``. The step's own command (no prefix) starts with no
         ``outputs`` file; its check (``check.``) leaves the command's in place."""
         assert self.trace is not None
+        if self.cancel.is_set():  # stopped before its command started (a Ctrl-C as it was claimed)
+            return self._stopped()
         step = self.w.step
         missing = missing_secrets(self.w.wf, step, rollback=self.kind is AttemptKind.ROLLBACK)
         if missing:  # the placeholder would run in its place; retrying here cannot help
@@ -685,14 +685,18 @@ class Attempt:
             # raised limit (`resume --budget`)
             return Outcome(AttemptStatus.FAILED, reason=self._budget_hit, kind=ReasonKind.BUDGET_EXCEEDED, **base)
         if res.cancelled or self.cancel.is_set():
-            why = self.cancel_reason or AttemptStatus.CANCELLED
-            kind = {AttemptStatus.LOST: ReasonKind.LOST_WORKER,
-                    AttemptStatus.INTERRUPTED: ReasonKind.INTERRUPTED}.get(why, ReasonKind.CANCELLED)
-            return Outcome(why, reason=str(why), kind=kind, **base)
+            return self._stopped(**base)
         failed = classify_exec(res, cmd.argv[0] if cmd.argv else "", step.timeout_s)
         if failed is not None:
             return Outcome(AttemptStatus.FAILED, kind=failed[0], reason=failed[1], retryable=True, **base)
         return Outcome(AttemptStatus.SUCCEEDED, **base)
+
+    def _stopped(self, **base: Any) -> Outcome:
+        """The outcome of an attempt stopped by :meth:`request_cancel`, for its reason."""
+        why = self.cancel_reason or AttemptStatus.CANCELLED
+        kind = {AttemptStatus.LOST: ReasonKind.LOST_WORKER,
+                AttemptStatus.INTERRUPTED: ReasonKind.INTERRUPTED}.get(why, ReasonKind.CANCELLED)
+        return Outcome(why, reason=str(why), kind=kind, **base)
 
     def _results(self, workdir: Path, ok: Outcome) -> Outcome:
         """Outputs and declared artifacts of a command that exited 0; artifacts are uploaded

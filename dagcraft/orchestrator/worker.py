@@ -233,6 +233,8 @@ class Worker:
         self.log(f"{run_id}: claimed {job.label}")
         if self.pool is None:
             self.running[id(job)] = (run_id, job)
+            if self.handing_back:
+                job.request_cancel(AttemptStatus.INTERRUPTED)
             try:
                 job.run()
             finally:
@@ -241,6 +243,11 @@ class Worker:
         fut = self.pool.submit(job.run)
         self.running[fut] = (run_id, job)
         fut.add_done_callback(lambda _f: self.wake.set())
+        if self.handing_back:
+            # the Ctrl-C came while this attempt was being started, before it was in
+            # ``running``: hand_back() did not see it. (Both run on the main thread, so the
+            # handler ran either before this check or after the attempt was recorded.)
+            job.request_cancel(AttemptStatus.INTERRUPTED)
 
     def _reap(self) -> None:
         for fut in [f for f in self.running if isinstance(f, Future) and f.done()]:
